@@ -1,0 +1,153 @@
+"""The provider-independent vocabulary: export kinds, states, statuses, files.
+
+Nothing here imports Dagster, DuckDB or HTTP; every other layer speaks these types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any
+
+class ExportState(StrEnum):
+    """One state machine for every provider; each provider maps its own words onto it."""
+
+    PENDING = "pending"  # requested, provider has not started
+    PROCESSING = "processing"  # provider is generating it
+    READY = "ready"  # files can be downloaded
+    LOADED = "loaded"  # data committed to the warehouse (terminal)
+    FAILED = "failed"  # provider failed it, or we gave up on it (terminal)
+    EXPIRED = "expired"  # files gone before we loaded them; ask again (terminal)
+    LOST = "lost"  # provider no longer knows the id (terminal)
+
+    @property
+    def is_open(self) -> bool:
+        return self in OPEN_STATES
+
+    @property
+    def is_terminal(self) -> bool:
+        return not self.is_open
+
+
+OPEN_STATES = frozenset({ExportState.PENDING, ExportState.PROCESSING, ExportState.READY})
+
+# Provider statuses can skip steps (PENDING -> READY) but never leave a terminal state,
+# except FAILED -> LOADED is not allowed either: a loaded export is loaded forever.
+ALLOWED_TRANSITIONS: Mapping[ExportState, frozenset[ExportState]] = MappingProxyType(
+    {
+        ExportState.PENDING: frozenset(ExportState) - {ExportState.LOADED},
+        ExportState.PROCESSING: frozenset(ExportState) - {ExportState.LOADED, ExportState.PENDING},
+        ExportState.READY: frozenset(
+            {
+                ExportState.READY,
+                ExportState.LOADED,
+                ExportState.FAILED,
+                ExportState.EXPIRED,
+                ExportState.LOST,
+            }
+        ),
+        ExportState.LOADED: frozenset({ExportState.LOADED}),
+        ExportState.FAILED: frozenset({ExportState.FAILED}),
+        ExportState.EXPIRED: frozenset({ExportState.EXPIRED}),
+        ExportState.LOST: frozenset({ExportState.LOST}),
+    }
+)
+
+
+def can_transition(current: ExportState, new: ExportState) -> bool:
+    return new in ALLOWED_TRANSITIONS[current]
+
+
+class LoadMode(StrEnum):
+    MERGE = "merge"  # upsert by primary key (incremental exports)
+    SNAPSHOT = "snapshot"  # table becomes exactly this export (full exports)
+    REPLACE_PARTITION = "replace_partition"  # rows of one partition value are replaced
+
+
+class Incremental(StrEnum):
+    NONE = "none"  # every export is full
+    MODIFIED_SINCE = "modified_since"  # cursor = provider's export timestamp of last load
+    WINDOW = "window"  # cursor = end of last loaded [start, end) window
+
+
+class FileFormat(StrEnum):
+    CSV = "csv"
+    JSON_ARRAY = "json"
+    JSONL = "jsonl"
+
+
+@dataclass(frozen=True)
+class ExportKind:
+    """One kind of export of one provider; assets, checks, schedules are built from these."""
+
+    provider: str
+    name: str
+    primary_key: tuple[str, ...]
+    load_mode: LoadMode = LoadMode.MERGE
+    incremental: Incremental = Incremental.NONE
+    description: str = ""
+    # Provider-specific request facts, e.g. {"entity_type": "Reservation"}.
+    params: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    # Column -> DuckDB type. When given, every file format is read into exactly these types,
+    # so CSV (nested values as JSON text) and JSON give the same table.
+    columns: Mapping[str, str] | None = field(default=None, hash=False)
+    # Extra analyst views: view name (unqualified, in the provider schema) -> SELECT over the table.
+    views: Mapping[str, str] = field(default_factory=dict, hash=False)
+    partition_column: str | None = None  # for REPLACE_PARTITION
+    # Column checked for >0 rows / value ranges by asset checks: name -> (min, max).
+    value_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict, hash=False)
+
+    @property
+    def schema(self) -> str:
+        return self.provider
+
+    @property
+    def table(self) -> str:
+        """Qualified DuckDB table name, e.g. ``mews.reservation``."""
+        return f"{self.provider}.{self.name}"
+
+    @property
+    def key(self) -> str:
+        """Stable identifier, e.g. ``mews/reservation`` (also the Dagster asset key path)."""
+        return f"{self.provider}/{self.name}"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One downloadable file of an export."""
+
+    url: str
+    name: str  # stable local file name, e.g. "part-0001.jsonl"
+    size_bytes: int | None = None  # as announced by the provider, verified after download
+    # True: send the provider's auth headers to the API host (they are dropped on any redirect
+    # to another host). False: a presigned link that must get no credentials at all.
+    authenticated: bool = False
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What we ask a provider for. The window is explicit, never a hidden global."""
+
+    modified_since: datetime | None = None  # also the window start for WINDOW kinds
+    window_end: datetime | None = None
+    params: Mapping[str, Any] = field(default_factory=dict, hash=False)  # e.g. {"format": "csv"} or {"mapping_job_id": "..."}
+    partition: str | None = None
+
+
+@dataclass(frozen=True)
+class ExportStatus:
+    """A provider's answer about one export, already mapped to our vocabulary."""
+
+    export_id: str
+    state: ExportState
+    files: tuple[RemoteFile, ...] = ()
+    expires_at: datetime | None = None
+    provider_timestamp: datetime | None = None  # e.g. exportTimestamp; drives the cursor
+    expected_rows: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    provider_status: str | None = None  # the provider's own word, for humans
+    detail: Mapping[str, Any] = field(default_factory=dict, hash=False)  # extra JSON-safe fields (Scope, sizes)

@@ -1,0 +1,77 @@
+"""What every provider module implements. No Dagster and no DuckDB in providers/."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from itertools import islice
+from typing import ClassVar
+
+from export_pipeline.core.http import ApiClient
+from export_pipeline.core.model import ExportKind, ExportRequest, ExportStatus, RemoteFile
+
+
+def batched(items: Sequence[str], size: int) -> Iterator[list[str]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def parse_utc(value: str | None) -> datetime | None:
+    """ISO 8601 with Z or offset -> aware datetime (None stays None)."""
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def format_utc(value: datetime) -> str:
+    """Aware datetime -> ``YYYY-MM-DDTHH:MM:SSZ`` (providers want UTC with a Z)."""
+    if value.tzinfo is None:
+        raise ValueError(f"naive datetime {value!r}: pass an aware UTC datetime")
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ExportProvider(ABC):
+    """One asynchronous-export API.
+
+    Subclasses declare ``name``, ``kinds`` and ``status_batch_size`` and implement the two calls.
+    They only speak HTTP: mapping the provider's words to ExportState, its files to RemoteFile,
+    its error codes to the typed errors in ``core.errors``.
+    """
+
+    name: ClassVar[str]
+    kinds: ClassVar[tuple[ExportKind, ...]]
+    # How many export ids one status call can carry (Mews: 1000; most APIs: 1).
+    status_batch_size: ClassVar[int] = 1
+
+    def __init__(self, api: ApiClient) -> None:
+        self.api = api
+
+    def kind(self, name: str) -> ExportKind:
+        for kind in self.kinds:
+            if kind.name == name:
+                return kind
+        raise KeyError(f"{self.name} has no export kind {name!r}")
+
+    @abstractmethod
+    def request_export(self, kind: ExportKind, request: ExportRequest) -> ExportStatus:
+        """Ask for a new export. Raises ExportInFlightError when the API allows only one."""
+
+    @abstractmethod
+    def get_statuses(self, export_ids: Sequence[str]) -> dict[str, ExportStatus]:
+        """Current status of each id, in ceil(len / status_batch_size) calls.
+
+        Ids the provider does not know come back with state LOST.
+        """
+
+    def file_headers(self, file: RemoteFile) -> dict[str, str]:
+        """Headers for downloading ``file``: credentials only for authenticated API files."""
+        return self.api.auth_headers if file.authenticated else {}
+
+    @property
+    def api_host(self) -> str:
+        return self.api.host
+
+    def close(self) -> None:
+        self.api.close()
