@@ -1,0 +1,195 @@
+"""Downloads against real HTTP servers on loopback: retries, resume, redirects, typed failures."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from export_pipeline.core.errors import (
+    ExportExpiredError,
+    ExportPipelineError,
+    IntegrityError,
+    LinkExpiredError,
+    TransientProviderError,
+)
+from export_pipeline.core.http import RetryPolicy
+from export_pipeline.core.model import RemoteFile
+from export_pipeline.core.transfer import download_file, download_files
+from export_pipeline_tests.core.conftest import PAYLOAD, PAYLOAD_SHA256, FileHosts
+
+FAST = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05, jitter=0.0)
+AUTH = {"Authorization": "Bearer secret-token"}
+
+
+def _files_left(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir()) if path.exists() else []
+
+
+def test_streams_file_to_disk_with_hash_and_size(file_hosts: FileHosts, tmp_path: Path) -> None:
+    file = RemoteFile(
+        url=f"{file_hosts.api_url}/files/a.bin", name="a.bin", size_bytes=len(PAYLOAD)
+    )
+    got = download_file(file, tmp_path, provider="p", export_id="e1", chunk_size=4096)
+    assert got.path == tmp_path / "a.bin"
+    assert got.path.read_bytes() == PAYLOAD
+    assert got.size_bytes == len(PAYLOAD)
+    assert got.sha256 == PAYLOAD_SHA256
+    assert got.content_type == "application/octet-stream"
+    assert _files_left(tmp_path) == ["a.bin"]  # no .part left behind
+
+
+def test_429_retry_after_is_honoured(file_hosts: FileHosts, tmp_path: Path) -> None:
+    file = RemoteFile(url=f"{file_hosts.api_url}/flaky/b.bin", name="b.bin")
+    started = time.monotonic()
+    got = download_file(file, tmp_path, provider="p", export_id="e1", policy=FAST)
+    assert got.sha256 == PAYLOAD_SHA256
+    seen = file_hosts.api.requests_to("/flaky/b.bin")
+    assert len(seen) == 3
+    # Retry-After: 1 overrides FAST's 10 ms backoff: the server saw the gaps.
+    assert seen[1].at - seen[0].at >= 0.95
+    assert seen[2].at - seen[1].at >= 0.95
+    assert time.monotonic() - started >= 1.9
+
+
+def test_truncated_body_resumes_with_range(file_hosts: FileHosts, tmp_path: Path) -> None:
+    file = RemoteFile(
+        url=f"{file_hosts.api_url}/truncated/c.bin", name="c.bin", size_bytes=len(PAYLOAD)
+    )
+    got = download_file(file, tmp_path, provider="p", export_id="e1", policy=FAST, chunk_size=8192)
+    assert got.path.read_bytes() == PAYLOAD
+    assert got.sha256 == PAYLOAD_SHA256
+    seen = file_hosts.api.requests_to("/truncated/c.bin")
+    assert len(seen) == 2
+    assert "range" not in seen[0].headers
+    # Resumed where the cut happened, not from zero.
+    resumed_at = int(seen[1].headers["range"].removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_at < len(PAYLOAD)
+
+
+def test_truncated_body_without_range_support_restarts(
+    file_hosts: FileHosts, tmp_path: Path
+) -> None:
+    file = RemoteFile(url=f"{file_hosts.api_url}/truncated-norange/d.bin", name="d.bin")
+    got = download_file(file, tmp_path, provider="p", export_id="e1", policy=FAST)
+    assert got.path.read_bytes() == PAYLOAD
+    assert got.sha256 == PAYLOAD_SHA256
+    seen = file_hosts.api.requests_to("/truncated-norange/d.bin")
+    assert len(seen) == 2
+    assert "range" not in seen[1].headers
+
+
+def test_credentials_never_follow_a_redirect_to_another_host(
+    file_hosts: FileHosts, tmp_path: Path
+) -> None:
+    file_hosts.api.redirect_target = f"{file_hosts.storage_url}/files/e.bin?X-Amz-Signature=abc"
+    file = RemoteFile(url=f"{file_hosts.api_url}/redirect/e.bin", name="e.bin", authenticated=True)
+    api_host = httpx.URL(file_hosts.api_url).netloc.decode()
+    got = download_file(
+        file, tmp_path, provider="p", export_id="e1", headers=AUTH, api_host=api_host
+    )
+    assert got.sha256 == PAYLOAD_SHA256
+    (at_api,) = file_hosts.api.requests_to("/redirect/e.bin")
+    (at_storage,) = file_hosts.storage.requests_to("/files/e.bin")
+    assert at_api.headers["authorization"] == "Bearer secret-token"
+    assert "authorization" not in at_storage.headers
+
+
+def test_credentials_not_sent_to_same_host_on_another_port(
+    file_hosts: FileHosts, tmp_path: Path
+) -> None:
+    storage_port = httpx.URL(file_hosts.storage_url).port
+    file_hosts.api.redirect_target = f"http://127.0.0.1:{storage_port}/files/f.bin"
+    file = RemoteFile(url=f"{file_hosts.api_url}/redirect/f.bin", name="f.bin", authenticated=True)
+    download_file(file, tmp_path, provider="p", export_id="e1", headers=AUTH)  # api_host defaulted
+    assert file_hosts.api.requests_to("/redirect/f.bin")[0].headers["authorization"]
+    assert "authorization" not in file_hosts.storage.requests_to("/files/f.bin")[0].headers
+
+
+def test_presigned_link_gets_no_credentials_even_on_api_host(
+    file_hosts: FileHosts, tmp_path: Path
+) -> None:
+    file = RemoteFile(url=f"{file_hosts.api_url}/files/g.bin", name="g.bin", authenticated=False)
+    download_file(file, tmp_path, provider="p", export_id="e1", headers=AUTH)
+    assert "authorization" not in file_hosts.api.requests_to("/files/g.bin")[0].headers
+
+
+def test_expired_presigned_link_raises_link_expired(file_hosts: FileHosts, tmp_path: Path) -> None:
+    file = RemoteFile(url=f"{file_hosts.api_url}/expired/h.bin", name="h.bin")
+    with pytest.raises(LinkExpiredError) as info:
+        download_file(file, tmp_path, provider="p", export_id="e1", headers=AUTH, policy=FAST)
+    err = info.value
+    assert (err.provider, err.export_id, err.file) == ("p", "e1", "h.bin")
+    assert "403" in err.message and "Request has expired" in err.message
+    assert len(err.message) < 400  # excerpt capped at 300 chars
+    assert "secret-token" not in str(err)
+    assert len(file_hosts.api.requests_to("/expired/h.bin")) == 1  # not retried
+    assert _files_left(tmp_path) == []
+
+
+def test_classifier_goes_first(file_hosts: FileHosts, tmp_path: Path) -> None:
+    def classify(response: httpx.Response) -> ExportPipelineError | None:
+        if response.status_code == 410 and response.json().get("code") == "EXPORT_EXPIRED":
+            return ExportExpiredError("provider says the export expired", code="EXPORT_EXPIRED")
+        return None
+
+    file = RemoteFile(url=f"{file_hosts.api_url}/gone/i.bin", name="i.bin")
+    with pytest.raises(ExportExpiredError) as info:
+        download_file(file, tmp_path, provider="p", export_id="e1", classify=classify)
+    assert info.value.code == "EXPORT_EXPIRED"
+    assert (info.value.provider, info.value.export_id, info.value.file) == ("p", "e1", "i.bin")
+    # Without the classifier a presigned 410 is an expired link.
+    with pytest.raises(LinkExpiredError):
+        download_file(file, tmp_path, provider="p", export_id="e1")
+
+
+def test_size_mismatch_raises_integrity_error_and_leaves_nothing(
+    file_hosts: FileHosts, tmp_path: Path
+) -> None:
+    announced = len(PAYLOAD) + 10
+    file = RemoteFile(url=f"{file_hosts.api_url}/files/j.bin", name="j.bin", size_bytes=announced)
+    with pytest.raises(IntegrityError) as info:
+        download_file(file, tmp_path, provider="p", export_id="e1")
+    err = info.value
+    assert (err.provider, err.export_id, err.file) == ("p", "e1", "j.bin")
+    assert str(announced) in err.message and str(len(PAYLOAD)) in err.message
+    assert _files_left(tmp_path) == []
+
+
+def test_persistent_503_gives_transient_error(file_hosts: FileHosts, tmp_path: Path) -> None:
+    file = RemoteFile(url=f"{file_hosts.api_url}/unavailable/k.bin", name="k.bin")
+    with pytest.raises(TransientProviderError) as info:
+        download_file(file, tmp_path, provider="p", export_id="e1", policy=FAST)
+    assert info.value.retryable and info.value.file == "k.bin"
+    assert len(file_hosts.api.requests_to("/unavailable/k.bin")) == FAST.max_attempts
+    assert _files_left(tmp_path) == []
+
+
+def test_download_files_keeps_order(file_hosts: FileHosts, tmp_path: Path) -> None:
+    names = [f"part-{i:04d}.bin" for i in range(6)]
+    files = [RemoteFile(url=f"{file_hosts.api_url}/files/{n}", name=n) for n in names]
+    got = download_files(files, tmp_path, max_concurrency=3, provider="p", export_id="e1")
+    assert [d.name for d in got] == names
+    assert all(d.sha256 == hashlib.sha256(d.path.read_bytes()).hexdigest() for d in got)
+    assert _files_left(tmp_path) == names
+
+
+def test_download_files_raises_first_error(file_hosts: FileHosts, tmp_path: Path) -> None:
+    files = [
+        RemoteFile(url=f"{file_hosts.api_url}/files/ok.bin", name="ok.bin"),
+        RemoteFile(url=f"{file_hosts.api_url}/expired/bad.bin", name="bad.bin"),
+    ]
+    with pytest.raises(LinkExpiredError) as info:
+        download_files(files, tmp_path, max_concurrency=2, provider="p", export_id="e1")
+    assert info.value.file == "bad.bin"
+    assert not any(name.endswith(".part") for name in _files_left(tmp_path))
+
+
+def test_unsafe_file_name_is_refused(file_hosts: FileHosts, tmp_path: Path) -> None:
+    file = RemoteFile(url=f"{file_hosts.api_url}/files/x.bin", name="../x.bin")
+    with pytest.raises(ExportPipelineError):
+        download_file(file, tmp_path / "d", provider="p", export_id="e1")
+    assert not (tmp_path / "x.bin").exists()
