@@ -103,8 +103,9 @@ def download_file(
 
     ``headers`` (typically ``Authorization``) are sent only for ``file.authenticated`` files and
     only to URLs whose host (and port, when ``api_host`` names one) equals ``api_host``; when
-    ``api_host`` is None it defaults to the origin (host and port) of ``file.url``. ``classify`` lets the provider
-    turn an error answer into its own typed error before the generic mapping applies.
+    ``api_host`` is None it defaults to the origin (host and port) of ``file.url``.
+    ``classify`` lets the provider turn an error answer into its own typed error before the
+    generic mapping applies.
 
     Raises LinkExpiredError (ask for a fresh link), IntegrityError (size differs from the
     announcement), TransientProviderError (retries exhausted), ConfigurationError (credentials
@@ -311,7 +312,9 @@ class _Downloader:
             return self._attempts(client)
         except _Cancelled:
             self._cleanup()
-            raise ExportPipelineError("download cancelled after a sibling failed", **self._ctx())
+            raise ExportPipelineError(
+                "download cancelled after a sibling failed", **self._ctx()
+            ) from None
         except BaseException:
             self._cleanup()
             raise

@@ -153,7 +153,7 @@ class FileHosts:
 
 @pytest.fixture
 def file_hosts() -> Iterator[FileHosts]:
-    """Two real servers: the "API" on 127.0.0.1 and "storage" reached as localhost on another port."""
+    """Two real servers: the "API" on 127.0.0.1, "storage" as localhost on another port."""
     api, storage = FileHost(), FileHost()
     with (
         RunningServer(create_file_app(api)) as api_srv,
