@@ -1,0 +1,191 @@
+"""Where raw export files and Parquet live: a local directory, or S3.
+
+Why a seam: with one machine, files on local disk are enough. When Dagster runs steps on
+workers that do not share a disk (k8s, ECS), the worker that downloaded and normalised an export
+is not the one that loads it; the files then have to be *published* somewhere durable (S3) and
+*fetched* back by the loader. Both tiers ("raw", "parquet") use the same layout::
+
+    <root>/<tier>/<provider>/<kind>/<export_id>/<file>
+
+``LocalStorage`` roots it in the data dir and publishing is a no-op; ``S3Storage`` works in a
+local cache dir and uploads on publish (``upload_file``: streamed, multipart for big files, never
+read into memory). The boto3 client comes from a factory, typically dagster-aws's
+``S3Resource.get_client``, so credentials and endpoint follow the deployment's resource config.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from export_pipeline.core.errors import ConfigurationError
+from export_pipeline.core.model import ExportKind
+
+TIERS = ("raw", "parquet")
+
+
+def _check_tier(tier: str) -> None:
+    if tier not in TIERS:
+        raise ValueError(f"unknown storage tier {tier!r}; expected one of {TIERS}")
+
+
+def _relative(tier: str, kind: ExportKind, export_id: str) -> Path:
+    _check_tier(tier)
+    if not export_id or "/" in export_id or export_id in {".", ".."}:
+        raise ValueError(f"unsafe export id for a path: {export_id!r}")
+    return Path(tier) / kind.provider / kind.name / export_id
+
+
+class Storage(Protocol):
+    """Working directories per (tier, kind, export) and a way to make them durable."""
+
+    def local_dir(self, tier: str, kind: ExportKind, export_id: str) -> Path:
+        """A local working directory for that tier ("raw" | "parquet"), created."""
+        ...
+
+    def publish(self, tier: str, kind: ExportKind, export_id: str, local_dir: Path) -> str:
+        """Make the files in ``local_dir`` durable; returns the URI where they now live."""
+        ...
+
+    def fetch(self, uri: str, dest_dir: Path) -> list[Path]:
+        """Bring the files published at ``uri`` to ``dest_dir`` (sorted paths)."""
+        ...
+
+
+class LocalStorage:
+    """Files stay where they were written: ``data_dir/<tier>/<provider>/<kind>/<export_id>/``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+
+    def local_dir(self, tier: str, kind: ExportKind, export_id: str) -> Path:
+        path = self.data_dir / _relative(tier, kind, export_id)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def publish(self, tier: str, kind: ExportKind, export_id: str, local_dir: Path) -> str:
+        """No upload: the directory is already durable. Files written elsewhere are copied in."""
+        target = self.local_dir(tier, kind, export_id)
+        source = Path(local_dir)
+        if source.resolve() != target.resolve():
+            for path in sorted(p for p in source.iterdir() if p.is_file()):
+                shutil.copy2(path, target / path.name)
+        return str(target)
+
+    def fetch(self, uri: str, dest_dir: Path) -> list[Path]:
+        """Copy the files of ``uri`` (a local directory) to ``dest_dir``; same dir: no copy."""
+        source = Path(uri)
+        if not source.is_dir():
+            raise FileNotFoundError(f"no published files at {uri}")
+        dest = Path(dest_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        if source.resolve() == dest.resolve():
+            return sorted(p for p in source.iterdir() if p.is_file())
+        copied = []
+        for path in sorted(p for p in source.iterdir() if p.is_file()):
+            shutil.copy2(path, dest / path.name)
+            copied.append(dest / path.name)
+        return copied
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix")`` (no leading/trailing '/')."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    return parsed.netloc, parsed.path.strip("/")
+
+
+class S3Storage:
+    """Work in ``cache_dir``; publish uploads to ``s3://bucket/prefix/<tier>/<provider>/...``."""
+
+    def __init__(self, s3_client: Any, bucket: str, prefix: str, cache_dir: Path) -> None:
+        self.client = s3_client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.cache_dir = Path(cache_dir)
+
+    def _key_prefix(self, tier: str, kind: ExportKind, export_id: str) -> str:
+        relative = _relative(tier, kind, export_id).as_posix()
+        return f"{self.prefix}/{relative}/" if self.prefix else f"{relative}/"
+
+    def local_dir(self, tier: str, kind: ExportKind, export_id: str) -> Path:
+        path = self.cache_dir / _relative(tier, kind, export_id)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def publish(self, tier: str, kind: ExportKind, export_id: str, local_dir: Path) -> str:
+        """Upload every file of ``local_dir`` (streamed by ``upload_file``); return the URI.
+
+        Objects already under the prefix that are not in ``local_dir`` are deleted, so a retried
+        step that produced fewer parts does not leave a stale part to be loaded twice.
+        """
+        key_prefix = self._key_prefix(tier, kind, export_id)
+        files = sorted(p for p in Path(local_dir).iterdir() if p.is_file())
+        names = {p.name for p in files}
+        for path in files:
+            self.client.upload_file(str(path), self.bucket, key_prefix + path.name)
+        stale = [key for key in self._keys(key_prefix) if key[len(key_prefix) :] not in names]
+        for key in stale:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        return f"s3://{self.bucket}/{key_prefix}"
+
+    def fetch(self, uri: str, dest_dir: Path) -> list[Path]:
+        """Download every object under ``uri`` into ``dest_dir`` (streamed by download_file)."""
+        bucket, prefix = parse_s3_uri(uri)
+        key_prefix = f"{prefix}/" if prefix else ""
+        dest = Path(dest_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for key in self._keys(key_prefix, bucket=bucket):
+            name = key[len(key_prefix) :]
+            if not name or "/" in name:
+                continue  # only the files of this export directory, not deeper levels
+            target = dest / name
+            self.client.download_file(bucket, key, str(target))
+            paths.append(target)
+        if not paths:
+            raise FileNotFoundError(f"no published files at {uri}")
+        return sorted(paths)
+
+    def _keys(self, key_prefix: str, *, bucket: str | None = None) -> list[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        keys: list[str] = []
+        for page in paginator.paginate(Bucket=bucket or self.bucket, Prefix=key_prefix):
+            keys.extend(obj["Key"] for obj in page.get("Contents", []))
+        return keys
+
+
+def storage_from_setting(
+    setting: str,
+    *,
+    data_dir: Path,
+    s3_client_factory: Callable[[], Any] | None,
+) -> Storage:
+    """``"local"`` (default, also "") or ``"s3://bucket/prefix"`` (EXPORT_PIPELINE_STORAGE).
+
+    For S3 the local cache lives under ``data_dir/cache``.
+    """
+    value = (setting or "local").strip()
+    if value == "local":
+        return LocalStorage(Path(data_dir))
+    if value.startswith("s3://"):
+        try:
+            bucket, prefix = parse_s3_uri(value)
+        except ValueError as exc:
+            raise ConfigurationError(
+                str(exc), hint="EXPORT_PIPELINE_STORAGE=local or s3://bucket/prefix"
+            ) from None
+        if s3_client_factory is None:
+            raise ConfigurationError(
+                f"storage {value} needs an S3 client",
+                hint="configure the S3 resource (dagster-aws S3Resource)",
+            )
+        return S3Storage(s3_client_factory(), bucket, prefix, Path(data_dir) / "cache")
+    raise ConfigurationError(
+        f"unknown storage setting {value!r}",
+        hint="EXPORT_PIPELINE_STORAGE=local or s3://bucket/prefix",
+    )
