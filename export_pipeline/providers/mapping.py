@@ -42,8 +42,6 @@ import httpx
 
 from export_pipeline.core.errors import (
     ConfigurationError,
-    ExportExpiredError,
-    ExportLostError,
     ExportPipelineError,
     LinkExpiredError,
     ProviderRejectedError,
@@ -354,34 +352,20 @@ class MappingProvider(ExportProvider):
         )
 
     def classify_download_error(self, response: httpx.Response) -> ExportPipelineError | None:
-        """Presigned-link failures at download time; 403 means expired link -> ask for a new one."""
-        request_id = _request_id(response)
-        if response.status_code in (401, 403):
-            return LinkExpiredError(
-                f"mapping download link refused (HTTP {response.status_code}); links live "
-                "about 60 s",
-                provider=PROVIDER,
-                code="LINK_EXPIRED",
-                request_id=request_id,
-                hint="call get_statuses again for a fresh link and download at once",
-            )
-        if response.status_code == 404:
-            return ExportLostError(
-                "mapping export file not found at its download link (HTTP 404)",
-                provider=PROVIDER,
-                code="NOT_FOUND",
-                request_id=request_id,
-                hint="trigger a new export of the mapping job",
-            )
-        if response.status_code == 410:
-            return ExportExpiredError(
-                "mapping export file is gone (HTTP 410)",
-                provider=PROVIDER,
-                code="EXPORT_EXPIRED",
-                request_id=request_id,
-                hint="trigger a new export of the mapping job",
-            )
-        return None
+        """A presigned link refused with 401/403 has expired (they live ~60 s): ask again.
+
+        Other answers (404, 410, 5xx) are left to the transfer layer's generic mapping; a fresh
+        :meth:`get_statuses` call then tells authoritatively whether the export is LOST/EXPIRED.
+        """
+        if response.status_code not in (401, 403):
+            return None
+        return LinkExpiredError(
+            f"mapping download link refused (HTTP {response.status_code}); links live about 60 s",
+            provider=PROVIDER,
+            code="LINK_EXPIRED",
+            request_id=_request_id(response),
+            hint="call get_statuses again for a fresh link and download at once",
+        )
 
     @staticmethod
     def parse_event(body: bytes | str | Mapping[str, Any]) -> tuple[str, ExportStatus]:

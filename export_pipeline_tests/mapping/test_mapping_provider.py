@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,9 +17,10 @@ import pytest
 
 from export_pipeline.core.errors import ConfigurationError, LinkExpiredError, ProviderRejectedError
 from export_pipeline.core.model import ExportRequest, ExportState, ExportStatus, RemoteFile
+from export_pipeline.core.transfer import download_file
 from export_pipeline.providers.mapping import RESULTS, MappingProvider, parse_event
 from export_pipeline.sandbox.mapping import State
-from export_pipeline_tests.mapping.conftest import MappingSandbox, start_sandbox
+from export_pipeline_tests.mapping.conftest import FAST_RETRY, MappingSandbox, start_sandbox
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -140,6 +142,7 @@ def test_success_false_message_is_surfaced_then_next_export_works(
     state.fail_next_export_message = "Export storage quota exceeded"
     with pytest.raises(ProviderRejectedError, match="Export storage quota exceeded") as info:
         trigger(provider, job_id)
+    assert info.value.code == "EXPORT_NOT_TRIGGERED"
     assert job_id in str(info.value)
     status = trigger(provider, job_id)
     assert ready_status(provider, status.export_id).files
@@ -186,6 +189,37 @@ def test_expired_link_is_refused_and_a_fresh_one_works(short_links: MappingSandb
     assert response.status_code == 200
     assert decode_results(response.content) == state.rows(job_id)
     assert state.download_link_calls == 2
+
+
+def test_transfer_layer_gets_link_expired_then_fresh_link_downloads(
+    short_links: MappingSandbox, tmp_path: Path
+) -> None:
+    """The real fetch step with this provider's classifier: gzip jsonl, no file extension."""
+    state, provider = short_links.state, short_links.provider
+    state.file_format, state.gzip = "jsonl", True
+    job_id = state.add_job(9)
+    export_id = trigger(provider, job_id).export_id
+    stale = ready_status(provider, export_id).files[0]
+    time.sleep(2.2)
+
+    def fetch(file: RemoteFile) -> Path:
+        return download_file(
+            file,
+            tmp_path,
+            provider=provider.name,
+            export_id=export_id,
+            headers=provider.file_headers(file),
+            api_host=provider.api_host,
+            policy=FAST_RETRY,
+            classify=provider.classify_download_error,
+        ).path
+
+    with pytest.raises(LinkExpiredError) as info:
+        fetch(stale)
+    assert info.value.code == "LINK_EXPIRED" and info.value.export_id == export_id
+    path = fetch(ready_status(provider, export_id).files[0])
+    assert path.name == "results"
+    assert decode_results(path.read_bytes()) == state.rows(job_id)
 
 
 def test_tampered_link_is_refused(mapping_sandbox: MappingSandbox) -> None:
