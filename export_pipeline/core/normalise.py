@@ -1,0 +1,473 @@
+"""Downloaded export files (CSV, JSON array, JSON Lines, optionally gzip) to Parquet.
+
+Why DuckDB's native readers: export files can be larger than memory, and a Python loop over
+rows is both slow and a memory trap. ``COPY (SELECT ... FROM read_json/read_csv) TO parquet``
+streams with bounded memory (spilling to ``out_dir/.tmp``), keeps nested objects as STRUCT/LIST,
+and gives one Parquet per source file that the load step reads back with ``read_parquet``.
+
+When the export kind declares ``columns``, every format is read into exactly those types, so a
+provider that offers CSV (nested values as JSON text) and JSON yields the same table either way.
+Errors become :class:`ParseError` naming the file and, where it can be found, the line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+
+from export_pipeline.core.errors import ParseError
+from export_pipeline.core.model import ExportKind, FileFormat
+
+GZIP_MAGIC = b"\x1f\x8b"
+_PEEK_BYTES = 8192
+_BOM = b"\xef\xbb\xbf"
+# Rows DuckDB looks at to guess JSON types when the kind declares no columns.
+_AUTO_SAMPLE_SIZE = 100_000
+_MAX_RECORD_BYTES = 1 << 20  # how much of a bad JSON record is kept to find its line
+LINEAGE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("_export_id", "VARCHAR"),
+    ("_source_file", "VARCHAR"),
+    ("_loaded_at", "TIMESTAMP WITH TIME ZONE"),
+)
+
+
+# Builds the ParseError for a source from a DuckDB error (optionally with a clearer message).
+_Fail = Callable[..., ParseError]
+
+
+@dataclass(frozen=True)
+class DetectedFormat:
+    format: FileFormat
+    gzip: bool
+
+
+@dataclass(frozen=True)
+class NormaliseResult:
+    parquet_paths: list[Path]
+    rows: int
+    columns: list[tuple[str, str]]  # (name, DuckDB type) of the output, lineage included
+
+
+def _peek(path: Path) -> tuple[bytes, bool]:
+    """First few KB of the (decompressed) content and whether the file is gzip."""
+    with open(path, "rb") as raw:
+        head = raw.read(_PEEK_BYTES)
+    if not head.startswith(GZIP_MAGIC):
+        return head, False
+    with gzip.open(path, "rb") as inner:
+        try:
+            return inner.read(_PEEK_BYTES), True
+        except (OSError, EOFError):  # truncated or corrupt gzip: let the reader report it
+            return b"", True
+
+
+def detect_format(path: Path, content_type: str | None = None) -> DetectedFormat:
+    """Guess the format from the content, because providers' file names and types lie.
+
+    ``[`` first -> JSON array; ``{`` first -> JSON Lines; anything else -> CSV. A UTF-8 BOM and
+    leading whitespace are skipped; gzip is recognised by its magic bytes and peeked into.
+    ``content_type`` only breaks the tie for an empty file.
+    """
+    head, is_gzip = _peek(Path(path))
+    text = head.removeprefix(_BOM).lstrip()
+    if text.startswith(b"["):
+        return DetectedFormat(FileFormat.JSON_ARRAY, is_gzip)
+    if text.startswith(b"{"):
+        return DetectedFormat(FileFormat.JSONL, is_gzip)
+    if not text and content_type:
+        lowered = content_type.lower()
+        if "ndjson" in lowered or "jsonl" in lowered or "json-seq" in lowered:
+            return DetectedFormat(FileFormat.JSONL, is_gzip)
+        if "json" in lowered:
+            return DetectedFormat(FileFormat.JSON_ARRAY, is_gzip)
+    return DetectedFormat(FileFormat.CSV, is_gzip)
+
+
+def _lit(value: str) -> str:
+    """A SQL string literal (file paths and column names inside reader options)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _is_nested(duck_type: str) -> bool:
+    t = duck_type.strip().upper()
+    return t.endswith("]") or t.startswith(("STRUCT", "MAP", "LIST", "JSON", "UNION"))
+
+
+def _struct_literal(columns: Mapping[str, str]) -> str:
+    return "{" + ", ".join(f"{_lit(n)}: {_lit(t)}" for n, t in columns.items()) + "}"
+
+
+def _json_reader(path: Path, fmt: FileFormat, gz: bool, columns: Mapping[str, str] | None) -> str:
+    options = [
+        _lit(str(path)),
+        "format := " + ("'array'" if fmt is FileFormat.JSON_ARRAY else "'newline_delimited'"),
+        "compression := " + ("'gzip'" if gz else "'none'"),
+    ]
+    if columns is not None:
+        options.append(f"columns := {_struct_literal(columns)}")
+    else:
+        options.append(f"sample_size := {_AUTO_SAMPLE_SIZE}")
+    return f"read_json({', '.join(options)})"
+
+
+def _csv_reader(path: Path, gz: bool, *, all_varchar: bool) -> str:
+    options = [
+        _lit(str(path)),
+        "header := true",
+        "compression := " + ("'gzip'" if gz else "'none'"),
+    ]
+    if all_varchar:
+        options.append("all_varchar := true")
+    return f"read_csv({', '.join(options)})"
+
+
+def _open_text(path: Path, gz: bool) -> io.BufferedReader | gzip.GzipFile:
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def _lines(path: Path, gz: bool) -> Iterator[bytes]:
+    with _open_text(path, gz) as stream:
+        yield from stream
+
+
+_JSON_LINE = re.compile(r"Malformed JSON in file .*?, at byte (\d+) in line (\d+)", re.S)
+_JSON_RECORD = re.compile(r"Malformed JSON in file .*?, at byte (\d+) in record/value (\d+)", re.S)
+_ANY_LINE = re.compile(r"(?:in line|on line:?|CSV Error on Line:)\s*(\d+)", re.I)
+
+
+def _locate_line(message: str, path: Path, fmt: FileFormat, gz: bool) -> int | None:
+    """The 1-based line of the fault, from DuckDB's message and, where it is vague, the file.
+
+    DuckDB's "Malformed JSON ... in line N" has been seen to count one past the bad line, so the
+    neighbouring lines are checked (one line parsed at a time, never the whole file). For JSON
+    arrays DuckDB names a record and a byte within it; the file is scanned to that record.
+    """
+    if (m := _JSON_LINE.search(message)) and fmt is FileFormat.JSONL:
+        reported = int(m.group(2))
+        for number, raw in enumerate(_lines(path, gz), start=1):
+            if number < reported - 1:
+                continue
+            if number > reported:
+                break
+            text = raw.strip().removeprefix(_BOM)
+            if not text:
+                continue
+            try:
+                json.loads(text)
+            except ValueError:
+                return number
+        return reported
+    if (m := _JSON_RECORD.search(message)) and fmt is FileFormat.JSON_ARRAY:
+        return _array_record_line(path, gz, int(m.group(2)), int(m.group(1)))
+    if m := _ANY_LINE.search(message):
+        return int(m.group(1))
+    return None
+
+
+def _array_record_line(path: Path, gz: bool, record: int, byte: int) -> int | None:
+    """Line of ``byte`` inside the top-level array element DuckDB calls ``record``.
+
+    Streams the file with a tiny JSON tokenizer (strings, escapes, depth) and tries both the
+    named element and the one before it (DuckDB's count runs one ahead), keeping whichever does
+    not parse. Only runs on the error path.
+    """
+    starts: list[tuple[int, int]] = []  # (offset, line) of element starts
+    depth, in_str, esc, line, offset = 0, False, False, 1, 0
+    expecting = False
+    wanted = {record - 1, record}
+    texts: dict[int, bytearray] = {}
+    with _open_text(path, gz) as stream:
+        while chunk := stream.read(1 << 16):
+            for ch in chunk:
+                current = texts.get(len(starts))
+                if current is not None and depth >= 2 and len(current) < _MAX_RECORD_BYTES:
+                    current.append(ch)
+                if in_str:
+                    if esc:
+                        esc = False
+                    elif ch == 0x5C:
+                        esc = True
+                    elif ch == 0x22:
+                        in_str = False
+                else:
+                    if depth == 1 and expecting and ch not in b" \t\r\n,]":
+                        starts.append((offset, line))
+                        expecting = False
+                        if len(starts) in wanted:
+                            texts[len(starts)] = bytearray([ch])
+                    if ch == 0x22:
+                        in_str = True
+                    elif ch in b"[{":
+                        depth += 1
+                        if depth == 1:
+                            expecting = True
+                    elif ch in b"]}":
+                        depth -= 1
+                    elif ch == 0x2C and depth == 1:
+                        expecting = True
+                if ch == 0x0A:
+                    line += 1
+                offset += 1
+                if len(starts) > record and depth <= 1:
+                    break
+            if len(starts) > record and depth <= 1:
+                break
+    for candidate in (record - 1, record):
+        if candidate < 1 or candidate > len(starts):
+            continue
+        text = bytes(texts.get(candidate, b""))
+        try:
+            json.loads(text)
+        except ValueError:
+            start_line = starts[candidate - 1][1]
+            return start_line + text[: max(byte - 1, 0)].count(b"\n")
+    return None
+
+
+def _output_stem(source: Path, taken: set[str]) -> str:
+    name = source.name
+    if name.lower().endswith(".gz"):
+        name = name[:-3]
+    stem = Path(name).stem or name
+    if stem in taken:
+        stem = source.name
+    taken.add(stem)
+    return stem
+
+
+def _describe(con: duckdb.DuckDBPyConnection, select_sql: str) -> list[tuple[str, str]]:
+    return [(row[0], row[1]) for row in con.execute(f"DESCRIBE {select_sql}").fetchall()]
+
+
+def to_parquet(
+    sources: Sequence[Path],
+    out_dir: Path,
+    *,
+    kind: ExportKind,
+    export_id: str,
+    loaded_at: datetime,
+    fmt: FileFormat | None = None,
+    con: duckdb.DuckDBPyConnection | None = None,
+    memory_limit: str = "512MB",
+    threads: int | None = None,
+) -> NormaliseResult:
+    """Write one zstd Parquet per source (``out_dir/<stem>.parquet``) with lineage columns.
+
+    ``fmt`` overrides the content sniffing (gzip is always detected from the bytes). Without
+    ``kind.columns`` the types are auto-detected once over all sources of the same format, so
+    every Parquet of one export has the same schema. A source with no rows yields a 0-row Parquet
+    only when ``kind.columns`` gives its schema; otherwise it contributes no path.
+
+    A given ``con`` is used as is (its memory settings are the caller's); by default a private
+    in-memory connection is opened with ``memory_limit`` and a spill directory in out_dir/.tmp.
+    """
+    if loaded_at.tzinfo is None:
+        raise ValueError("loaded_at must be timezone-aware")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    own = con is None
+    tmp_dir = out_dir / ".tmp"
+    if con is None:
+        tmp_dir.mkdir(exist_ok=True)
+        config: dict[str, str | int | bool] = {
+            "memory_limit": memory_limit,
+            "temp_directory": str(tmp_dir),
+            # Off would let DuckDB reorder rows, and the load keeps the *last* duplicate of a key
+            # by row position; order-preserving COPY still streams in bounded batches.
+            "preserve_insertion_order": True,
+        }
+        if threads is not None:
+            config["threads"] = threads
+        con = duckdb.connect(":memory:", config=config)
+    try:
+        return _to_parquet(
+            con, [Path(s) for s in sources], out_dir, kind, export_id, loaded_at, fmt
+        )
+    finally:
+        if own:
+            con.close()
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _to_parquet(
+    con: duckdb.DuckDBPyConnection,
+    sources: list[Path],
+    out_dir: Path,
+    kind: ExportKind,
+    export_id: str,
+    loaded_at: datetime,
+    fmt: FileFormat | None,
+) -> NormaliseResult:
+    detected: dict[Path, DetectedFormat] = {}
+    for src in sources:
+        found = detect_format(src)
+        detected[src] = DetectedFormat(fmt or found.format, found.gzip)
+
+    def fail(exc: BaseException, src: Path, message: str | None = None) -> ParseError:
+        info = detected[src]
+        try:
+            line = _locate_line(str(exc), src, info.format, info.gzip)
+        except (OSError, EOFError):
+            line = None
+        text = message or str(exc).split("\n\n")[0].strip()
+        return ParseError(
+            f"cannot read {info.format.value} file: {text[:500]}",
+            provider=kind.provider,
+            kind=kind.name,
+            export_id=export_id,
+            file=src.name,
+            line=line,
+        )
+
+    # One schema per format when the kind declares none, so an export's Parquets agree.
+    auto_schema: dict[FileFormat, list[tuple[str, str]]] = {}
+    if kind.columns is None:
+        for group_fmt in {d.format for d in detected.values()}:
+            group = [s for s in sources if detected[s].format is group_fmt and s.stat().st_size]
+            auto_schema[group_fmt] = _auto_schema(con, group, group_fmt, detected, fail)
+
+    paths: list[Path] = []
+    total = 0
+    taken: set[str] = set()
+    for src in sources:
+        info = detected[src]
+        target = out_dir / f"{_output_stem(src, taken)}.parquet"
+        partial = target.with_name(target.name + ".part")
+        if src.stat().st_size == 0 or (kind.columns is None and not auto_schema[info.format]):
+            if kind.columns is None:
+                continue
+            select = _empty_select(kind.columns)
+        elif info.format is FileFormat.CSV:
+            select = _csv_select(con, src, info.gzip, kind, auto_schema.get(info.format), fail)
+        else:
+            columns = kind.columns if kind.columns is not None else dict(auto_schema[info.format])
+            select = f"SELECT * FROM {_json_reader(src, info.format, info.gzip, columns)}"
+        sql = (
+            f"COPY (SELECT src.*, CAST($1 AS VARCHAR) AS _export_id, "
+            f"CAST($2 AS VARCHAR) AS _source_file, CAST($3 AS TIMESTAMPTZ) AS _loaded_at "
+            f"FROM ({select}) AS src) TO {_lit(str(partial))} "
+            f"(FORMAT parquet, COMPRESSION zstd)"
+        )
+        try:
+            row = con.execute(sql, [export_id, src.name, loaded_at]).fetchone()
+        except duckdb.Error as exc:
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+            raise fail(exc, src) from exc
+        rows = int(row[0]) if row else 0
+        if rows == 0 and kind.columns is None:
+            partial.unlink()
+            continue
+        os.replace(partial, target)
+        paths.append(target)
+        total += rows
+
+    if paths:
+        columns = _describe(con, f"SELECT * FROM read_parquet({_lit(str(paths[0]))})")
+    elif kind.columns is not None:
+        columns = [*kind.columns.items(), *LINEAGE_COLUMNS]
+    else:
+        columns = []
+    return NormaliseResult(parquet_paths=paths, rows=total, columns=columns)
+
+
+def _auto_schema(
+    con: duckdb.DuckDBPyConnection,
+    group: list[Path],
+    group_fmt: FileFormat,
+    detected: Mapping[Path, DetectedFormat],
+    fail: _Fail,
+) -> list[tuple[str, str]]:
+    """Types guessed per file and widened across the files of one format (union by name)."""
+    schema: dict[str, str] = {}
+    for src in group:
+        gz = detected[src].gzip
+        if group_fmt is FileFormat.CSV:
+            reader = _csv_reader(src, gz, all_varchar=False)
+        else:
+            reader = _json_reader(src, group_fmt, gz, None)
+        try:
+            described = _describe(con, f"SELECT * FROM {reader}")
+        except duckdb.Error as exc:
+            raise fail(exc, src) from exc
+        for name, duck_type in described:
+            if name not in schema:
+                schema[name] = duck_type
+            elif schema[name] != duck_type:
+                try:
+                    schema[name] = _widen(con, schema[name], duck_type)
+                except duckdb.Error:
+                    schema[name] = "VARCHAR"
+    return list(schema.items())
+
+
+def _widen(con: duckdb.DuckDBPyConnection, a: str, b: str) -> str:
+    """The type DuckDB would give a UNION of two columns (e.g. BIGINT + DOUBLE -> DOUBLE)."""
+    row = con.execute(
+        f"SELECT typeof(x) FROM (SELECT CAST(NULL AS {a}) AS x UNION ALL "
+        f"SELECT CAST(NULL AS {b}) AS x) LIMIT 1"
+    ).fetchone()
+    return str(row[0]) if row else "VARCHAR"
+
+
+def _empty_select(columns: Mapping[str, str]) -> str:
+    cols = ", ".join(f"CAST(NULL AS {t}) AS {_ident(n)}" for n, t in columns.items())
+    return f"SELECT {cols} LIMIT 0"
+
+
+def _csv_select(
+    con: duckdb.DuckDBPyConnection,
+    src: Path,
+    gz: bool,
+    kind: ExportKind,
+    auto: list[tuple[str, str]] | None,
+    fail: _Fail,
+) -> str:
+    """SELECT over a CSV read as text, each column cast to its declared (or guessed) type.
+
+    Reading as VARCHAR first means an empty cell is NULL whatever the type, and nested columns
+    (JSON text in the cell) go through ``CAST(col::JSON AS type)`` to the same STRUCT/LIST the
+    JSON reader produces.
+    """
+    reader = _csv_reader(src, gz, all_varchar=True)
+    try:
+        header = [name for name, _ in _describe(con, f"SELECT * FROM {reader}")]
+    except duckdb.Error as exc:
+        raise fail(exc, src) from exc
+    wanted: Mapping[str, str] = kind.columns if kind.columns is not None else dict(auto or [])
+    if kind.columns is not None:
+        missing_keys = [k for k in kind.primary_key if k not in header]
+        if missing_keys:
+            raise fail(
+                ValueError(""),
+                src,
+                f"CSV header {header[:20]} lacks primary key column(s) {missing_keys}",
+            )
+    exprs = []
+    for name, duck_type in wanted.items():
+        if name not in header:
+            exprs.append(f"CAST(NULL AS {duck_type}) AS {_ident(name)}")
+            continue
+        if _is_nested(duck_type):
+            cell = f"NULLIF({_ident(name)}, '')"
+            exprs.append(f"CAST(CAST({cell} AS JSON) AS {duck_type}) AS {_ident(name)}")
+        else:
+            # A plain CAST is pushed into the CSV scan, so DuckDB's error names the line.
+            # Empty cells are already NULL there (the reader's default null string is '').
+            exprs.append(f"CAST({_ident(name)} AS {duck_type}) AS {_ident(name)}")
+    return f"SELECT {', '.join(exprs)} FROM {reader}"

@@ -1,0 +1,224 @@
+"""Files to Parquet: the same data in every format gives the same table; errors point at lines."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from export_pipeline.core.errors import ParseError
+from export_pipeline.core.model import ExportKind, FileFormat
+from export_pipeline.core.normalise import DetectedFormat, detect_format, to_parquet
+
+EVSES = "STRUCT(uid VARCHAR, connectors STRUCT(id VARCHAR, max_power DOUBLE)[])[]"
+COLUMNS = {
+    "id": "VARCHAR",
+    "name": "VARCHAR",
+    "capacity": "BIGINT",
+    "evses": EVSES,
+    "last_updated": "TIMESTAMPTZ",
+}
+KIND = ExportKind(provider="locations", name="locations", primary_key=("id",), columns=COLUMNS)
+AUTO_KIND = ExportKind(provider="locations", name="locations", primary_key=("id",))
+LOADED_AT = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+RECORDS: list[dict[str, Any]] = [
+    {
+        "id": "LOC1",
+        "name": "Main St",
+        "capacity": 4,
+        "evses": [
+            {"uid": "E1", "connectors": [{"id": "C1", "max_power": 22.0}]},
+            {
+                "uid": "E2",
+                "connectors": [{"id": "C2", "max_power": 50.5}, {"id": "C3", "max_power": 11.0}],
+            },
+        ],
+        "last_updated": "2024-04-30T10:00:00Z",
+    },
+    {
+        "id": "LOC2",
+        "name": None,
+        "capacity": None,
+        "evses": [],
+        "last_updated": "2024-04-30T11:00:00Z",
+    },
+    {"id": "LOC'3", "name": 'quote "x"', "capacity": 0, "evses": None, "last_updated": None},
+]
+
+
+def write_json_array(path: Path) -> Path:
+    path.write_text(json.dumps(RECORDS, indent=2))
+    return path
+
+
+def write_jsonl(path: Path, opener: Any = open) -> Path:
+    with opener(path, "wt", encoding="utf-8") as out:
+        for rec in RECORDS:
+            out.write(json.dumps(rec) + "\n")
+    return path
+
+
+def write_csv(path: Path, opener: Any = open) -> Path:
+    with opener(path, "wt", encoding="utf-8", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(list(COLUMNS))
+        for rec in RECORDS:
+            writer.writerow(
+                [
+                    "" if rec[c] is None else json.dumps(rec[c]) if c == "evses" else rec[c]
+                    for c in COLUMNS
+                ]
+            )
+    return path
+
+
+def table(path: Path) -> tuple[list[tuple[str, str]], list[tuple[Any, ...]]]:
+    con = duckdb.connect()
+    rel = f"(SELECT * EXCLUDE (_source_file) FROM read_parquet('{path}'))"
+    schema = [(r[0], r[1]) for r in con.execute(f"DESCRIBE {rel}").fetchall()]
+    rows = con.execute(f"SELECT * FROM {rel} ORDER BY id").fetchall()
+    return schema, rows
+
+
+def test_detect_format_from_content(tmp_path: Path) -> None:
+    arr = write_json_array(tmp_path / "data.csv")  # the name lies
+    jl = write_jsonl(tmp_path / "data.json")
+    cs = write_csv(tmp_path / "data.jsonl")
+    gz = write_jsonl(tmp_path / "data.bin", opener=gzip.open)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf  \n[{}]")
+    assert detect_format(arr) == DetectedFormat(FileFormat.JSON_ARRAY, False)
+    assert detect_format(jl) == DetectedFormat(FileFormat.JSONL, False)
+    assert detect_format(cs) == DetectedFormat(FileFormat.CSV, False)
+    assert detect_format(gz) == DetectedFormat(FileFormat.JSONL, True)
+    assert detect_format(bom).format is FileFormat.JSON_ARRAY
+
+
+def test_every_format_gives_the_same_table(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    sources = [
+        write_json_array(src / "a.json"),
+        write_jsonl(src / "b.jsonl"),
+        write_csv(src / "c.csv"),
+        write_jsonl(src / "d.jsonl.gz", opener=gzip.open),
+        write_csv(src / "e.csv.gz", opener=gzip.open),
+    ]
+    result = to_parquet(sources, tmp_path / "out", kind=KIND, export_id="X1", loaded_at=LOADED_AT)
+    assert [p.name for p in result.parquet_paths] == [
+        "a.parquet",
+        "b.parquet",
+        "c.parquet",
+        "d.parquet",
+        "e.parquet",
+    ]
+    assert result.rows == 15
+    tables = [table(p) for p in result.parquet_paths]
+    for other in tables[1:]:
+        assert other == tables[0]
+    schema, rows = tables[0]
+    assert dict(schema)["evses"] == EVSES
+    assert dict(schema)["capacity"] == "BIGINT"
+    assert [r[0] for r in rows] == ["LOC'3", "LOC1", "LOC2"]
+    loc2 = rows[2]
+    assert loc2[1] is None and loc2[2] is None  # empty CSV cells are NULL
+    assert ("_loaded_at", "TIMESTAMP WITH TIME ZONE") in result.columns
+
+
+def test_nested_structure_survives(tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "c.csv")
+    result = to_parquet([src], tmp_path / "out", kind=KIND, export_id="X1", loaded_at=LOADED_AT)
+    con = duckdb.connect()
+    got = con.execute(
+        "SELECT e.uid, c.id, c.max_power FROM read_parquet(?) AS t, "
+        "unnest(t.evses) AS u(e), unnest(e.connectors) AS v(c) ORDER BY c.id",
+        [str(result.parquet_paths[0])],
+    ).fetchall()
+    assert got == [("E1", "C1", 22.0), ("E2", "C2", 50.5), ("E2", "C3", 11.0)]
+
+
+def test_lineage_columns_on_every_row(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "part-1.jsonl")
+    result = to_parquet([src], tmp_path / "out", kind=KIND, export_id="X9", loaded_at=LOADED_AT)
+    con = duckdb.connect()
+    got = con.execute(
+        "SELECT DISTINCT _export_id, _source_file, _loaded_at FROM read_parquet(?)",
+        [str(result.parquet_paths[0])],
+    ).fetchall()
+    assert got == [("X9", "part-1.jsonl", LOADED_AT)]
+
+
+def test_auto_detection_keeps_nesting(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "a.jsonl")
+    result = to_parquet([src], tmp_path / "out", kind=AUTO_KIND, export_id="X", loaded_at=LOADED_AT)
+    types = dict(result.columns)
+    assert types["evses"].startswith("STRUCT(") and types["evses"].endswith("[]")
+    assert result.rows == 3
+
+
+def test_malformed_jsonl_line_is_reported(tmp_path: Path) -> None:
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"id": "A"}\n{"id": "B"}\n{"id": "C", "name": }\n{"id": "D"}\n')
+    out = tmp_path / "out"
+    for kind in (KIND, AUTO_KIND):
+        with pytest.raises(ParseError) as info:
+            to_parquet([src], out, kind=kind, export_id="X1", loaded_at=LOADED_AT)
+        err = info.value
+        assert (err.file, err.line, err.export_id, err.provider) == (
+            "bad.jsonl",
+            3,
+            "X1",
+            "locations",
+        )
+    assert not any(p.suffix in {".parquet", ".part"} for p in out.iterdir())
+
+
+def test_malformed_json_array_line_is_reported(tmp_path: Path) -> None:
+    src = tmp_path / "bad.json"
+    src.write_text('[\n  {"id": "A"},\n  {"id": "B",\n   "name": }\n]\n')
+    with pytest.raises(ParseError) as info:
+        to_parquet([src], tmp_path / "out", kind=KIND, export_id="X1", loaded_at=LOADED_AT)
+    assert (info.value.file, info.value.line) == ("bad.json", 4)
+
+
+def test_bad_csv_value_names_the_file(tmp_path: Path) -> None:
+    good = write_csv(tmp_path / "good.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,name,capacity,evses,last_updated\nA,x,1,[],\nB,y,lots,[],\n")
+    out = tmp_path / "out"
+    with pytest.raises(ParseError) as info:
+        to_parquet([good, bad], out, kind=KIND, export_id="X1", loaded_at=LOADED_AT)
+    assert info.value.file == "bad.csv"
+    assert info.value.line == 3
+    assert "lots" in info.value.message
+    assert not (out / "bad.parquet").exists()
+
+
+def test_bad_nested_json_in_csv_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text('id,name,capacity,evses,last_updated\nA,x,1,"[{""uid"": ",\n')
+    with pytest.raises(ParseError) as info:
+        to_parquet([bad], tmp_path / "out", kind=KIND, export_id="X1", loaded_at=LOADED_AT)
+    assert info.value.file == "bad.csv" and info.value.kind == "locations"
+
+
+def test_empty_files(tmp_path: Path) -> None:
+    empty_array = tmp_path / "empty.json"
+    empty_array.write_text("[]")
+    zero = tmp_path / "zero.csv"
+    zero.write_bytes(b"")
+    typed = to_parquet(
+        [empty_array, zero], tmp_path / "t", kind=KIND, export_id="X", loaded_at=LOADED_AT
+    )
+    assert typed.rows == 0 and len(typed.parquet_paths) == 2
+    assert table(typed.parquet_paths[0])[0] == table(typed.parquet_paths[1])[0]
+    untyped = to_parquet(
+        [empty_array, zero], tmp_path / "u", kind=AUTO_KIND, export_id="X", loaded_at=LOADED_AT
+    )
+    assert untyped.rows == 0 and untyped.parquet_paths == []
