@@ -190,7 +190,7 @@ class DeliveriesProvider(ExportProvider):
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
     ) -> DeliveriesProvider:
-        """Build from ``DELIVERIES_API_URL`` / ``DELIVERIES_API_KEY`` values (read by the caller)."""
+        """Build from the values of ``DELIVERIES_API_URL`` / ``DELIVERIES_API_KEY``."""
         if not api_key:
             raise ConfigurationError(
                 "no API key for the deliveries API",
