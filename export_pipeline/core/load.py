@@ -1,0 +1,262 @@
+"""Parquet of one export into its DuckDB table: merge, snapshot or partition replace.
+
+Everything here runs *inside the caller's transaction*: the caller opens ``BEGIN``, loads, moves
+the ledger's cursor and commits once, so a crash leaves the old state or the new one, never
+half. These functions therefore never COMMIT or ROLLBACK. All work is SQL over
+``read_parquet``; no row passes through Python, and identifiers are always quoted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from export_pipeline.core.errors import ConfigurationError, IntegrityError
+from export_pipeline.core.model import ExportKind, LoadMode
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    rows_in_export: int  # rows after de-duplication on the primary key
+    rows_inserted: int  # keys new to the table
+    rows_updated: int  # keys that were there and were replaced
+    rows_deleted: int  # keys that disappeared (snapshot / partition replace)
+    table_rows: int  # rows in the table afterwards
+
+
+def quote_ident(name: str) -> str:
+    """Quote a DuckDB identifier (doubling inner quotes), so any column name is safe in SQL."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _qualified(kind: ExportKind, name: str | None = None) -> str:
+    return f"{quote_ident(kind.schema)}.{quote_ident(name or kind.name)}"
+
+
+def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list[object] | None = None) -> int:
+    row = con.execute(sql, params or []).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def _columns(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> dict[str, str]:
+    rows = con.execute(
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",
+        [schema, table],
+    ).fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
+def _table_exists(con: duckdb.DuckDBPyConnection, kind: ExportKind) -> bool:
+    return (
+        _scalar(
+            con,
+            "SELECT count(*) FROM information_schema.tables "
+            "WHERE table_schema = ? AND table_name = ?",
+            [kind.schema, kind.name],
+        )
+        > 0
+    )
+
+
+def ensure_views(con: duckdb.DuckDBPyConnection, kind: ExportKind) -> None:
+    """(Re)create the kind's analyst views, so they follow the table's current columns."""
+    if not kind.views:
+        return
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(kind.schema)}")
+    for view, select in kind.views.items():
+        con.execute(f"CREATE OR REPLACE VIEW {_qualified(kind, view)} AS {select}")
+
+
+def load_parquet(
+    con: duckdb.DuckDBPyConnection,
+    kind: ExportKind,
+    parquet_paths: Sequence[Path | str],
+    *,
+    partition_value: str | None = None,
+) -> LoadResult:
+    """Apply one export's Parquet files to ``kind.table`` according to ``kind.load_mode``.
+
+    The export is staged in a temp table de-duplicated on the primary key (the last occurrence
+    wins: highest ``_source_file``, then highest row position), the table is created or widened
+    with new columns, then rows are replaced. Must run inside the caller's transaction.
+    """
+    mode = kind.load_mode
+    pk = list(kind.primary_key)
+    if mode is LoadMode.MERGE and not pk:
+        raise ConfigurationError(
+            "MERGE needs a primary key", provider=kind.provider, kind=kind.name
+        )
+    if mode is LoadMode.REPLACE_PARTITION and (
+        not kind.partition_column or partition_value is None
+    ):
+        raise ConfigurationError(
+            "REPLACE_PARTITION needs kind.partition_column and a partition_value",
+            provider=kind.provider,
+            kind=kind.name,
+        )
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(kind.schema)}")
+    target = _qualified(kind)
+    paths = [str(p) for p in parquet_paths]
+
+    if not paths:
+        return _load_empty(con, kind, target, partition_value)
+
+    stage = quote_ident(f"_stage_{kind.provider}_{kind.name}_{uuid.uuid4().hex[:12]}")
+    try:
+        _stage(con, kind, stage, paths)
+        return _apply(con, kind, target, stage, partition_value)
+    finally:
+        # In an aborted transaction this fails too; the rollback removes the temp table anyway.
+        with contextlib.suppress(duckdb.Error):
+            con.execute(f"DROP TABLE IF EXISTS {stage}")
+
+
+def _stage(con: duckdb.DuckDBPyConnection, kind: ExportKind, stage: str, paths: list[str]) -> None:
+    reader = "read_parquet(?, union_by_name = true, filename = true, file_row_number = true)"
+    described = con.execute(f"DESCRIBE SELECT * FROM {reader}", [paths]).fetchall()
+    names = {r[0] for r in described}
+    missing = [k for k in kind.primary_key if k not in names]
+    if missing:
+        raise IntegrityError(
+            f"export has no primary key column(s) {missing}",
+            provider=kind.provider,
+            kind=kind.name,
+        )
+    helpers = "filename, file_row_number"
+    dedup = ""
+    if kind.primary_key:
+        order = ["filename DESC", "file_row_number DESC"]
+        if "_source_file" in names:
+            order.insert(0, f"{quote_ident('_source_file')} DESC")
+        partition = ", ".join(quote_ident(k) for k in kind.primary_key)
+        dedup = (
+            f" QUALIFY row_number() OVER (PARTITION BY {partition} ORDER BY {', '.join(order)}) = 1"
+        )
+    con.execute(
+        f"CREATE TEMP TABLE {stage} AS SELECT * EXCLUDE ({helpers}) FROM {reader}{dedup}",
+        [paths],
+    )
+
+
+def _ensure_table(
+    con: duckdb.DuckDBPyConnection, kind: ExportKind, target: str, stage: str
+) -> None:
+    """Create the table from the staged schema, or add the columns this export brings new."""
+    if not _table_exists(con, kind):
+        con.execute(f"CREATE TABLE {target} AS SELECT * FROM {stage} LIMIT 0")
+        return
+    have = _columns(con, kind.schema, kind.name)
+    staged = con.execute(f"DESCRIBE SELECT * FROM {stage}").fetchall()
+    for name, duck_type, *_ in staged:
+        if name not in have:
+            con.execute(f"ALTER TABLE {target} ADD COLUMN {quote_ident(name)} {duck_type}")
+
+
+def _key_match(left: str, right: str, keys: Sequence[str]) -> str:
+    return " AND ".join(
+        f"{left}.{quote_ident(k)} IS NOT DISTINCT FROM {right}.{quote_ident(k)}" for k in keys
+    )
+
+
+def _apply(
+    con: duckdb.DuckDBPyConnection,
+    kind: ExportKind,
+    target: str,
+    stage: str,
+    partition_value: str | None,
+) -> LoadResult:
+    _ensure_table(con, kind, target, stage)
+    pk = list(kind.primary_key)
+    rows_in_export = _scalar(con, f"SELECT count(*) FROM {stage}")
+    mode = kind.load_mode
+
+    if mode is LoadMode.REPLACE_PARTITION:
+        assert kind.partition_column is not None
+        col = quote_ident(kind.partition_column)
+        staged_cols = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {stage}").fetchall()}
+        if kind.partition_column not in staged_cols:
+            raise IntegrityError(
+                f"export has no partition column {kind.partition_column!r}",
+                provider=kind.provider,
+                kind=kind.name,
+            )
+        strays = _scalar(
+            con,
+            f"SELECT count(*) FROM {stage} WHERE CAST({col} AS VARCHAR) IS DISTINCT FROM ?",
+            [partition_value],
+        )
+        if strays:
+            raise IntegrityError(
+                f"{strays} row(s) of the export are outside partition "
+                f"{kind.partition_column}={partition_value!r}",
+                provider=kind.provider,
+                kind=kind.name,
+                hint="the provider returned data for another partition; nothing was loaded",
+            )
+        scope = f"CAST({col} AS VARCHAR) = ?"
+        scope_params: list[object] = [partition_value]
+    elif mode is LoadMode.SNAPSHOT:
+        scope, scope_params = "TRUE", []
+    else:
+        scope, scope_params = "", []
+
+    if mode is LoadMode.MERGE:
+        updated = _scalar(
+            con,
+            f"SELECT count(*) FROM {stage} s WHERE EXISTS "
+            f"(SELECT 1 FROM {target} t WHERE {_key_match('t', 's', pk)})",
+        )
+        con.execute(
+            f"DELETE FROM {target} t WHERE EXISTS "
+            f"(SELECT 1 FROM {stage} s WHERE {_key_match('t', 's', pk)})"
+        )
+        deleted = 0
+    else:
+        before = _scalar(con, f"SELECT count(*) FROM {target} WHERE {scope}", scope_params)
+        if pk:
+            updated = _scalar(
+                con,
+                f"SELECT count(*) FROM {stage} s WHERE EXISTS (SELECT 1 FROM "
+                f"(SELECT * FROM {target} WHERE {scope}) t WHERE {_key_match('t', 's', pk)})",
+                scope_params,
+            )
+        else:
+            updated = 0
+        deleted = before - updated
+        con.execute(f"DELETE FROM {target} WHERE {scope}", scope_params)
+
+    con.execute(f"INSERT INTO {target} BY NAME SELECT * FROM {stage}")
+    return LoadResult(
+        rows_in_export=rows_in_export,
+        rows_inserted=rows_in_export - updated,
+        rows_updated=updated,
+        rows_deleted=deleted,
+        table_rows=_scalar(con, f"SELECT count(*) FROM {target}"),
+    )
+
+
+def _load_empty(
+    con: duckdb.DuckDBPyConnection,
+    kind: ExportKind,
+    target: str,
+    partition_value: str | None,
+) -> LoadResult:
+    """A zero-row export: MERGE changes nothing; SNAPSHOT / partition replace empty their scope."""
+    if not _table_exists(con, kind):
+        return LoadResult(0, 0, 0, 0, 0)
+    deleted = 0
+    if kind.load_mode is LoadMode.SNAPSHOT:
+        deleted = _scalar(con, f"SELECT count(*) FROM {target}")
+        con.execute(f"DELETE FROM {target}")
+    elif kind.load_mode is LoadMode.REPLACE_PARTITION:
+        assert kind.partition_column is not None
+        scope = f"CAST({quote_ident(kind.partition_column)} AS VARCHAR) = ?"
+        deleted = _scalar(con, f"SELECT count(*) FROM {target} WHERE {scope}", [partition_value])
+        con.execute(f"DELETE FROM {target} WHERE {scope}", [partition_value])
+    return LoadResult(0, 0, 0, deleted, _scalar(con, f"SELECT count(*) FROM {target}"))

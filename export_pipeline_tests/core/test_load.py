@@ -1,0 +1,160 @@
+"""Parquet into a DuckDB file: merge, snapshot, partition replace, all inside the caller's txn."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from export_pipeline.core.errors import IntegrityError
+from export_pipeline.core.load import ensure_views, load_parquet, quote_ident
+from export_pipeline.core.model import ExportKind, LoadMode
+
+KIND = ExportKind(provider="shop", name="orders", primary_key=("id",))
+
+
+def parquet(tmp_path: Path, name: str, select: str) -> Path:
+    """Write a Parquet file from a SELECT (the shape normalise produces: data + _source_file)."""
+    path = tmp_path / f"{name}.parquet"
+    con = duckdb.connect()
+    con.execute(f"COPY ({select}) TO '{path}' (FORMAT parquet)")
+    con.close()
+    return path
+
+
+def rows(values: str, source: str = "part-1.jsonl") -> str:
+    return f"SELECT *, '{source}' AS _source_file FROM (VALUES {values}) AS v(id, amount)"
+
+
+@pytest.fixture
+def con(tmp_path: Path) -> duckdb.DuckDBPyConnection:
+    connection = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
+    yield connection
+    connection.close()
+
+
+def load(con: duckdb.DuckDBPyConnection, kind: ExportKind, paths: list[Path], **kw: str):
+    con.execute("BEGIN")
+    result = load_parquet(con, kind, paths, **kw)
+    con.execute("COMMIT")
+    return result
+
+
+def table(con: duckdb.DuckDBPyConnection, sql: str = "SELECT id, amount FROM shop.orders") -> list:
+    return con.execute(sql + " ORDER BY 1").fetchall()
+
+
+def test_quote_ident() -> None:
+    assert quote_ident('we"ird') == '"we""ird"'
+
+
+def test_merge_counts_inserts_and_updates(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    first = load(con, KIND, [parquet(tmp_path, "a", rows("(1, 10), (2, 20)"))])
+    assert (first.rows_inserted, first.rows_updated, first.table_rows) == (2, 0, 2)
+    second = load(con, KIND, [parquet(tmp_path, "b", rows("(2, 21), (3, 30)"))])
+    assert (second.rows_in_export, second.rows_inserted, second.rows_updated) == (2, 1, 1)
+    assert second.rows_deleted == 0 and second.table_rows == 3
+    assert table(con) == [(1, 10), (2, 21), (3, 30)]
+
+
+def test_duplicate_keys_keep_last_occurrence(
+    con: duckdb.DuckDBPyConnection, tmp_path: Path
+) -> None:
+    p1 = parquet(tmp_path, "p1", rows("(1, 10), (2, 20), (1, 11)", "part-1.jsonl"))
+    p2 = parquet(tmp_path, "p2", rows("(2, 22)", "part-2.jsonl"))
+    result = load(con, KIND, [p2, p1])  # list order must not matter; _source_file decides
+    assert result.rows_in_export == 2
+    assert table(con) == [(1, 11), (2, 22)]
+
+
+def test_new_column_is_added_and_missing_become_null(
+    con: duckdb.DuckDBPyConnection, tmp_path: Path
+) -> None:
+    load(con, KIND, [parquet(tmp_path, "a", rows("(1, 10)"))])
+    wider = "SELECT 2 AS id, 'note' AS \"odd \"\"name\", 'x.jsonl' AS _source_file"
+    result = load(con, KIND, [parquet(tmp_path, "b", wider)])
+    assert result.rows_inserted == 1
+    got = table(con, 'SELECT id, amount, "odd ""name" FROM shop.orders')
+    assert got == [(1, 10, None), (2, None, "note")]
+
+
+def test_snapshot_removes_missing_rows(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    kind = replace(KIND, load_mode=LoadMode.SNAPSHOT)
+    load(con, kind, [parquet(tmp_path, "a", rows("(1, 10), (2, 20), (3, 30)"))])
+    result = load(con, kind, [parquet(tmp_path, "b", rows("(2, 21), (4, 40)"))])
+    assert (result.rows_inserted, result.rows_updated, result.rows_deleted) == (1, 1, 2)
+    assert table(con) == [(2, 21), (4, 40)]
+    emptied = load(con, kind, [])
+    assert (emptied.rows_deleted, emptied.table_rows) == (2, 0)
+
+
+def test_empty_merge_changes_nothing(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    load(con, KIND, [parquet(tmp_path, "a", rows("(1, 10)"))])
+    result = load(con, KIND, [])
+    assert result.table_rows == 1 and result.rows_deleted == 0
+    assert table(con) == [(1, 10)]
+
+
+def test_partition_replace_touches_only_its_partition(
+    con: duckdb.DuckDBPyConnection, tmp_path: Path
+) -> None:
+    kind = replace(KIND, load_mode=LoadMode.REPLACE_PARTITION, partition_column="day")
+
+    def day_rows(name: str, values: str) -> Path:
+        return parquet(tmp_path, name, f"SELECT * FROM (VALUES {values}) AS v(id, amount, day)")
+
+    load(
+        con,
+        kind,
+        [day_rows("d1", "(1, 10, '2024-05-01'), (2, 20, '2024-05-01')")],
+        partition_value="2024-05-01",
+    )
+    load(con, kind, [day_rows("d2", "(3, 30, '2024-05-02')")], partition_value="2024-05-02")
+    result = load(
+        con, kind, [day_rows("d1b", "(2, 21, '2024-05-01')")], partition_value="2024-05-01"
+    )
+    assert (result.rows_updated, result.rows_deleted, result.table_rows) == (1, 1, 2)
+    assert table(con, "SELECT id, amount, day FROM shop.orders") == [
+        (2, 21, "2024-05-01"),
+        (3, 30, "2024-05-02"),
+    ]
+    stray = day_rows("bad", "(9, 90, '2024-05-03')")
+    con.execute("BEGIN")
+    with pytest.raises(IntegrityError):
+        load_parquet(con, kind, [stray], partition_value="2024-05-01")
+    con.execute("ROLLBACK")
+    assert len(table(con)) == 2
+
+
+def test_caller_rollback_undoes_everything(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    load(con, KIND, [parquet(tmp_path, "a", rows("(1, 10)"))])
+    con.execute("BEGIN")
+    result = load_parquet(con, KIND, [parquet(tmp_path, "b", rows("(1, 99), (2, 20)"))])
+    assert result.table_rows == 2
+    # Still inside our transaction: if load_parquet had committed, this would raise.
+    con.execute("ROLLBACK")
+    assert table(con) == [(1, 10)]
+    con.close()
+    reopened = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
+    assert reopened.execute("SELECT id, amount FROM shop.orders").fetchall() == [(1, 10)]
+    reopened.close()
+
+
+def test_rollback_also_undoes_table_creation(
+    con: duckdb.DuckDBPyConnection, tmp_path: Path
+) -> None:
+    con.execute("BEGIN")
+    load_parquet(con, KIND, [parquet(tmp_path, "a", rows("(1, 10)"))])
+    con.execute("ROLLBACK")
+    assert con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'orders'"
+    ).fetchone() == (0,)
+
+
+def test_views(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    kind = replace(KIND, views={"big_orders": "SELECT id FROM shop.orders WHERE amount > 15"})
+    load(con, kind, [parquet(tmp_path, "a", rows("(1, 10), (2, 20)"))])
+    ensure_views(con, kind)
+    assert con.execute("SELECT * FROM shop.big_orders").fetchall() == [(2,)]
