@@ -11,9 +11,9 @@ the export is a snapshot taken when it completes and includes every location who
 ``last_updated`` is after ``modifiedSince``.
 
 Simulator-only choices (documented here, not in the API): PENDING for the first half of
-``ready_after_seconds`` and PROCESSING for the second half; the export is written the first
-time its status is asked for after that; every COMPLETED status answer carries a freshly signed
-link valid for ``link_ttl_seconds`` (capped by the export's own expiry).
+``ready_after_seconds`` (or ``processing_after_seconds``), then PROCESSING; the export is
+written the first time its status is asked for after that; every COMPLETED status answer
+carries a freshly signed link valid for ``link_ttl_seconds`` (capped by the export's own expiry).
 """
 
 from __future__ import annotations
@@ -258,7 +258,8 @@ class State:
     """The operator's data and the switches tests flip; every method is thread-safe.
 
     Switches (plain attributes, set them directly):
-      ready_after_seconds, processing_status, rate_limit_next, retry_after_seconds,
+      ready_after_seconds, processing_after_seconds, processing_status, rate_limit_next,
+      retry_after_seconds,
       fail_next_export, reject_next_request, max_export_rows, link_ttl_seconds,
       expire_exports_after_seconds, truncate_next_download, download_base_url.
     Counters: calls (list of (method, path)), call_counts (Counter of paths' route names),
@@ -281,6 +282,8 @@ class State:
         self.token = token
         self.ready_after_seconds = ready_after_seconds
         self.processing_status = "PROCESSING"  # word used between PENDING and COMPLETED
+        # PENDING -> PROCESSING after this long (None: half of ready_after_seconds).
+        self.processing_after_seconds: float | None = None
         self.rate_limit_next = 0
         self.retry_after_seconds = retry_after_seconds
         self.fail_next_export: tuple[str, str] | None = None
@@ -533,7 +536,10 @@ class State:
             raise KeyError(export_id)
         if export.completed_at is None:
             elapsed = time.monotonic() - export.requested_at
-            if elapsed < self.ready_after_seconds / 2:
+            processing_after = self.processing_after_seconds
+            if processing_after is None:
+                processing_after = self.ready_after_seconds / 2
+            if elapsed < processing_after:
                 return "PENDING"
             if elapsed < self.ready_after_seconds:
                 return self.processing_status
