@@ -8,8 +8,9 @@ offers no hook to see the requests. We serve the very same app
 * records every request's method, path, query and headers, so a test can prove that no
   ``Authorization`` header reached S3 during a presigned download (observed at the server, not
   inferred from the client);
-* enforces the two rules of real S3 that moto leaves out and that our download path depends on:
-  a presigned URL stops working after ``X-Amz-Expires`` (403 ``AccessDenied``,
+* enforces the rules of real S3 about presigned URLs that moto leaves out and that our download
+  path depends on: the SigV4 query signature must match (403 ``SignatureDoesNotMatch`` for a
+  tampered URL), the URL stops working after ``X-Amz-Expires`` (403 ``AccessDenied``,
   "Request has expired"), and a request may carry only one auth mechanism (400
   ``InvalidArgument`` when a presigned URL also gets an ``Authorization`` header).
 
@@ -19,13 +20,15 @@ buckets. Use distinct bucket names per test when that matters.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 from export_pipeline.sandbox.server import free_port
 
@@ -91,12 +94,82 @@ def presigned_expiry_problem(query: dict[str, list[str]], now: float) -> str | N
     return None
 
 
+def _sigv4_key(secret: str, date: str, region: str, service: str) -> bytes:
+    key = f"AWS4{secret}".encode()
+    for part in (date, region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return key
+
+
+def presigned_signature_problem(
+    method: str,
+    raw_path: str,
+    query: dict[str, list[str]],
+    headers: dict[str, str],
+    secrets: dict[str, str],
+) -> tuple[str, str] | None:
+    """``(code, message)`` when a SigV4 presigned request is not signed by a known key.
+
+    The canonical request of SigV4 query auth (AWS docs, "Authenticating Requests: Using
+    Query Parameters"): method, URI as sent, sorted encoded query without the signature, the
+    signed headers, ``UNSIGNED-PAYLOAD``. moto serves presigned URLs without checking them; we
+    check so a tampered or foreign URL fails as it would on S3.
+    """
+    try:
+        credential = query["X-Amz-Credential"][0]
+        access_key, date, region, service, _ = credential.split("/")
+        amz_date = query["X-Amz-Date"][0]
+        signed_headers = query["X-Amz-SignedHeaders"][0]
+        signature = query["X-Amz-Signature"][0]
+    except (KeyError, ValueError):
+        return "AuthorizationQueryParametersError", "malformed presigned query"
+    secret = secrets.get(access_key)
+    if secret is None:
+        return "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist"
+    canonical_query = "&".join(
+        f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}"
+        for k, values in sorted(query.items())
+        if k != "X-Amz-Signature"
+        for v in sorted(values)
+    )
+    names = signed_headers.split(";")
+    canonical_headers = "".join(f"{name}:{headers.get(name, '').strip()}\n" for name in names)
+    canonical_request = "\n".join(
+        (method, raw_path, canonical_query, canonical_headers, signed_headers, "UNSIGNED-PAYLOAD")
+    )
+    scope = f"{date}/{region}/{service}/aws4_request"
+    string_to_sign = "\n".join(
+        (
+            "AWS4-HMAC-SHA256",
+            amz_date,
+            scope,
+            hashlib.sha256(canonical_request.encode()).hexdigest(),
+        )
+    )
+    expected = hmac.new(
+        _sigv4_key(secret, date, region, service), string_to_sign.encode(), hashlib.sha256
+    ).hexdigest()
+    if not hmac.compare_digest(expected, signature):
+        return (
+            "SignatureDoesNotMatch",
+            "The request signature we calculated does not match the signature you provided",
+        )
+    return None
+
+
 class RecordingS3Middleware:
     """WSGI wrapper: record each request, then apply real S3's presign rules, then moto."""
 
-    def __init__(self, app: WsgiApp, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        app: WsgiApp,
+        clock: Callable[[], float] = time.time,
+        secrets: dict[str, str] | None = None,
+    ) -> None:
         self.app = app
         self.clock = clock
+        # access key -> secret, to check SigV4 presigned signatures like S3 does.
+        self.secrets = dict(secrets or {DUMMY_ACCESS_KEY: DUMMY_SECRET_KEY})
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
 
@@ -138,6 +211,14 @@ class RecordingS3Middleware:
                 "Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter, "
                 "Signature query string parameter or the Authorization header should be specified",
             )
+        if "X-Amz-Signature" in query:
+            raw_uri = environ.get("RAW_URI") or environ.get("REQUEST_URI") or ""
+            raw_path = raw_uri.split("?", 1)[0] or quote(environ.get("PATH_INFO", ""))
+            wrong = presigned_signature_problem(
+                environ.get("REQUEST_METHOD", ""), raw_path, query, headers, self.secrets
+            )
+            if wrong is not None:
+                return _s3_error(start_response, "403 Forbidden", *wrong)
         problem = presigned_expiry_problem(query, self.clock())
         if problem is not None:
             return _s3_error(start_response, "403 Forbidden", "AccessDenied", problem)

@@ -360,3 +360,18 @@ def test_kinds_are_windowed_merges_per_direction() -> None:
         assert kind.incremental.value == "window" and kind.load_mode.value == "merge"
     assert "inbound_endpoint_id" in (kinds["inbound_messages"].columns or {})
     assert "endpoint_id" in (kinds["outbound_messages"].columns or {})
+
+
+def test_presigned_url_is_bound_to_its_object(deliveries_sandbox: DeliveriesSandbox) -> None:
+    """The S3 leg is really signed: pointing one export's URL at another object is refused."""
+    sandbox = deliveries_sandbox
+    kind = sandbox.provider.kind("outbound_messages")
+    first = export_ready(sandbox, kind, window(DAY, DAY + timedelta(hours=6)))
+    second = export_ready(sandbox, kind, window(DAY, DAY + timedelta(hours=12)))
+    key = {"Authorization": f"Bearer {sandbox.state.token}"}
+    location = httpx.get(first.files[0].url, headers=key).headers["location"]
+    forged = location.replace(first.export_id, second.export_id)
+    assert forged != location
+    answer = httpx.get(forged)
+    assert answer.status_code == 403 and "SignatureDoesNotMatch" in answer.text
+    assert httpx.get(location).status_code == 200
