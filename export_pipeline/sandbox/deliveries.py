@@ -222,6 +222,9 @@ class State:
 
     def _make_message(self, created_at: datetime, direction: str) -> dict[str, Any]:
         rng = self._rng
+        # The API stamps milliseconds: keep exactly what the CSV will say, so the window
+        # filter and the file never disagree by a sub-millisecond.
+        created_at = created_at.replace(microsecond=created_at.microsecond // 1000 * 1000)
         status = rng.choices(MESSAGE_STATUSES, weights=(85, 10, 5))[0]
         attempts = 1 if status == "delivered" and rng.random() < 0.8 else rng.randint(1, 8)
         last_attempt = created_at + timedelta(seconds=rng.randint(0, 600) * (attempts - 1))
