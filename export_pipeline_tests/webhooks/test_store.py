@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import export_pipeline
 from export_pipeline.webhooks.store import EventStore
 
 
@@ -49,11 +51,13 @@ def test_mark_consumed_hides_events_and_keeps_them(store: EventStore) -> None:
     first, second, _third = store.pending()
 
     store.mark_consumed([first.seq, second.seq, 999_999])
-    store.mark_consumed([first.seq])  # idempotent
+    first_stamp = store.get(first.seq).consumed_at  # type: ignore[union-attr]
+    store.mark_consumed([first.seq])  # idempotent: the first consumption time is kept
 
     assert [e.event_id for e in store.pending()] == ["e2"]
     consumed = store.get(first.seq)
     assert consumed is not None and consumed.consumed_at is not None
+    assert consumed.consumed_at == first_stamp
     # A consumed event is still a duplicate: a late redelivery is not a new event.
     assert record(store, "e0") is False
 
@@ -119,8 +123,13 @@ def test_another_process_sees_recorded_events(store: EventStore, store_path: Pat
         "print(','.join(e.event_id for e in s.pending()))"
     )
 
+    root = Path(export_pipeline.__file__).resolve().parent.parent
     out = subprocess.run(
-        [sys.executable, "-c", script, str(store_path)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", script, str(store_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
     )
 
     assert out.stdout.strip() == "from-parent,from-child"
