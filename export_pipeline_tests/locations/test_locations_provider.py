@@ -70,7 +70,7 @@ def test_export_goes_pending_to_ready_and_its_file_holds_total_count_rows(
     locations_sandbox: LocationsSandbox,
 ) -> None:
     sb = locations_sandbox
-    sb.state.ready_after_seconds = 0.3
+    sb.state.ready_after_seconds = 1.0  # PENDING 0.5 s, then PROCESSING 0.5 s: visible to polls
     before = datetime.now(UTC).replace(microsecond=0)
     created = sb.provider.request_export(LOCATIONS, ExportRequest())
     assert created.state is ExportState.PENDING
@@ -159,6 +159,7 @@ def test_modified_since_returns_exactly_the_locations_changed_after_the_cursor(
     assert full.provider_timestamp is not None
 
     sb.state.mutate(updated=4, added=3)
+    mutated_at = datetime.now(UTC)
     delta_id, delta = _export(sb, modified_since=full.provider_timestamp, format="csv")
     assert sb.state.requests_by_id[delta_id] == full.provider_timestamp
     assert sb.state.requests_by_id[full_id] is None
@@ -174,10 +175,16 @@ def test_modified_since_returns_exactly_the_locations_changed_after_the_cursor(
         assert json.loads(row["evses"]) != before["evses"], "an EVSE status changed"
         assert row["last_updated"] > before["last_updated"]
 
-    # The next cursor: nothing changed since, so the next export is empty.
-    _empty_id, empty = _export(sb, modified_since=delta.provider_timestamp)
-    assert empty.expected_rows == 0
-    assert json.loads(sb.download(empty).content) == []
+    # The next cursor: exportTimestamp has whole seconds, so only locations changed in the
+    # second the previous export was made can come again (MERGE absorbs them); none if that
+    # second is after the change.
+    _, again = _export(sb, modified_since=delta.provider_timestamp)
+    again_ids = {r["id"] for r in json.loads(sb.download(again).content)}
+    assert again.expected_rows == len(again_ids)
+    assert again_ids <= {r["id"] for r in rows}
+    assert delta.provider_timestamp is not None
+    if delta.provider_timestamp > mutated_at:
+        assert again_ids == set()
 
 
 # ------------------------------------------------------------------------- rate limits
