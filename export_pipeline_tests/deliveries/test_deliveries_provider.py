@@ -213,13 +213,15 @@ def test_s3_refuses_a_presigned_url_that_also_carries_the_key(
 
 def test_expired_presigned_url_is_refused_by_s3(deliveries_sandbox: DeliveriesSandbox) -> None:
     sandbox = deliveries_sandbox
-    sandbox.state.presign_ttl_seconds = 1
+    # X-Amz-Date has whole seconds, so a URL lives between ttl-1 and ttl seconds: 3 s leaves
+    # room for the "still fresh" control below on a slow machine.
+    sandbox.state.presign_ttl_seconds = 3
     kind = sandbox.provider.kind("outbound_messages")
     status = export_ready(sandbox, kind, window(DAY, DAY + timedelta(days=1)))
     key = {"Authorization": f"Bearer {sandbox.state.token}"}
     location = httpx.get(status.files[0].url, headers=key).headers["location"]
     assert httpx.get(location).status_code == 200  # fresh: works
-    time.sleep(2.2)  # X-Amz-Date has whole seconds: wait past ttl + rounding
+    time.sleep(3.2)
     expired = httpx.get(location)
     assert expired.status_code == 403
     assert "AccessDenied" in expired.text and "expired" in expired.text
