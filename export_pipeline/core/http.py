@@ -143,7 +143,11 @@ class ApiClient:
 
     @property
     def host(self) -> str:
-        return httpx.URL(self.base_url).host
+        """``host[:port]`` of the API: credentials go to exactly this origin and nowhere else."""
+        url = httpx.URL(self.base_url)
+        # An explicit port even for defaults: a bare host would match every port of it.
+        port = url.port or {"http": 80, "https": 443}.get(url.scheme)
+        return f"{url.host}:{port}" if port else url.host
 
     def request(
         self,

@@ -12,6 +12,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
+
 class ExportState(StrEnum):
     """One state machine for every provider; each provider maps its own words onto it."""
 
@@ -133,7 +134,9 @@ class ExportRequest:
 
     modified_since: datetime | None = None  # also the window start for WINDOW kinds
     window_end: datetime | None = None
-    params: Mapping[str, Any] = field(default_factory=dict, hash=False)  # e.g. {"format": "csv"} or {"mapping_job_id": "..."}
+    params: Mapping[str, Any] = field(
+        default_factory=dict, hash=False
+    )  # e.g. {"format": "csv"} or {"mapping_job_id": "..."}
     partition: str | None = None
 
 
@@ -150,4 +153,6 @@ class ExportStatus:
     error_code: str | None = None
     error_message: str | None = None
     provider_status: str | None = None  # the provider's own word, for humans
-    detail: Mapping[str, Any] = field(default_factory=dict, hash=False)  # extra JSON-safe fields (Scope, sizes)
+    detail: Mapping[str, Any] = field(
+        default_factory=dict, hash=False
+    )  # extra JSON-safe fields (Scope, sizes)

@@ -208,18 +208,6 @@ class DeliveriesProvider(ExportProvider):
             )
         )
 
-    @property
-    def api_host(self) -> str:
-        """``host:port`` of the API, not just the host.
-
-        Why: ``core/transfer.py`` treats a bare host as "any port of that host". With the API
-        and S3 on the same host (loopback sandbox, or a gateway fronting both) the Bearer key
-        would follow the 302 to S3, which refuses two auth mechanisms and must never see it.
-        """
-        url = httpx.URL(self.api.base_url)
-        port = url.port or {"http": 80, "https": 443}.get(url.scheme)
-        return f"{url.host}:{port}" if port else url.host
-
     # -- calls ------------------------------------------------------------------------------
 
     def request_export(self, kind: ExportKind, request: ExportRequest) -> ExportStatus:

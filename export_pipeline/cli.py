@@ -1,0 +1,174 @@
+"""``export-pipeline``: the demo, the sandbox, the webhook receiver and ``dev`` (sandbox + UI)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from export_pipeline.defs.resources import SANDBOX_PORTS
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from export_pipeline.core.ledger import Ledger, Warehouse
+    from export_pipeline.definitions import build_defs, default_resources
+    from export_pipeline.defs.resources import SyncSettingsResource, WarehouseResource
+    from export_pipeline.sandbox.bundle import start_sandbox
+
+    data_dir = Path(args.data_dir)
+    warehouse_path = data_dir / "warehouse.duckdb"
+    if not args.keep and data_dir.exists():
+        # The sandbox starts from scratch each time, so the demo's warehouse does too.
+        for name in ("warehouse.duckdb", "warehouse.duckdb.wal", "raw", "parquet"):
+            target = data_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    print(f"starting the sandbox providers on loopback ({args.rows} locations)...", flush=True)
+    with start_sandbox(n_locations=args.rows) as sandbox:
+        os.environ.update(sandbox.env())
+        resources = default_resources()
+        resources["warehouse"] = WarehouseResource(path=str(warehouse_path), data_dir=str(data_dir))
+        resources["sync_settings"] = SyncSettingsResource(poll_initial_seconds=0.25)
+        defs = build_defs(resources)
+        job = defs.resolve_job_def("locations_sync")
+        instance = dg.DagsterInstance.ephemeral()
+        ledger = Ledger(Warehouse(warehouse_path))
+        summary = []
+        for step in ("full", "incremental"):
+            if step == "incremental":
+                sandbox.locations.mutate(updated=args.changes, added=args.changes // 2)
+                print(
+                    f"sandbox changed: {args.changes} locations updated, {args.changes // 2} added",
+                    flush=True,
+                )
+            t0 = time.perf_counter()
+            result = job.execute_in_process(instance=instance, raise_on_error=False)
+            seconds = time.perf_counter() - t0
+            if not result.success:
+                for event in result.all_events:
+                    if event.is_failure:
+                        print(event.message, file=sys.stderr)
+                print(f"{step} sync FAILED", file=sys.stderr)
+                return 1
+            record = ledger.last_loaded("locations", "locations")
+            assert record is not None
+            summary.append(
+                {
+                    "sync": step,
+                    "export_id": record.export_id,
+                    "modified_since": record.modified_since.isoformat()
+                    if record.modified_since
+                    else None,
+                    "files": record.raw_uri,
+                    "rows": record.rows_loaded,
+                    "seconds": round(seconds, 2),
+                }
+            )
+            print(
+                f"{step:<12} export {record.export_id}  rows {record.rows_loaded:>7}  "
+                f"{seconds:6.2f}s  since {summary[-1]['modified_since'] or '(full)'}",
+                flush=True,
+            )
+        with Warehouse(warehouse_path).connect() as con:
+            counts = {
+                name: con.execute(f"SELECT count(*) FROM locations.{name}").fetchone()[0]
+                for name in ("locations", "evses", "connectors")
+            }
+            cursor = ledger.cursor("locations", "locations")
+    print(
+        f"warehouse {warehouse_path}: locations.locations={counts['locations']} rows, "
+        f"locations.evses={counts['evses']}, locations.connectors={counts['connectors']}; "
+        f"cursor={cursor.isoformat() if cursor else None}"
+    )
+    print(json.dumps({"syncs": summary, "tables": counts}))
+    return 0
+
+
+def _sandbox(args: argparse.Namespace) -> int:
+    from export_pipeline.sandbox.bundle import start_sandbox
+
+    ports = dict(SANDBOX_PORTS) if args.fixed_ports else {}
+    with start_sandbox(ports, n_locations=args.rows) as sandbox:
+        print("sandbox providers are up; export these to point the project at them:")
+        for key, value in sandbox.env().items():
+            print(f"export {key}={value}")
+        sys.stdout.flush()
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    """The sandbox plus ``dagster dev`` in one command, wired together by environment."""
+    from export_pipeline.sandbox.bundle import start_sandbox
+
+    with start_sandbox(n_locations=args.rows) as sandbox:
+        env = {**os.environ, **sandbox.env()}
+        cmd = [sys.executable, "-m", "dagster", "dev", "-w", "workspace.yaml", "-p", str(args.port)]
+        print("sandbox up; starting:", " ".join(cmd), flush=True)
+        return subprocess.call(cmd, env=env)
+
+
+def _webhooks(args: argparse.Namespace) -> int:
+    from export_pipeline.webhooks.serve import serve
+
+    serve(host=args.host, port=args.port, store_path=Path(args.store))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="export-pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="full then incremental locations sync against the sandbox")
+    demo.add_argument("--data-dir", default="data")
+    demo.add_argument("--rows", type=int, default=2000, help="locations in the sandbox")
+    demo.add_argument("--changes", type=int, default=100, help="locations updated between syncs")
+    demo.add_argument("--keep", action="store_true", help="do not reset the demo warehouse")
+    demo.set_defaults(func=_demo)
+
+    sandbox = sub.add_parser("sandbox", help="the bundled provider simulators")
+    sandbox_sub = sandbox.add_subparsers(dest="sandbox_command", required=True)
+    serve = sandbox_sub.add_parser("serve", help="run every simulator until interrupted")
+    serve.add_argument("--rows", type=int, default=2000)
+    serve.add_argument(
+        "--random-ports",
+        dest="fixed_ports",
+        action="store_false",
+        help=f"use free ports instead of {SANDBOX_PORTS}",
+    )
+    serve.set_defaults(func=_sandbox)
+
+    dev = sub.add_parser("dev", help="sandbox + `dagster dev` (the UI) wired together")
+    dev.add_argument("--port", type=int, default=3000)
+    dev.add_argument("--rows", type=int, default=2000)
+    dev.set_defaults(func=_dev)
+
+    webhooks = sub.add_parser("webhooks", help="the push receiver for export events")
+    webhooks_sub = webhooks.add_subparsers(dest="webhooks_command", required=True)
+    wserve = webhooks_sub.add_parser("serve", help="serve POST .../exports/events")
+    wserve.add_argument("--host", default="127.0.0.1")
+    wserve.add_argument("--port", type=int, default=8787)
+    wserve.add_argument("--store", default="data/webhook_events.sqlite3")
+    wserve.set_defaults(func=_webhooks)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,445 @@
+"""request -> track -> fetch -> normalise -> load, for any provider. No Dagster here.
+
+:class:`ExportRunner` is what the Dagster assets, sensors and the demo call. Every step writes
+the ledger, so a crash at any point leaves a record that the next run or sensor tick adopts.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from export_pipeline.core.errors import (
+    ExportExpiredError,
+    ExportFailedError,
+    ExportInFlightError,
+    ExportLostError,
+    ExportNotReadyError,
+    ExportPipelineError,
+    ExportTimeoutError,
+    IntegrityError,
+    LinkExpiredError,
+)
+from export_pipeline.core.http import RetryPolicy
+from export_pipeline.core.ledger import ExportRecord, Ledger
+from export_pipeline.core.load import LoadResult, ensure_views, load_parquet
+from export_pipeline.core.model import ExportKind, ExportRequest, ExportState, ExportStatus
+from export_pipeline.core.normalise import detect_format, to_parquet
+from export_pipeline.core.storage import Storage
+from export_pipeline.core.transfer import DownloadedFile, download_files
+from export_pipeline.core.windows import next_cursor
+from export_pipeline.providers.base import ExportProvider
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    poll_initial_seconds: float = 1.0
+    poll_max_seconds: float = 30.0
+    wait_timeout_seconds: float = 900.0
+    download_concurrency: int = 4
+    # How often a dead signed link is replaced by asking the provider again.
+    link_refreshes: int = 2
+    # How often a truly expired export is requested anew (same window) within one sync.
+    re_requests_on_expiry: int = 1
+    # Fail before committing when the rows read differ from the provider's announced count.
+    verify_row_count: bool = True
+    duckdb_memory_limit: str = "1GB"
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    provider: str
+    kind: str
+    export_id: str
+    partition_key: str
+    skipped: bool  # True when the export had already been loaded (idempotent re-run)
+    rows: int = 0
+    bytes_downloaded: int = 0
+    files: tuple[str, ...] = ()
+    formats: tuple[str, ...] = ()
+    parquet_paths: tuple[Path, ...] = ()
+    columns: tuple[tuple[str, str], ...] = ()
+    seconds: float = 0.0
+    expected_rows: int | None = None
+    cursor: datetime | None = None
+    load: LoadResult | None = None
+    raw_uri: str | None = None
+    parquet_uri: str | None = None
+    adopted: bool = False
+    requested: ExportRequest | None = None
+
+
+class ExportRunner:
+    """Drives one provider's exports through the pipeline, recording each step in the ledger."""
+
+    def __init__(
+        self,
+        provider: ExportProvider,
+        ledger: Ledger,
+        storage: Storage,
+        settings: IngestSettings | None = None,
+        *,
+        logger: logging.Logger | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.provider = provider
+        self.ledger = ledger
+        self.storage = storage
+        self.settings = settings or IngestSettings()
+        self.log = logger or log
+        self._sleep = sleep
+
+    @property
+    def name(self) -> str:
+        return self.provider.name
+
+    # -- request / track ---------------------------------------------------------------
+
+    def start(
+        self, kind: ExportKind, request: ExportRequest, *, source: str = "run", adopt: bool = True
+    ) -> tuple[ExportRecord, bool]:
+        """Request an export, or adopt one of the same kind that is still open in the ledger.
+
+        Returns the ledger record and whether it was adopted. Adopting is what lets a restarted
+        run or sensor carry on with an export instead of asking (and paying) again.
+        """
+        if adopt:
+            open_ = self.ledger.open_exports(
+                self.name, kind=kind.name, partition_key=request.partition or ""
+            )
+            if open_:
+                record = open_[-1]
+                self.log.info(
+                    "adopting open %s export %s (state %s) instead of requesting a new one",
+                    kind.key,
+                    record.export_id,
+                    record.state,
+                )
+                return record, True
+        try:
+            status = self.provider.request_export(kind, request)
+        except ExportInFlightError as exc:
+            raise ExportInFlightError(
+                f"{kind.key}: the provider is already producing an export of this kind that "
+                "this pipeline did not start (another client?)",
+                provider=self.name,
+                kind=kind.name,
+                hint="it will be retried later; nothing was changed",
+            ) from exc
+        record = self.ledger.record_request(kind, request, status, source=source)
+        self.log.info("requested %s export %s (%s)", kind.key, record.export_id, status.state)
+        return record, False
+
+    def refresh(self, export_ids: Sequence[str]) -> dict[str, ExportStatus]:
+        """Ask the provider about many exports (batched by the provider) and record the answers."""
+        if not export_ids:
+            return {}
+        statuses = self.provider.get_statuses(list(export_ids))
+        self.ledger.apply_statuses(self.name, list(statuses.values()))
+        return statuses
+
+    def status(self, export_id: str) -> ExportStatus:
+        status = self.refresh([export_id]).get(export_id)
+        if status is None:
+            status = ExportStatus(export_id=export_id, state=ExportState.LOST)
+            self.ledger.apply_status(self.name, status)
+        return status
+
+    def wait_until_ready(
+        self, kind: ExportKind, export_id: str, *, timeout: float | None = None
+    ) -> ExportStatus:
+        """Poll with growing pauses until the export is READY; raise on a terminal state."""
+        timeout = self.settings.wait_timeout_seconds if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        delay = self.settings.poll_initial_seconds
+        while True:
+            status = self.status(export_id)
+            if status.state is ExportState.READY:
+                return status
+            self._raise_for_terminal(kind, status)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ExportTimeoutError(
+                    f"export still {status.state} after waiting {timeout:.0f}s",
+                    provider=self.name,
+                    kind=kind.name,
+                    export_id=export_id,
+                    hint="it stays in the ledger; the sensor ingests it once it is ready",
+                )
+            self._sleep(min(delay, remaining))
+            delay = min(delay * 1.5, self.settings.poll_max_seconds)
+
+    def _raise_for_terminal(self, kind: ExportKind, status: ExportStatus) -> None:
+        common = {"provider": self.name, "kind": kind.name, "export_id": status.export_id}
+        if status.state is ExportState.FAILED:
+            raise ExportFailedError(
+                f"the provider failed the export: {status.error_message or 'no message'}",
+                code=status.error_code,
+                hint="see the provider's message; request a new export once it is fixed",
+                **common,
+            )
+        if status.state is ExportState.EXPIRED:
+            raise ExportExpiredError(
+                "the export expired before it was loaded",
+                hint="request the same export again",
+                **common,
+            )
+        if status.state is ExportState.LOST:
+            raise ExportLostError(
+                "the provider does not know this export id",
+                hint="request the same export again",
+                **common,
+            )
+
+    # -- fetch / normalise / load ------------------------------------------------------
+
+    def ingest(
+        self,
+        kind: ExportKind,
+        export_id: str,
+        *,
+        partition_key: str = "",
+        source: str = "run",
+    ) -> IngestResult:
+        """Load one export. Confirms the status with the provider first (a webhook or a sensor
+        saw it READY, but only the provider's current answer counts) and is idempotent: an
+        export already LOADED is skipped, also when a concurrent run loaded it meanwhile."""
+        t0 = time.perf_counter()
+        record = self.ledger.get(self.name, export_id)
+        if record is None:
+            # An id we did not request (config, webhook, another client): adopt it.
+            status = self.status_unrecorded(export_id)
+            record = self.ledger.record_request(
+                kind, ExportRequest(partition=partition_key or None), status, source=source
+            )
+        if record.kind != kind.name:
+            raise ExportPipelineError(
+                f"export belongs to {record.provider}/{record.kind}, not {kind.key}",
+                provider=self.name,
+                kind=kind.name,
+                export_id=export_id,
+            )
+        if record.state is ExportState.LOADED:
+            return self._skipped(kind, record)
+        try:
+            return self._ingest(kind, record, t0)
+        except ExportPipelineError as exc:
+            self._note_failure(exc, export_id)
+            raise
+        except Exception as exc:
+            self.ledger.record_error(
+                self.name, export_id, code=type(exc).__name__, message=str(exc)
+            )
+            raise
+
+    def status_unrecorded(self, export_id: str) -> ExportStatus:
+        statuses = self.provider.get_statuses([export_id])
+        return statuses.get(export_id) or ExportStatus(export_id=export_id, state=ExportState.LOST)
+
+    def _note_failure(self, exc: ExportPipelineError, export_id: str) -> None:
+        state = {
+            ExportFailedError: ExportState.FAILED,
+            ExportExpiredError: ExportState.EXPIRED,
+            ExportLostError: ExportState.LOST,
+        }.get(type(exc))
+        self.ledger.record_error(
+            self.name, export_id, code=exc.code or type(exc).__name__, message=str(exc), state=state
+        )
+
+    def _skipped(self, kind: ExportKind, record: ExportRecord) -> IngestResult:
+        self.log.info("%s export %s is already loaded; nothing to do", kind.key, record.export_id)
+        return IngestResult(
+            provider=self.name,
+            kind=kind.name,
+            export_id=record.export_id,
+            partition_key=record.partition_key,
+            skipped=True,
+            rows=record.rows_loaded or 0,
+            expected_rows=record.expected_rows,
+            raw_uri=record.raw_uri,
+            parquet_uri=record.parquet_uri,
+        )
+
+    def _ingest(self, kind: ExportKind, record: ExportRecord, t0: float) -> IngestResult:
+        export_id = record.export_id
+        status = self.status(export_id)
+        if status.state in (ExportState.PENDING, ExportState.PROCESSING):
+            raise ExportNotReadyError(
+                f"export is {status.state}, not ready to download",
+                provider=self.name,
+                kind=kind.name,
+                export_id=export_id,
+                hint="wait for it (the sensor launches the ingest when it is ready)",
+            )
+        self._raise_for_terminal(kind, status)
+
+        raw_dir = self.storage.local_dir("raw", kind, export_id)
+        parquet_dir = self.storage.local_dir("parquet", kind, export_id)
+        for stale in (raw_dir, parquet_dir):  # leftovers of an earlier failed attempt
+            shutil.rmtree(stale, ignore_errors=True)
+            stale.mkdir(parents=True, exist_ok=True)
+
+        downloaded, status = self._download(kind, status, raw_dir)
+        loaded_at = datetime.now(UTC)
+        normalised = to_parquet(
+            [f.path for f in downloaded],
+            parquet_dir,
+            kind=kind,
+            export_id=export_id,
+            loaded_at=loaded_at,
+            memory_limit=self.settings.duckdb_memory_limit,
+        )
+        if (
+            self.settings.verify_row_count
+            and status.expected_rows is not None
+            and normalised.rows != status.expected_rows
+        ):
+            raise IntegrityError(
+                f"read {normalised.rows} rows but the provider announced {status.expected_rows}",
+                provider=self.name,
+                kind=kind.name,
+                export_id=export_id,
+                hint="the export is incomplete or the provider miscounted; nothing was loaded",
+            )
+        raw_uri = self.storage.publish("raw", kind, export_id, raw_dir)
+        parquet_uri = self.storage.publish("parquet", kind, export_id, parquet_dir)
+        cursor = next_cursor(kind, record.request, status.provider_timestamp)
+        files = [
+            {
+                "name": f.name,
+                "announced_bytes": remote.size_bytes,
+                "size_bytes": f.size_bytes,
+                "sha256": f.sha256,
+            }
+            for f, remote in zip(downloaded, status.files, strict=True)
+        ]
+        with self.ledger.warehouse.transaction() as con:
+            if self.ledger.is_loaded(con, self.name, export_id):
+                # Another run (a webhook-triggered one, say) committed it while we downloaded.
+                return self._skipped(kind, record)
+            load = load_parquet(
+                con,
+                kind,
+                normalised.parquet_paths,
+                partition_value=record.partition_key or None,
+            )
+            ensure_views(con, kind)
+            self.ledger.mark_loaded(
+                con,
+                kind,
+                export_id,
+                rows=normalised.rows,
+                bytes_downloaded=sum(f.size_bytes for f in downloaded),
+                raw_uri=raw_uri,
+                parquet_uri=parquet_uri,
+                files=files,
+                cursor_value=cursor,
+                partition_key=record.partition_key,
+            )
+        return IngestResult(
+            provider=self.name,
+            kind=kind.name,
+            export_id=export_id,
+            partition_key=record.partition_key,
+            skipped=False,
+            rows=normalised.rows,
+            bytes_downloaded=sum(f.size_bytes for f in downloaded),
+            files=tuple(f.name for f in downloaded),
+            formats=tuple(
+                sorted({_format_label(detect_format(f.path, f.content_type)) for f in downloaded})
+            ),
+            parquet_paths=tuple(normalised.parquet_paths),
+            columns=tuple(normalised.columns),
+            seconds=time.perf_counter() - t0,
+            expected_rows=status.expected_rows,
+            cursor=cursor,
+            load=load,
+            raw_uri=raw_uri,
+            parquet_uri=parquet_uri,
+            requested=record.request,
+        )
+
+    def _download(
+        self, kind: ExportKind, status: ExportStatus, raw_dir: Path
+    ) -> tuple[list[DownloadedFile], ExportStatus]:
+        """Download every file; a dead signed link is replaced by asking for the status again."""
+        for attempt in range(self.settings.link_refreshes + 1):
+            headers = (
+                self.provider.api.auth_headers if any(f.authenticated for f in status.files) else {}
+            )
+            try:
+                files = download_files(
+                    list(status.files),
+                    raw_dir,
+                    provider=self.name,
+                    export_id=status.export_id,
+                    headers=headers,
+                    api_host=self.provider.api_host,
+                    policy=self.settings.retry,
+                    classify=getattr(self.provider, "classify_download_error", None),
+                    max_concurrency=self.settings.download_concurrency,
+                )
+                return files, status
+            except LinkExpiredError:
+                if attempt == self.settings.link_refreshes:
+                    raise
+                self.log.warning(
+                    "%s export %s: download link expired; asking the provider for a fresh one",
+                    kind.key,
+                    status.export_id,
+                )
+                status = self.status(status.export_id)
+                self._raise_for_terminal(kind, status)
+        raise AssertionError("unreachable")
+
+    # -- the whole dance ------------------------------------------------------------------
+
+    def sync(
+        self,
+        kind: ExportKind,
+        request: ExportRequest,
+        *,
+        source: str = "run",
+        timeout: float | None = None,
+        adopt: bool = True,
+    ) -> IngestResult:
+        """Request (or adopt), wait, ingest. An expired export is requested once more."""
+        record, adopted = self.start(kind, request, source=source, adopt=adopt)
+        for attempt in range(self.settings.re_requests_on_expiry + 1):
+            try:
+                self.wait_until_ready(kind, record.export_id, timeout=timeout)
+                result = self.ingest(
+                    kind, record.export_id, partition_key=record.partition_key, source=source
+                )
+                return replace(result, adopted=adopted)
+            except (ExportExpiredError, ExportLostError) as exc:
+                if attempt == self.settings.re_requests_on_expiry:
+                    raise
+                self.log.warning("%s; requesting the same export again", exc)
+                old_id = record.export_id
+                status = self.provider.request_export(kind, record.request)
+                record = self.ledger.record_request(kind, record.request, status, source=source)
+                self.ledger.record_error(
+                    self.name,
+                    old_id,
+                    code=exc.code or type(exc).__name__,
+                    message=str(exc),
+                    replaced_by=record.export_id,
+                )
+                adopted = False
+        raise AssertionError("unreachable")
+
+
+def _format_label(detected: object) -> str:
+    fmt = getattr(detected, "format", detected)
+    gz = getattr(detected, "gzip", False)
+    label = str(getattr(fmt, "value", fmt))
+    return f"{label}+gzip" if gz else label

@@ -1,0 +1,451 @@
+"""The ledger: a durable record of every export, its files and the incremental cursors.
+
+It lives in the warehouse itself (schema ``pipeline``) so that loading an export, marking it
+loaded and moving the cursor commit in one DuckDB transaction. DuckDB allows one writing
+process at a time, so connections are opened briefly and retried while another process holds
+the lock (see :meth:`Warehouse.connect`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from export_pipeline.core.errors import WarehouseBusyError
+from export_pipeline.core.model import (
+    ExportKind,
+    ExportRequest,
+    ExportState,
+    ExportStatus,
+    can_transition,
+)
+
+LEDGER_SCHEMA = "pipeline"
+
+_DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {LEDGER_SCHEMA};
+CREATE TABLE IF NOT EXISTS {LEDGER_SCHEMA}.exports (
+    provider VARCHAR NOT NULL,
+    kind VARCHAR NOT NULL,
+    export_id VARCHAR NOT NULL,
+    partition_key VARCHAR NOT NULL DEFAULT '',
+    state VARCHAR NOT NULL,
+    provider_status VARCHAR,
+    modified_since TIMESTAMPTZ,
+    window_end TIMESTAMPTZ,
+    request_params JSON,
+    source VARCHAR,
+    requested_at TIMESTAMPTZ NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL,
+    polls INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    expires_at TIMESTAMPTZ,
+    provider_timestamp TIMESTAMPTZ,
+    expected_rows BIGINT,
+    rows_loaded BIGINT,
+    bytes_downloaded BIGINT,
+    loaded_at TIMESTAMPTZ,
+    raw_uri VARCHAR,
+    parquet_uri VARCHAR,
+    error_code VARCHAR,
+    error_message VARCHAR,
+    replaced_by VARCHAR,
+    detail JSON,
+    PRIMARY KEY (provider, export_id)
+);
+CREATE TABLE IF NOT EXISTS {LEDGER_SCHEMA}.export_files (
+    provider VARCHAR NOT NULL,
+    export_id VARCHAR NOT NULL,
+    name VARCHAR NOT NULL,
+    announced_bytes BIGINT,
+    size_bytes BIGINT,
+    sha256 VARCHAR,
+    rows BIGINT,
+    PRIMARY KEY (provider, export_id, name)
+);
+CREATE TABLE IF NOT EXISTS {LEDGER_SCHEMA}.cursors (
+    provider VARCHAR NOT NULL,
+    kind VARCHAR NOT NULL,
+    partition_key VARCHAR NOT NULL DEFAULT '',
+    cursor_value TIMESTAMPTZ,
+    export_id VARCHAR,
+    updated_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (provider, kind, partition_key)
+);
+"""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """One row of ``pipeline.exports``."""
+
+    provider: str
+    kind: str
+    export_id: str
+    partition_key: str
+    state: ExportState
+    provider_status: str | None
+    modified_since: datetime | None
+    window_end: datetime | None
+    request_params: dict[str, Any]
+    source: str | None
+    requested_at: datetime
+    updated_at: datetime
+    polls: int
+    attempts: int
+    expires_at: datetime | None
+    provider_timestamp: datetime | None
+    expected_rows: int | None
+    rows_loaded: int | None
+    bytes_downloaded: int | None
+    loaded_at: datetime | None
+    raw_uri: str | None
+    parquet_uri: str | None
+    error_code: str | None
+    error_message: str | None
+    replaced_by: str | None
+    detail: dict[str, Any]
+
+    @property
+    def request(self) -> ExportRequest:
+        return ExportRequest(
+            modified_since=self.modified_since,
+            window_end=self.window_end,
+            params=self.request_params,
+            partition=self.partition_key or None,
+        )
+
+
+_COLUMNS = [f for f in ExportRecord.__dataclass_fields__]
+
+
+def _record(row: tuple[Any, ...]) -> ExportRecord:
+    values = dict(zip(_COLUMNS, row, strict=True))
+    values["state"] = ExportState(values["state"])
+    values["request_params"] = json.loads(values["request_params"] or "{}")
+    values["detail"] = json.loads(values["detail"] or "{}")
+    return ExportRecord(**values)
+
+
+class Warehouse:
+    """The DuckDB file: short-lived connections, retried while another process writes."""
+
+    def __init__(self, path: Path | str, *, lock_timeout: float = 60.0) -> None:
+        self.path = Path(path)
+        self.lock_timeout = lock_timeout
+        self._initialised = False
+
+    @contextmanager
+    def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        if read_only and not self.path.exists():
+            # A read-only open of a missing file fails; an empty in-memory ledger answers the same.
+            con = duckdb.connect()
+            con.execute(_DDL)
+            try:
+                yield con
+            finally:
+                con.close()
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.05
+        while True:
+            try:
+                con = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                    if "lock" in str(exc).lower():
+                        raise WarehouseBusyError(
+                            f"warehouse {self.path} is locked by another process",
+                            hint="a load is running; try again when it ends",
+                        ) from exc
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        try:
+            con.execute("SET TimeZone = 'UTC'")
+            if not read_only and not self._initialised:
+                con.execute(_DDL)
+                self._initialised = True
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """BEGIN ... COMMIT, or ROLLBACK on any error: the old state or the new, never half."""
+        with self.connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+
+class Ledger:
+    """Reads and writes ``pipeline.*``. Methods taking ``con`` join the caller's transaction."""
+
+    def __init__(self, warehouse: Warehouse) -> None:
+        self.warehouse = warehouse
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def get(self, provider: str, export_id: str) -> ExportRecord | None:
+        with self.warehouse.connect() as con:
+            return self._get(con, provider, export_id)
+
+    def _get(
+        self, con: duckdb.DuckDBPyConnection, provider: str, export_id: str
+    ) -> ExportRecord | None:
+        row = con.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM {LEDGER_SCHEMA}.exports "
+            "WHERE provider = ? AND export_id = ?",
+            [provider, export_id],
+        ).fetchone()
+        return _record(row) if row else None
+
+    def open_exports(
+        self,
+        provider: str,
+        *,
+        kind: str | None = None,
+        partition_key: str | None = None,
+        limit: int | None = None,
+    ) -> list[ExportRecord]:
+        """Exports not yet loaded nor terminally failed, least recently checked first."""
+        sql = (
+            f"SELECT {', '.join(_COLUMNS)} FROM {LEDGER_SCHEMA}.exports "
+            "WHERE provider = ? AND state IN ('pending', 'processing', 'ready')"
+        )
+        params: list[Any] = [provider]
+        if kind is not None:
+            sql += " AND kind = ?"
+            params.append(kind)
+        if partition_key is not None:
+            sql += " AND partition_key = ?"
+            params.append(partition_key)
+        sql += " ORDER BY updated_at, requested_at"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        with self.warehouse.connect() as con:
+            return [_record(r) for r in con.execute(sql, params).fetchall()]
+
+    def last_loaded(self, provider: str, kind: str, partition_key: str = "") -> ExportRecord | None:
+        with self.warehouse.connect() as con:
+            row = con.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM {LEDGER_SCHEMA}.exports "
+                "WHERE provider = ? AND kind = ? AND partition_key = ? AND state = 'loaded' "
+                "ORDER BY loaded_at DESC LIMIT 1",
+                [provider, kind, partition_key],
+            ).fetchone()
+        return _record(row) if row else None
+
+    def cursor(self, provider: str, kind: str, partition_key: str = "") -> datetime | None:
+        with self.warehouse.connect() as con:
+            row = con.execute(
+                f"SELECT cursor_value FROM {LEDGER_SCHEMA}.cursors "
+                "WHERE provider = ? AND kind = ? AND partition_key = ?",
+                [provider, kind, partition_key],
+            ).fetchone()
+        return _aware(row[0]) if row else None
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def record_request(
+        self,
+        kind: ExportKind,
+        request: ExportRequest,
+        status: ExportStatus,
+        *,
+        source: str,
+    ) -> ExportRecord:
+        """Insert a newly requested (or newly discovered) export; an existing id is kept."""
+        now = utcnow()
+        with self.warehouse.transaction() as con:
+            existing = self._get(con, kind.provider, status.export_id)
+            if existing is None:
+                con.execute(
+                    f"INSERT INTO {LEDGER_SCHEMA}.exports (provider, kind, export_id, "
+                    "partition_key, state, provider_status, modified_since, window_end, "
+                    "request_params, source, requested_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        kind.provider,
+                        kind.name,
+                        status.export_id,
+                        request.partition or "",
+                        ExportState.PENDING.value,
+                        None,
+                        request.modified_since,
+                        request.window_end,
+                        json.dumps(dict(request.params), default=str),
+                        source,
+                        now,
+                        now,
+                    ],
+                )
+            self._apply_status(con, kind.provider, status, count_poll=False)
+            record = self._get(con, kind.provider, status.export_id)
+        assert record is not None
+        return record
+
+    def apply_status(self, provider: str, status: ExportStatus) -> ExportRecord | None:
+        """Record what the provider said; illegal moves (e.g. out of LOADED) are ignored."""
+        with self.warehouse.transaction() as con:
+            self._apply_status(con, provider, status)
+            return self._get(con, provider, status.export_id)
+
+    def apply_statuses(self, provider: str, statuses: Sequence[ExportStatus]) -> None:
+        if not statuses:
+            return
+        with self.warehouse.transaction() as con:
+            for status in statuses:
+                self._apply_status(con, provider, status)
+
+    def _apply_status(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        provider: str,
+        status: ExportStatus,
+        *,
+        count_poll: bool = True,
+    ) -> None:
+        current = self._get(con, provider, status.export_id)
+        if current is None or not can_transition(current.state, status.state):
+            return
+        con.execute(
+            f"UPDATE {LEDGER_SCHEMA}.exports SET state = ?, provider_status = ?, "
+            "expires_at = coalesce(?, expires_at), "
+            "provider_timestamp = coalesce(?, provider_timestamp), "
+            "expected_rows = coalesce(?, expected_rows), "
+            "error_code = coalesce(?, error_code), error_message = coalesce(?, error_message), "
+            "detail = coalesce(?, detail), polls = polls + ?, updated_at = ? "
+            "WHERE provider = ? AND export_id = ?",
+            [
+                status.state.value,
+                status.provider_status,
+                status.expires_at,
+                status.provider_timestamp,
+                status.expected_rows,
+                status.error_code,
+                status.error_message,
+                json.dumps(dict(status.detail), default=str) if status.detail else None,
+                1 if count_poll else 0,
+                utcnow(),
+                provider,
+                status.export_id,
+            ],
+        )
+
+    def record_error(
+        self,
+        provider: str,
+        export_id: str,
+        *,
+        code: str | None,
+        message: str,
+        state: ExportState | None = None,
+        replaced_by: str | None = None,
+    ) -> None:
+        """Note a failed attempt (and optionally a terminal state) without touching data."""
+        with self.warehouse.transaction() as con:
+            current = self._get(con, provider, export_id)
+            if current is None:
+                return
+            new_state = state if state and can_transition(current.state, state) else current.state
+            con.execute(
+                f"UPDATE {LEDGER_SCHEMA}.exports SET attempts = attempts + 1, error_code = ?, "
+                "error_message = ?, state = ?, replaced_by = coalesce(?, replaced_by), "
+                "updated_at = ? WHERE provider = ? AND export_id = ?",
+                [
+                    code,
+                    message[:2000],
+                    new_state.value,
+                    replaced_by,
+                    utcnow(),
+                    provider,
+                    export_id,
+                ],
+            )
+
+    def is_loaded(self, con: duckdb.DuckDBPyConnection, provider: str, export_id: str) -> bool:
+        row = con.execute(
+            f"SELECT state FROM {LEDGER_SCHEMA}.exports WHERE provider = ? AND export_id = ?",
+            [provider, export_id],
+        ).fetchone()
+        return bool(row and row[0] == ExportState.LOADED.value)
+
+    def mark_loaded(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        kind: ExportKind,
+        export_id: str,
+        *,
+        rows: int,
+        bytes_downloaded: int,
+        raw_uri: str | None,
+        parquet_uri: str | None,
+        files: Sequence[dict[str, Any]],
+        cursor_value: datetime | None,
+        partition_key: str = "",
+    ) -> None:
+        """Inside the load transaction: the export becomes LOADED and the cursor moves forward."""
+        now = utcnow()
+        con.execute(
+            f"UPDATE {LEDGER_SCHEMA}.exports SET state = 'loaded', rows_loaded = ?, "
+            "bytes_downloaded = ?, loaded_at = ?, raw_uri = ?, parquet_uri = ?, "
+            "attempts = attempts + 1, error_code = NULL, error_message = NULL, updated_at = ? "
+            "WHERE provider = ? AND export_id = ?",
+            [rows, bytes_downloaded, now, raw_uri, parquet_uri, now, kind.provider, export_id],
+        )
+        con.execute(
+            f"DELETE FROM {LEDGER_SCHEMA}.export_files WHERE provider = ? AND export_id = ?",
+            [kind.provider, export_id],
+        )
+        for f in files:
+            con.execute(
+                f"INSERT INTO {LEDGER_SCHEMA}.export_files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    kind.provider,
+                    export_id,
+                    f["name"],
+                    f.get("announced_bytes"),
+                    f.get("size_bytes"),
+                    f.get("sha256"),
+                    f.get("rows"),
+                ],
+            )
+        # The cursor never moves backwards: an older export loaded late must not rewind it.
+        con.execute(
+            f"INSERT INTO {LEDGER_SCHEMA}.cursors VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (provider, kind, partition_key) DO UPDATE SET "
+            "cursor_value = CASE WHEN excluded.cursor_value IS NULL THEN cursors.cursor_value "
+            "WHEN cursors.cursor_value IS NULL OR excluded.cursor_value > cursors.cursor_value "
+            "THEN excluded.cursor_value ELSE cursors.cursor_value END, "
+            "export_id = CASE WHEN excluded.cursor_value IS NULL "
+            "OR cursors.cursor_value IS NULL OR excluded.cursor_value >= cursors.cursor_value "
+            "THEN excluded.export_id ELSE cursors.export_id END, "
+            "updated_at = excluded.updated_at",
+            [kind.provider, kind.name, partition_key, cursor_value, export_id, now],
+        )
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

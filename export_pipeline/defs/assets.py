@@ -1,0 +1,248 @@
+"""One asset per export kind, built by a factory from the provider registry."""
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import duckdb
+import pandas as pd
+from pydantic import Field
+
+from export_pipeline.core.errors import ExportPipelineError, ExportTimeoutError
+from export_pipeline.core.ingest import ExportRunner, IngestResult
+from export_pipeline.core.model import ExportKind, ExportRequest, Incremental, LoadMode
+from export_pipeline.core.windows import next_request, parse_iso
+from export_pipeline.providers.base import ExportProvider
+
+# Dynamic partitions for kinds whose rows belong to user-named units (mapping jobs).
+PARTITIONS: dict[str, dg.DynamicPartitionsDefinition] = {
+    "mapping/results": dg.DynamicPartitionsDefinition(name="mapping_jobs"),
+}
+
+EXPORT_TAG = "export_pipeline/export_id"
+TRIGGER_TAG = "export_pipeline/trigger"
+
+
+class ExportConfig(dg.Config):
+    """Run config of every export asset. Empty config = request the next export and load it."""
+
+    export_id: str | None = Field(
+        None, description="Ingest this existing export instead of requesting a new one."
+    )
+    format: str | None = Field(
+        None, description="File format to request where the API lets you choose (e.g. json, csv)."
+    )
+    full_refresh: bool = Field(False, description="Ignore the cursor and request everything.")
+    modified_since: str | None = Field(
+        None, description="ISO 8601 UTC start of the request (default: cursor minus overlap)."
+    )
+    window_end: str | None = Field(None, description="ISO 8601 UTC end, for time-window APIs.")
+    wait_timeout_seconds: float | None = Field(
+        None, description="How long to wait for the export (default: sync_settings)."
+    )
+
+
+@dataclass(frozen=True)
+class ProviderBinding:
+    """Dagster-side facts about one provider: its resource key."""
+
+    name: str
+    resource_key: str
+    kinds: tuple[ExportKind, ...]
+
+
+def asset_key(kind: ExportKind) -> dg.AssetKey:
+    return dg.AssetKey([kind.provider, kind.name])
+
+
+def op_name(kind: ExportKind) -> str:
+    return f"{kind.provider}__{kind.name}"
+
+
+def make_runner(resources: Any, binding: ProviderBinding, *, lock_timeout: float | None = None):
+    """Provider client + ledger + storage from the resources of a run, sensor or schedule."""
+    settings = resources.sync_settings
+    provider: ExportProvider = getattr(resources, binding.resource_key).build(
+        retry=settings.retry()
+    )
+    warehouse = resources.warehouse
+    runner = ExportRunner(
+        provider,
+        warehouse.ledger(lock_timeout=lock_timeout),
+        warehouse.storage_backend(getattr(resources, "s3", None)),
+        settings.ingest(),
+    )
+    return runner
+
+
+def request_from_config(
+    kind: ExportKind,
+    config: ExportConfig,
+    runner: ExportRunner,
+    incremental: Any,
+    partition_key: str | None,
+) -> ExportRequest | None:
+    params: dict[str, Any] = {}
+    if config.format:
+        params["format"] = config.format
+    if config.modified_since or config.window_end:
+        return ExportRequest(
+            modified_since=parse_iso(config.modified_since),
+            window_end=parse_iso(config.window_end),
+            params=params,
+            partition=partition_key,
+        )
+    cursor = runner.ledger.cursor(kind.provider, kind.name, partition_key or "")
+    return next_request(
+        kind,
+        cursor,
+        now=datetime.now(UTC),
+        settings=incremental,
+        params=params,
+        partition=partition_key,
+        full_refresh=config.full_refresh,
+    )
+
+
+def to_dagster_error(exc: ExportPipelineError) -> Exception:
+    """Typed errors become a clear Failure; transient ones ask Dagster to retry the step."""
+    metadata = {
+        k: v
+        for k, v in {
+            "provider": exc.provider,
+            "kind": exc.kind,
+            "export_id": exc.export_id,
+            "file": exc.file,
+            "line": exc.line,
+            "code": exc.code,
+            "request_id": exc.request_id,
+            "hint": exc.hint,
+        }.items()
+        if v is not None
+    }
+    if exc.retryable and not isinstance(exc, ExportTimeoutError):
+        return dg.RetryRequested(max_retries=3, seconds_to_wait=30)
+    return dg.Failure(description=str(exc), metadata=metadata, allow_retries=False)
+
+
+def build_export_asset(kind: ExportKind, binding: ProviderBinding) -> dg.AssetsDefinition:
+    partitions_def = PARTITIONS.get(kind.key)
+
+    @dg.asset(
+        key=asset_key(kind),
+        name=None,
+        group_name=kind.provider,
+        description=kind.description or f"{kind.key} export loaded into {kind.table}",
+        kinds={"duckdb", "parquet"},
+        partitions_def=partitions_def,
+        required_resource_keys={"warehouse", "sync_settings", "s3", binding.resource_key},
+        metadata={
+            "dagster/table_name": f"warehouse.{kind.table}",
+            "primary_key": ", ".join(kind.primary_key),
+            "load_mode": kind.load_mode.value,
+            "incremental": kind.incremental.value,
+        },
+        tags={"provider": kind.provider},
+        op_tags={"export_pipeline/kind": kind.key},
+    )
+    def _export_asset(
+        context: dg.AssetExecutionContext, config: ExportConfig
+    ) -> dg.MaterializeResult:
+        partition_key = context.partition_key if context.has_partition_key else None
+        runner = make_runner(context.resources, binding)
+        settings = context.resources.sync_settings
+        try:
+            if config.export_id:
+                result = runner.ingest(
+                    kind, config.export_id, partition_key=partition_key or "", source="config"
+                )
+            else:
+                request = request_from_config(
+                    kind, config, runner, settings.incremental(), partition_key
+                )
+                if request is None:
+                    context.log.info("no new time window yet; nothing to request")
+                    return dg.MaterializeResult(metadata={"skipped": "no new window"})
+                result = runner.sync(
+                    kind,
+                    request,
+                    source=context.run.tags.get(TRIGGER_TAG, "run"),
+                    timeout=config.wait_timeout_seconds,
+                )
+        except ExportPipelineError as exc:
+            context.log.error(str(exc))
+            raise to_dagster_error(exc) from exc
+        finally:
+            runner.provider.close()
+        if result.skipped:
+            context.log.info(f"export {result.export_id} was already loaded; nothing changed")
+        return dg.MaterializeResult(metadata=result_metadata(result, kind))
+
+    return _export_asset
+
+
+def result_metadata(result: IngestResult, kind: ExportKind) -> dict[str, Any]:
+    md: dict[str, Any] = {
+        "export_id": result.export_id,
+        "dagster/row_count": dg.MetadataValue.int(result.rows),
+        "rows": dg.MetadataValue.int(result.rows),
+        "skipped_already_loaded": result.skipped,
+        "adopted_open_export": result.adopted,
+        "table": kind.table,
+    }
+    if result.skipped:
+        return md
+    md.update(
+        {
+            "bytes": dg.MetadataValue.int(result.bytes_downloaded),
+            "duration_seconds": dg.MetadataValue.float(round(result.seconds, 3)),
+            "files": ", ".join(result.files),
+            "format": ", ".join(result.formats),
+            "expected_rows": result.expected_rows,
+            "parquet_path": dg.MetadataValue.path(result.parquet_uri or ""),
+            "raw_path": dg.MetadataValue.path(result.raw_uri or ""),
+            "cursor": result.cursor.isoformat() if result.cursor else None,
+        }
+    )
+    if result.requested is not None and result.requested.modified_since is not None:
+        md["requested_since"] = result.requested.modified_since.isoformat()
+    if result.requested is not None and result.requested.window_end is not None:
+        md["requested_until"] = result.requested.window_end.isoformat()
+    if result.load is not None:
+        md.update(
+            {
+                "rows_inserted": dg.MetadataValue.int(result.load.rows_inserted),
+                "rows_updated": dg.MetadataValue.int(result.load.rows_updated),
+                "rows_deleted": dg.MetadataValue.int(result.load.rows_deleted),
+                "table_rows": dg.MetadataValue.int(result.load.table_rows),
+            }
+        )
+    if result.columns:
+        md["dagster/column_schema"] = dg.TableSchema(
+            columns=[dg.TableColumn(name=n, type=t[:200]) for n, t in result.columns]
+        )
+    if result.parquet_paths:
+        md["preview"] = dg.MetadataValue.md(preview_markdown(result.parquet_paths[0]))
+    return {k: v for k, v in md.items() if v is not None}
+
+
+def preview_markdown(parquet_path: Path, rows: int = 5, width: int = 60) -> str:
+    """First rows of the Parquet as a markdown table, long values cut to ``width``."""
+    with duckdb.connect() as con:
+        cur = con.execute(
+            f"SELECT * EXCLUDE (_export_id, _source_file, _loaded_at) "
+            f"FROM read_parquet(?) LIMIT {int(rows)}",
+            [str(parquet_path)],
+        )
+        df = pd.DataFrame(cur.fetchall(), columns=[d[0] for d in cur.description])
+    df = df.map(lambda v: s if len(s := str(v)) <= width else s[: width - 1] + "…")
+    return df.to_markdown(index=False)
+
+
+def is_incremental(kind: ExportKind) -> bool:
+    return (
+        kind.incremental is not Incremental.NONE
+        and kind.load_mode is not LoadMode.REPLACE_PARTITION
+    )

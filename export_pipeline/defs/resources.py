@@ -1,0 +1,171 @@
+"""Typed Dagster resources: the settings a user changes. Secrets arrive as ``dg.EnvVar``."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from export_pipeline.core.http import RetryPolicy
+from export_pipeline.core.ingest import IngestSettings
+from export_pipeline.core.ledger import Ledger, Warehouse
+from export_pipeline.core.storage import Storage, storage_from_setting
+from export_pipeline.core.windows import IncrementalSettings
+from export_pipeline.providers.base import ExportProvider
+
+# Where `export-pipeline sandbox serve` listens; the defaults of every provider resource.
+SANDBOX_PORTS = {"locations": 8701, "mews": 8702, "deliveries": 8703, "mapping": 8704, "s3": 8705}
+
+
+def sandbox_url(provider: str) -> str:
+    return f"http://127.0.0.1:{SANDBOX_PORTS[provider]}"
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """The DuckDB warehouse (which also holds the ledger) and where files land."""
+
+    path: str = Field("data/warehouse.duckdb", description="DuckDB file analysts query.")
+    data_dir: str = Field("data", description="Local root of data/raw and data/parquet.")
+    storage: str = Field(
+        "local",
+        description="'local' (files under data_dir) or 's3://bucket/prefix' (uses the s3 resource).",
+    )
+    lock_timeout_seconds: float = Field(
+        600.0, description="How long to wait for another process's write lock on the DuckDB file."
+    )
+
+    def warehouse(self, *, lock_timeout: float | None = None) -> Warehouse:
+        return Warehouse(
+            Path(self.path),
+            lock_timeout=self.lock_timeout_seconds if lock_timeout is None else lock_timeout,
+        )
+
+    def ledger(self, *, lock_timeout: float | None = None) -> Ledger:
+        return Ledger(self.warehouse(lock_timeout=lock_timeout))
+
+    def storage_backend(self, s3: object | None = None) -> Storage:
+        factory = getattr(s3, "get_client", None)
+        return storage_from_setting(
+            self.storage, data_dir=Path(self.data_dir), s3_client_factory=factory
+        )
+
+
+class SyncSettingsResource(dg.ConfigurableResource):
+    """How exports are waited for, downloaded and windowed. Shared by assets and schedules."""
+
+    overlap_seconds: int = Field(300, description="Re-read this much before the cursor.")
+    settle_seconds: int = Field(120, description="WINDOW exports end this long before now.")
+    initial_lookback_hours: int = Field(
+        168, description="First WINDOW export starts this far back."
+    )
+    poll_initial_seconds: float = 1.0
+    poll_max_seconds: float = 30.0
+    wait_timeout_seconds: float = Field(900.0, description="How long a run waits for an export.")
+    download_concurrency: int = Field(4, description="Parallel downloads of a multi-part export.")
+    http_max_attempts: int = 5
+    http_base_delay_seconds: float = 0.5
+    duckdb_memory_limit: str = "1GB"
+    verify_row_count: bool = True
+
+    def incremental(self) -> IncrementalSettings:
+        return IncrementalSettings(
+            overlap=timedelta(seconds=self.overlap_seconds),
+            settle=timedelta(seconds=self.settle_seconds),
+            initial_lookback=timedelta(hours=self.initial_lookback_hours),
+        )
+
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.http_max_attempts, base_delay=self.http_base_delay_seconds
+        )
+
+    def ingest(self) -> IngestSettings:
+        return IngestSettings(
+            poll_initial_seconds=self.poll_initial_seconds,
+            poll_max_seconds=self.poll_max_seconds,
+            wait_timeout_seconds=self.wait_timeout_seconds,
+            download_concurrency=self.download_concurrency,
+            verify_row_count=self.verify_row_count,
+            duckdb_memory_limit=self.duckdb_memory_limit,
+            retry=self.retry(),
+        )
+
+
+class ProviderResource(dg.ConfigurableResource):
+    """Base of the per-API resources: ``build()`` returns a ready provider client."""
+
+    timeout_seconds: float = 30.0
+
+    def build(self, retry: RetryPolicy | None = None) -> ExportProvider:
+        raise NotImplementedError
+
+
+class LocationsApiResource(ProviderResource):
+    base_url: str = Field(sandbox_url("locations"), description="Network operator API base URL.")
+    token: str = Field(description="Bearer token (LOCATIONS_API_TOKEN).")
+
+    def build(self, retry: RetryPolicy | None = None) -> ExportProvider:
+        from export_pipeline.providers.locations import LocationsProvider
+
+        return LocationsProvider.from_settings(
+            base_url=self.base_url, token=self.token, timeout=self.timeout_seconds, retry=retry
+        )
+
+
+class MewsApiResource(ProviderResource):
+    platform_address: str = Field(sandbox_url("mews"), description="Mews PlatformAddress.")
+    client_token: str = Field(description="ClientToken (MEWS_CLIENT_TOKEN).")
+    access_token: str = Field(description="AccessToken (MEWS_ACCESS_TOKEN).")
+    client: str = Field("export_pipeline 0.1.0", description="Client name and version.")
+
+    def build(self, retry: RetryPolicy | None = None) -> ExportProvider:
+        from export_pipeline.providers.mews import MewsProvider
+
+        return MewsProvider.from_settings(
+            platform_address=self.platform_address,
+            client_token=self.client_token,
+            access_token=self.access_token,
+            client=self.client,
+            timeout=self.timeout_seconds,
+            retry=retry,
+        )
+
+
+class DeliveriesApiResource(ProviderResource):
+    base_url: str = Field(sandbox_url("deliveries"), description="Message-log API base URL.")
+    api_key: str = Field(description="API key (DELIVERIES_API_KEY).")
+
+    def build(self, retry: RetryPolicy | None = None) -> ExportProvider:
+        from export_pipeline.providers.deliveries import DeliveriesProvider
+
+        return DeliveriesProvider.from_settings(
+            base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_seconds, retry=retry
+        )
+
+
+class MappingApiResource(ProviderResource):
+    base_url: str = Field(sandbox_url("mapping"), description="mapping.travel API base URL.")
+    token: str = Field(description="Bearer token (MAPPING_API_TOKEN).")
+    download_path: str = Field(
+        "/api/v1/exports/{exportFileId}/download",
+        description="Call that turns an exportFileId into a presigned link.",
+    )
+
+    def build(self, retry: RetryPolicy | None = None) -> ExportProvider:
+        from export_pipeline.providers.mapping import MappingProvider
+
+        return MappingProvider.from_settings(
+            base_url=self.base_url,
+            token=self.token,
+            download_path=self.download_path,
+            timeout=self.timeout_seconds,
+            retry=retry,
+        )
+
+
+class WebhookEventsResource(dg.ConfigurableResource):
+    """The receiver's event store, read by the sensors (the receiver never touches DuckDB)."""
+
+    path: str = Field("data/webhook_events.sqlite3", description="SQLite file of pushed events.")

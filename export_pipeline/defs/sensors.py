@@ -1,0 +1,203 @@
+"""One sensor per provider: absorb pushed events, poll open exports in batches, launch ingests.
+
+The sensor stays small and bounded: it asks the ledger what is open, makes
+ceil(n / status_batch_size) status calls within a time budget, and launches one run per ready
+export with ``run_key = provider:export_id`` so an export is never launched twice.
+"""
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from export_pipeline.core.errors import ExportPipelineError, WarehouseBusyError
+from export_pipeline.core.ingest import ExportRunner
+from export_pipeline.core.model import ExportKind, ExportRequest, ExportState, ExportStatus
+from export_pipeline.defs.assets import (
+    EXPORT_TAG,
+    PARTITIONS,
+    TRIGGER_TAG,
+    ExportConfig,
+    ProviderBinding,
+    asset_key,
+    make_runner,
+    op_name,
+)
+from export_pipeline.providers.base import batched
+
+# Dagster stops a sensor evaluation after 60 s by default; keep well inside it.
+TICK_BUDGET_SECONDS = 30.0
+MAX_EXPORTS_PER_TICK = 5000
+# A run may hold the warehouse while it loads; a sensor tick waits only briefly, then skips.
+SENSOR_LOCK_TIMEOUT = 5.0
+
+
+def _locations_event(body: Mapping[str, Any]) -> tuple[str | None, ExportStatus]:
+    from export_pipeline.providers.locations import parse_event
+
+    return None, parse_event(body)
+
+
+def _mapping_event(body: Mapping[str, Any]) -> tuple[str | None, ExportStatus]:
+    from export_pipeline.providers.mapping import parse_event
+
+    return parse_event(body)
+
+
+# Providers that push events: body -> (partition key, status).
+EVENT_PARSERS: dict[str, Callable[[Mapping[str, Any]], tuple[str | None, ExportStatus]]] = {
+    "locations": _locations_event,
+    "mapping": _mapping_event,
+}
+
+
+def run_request_for(kind: ExportKind, export_id: str, partition_key: str, trigger: str):
+    return dg.RunRequest(
+        run_key=f"{kind.provider}:{export_id}",
+        asset_selection=[asset_key(kind)],
+        partition_key=partition_key or None,
+        run_config=dg.RunConfig(ops={op_name(kind): ExportConfig(export_id=export_id)}),
+        tags={EXPORT_TAG: export_id, TRIGGER_TAG: trigger},
+    )
+
+
+def absorb_events(
+    runner: ExportRunner, binding: ProviderBinding, store: Any, log: Any
+) -> tuple[list[str], set[str]]:
+    """Pushed events -> ledger. Returns (new partition keys, export ids that were pushed).
+
+    An event is a hint: it updates the ledger (and adopts exports we did not request, such as
+    mapping exports made automatically when a job completes); the ingest run confirms the status
+    with the provider before loading anything.
+    """
+    parse = EVENT_PARSERS.get(binding.name)
+    if parse is None or store is None:
+        return [], set()
+    events = store.pending(source=binding.name, limit=1000)
+    new_partitions: list[str] = []
+    pushed: set[str] = set()
+    consumed: list[int] = []
+    kind = binding.kinds[0]
+    for event in events:
+        try:
+            partition, status = parse(event.body)
+        except ValueError as exc:  # the receiver validated it; a parser change could still refuse
+            log.warning(f"event {event.seq} from {event.source} no longer parses: {exc}")
+            consumed.append(event.seq)
+            continue
+        record = runner.ledger.get(binding.name, status.export_id)
+        if record is None:
+            runner.ledger.record_request(
+                kind, ExportRequest(partition=partition), status, source="webhook"
+            )
+            if partition:
+                new_partitions.append(partition)
+        else:
+            runner.ledger.apply_status(binding.name, status)
+            if status.state is ExportState.FAILED:
+                runner.ledger.record_error(
+                    binding.name,
+                    status.export_id,
+                    code=status.error_code,
+                    message=status.error_message or "export failed (pushed event)",
+                    state=ExportState.FAILED,
+                )
+        pushed.add(status.export_id)
+        consumed.append(event.seq)
+    store.mark_consumed(consumed)
+    return new_partitions, pushed
+
+
+def build_export_sensor(binding: ProviderBinding) -> dg.SensorDefinition:
+    kinds = {k.name: k for k in binding.kinds}
+
+    @dg.sensor(
+        name=f"{binding.name}_exports_sensor",
+        description=(
+            f"Polls open {binding.name} exports (and pushed webhook events) and launches one "
+            "ingest run per ready export."
+        ),
+        minimum_interval_seconds=30,
+        asset_selection=[asset_key(k) for k in binding.kinds],
+        required_resource_keys={
+            "warehouse",
+            "sync_settings",
+            "s3",
+            "webhook_events",
+            binding.resource_key,
+        },
+        default_status=dg.DefaultSensorStatus.STOPPED,
+    )
+    def _sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+        started = time.monotonic()
+        runner = make_runner(context.resources, binding, lock_timeout=SENSOR_LOCK_TIMEOUT)
+        store = _event_store(context.resources.webhook_events.path)
+        try:
+            new_partitions, pushed = absorb_events(runner, binding, store, context.log)
+            open_ = runner.ledger.open_exports(binding.name, limit=MAX_EXPORTS_PER_TICK)
+            # Pushed-READY exports need no poll this tick; the ingest confirms them anyway.
+            to_poll = [
+                r.export_id
+                for r in open_
+                if not (r.export_id in pushed and r.state is ExportState.READY)
+            ]
+            polled = calls = 0
+            for chunk in batched(to_poll, runner.provider.status_batch_size):
+                if time.monotonic() - started > TICK_BUDGET_SECONDS:
+                    context.log.info(
+                        f"time budget reached after {polled} of {len(to_poll)} exports; "
+                        "the rest are polled next tick (least recently checked first)"
+                    )
+                    break
+                runner.refresh(chunk)
+                polled += len(chunk)
+                calls += 1
+            ready = [
+                r
+                for r in runner.ledger.open_exports(binding.name, limit=MAX_EXPORTS_PER_TICK)
+                if r.state is ExportState.READY and r.kind in kinds
+            ]
+        except WarehouseBusyError:
+            return dg.SkipReason("warehouse is busy with a load; trying again next tick")
+        except ExportPipelineError as exc:
+            return dg.SkipReason(f"could not poll {binding.name}: {exc}")
+        finally:
+            runner.provider.close()
+        requests = [
+            run_request_for(
+                kinds[r.kind],
+                r.export_id,
+                r.partition_key,
+                "webhook" if r.export_id in pushed else "sensor",
+            )
+            for r in ready
+        ]
+        dynamic = []
+        partitioned = [PARTITIONS[k.key] for k in binding.kinds if k.key in PARTITIONS]
+        if new_partitions and partitioned:
+            dynamic.append(
+                dg.AddDynamicPartitionsRequest(
+                    partitions_def_name=partitioned[0].name,
+                    partition_keys=sorted(set(new_partitions)),
+                )
+            )
+        context.log.info(
+            f"{len(open_)} open, {polled} polled in {calls} calls, {len(requests)} ready to ingest"
+        )
+        return dg.SensorResult(
+            run_requests=requests,
+            dynamic_partitions_requests=dynamic or None,
+            cursor=f"open={len(open_)} polled={polled} calls={calls} launched={len(requests)}",
+        )
+
+    return _sensor
+
+
+def _event_store(path: str):
+    if not Path(path).exists():
+        return None
+    from export_pipeline.webhooks.store import EventStore
+
+    return EventStore(Path(path))

@@ -1,0 +1,23 @@
+"""Every provider the project ships. Adding an API = one module + one line here."""
+
+from __future__ import annotations
+
+from export_pipeline.providers.base import ExportProvider
+from export_pipeline.providers.deliveries import DeliveriesProvider
+from export_pipeline.providers.locations import LocationsProvider
+from export_pipeline.providers.mapping import MappingProvider
+from export_pipeline.providers.mews import MewsProvider
+
+PROVIDERS: tuple[type[ExportProvider], ...] = (
+    LocationsProvider,
+    MewsProvider,
+    DeliveriesProvider,
+    MappingProvider,
+)
+
+
+def provider_class(name: str) -> type[ExportProvider]:
+    for cls in PROVIDERS:
+        if cls.name == name:
+            return cls
+    raise KeyError(f"unknown provider {name!r}; known: {', '.join(c.name for c in PROVIDERS)}")

@@ -1,0 +1,105 @@
+"""All four simulators (and the S3 server behind the message-log API) on loopback at once.
+
+Used by ``export-pipeline sandbox serve``, ``export-pipeline demo`` and the Dagster-level tests.
+``env()`` gives the environment variables that point the project's resources at it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from export_pipeline.sandbox import deliveries, locations, mapping, mews
+from export_pipeline.sandbox.s3 import S3Server
+from export_pipeline.sandbox.server import RunningServer
+
+
+@dataclass
+class Sandbox:
+    locations: locations.State
+    mews: mews.State
+    deliveries: deliveries.State
+    mapping: mapping.State
+    s3: S3Server
+    urls: dict[str, str] = field(default_factory=dict)
+    _stack: ExitStack = field(default_factory=ExitStack, repr=False)
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that point every provider resource at this sandbox."""
+        return {
+            "LOCATIONS_API_URL": self.urls["locations"],
+            "LOCATIONS_API_TOKEN": self.locations.token,
+            "MEWS_PLATFORM_ADDRESS": self.urls["mews"],
+            "MEWS_CLIENT_TOKEN": self.mews.client_token,
+            "MEWS_ACCESS_TOKEN": self.mews.access_token,
+            "DELIVERIES_API_URL": self.urls["deliveries"],
+            "DELIVERIES_API_KEY": self.deliveries.token,
+            "MAPPING_API_URL": self.urls["mapping"],
+            "MAPPING_API_TOKEN": self.mapping.token,
+            "SANDBOX_S3_ENDPOINT_URL": self.s3.endpoint_url,
+        }
+
+    def stop(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_sandbox(
+    ports: Mapping[str, int] | None = None,
+    *,
+    n_locations: int = 500,
+    locations_options: Mapping[str, Any] | None = None,
+    mews_options: Mapping[str, Any] | None = None,
+    s3: S3Server | None = None,
+) -> Sandbox:
+    """Start every simulator; ``ports`` maps provider -> port (0 or missing = any free port)."""
+    ports = dict(ports or {})
+    stack = ExitStack()
+    try:
+        if s3 is None:  # tests share one S3 server across the session
+            s3 = S3Server(port=ports.get("s3", 0)).start()
+            stack.callback(s3.stop)
+        now = datetime.now(UTC)
+        states: dict[str, Any] = {
+            "locations": locations.State(n_locations=n_locations, **dict(locations_options or {})),
+            "mews": mews.State(**dict(mews_options or {})),
+            # The message log covers the last week up to now, so time windows find rows.
+            "deliveries": deliveries.State(
+                s3=s3, log_start=now - timedelta(days=7), log_span=timedelta(days=7)
+            ),
+            "mapping": mapping.State(),
+        }
+        apps = {
+            "locations": locations.create_app,
+            "mews": mews.create_app,
+            "deliveries": deliveries.create_app,
+            "mapping": mapping.create_app,
+        }
+        urls = {}
+        for name, create in apps.items():
+            server = RunningServer(create(states[name]), port=ports.get(name, 0)).start()
+            stack.callback(server.stop)
+            urls[name] = server.base_url
+        for state in states.values():
+            if hasattr(state, "close"):
+                stack.callback(state.close)
+        return Sandbox(
+            locations=states["locations"],
+            mews=states["mews"],
+            deliveries=states["deliveries"],
+            mapping=states["mapping"],
+            s3=s3,
+            urls=urls,
+            _stack=stack,
+        )
+    except BaseException:
+        stack.close()
+        raise

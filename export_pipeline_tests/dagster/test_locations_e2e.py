@@ -1,0 +1,276 @@
+"""The spine end to end: Dagster's real APIs -> sandbox over HTTP -> Parquet -> DuckDB on disk."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+import duckdb
+import pytest
+
+from export_pipeline.core.model import ExportRequest, ExportState
+from export_pipeline.definitions import BINDINGS
+from export_pipeline.defs.assets import make_runner
+from export_pipeline_tests.conftest import DagsterSetup
+
+LOCATIONS = next(b for b in BINDINGS if b.name == "locations")
+KIND = LOCATIONS.kinds[0]
+
+
+def materialize(setup: DagsterSetup, config: dict | None = None, raise_on_error: bool = True):
+    """Run the project's real `locations_sync` job (asset + its checks) in process."""
+    return setup.job("locations_sync").execute_in_process(
+        run_config={"ops": {"locations__locations": {"config": config or {}}}},
+        instance=setup.instance,
+        raise_on_error=raise_on_error,
+    )
+
+
+def query(setup: DagsterSetup, sql: str, params: list | None = None):
+    with duckdb.connect(str(setup.warehouse_path), read_only=True) as con:
+        return con.execute(sql, params or []).fetchall()
+
+
+def ledger_rows(setup: DagsterSetup):
+    return query(
+        setup,
+        "SELECT export_id, state, modified_since, provider_timestamp, rows_loaded, error_code "
+        "FROM pipeline.exports ORDER BY requested_at",
+    )
+
+
+def test_full_then_incremental_sync(dagster_setup: DagsterSetup) -> None:
+    setup = dagster_setup
+    result = materialize(setup)
+    assert result.success
+    n = 300  # the sandbox fixture's size
+    assert query(setup, "SELECT count(*) FROM locations.locations")[0][0] == n
+    first = ledger_rows(setup)
+    assert len(first) == 1 and first[0][1] == "loaded" and first[0][2] is None  # full export
+    checks = result.get_asset_check_evaluations()
+    assert {c.check_name for c in checks} == {"rows_match_provider", "primary_key_unique"}
+    assert all(c.passed for c in checks)
+
+    # Metadata a user wants to see on the materialization.
+    mat = result.asset_materializations_for_node("locations__locations")[0]
+    for key in (
+        "export_id",
+        "rows",
+        "bytes",
+        "duration_seconds",
+        "format",
+        "parquet_path",
+        "dagster/column_schema",
+        "preview",
+    ):
+        assert key in mat.metadata, key
+    assert mat.metadata["rows"].value == n
+
+    # The provider changes data: some locations updated, some added.
+    before = dict(query(setup, "SELECT id, last_updated FROM locations.locations"))
+    setup.sandbox.locations.mutate(updated=20, added=7)
+    result = materialize(setup)
+    assert result.success
+    rows = ledger_rows(setup)
+    assert len(rows) == 2 and rows[1][1] == "loaded"
+    # The incremental request started at the provider's timestamp of the first export minus overlap.
+    overlap = timedelta(seconds=300)
+    assert rows[1][2] == first[0][3] - overlap
+    # Updated rows replaced, new rows added, nothing duplicated.
+    assert query(setup, "SELECT count(*) FROM locations.locations")[0][0] == n + 7
+    assert (
+        query(
+            setup,
+            "SELECT count(*) FROM (SELECT country_code, party_id, id FROM locations.locations "
+            "GROUP BY ALL HAVING count(*) > 1)",
+        )[0][0]
+        == 0
+    )
+    after = dict(query(setup, "SELECT id, last_updated FROM locations.locations"))
+    changed = [i for i in before if after[i] != before[i]]
+    assert len(changed) == 20
+    second_export = rows[1][0]
+    assert (
+        query(
+            setup, "SELECT count(*) FROM locations.locations WHERE _export_id = ?", [second_export]
+        )[0][0]
+        == rows[1][4]
+        == 27
+    )
+    # The cursor is the provider's exportTimestamp of the last loaded export.
+    cursor = query(setup, "SELECT cursor_value, export_id FROM pipeline.cursors")
+    assert cursor == [(rows[1][3], second_export)]
+    # Analyst views unnest the nested structure.
+    evses = query(setup, "SELECT count(*) FROM locations.evses")[0][0]
+    connectors = query(setup, "SELECT count(*) FROM locations.connectors")[0][0]
+    assert evses >= n + 7 and connectors >= evses
+
+
+def test_json_and_csv_give_the_same_table(dagster_setup: DagsterSetup, tmp_path) -> None:
+    setup = dagster_setup
+    assert materialize(setup, {"format": "json"}).success
+    cols = "* EXCLUDE (_export_id, _source_file, _loaded_at)"
+    json_rows = query(setup, f"SELECT {cols} FROM locations.locations ORDER BY id")
+    json_types = query(
+        setup,
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = 'locations' AND table_name = 'locations' ORDER BY ordinal_position",
+    )
+    assert materialize(setup, {"format": "csv", "full_refresh": True}).success
+    csv_rows = query(setup, f"SELECT {cols} FROM locations.locations ORDER BY id")
+    assert csv_rows == json_rows
+    formats = query(setup, "SELECT request_params FROM pipeline.exports ORDER BY requested_at")
+    assert ["json" in f[0] for f in formats] == [True, False]
+    assert json_types == query(
+        setup,
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = 'locations' AND table_name = 'locations' ORDER BY ordinal_position",
+    )
+
+
+def test_sensor_launches_one_run_per_ready_export(dagster_setup: DagsterSetup) -> None:
+    setup = dagster_setup
+    setup.sandbox.locations.ready_after_seconds = 3600  # stays PENDING
+    with dg.build_resources(setup.resources) as res:
+        r = make_runner(res, LOCATIONS)
+        record, adopted = r.start(KIND, ExportRequest(), source="test")
+        assert not adopted
+        sensor = setup.defs.resolve_sensor_def("locations_exports_sensor")
+
+        ctx = dg.build_sensor_context(
+            instance=setup.instance, resources=setup.resources, definitions=setup.defs
+        )
+        result = sensor.evaluate_tick(ctx)
+        assert result.run_requests == []  # pending: nothing to launch
+
+        setup.sandbox.locations.ready_after_seconds = 0
+        ctx = dg.build_sensor_context(
+            instance=setup.instance, resources=setup.resources, definitions=setup.defs
+        )
+        result = sensor.evaluate_tick(ctx)
+        assert [rr.run_key for rr in result.run_requests] == [f"locations:{record.export_id}"]
+        rr = result.run_requests[0]
+        assert rr.asset_selection == [dg.AssetKey(["locations", "locations"])]
+        config = rr.run_config["ops"]["locations__locations"]["config"]
+        assert config["export_id"] == record.export_id
+
+        # Run exactly what the sensor asked for; afterwards the export is no longer open.
+        assert materialize(setup, config).success
+        ctx = dg.build_sensor_context(
+            instance=setup.instance, resources=setup.resources, definitions=setup.defs
+        )
+        assert sensor.evaluate_tick(ctx).run_requests == []
+        assert r.ledger.get("locations", record.export_id).state is ExportState.LOADED
+
+
+def test_sensor_batches_and_stays_bounded(dagster_setup: DagsterSetup) -> None:
+    """Many open exports: every one is polled once per tick, ready ones launched once each."""
+    setup = dagster_setup
+    setup.sandbox.locations.ready_after_seconds = 0
+    with dg.build_resources(setup.resources) as res:
+        r = make_runner(res, LOCATIONS)
+        ids = [r.start(KIND, ExportRequest(), adopt=False)[0].export_id for _ in range(25)]
+    sensor = setup.defs.resolve_sensor_def("locations_exports_sensor")
+    result = sensor.evaluate_tick(
+        dg.build_sensor_context(
+            instance=setup.instance, resources=setup.resources, definitions=setup.defs
+        )
+    )
+    assert sorted(rr.run_key for rr in result.run_requests) == sorted(f"locations:{i}" for i in ids)
+    assert "polled=25" in result.cursor
+
+
+def test_schedule_carries_modified_since_from_the_cursor(dagster_setup: DagsterSetup) -> None:
+    setup = dagster_setup
+    schedule = setup.defs.resolve_schedule_def("locations_schedule")
+    ctx = dg.build_schedule_context(
+        instance=setup.instance,
+        resources=setup.resources,
+        scheduled_execution_time=datetime.now(UTC),
+    )
+    first = schedule.evaluate_tick(ctx).run_requests[0]
+    config = first.run_config["ops"]["locations__locations"]["config"]
+    assert config.get("modified_since") is None and config["full_refresh"] is True
+
+    assert materialize(setup).success
+    exported_at = query(setup, "SELECT provider_timestamp FROM pipeline.exports")[0][0]
+    ctx = dg.build_schedule_context(
+        instance=setup.instance,
+        resources=setup.resources,
+        scheduled_execution_time=datetime.now(UTC),
+    )
+    request = schedule.evaluate_tick(ctx).run_requests[0]
+    config = request.run_config["ops"]["locations__locations"]["config"]
+
+    assert datetime.fromisoformat(config["modified_since"]) == exported_at - timedelta(seconds=300)
+    # And a run with that config asks the provider for exactly that modifiedSince.
+    assert materialize(setup, config).success
+    sent = list(setup.sandbox.locations.requests_by_id.values())[-1]
+    assert sent == exported_at - timedelta(seconds=300)
+
+
+def test_rate_limit_is_waited_out(dagster_setup: DagsterSetup) -> None:
+    setup = dagster_setup
+    setup.sandbox.locations.rate_limit_next = 2
+    setup.sandbox.locations.retry_after_seconds = 1
+    assert materialize(setup).success
+    assert setup.sandbox.locations.rate_limit_next == 0
+
+
+def test_expired_link_is_recovered(dagster_setup: DagsterSetup) -> None:
+    """A link that dies between the status call and the download is replaced, not fatal."""
+    setup = dagster_setup
+    setup.sandbox.locations.link_ttl_seconds = 0.5
+    setup.sandbox.locations.ready_after_seconds = 0
+    with dg.build_resources(setup.resources) as res:
+        r = make_runner(res, LOCATIONS)
+        record, _ = r.start(KIND, ExportRequest())
+        r.wait_until_ready(KIND, record.export_id, timeout=10)
+    time.sleep(1.2)  # the link the ledger saw is now dead
+    setup.sandbox.locations.link_ttl_seconds = 3600
+    assert materialize(setup, {"export_id": record.export_id}).success
+    assert query(setup, "SELECT state FROM pipeline.exports")[0][0] == "loaded"
+
+
+def test_failed_export_surfaces_and_commits_nothing(dagster_setup: DagsterSetup) -> None:
+    setup = dagster_setup
+    assert materialize(setup).success
+    count = query(setup, "SELECT count(*) FROM locations.locations")[0][0]
+    cursor = query(setup, "SELECT cursor_value FROM pipeline.cursors")
+    setup.sandbox.locations.mutate(updated=5, added=5)
+    setup.sandbox.locations.fail_next_export = ("EXPORT_GENERATION_FAILED", "disk full")
+    result = materialize(setup, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    message = str(failure.step_failure_data.error.message)
+    assert "EXPORT_GENERATION_FAILED" in message and "disk full" in message
+    assert query(setup, "SELECT count(*) FROM locations.locations")[0][0] == count
+    assert query(setup, "SELECT cursor_value FROM pipeline.cursors") == cursor
+    states = query(setup, "SELECT state, error_code FROM pipeline.exports ORDER BY requested_at")
+    assert states[-1] == ("failed", "EXPORT_GENERATION_FAILED")
+
+
+@pytest.mark.parametrize("code", ["INVALID_FORMAT", "INVALID_DATE_RANGE", "EXPORT_SIZE_EXCEEDED"])
+def test_provider_error_codes_are_clear_and_not_retried(
+    dagster_setup: DagsterSetup, code: str
+) -> None:
+    setup = dagster_setup
+    setup.sandbox.locations.reject_next_request = code
+    result = materialize(setup, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert code in failure.step_failure_data.error.message
+    # Not retried: exactly one create call reached the provider.
+    creates = [c for c in setup.sandbox.locations.calls if c[0] == "POST"]
+    assert len(creates) == 1
+    assert query(setup, "SELECT count(*) FROM pipeline.exports")[0][0] == 0
+
+
+def test_wrong_token_names_the_env_var(dagster_setup: DagsterSetup, monkeypatch) -> None:
+    setup = dagster_setup
+    monkeypatch.setenv("LOCATIONS_API_TOKEN", "wrong")
+    result = materialize(setup, raise_on_error=False)
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "LOCATIONS_API_TOKEN" in failure.step_failure_data.error.message
+    assert "wrong" not in failure.step_failure_data.error.message
