@@ -121,9 +121,14 @@ def _dev(args: argparse.Namespace) -> int:
 
 
 def _webhooks(args: argparse.Namespace) -> int:
+    from export_pipeline.core.errors import ConfigurationError
     from export_pipeline.webhooks.serve import serve
 
-    serve(host=args.host, port=args.port, store_path=Path(args.store))
+    try:
+        serve(host=args.host, port=args.port, store_path=Path(args.store))
+    except ConfigurationError as exc:
+        print(f"export-pipeline webhooks: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
