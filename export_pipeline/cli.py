@@ -51,7 +51,13 @@ def _demo(args: argparse.Namespace) -> int:
                     flush=True,
                 )
             t0 = time.perf_counter()
-            result = job.execute_in_process(instance=instance, raise_on_error=False)
+            result = job.execute_in_process(
+                instance=instance,
+                raise_on_error=False,
+                run_config={
+                    "loggers": {"console": {"config": {"log_level": args.log_level.upper()}}}
+                },
+            )
             seconds = time.perf_counter() - t0
             if not result.success:
                 for event in result.all_events:
@@ -61,6 +67,15 @@ def _demo(args: argparse.Namespace) -> int:
                 return 1
             record = ledger.last_loaded("locations", "locations")
             assert record is not None
+            with Warehouse(warehouse_path).connect() as con:
+                files = [
+                    f"{name} ({size:,} bytes)"
+                    for name, size in con.execute(
+                        "SELECT name, size_bytes FROM pipeline.export_files "
+                        "WHERE provider = 'locations' AND export_id = ? ORDER BY name",
+                        [record.export_id],
+                    ).fetchall()
+                ]
             summary.append(
                 {
                     "sync": step,
@@ -68,14 +83,15 @@ def _demo(args: argparse.Namespace) -> int:
                     "modified_since": record.modified_since.isoformat()
                     if record.modified_since
                     else None,
-                    "files": record.raw_uri,
+                    "files": files,
                     "rows": record.rows_loaded,
                     "seconds": round(seconds, 2),
                 }
             )
             print(
                 f"{step:<12} export {record.export_id}  rows {record.rows_loaded:>7}  "
-                f"{seconds:6.2f}s  since {summary[-1]['modified_since'] or '(full)'}",
+                f"{seconds:6.2f}s  since {summary[-1]['modified_since'] or '(full)'}  "
+                f"files {', '.join(files)}",
                 flush=True,
             )
         with Warehouse(warehouse_path).connect() as con:
@@ -141,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rows", type=int, default=2000, help="locations in the sandbox")
     demo.add_argument("--changes", type=int, default=100, help="locations updated between syncs")
     demo.add_argument("--keep", action="store_true", help="do not reset the demo warehouse")
+    demo.add_argument("--log-level", default="warning", help="Dagster console log level")
     demo.set_defaults(func=_demo)
 
     sandbox = sub.add_parser("sandbox", help="the bundled provider simulators")

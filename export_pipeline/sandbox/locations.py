@@ -454,7 +454,7 @@ class State:
     # -------------------------------------------------------------- exports
     def create_export(self, fmt: str, modified_since: datetime | None) -> _Export:
         with self._lock:
-            export_id = str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
+            export_id = str(uuid.uuid4())  # unique across sandbox restarts, like a real API
             export = _Export(
                 id=export_id,
                 format=fmt,

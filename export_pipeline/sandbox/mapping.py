@@ -233,7 +233,7 @@ class State:
             if not rows:
                 return 200, {"success": False, "message": "No results to export for this job"}
             self._export_counter += 1
-            export_id = self._uuid("export", self._export_counter)
+            export_id = str(uuid.uuid4())  # unique across sandbox restarts, like the real API
             failed, self.fail_next_generation_message = self.fail_next_generation_message, None
             export = SandboxExport(
                 export_id=export_id,
