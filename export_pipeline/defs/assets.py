@@ -11,6 +11,7 @@ import pandas as pd
 from pydantic import Field
 
 from export_pipeline.core.errors import ExportPipelineError, ExportTimeoutError
+from export_pipeline.core.http import RetryPolicy
 from export_pipeline.core.ingest import ExportRunner, IngestResult
 from export_pipeline.core.model import ExportKind, ExportRequest, Incremental, LoadMode
 from export_pipeline.core.windows import next_request, parse_iso
@@ -61,11 +62,17 @@ def op_name(kind: ExportKind) -> str:
     return f"{kind.provider}__{kind.name}"
 
 
-def make_runner(resources: Any, binding: ProviderBinding, *, lock_timeout: float | None = None):
+def make_runner(
+    resources: Any,
+    binding: ProviderBinding,
+    *,
+    lock_timeout: float | None = None,
+    retry: RetryPolicy | None = None,
+) -> ExportRunner:
     """Provider client + ledger + storage from the resources of a run, sensor or schedule."""
     settings = resources.sync_settings
     provider: ExportProvider = getattr(resources, binding.resource_key).build(
-        retry=settings.retry()
+        retry=retry or settings.retry()
     )
     warehouse = resources.warehouse
     runner = ExportRunner(

@@ -30,7 +30,7 @@ class WarehouseResource(dg.ConfigurableResource):
     data_dir: str = Field("data", description="Local root of data/raw and data/parquet.")
     storage: str = Field(
         "local",
-        description="'local' (files under data_dir) or 's3://bucket/prefix' (uses the s3 resource).",
+        description="'local' (files under data_dir) or 's3://bucket/prefix' (s3 resource).",
     )
     lock_timeout_seconds: float = Field(
         600.0, description="How long to wait for another process's write lock on the DuckDB file."

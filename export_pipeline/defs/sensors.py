@@ -13,6 +13,7 @@ from typing import Any
 import dagster as dg
 
 from export_pipeline.core.errors import ExportPipelineError, WarehouseBusyError
+from export_pipeline.core.http import RetryPolicy
 from export_pipeline.core.ingest import ExportRunner
 from export_pipeline.core.model import ExportKind, ExportRequest, ExportState, ExportStatus
 from export_pipeline.defs.assets import (
@@ -32,6 +33,8 @@ TICK_BUDGET_SECONDS = 30.0
 MAX_EXPORTS_PER_TICK = 5000
 # A run may hold the warehouse while it loads; a sensor tick waits only briefly, then skips.
 SENSOR_LOCK_TIMEOUT = 5.0
+# A tick must not spend its budget backing off: one quick retry, then the next tick.
+SENSOR_RETRY = RetryPolicy(max_attempts=2, base_delay=0.5, max_delay=2.0, max_retry_after=5.0)
 
 
 def _locations_event(body: Mapping[str, Any]) -> tuple[str | None, ExportStatus]:
@@ -132,7 +135,9 @@ def build_export_sensor(binding: ProviderBinding) -> dg.SensorDefinition:
     )
     def _sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
         started = time.monotonic()
-        runner = make_runner(context.resources, binding, lock_timeout=SENSOR_LOCK_TIMEOUT)
+        runner = make_runner(
+            context.resources, binding, lock_timeout=SENSOR_LOCK_TIMEOUT, retry=SENSOR_RETRY
+        )
         store = _event_store(context.resources.webhook_events.path)
         try:
             new_partitions, pushed = absorb_events(runner, binding, store, context.log)
