@@ -1,0 +1,179 @@
+"""Helpers shared by the benchmarks: measured child processes, phase timing, JSON output.
+
+Why child processes: a process's peak RSS (``ru_maxrss``) only ever grows, so two measurements
+in one process contaminate each other, and a sandbox server running alongside would count too.
+Each measured piece of work therefore runs in a fresh ``python -m <benchmark> --child ...``
+that reports its own ``ru_maxrss`` at the end (exact: the kernel's high-water mark), while the
+parent also polls the child's RSS with psutil as a cross-check.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import psutil
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_MB = 1024 * 1024
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def self_peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / _MB if sys.platform == "darwin" else peak / 1024
+
+
+def current_rss_mb() -> float:
+    """This process's resident set size now, in MiB."""
+    return psutil.Process().memory_info().rss / _MB
+
+
+def emit_json(payload: Mapping[str, Any]) -> None:
+    """Print one JSON object on one line (the machine-readable result) and flush."""
+    print(json.dumps(payload, separators=(", ", ": "), default=str), flush=True)
+
+
+def last_json_line(text: str) -> dict[str, Any]:
+    """The JSON object on the last non-empty line of ``text`` (a benchmark's result)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError("no output")
+    value = json.loads(lines[-1])
+    if not isinstance(value, dict):
+        raise ValueError(f"last line is not a JSON object: {lines[-1][:200]}")
+    return value
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def rounded(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+@dataclass
+class Phases:
+    """Wall-clock seconds of named phases, plus the process's peak RSS as each one ended.
+
+    ``wrap`` times every call of a function without changing what it does, so the real code
+    path can be measured from the outside (``runner.method = phases.wrap("x", runner.method)``).
+    A phase that runs more than once is summed.
+    """
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    ended_at: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb_after: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def time(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            end = time.perf_counter()
+            self.seconds[name] = self.seconds.get(name, 0.0) + (end - start)
+            self.ended_at[name] = end
+            self.peak_rss_mb_after[name] = round(self_peak_rss_mb(), 1)
+
+    def wrap(self, name: str, fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def timed(*args: P.args, **kwargs: P.kwargs) -> R:
+            with self.time(name):
+                return fn(*args, **kwargs)
+
+        return timed
+
+
+class ChildFailedError(RuntimeError):
+    """A benchmark child process exited non-zero or printed no JSON result."""
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    result: dict[str, Any]  # the child's last stdout line, parsed
+    polled_peak_rss_mb: float  # highest RSS the parent saw (child + its children), ~20 ms polls
+    wall_seconds: float  # including the interpreter's start-up and imports
+
+
+def run_child(
+    module: str,
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    poll_seconds: float = 0.02,
+    timeout: float | None = None,
+) -> ChildRun:
+    """Run ``python -m module args`` from the repo root and return its JSON result.
+
+    The child's stdout is read in a thread (so a chatty child cannot block on a full pipe)
+    while this thread samples the RSS of the child and its descendants. The child's stderr is
+    passed through, so its logs and tracebacks stay visible.
+    """
+    child_env = dict(os.environ)
+    child_env.update(env or {})
+    child_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), child_env.get("PYTHONPATH", "")) if p
+    )
+    cmd = [sys.executable, "-m", module, *args]
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=child_env, stdout=subprocess.PIPE, stderr=None, text=True
+    )
+    chunks: list[str] = []
+    reader = threading.Thread(
+        target=lambda: chunks.append(proc.stdout.read() if proc.stdout else ""), daemon=True
+    )
+    reader.start()
+    peak = 0.0
+    try:
+        watched = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            if timeout is not None and time.perf_counter() - started > timeout:
+                proc.kill()
+                raise ChildFailedError(f"{module} {' '.join(args[:2])} timed out after {timeout}s")
+            peak = max(peak, _tree_rss_mb(watched))
+            time.sleep(poll_seconds)
+    except psutil.NoSuchProcess:
+        pass
+    finally:
+        proc.wait()
+        reader.join()
+    wall = time.perf_counter() - started
+    output = "".join(chunks)
+    if proc.returncode != 0:
+        raise ChildFailedError(
+            f"{module} child {list(args[:2])} exited with {proc.returncode}; "
+            f"stdout tail: {output[-2000:]}"
+        )
+    try:
+        result = last_json_line(output)
+    except ValueError as exc:
+        raise ChildFailedError(f"{module} child printed no JSON result: {exc}") from exc
+    return ChildRun(result=result, polled_peak_rss_mb=round(peak, 1), wall_seconds=wall)
+
+
+def _tree_rss_mb(process: psutil.Process) -> float:
+    total = 0
+    for p in (process, *process.children(recursive=True)):
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+    return total / _MB

@@ -1,0 +1,422 @@
+"""Locations ingest benchmark: the real pipeline vs DuckDB's own ``read_json`` of the same file.
+
+Run from the repo root::
+
+    python -m benchmarks.ingest                      # 200,000 locations, JSON
+    python -m benchmarks.ingest --rows 50000 --format csv
+    python -m benchmarks.ingest --rows-sweep 50000,200000   # peak RSS at several sizes
+    python -m benchmarks.ingest --repeat 3           # medians of 3 runs (a noisy machine)
+
+What runs where:
+
+* The **parent** runs the locations sandbox (``State`` + ``create_app`` on a loopback uvicorn
+  server) and a "producer" thread that writes each requested export file in the background, as
+  a real operator would. Its memory is not measured.
+* The **ingest child** (a fresh ``python -m benchmarks.ingest --child ingest``) runs the real
+  code path: ``LocationsProvider.from_settings`` -> ``ExportRunner(provider,
+  Ledger(Warehouse(warehouse.duckdb)), LocalStorage(data), IngestSettings(...)).sync(LOCATIONS,
+  ExportRequest(params={"format": ...}))``: request, poll, streaming download, Parquet, merge
+  into DuckDB, ledger and cursor committed in one transaction.
+* The **baseline child** loads the very file the ingest downloaded with DuckDB's plain
+  ``CREATE TABLE locations AS SELECT * FROM read_json(file, format := 'array', columns :=
+  LOCATION_COLUMNS)`` into a fresh DuckDB file (``read_csv`` with auto-detection for
+  ``--format csv``).
+
+Each child reports its own peak RSS (``ru_maxrss``); the parent also polls it every 20 ms.
+The last line of output is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import (
+    ChildRun,
+    Phases,
+    current_rss_mb,
+    emit_json,
+    median,
+    rounded,
+    run_child,
+    self_peak_rss_mb,
+)
+
+MODULE = "benchmarks.ingest"
+DEFAULT_ROWS = 200_000
+# Keys the final JSON line always carries (the smoke test checks them).
+REQUIRED_KEYS = (
+    "rows",
+    "format",
+    "bytes",
+    "seconds",
+    "baseline_seconds",
+    "ratio_vs_duckdb",
+    "peak_rss_mb",
+    "baseline_peak_rss_mb",
+)
+
+
+# --------------------------------------------------------------------------- children
+
+
+def _child_ingest(base_url: str, workdir: Path, fmt: str) -> dict[str, Any]:
+    """One full export through the real code path, timed phase by phase from the outside.
+
+    What ``seconds`` covers: the whole ``sync()`` minus the time it spent in
+    ``wait_until_ready`` -- i.e. the request, the status confirmation, the streaming download,
+    normalising to Parquet, and the load transaction (merge + views + ledger + cursor + COMMIT).
+    The excluded wait is the provider preparing the file (in the sandbox: generating it in the
+    parent's producer thread), which is not the pipeline's work and which the baseline, reading
+    a finished file, does not pay either.
+    """
+    import duckdb
+
+    from export_pipeline.core import ingest as ingest_module
+    from export_pipeline.core.ingest import ExportRunner, IngestSettings
+    from export_pipeline.core.ledger import Ledger, Warehouse
+    from export_pipeline.core.model import ExportRequest
+    from export_pipeline.core.storage import LocalStorage
+    from export_pipeline.providers.locations import (
+        LOCATIONS,
+        TOKEN_ENV_VAR,
+        LocationsProvider,
+    )
+
+    rss_at_start = current_rss_mb()  # interpreter + imports: the floor of any peak
+    workdir.mkdir(parents=True, exist_ok=True)
+    warehouse_path = workdir / "warehouse.duckdb"
+    provider = LocationsProvider.from_settings(
+        base_url=base_url, token=os.environ[TOKEN_ENV_VAR], timeout=120.0
+    )
+    runner = ExportRunner(
+        provider,
+        Ledger(Warehouse(warehouse_path)),
+        LocalStorage(workdir / "data"),
+        # Short polls, so the untimed wait does not overshoot the moment the file is ready.
+        IngestSettings(poll_initial_seconds=0.05, poll_max_seconds=0.25),
+    )
+    phases = Phases()
+    # Timing wrappers only: each calls the real function with the real arguments.
+    runner.start = phases.wrap("request", runner.start)  # type: ignore[method-assign]
+    runner.wait_until_ready = phases.wrap("wait", runner.wait_until_ready)  # type: ignore[method-assign]
+    runner._download = phases.wrap("download", runner._download)  # type: ignore[method-assign]
+    ingest_module.to_parquet = phases.wrap("normalise", ingest_module.to_parquet)  # type: ignore[assignment]
+    ingest_module.load_parquet = phases.wrap("merge", ingest_module.load_parquet)  # type: ignore[assignment]
+
+    with phases.time("sync"):
+        result = runner.sync(LOCATIONS, ExportRequest(params={"format": fmt}))
+    peak = self_peak_rss_mb()
+    s = phases.seconds
+
+    # Not timed: the table really holds the export.
+    with duckdb.connect(str(warehouse_path), read_only=True) as con:
+        row = con.execute("SELECT count(*) FROM locations.locations").fetchone()
+    table_rows = int(row[0]) if row else 0
+    assert result.raw_uri is not None and len(result.files) == 1, result
+    return {
+        "export_id": result.export_id,
+        "rows": result.rows,
+        "table_rows": table_rows,
+        "bytes": result.bytes_downloaded,
+        "raw_file": str(Path(result.raw_uri) / result.files[0]),
+        "seconds": s["sync"] - s.get("wait", 0.0),
+        "sync_seconds": s["sync"],
+        "wait_seconds": s.get("wait", 0.0),
+        "request_seconds": s.get("request", 0.0),
+        "download_seconds": s.get("download", 0.0),
+        "normalise_seconds": s.get("normalise", 0.0),
+        "merge_seconds": s.get("merge", 0.0),
+        # From the end of normalising to the end of sync(): publish + the load transaction
+        # (merge, views, ledger, cursor, COMMIT).
+        "load_seconds": phases.ended_at["sync"] - phases.ended_at["normalise"],
+        "peak_rss_mb": round(peak, 1),
+        "rss_at_start_mb": round(rss_at_start, 1),
+        "peak_rss_mb_after": phases.peak_rss_mb_after,
+    }
+
+
+def _columns_literal() -> str:
+    """LOCATION_COLUMNS as a DuckDB struct literal for read_json's ``columns``."""
+    from export_pipeline.providers.locations import LOCATION_COLUMNS
+
+    def lit(text: str) -> str:
+        return "'" + text.replace("'", "''") + "'"
+
+    return "{" + ", ".join(f"{lit(n)}: {lit(t)}" for n, t in LOCATION_COLUMNS.items()) + "}"
+
+
+def _child_baseline(source: Path, db_path: Path, fmt: str) -> dict[str, Any]:
+    """DuckDB on its own: the same file into a table of a fresh DuckDB file, default settings.
+
+    Timed: connect, ``CREATE TABLE AS SELECT * FROM read_json(...)``, close (the checkpoint
+    that makes it durable) -- the same things the ingest's load transaction pays for.
+    """
+    import duckdb
+
+    rss_at_start = current_rss_mb()
+    for stale in (db_path, db_path.with_name(db_path.name + ".wal")):
+        stale.unlink(missing_ok=True)
+    path = "'" + str(source).replace("'", "''") + "'"
+    if fmt == "json":
+        reader = f"read_json({path}, format := 'array', columns := {_columns_literal()})"
+    else:
+        reader = f"read_csv({path}, header := true)"
+    start = time.perf_counter()
+    con = duckdb.connect(str(db_path))
+    con.execute(f"CREATE TABLE locations AS SELECT * FROM {reader}")
+    con.close()
+    seconds = time.perf_counter() - start
+    peak = self_peak_rss_mb()
+    with duckdb.connect(str(db_path), read_only=True) as con:
+        row = con.execute("SELECT count(*) FROM locations").fetchone()
+    return {
+        "rows": int(row[0]) if row else 0,
+        "seconds": seconds,
+        "peak_rss_mb": round(peak, 1),
+        "rss_at_start_mb": round(rss_at_start, 1),
+    }
+
+
+# --------------------------------------------------------------------------- parent
+
+
+class _Producer:
+    """Writes each export the sandbox is asked for in a background thread, like a real operator.
+
+    The sandbox is started with a very long ``ready_after_seconds``, so its status answers stay
+    PENDING/PROCESSING (quickly) until this thread has finished the file; then COMPLETED.
+    """
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+        self._stop = threading.Event()
+        self._done: set[str] = set()
+        self.errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, daemon=True, name="producer")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for export_id in list(self.state.requests_by_id):
+                if export_id in self._done:
+                    continue
+                self._done.add(export_id)
+                try:
+                    self.state.complete(export_id)
+                except BaseException as exc:  # surfaced by the parent, never swallowed
+                    self.errors.append(exc)
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> _Producer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+def _run_size(rows: int, fmt: str, repeat: int, keep: Path | None) -> dict[str, Any]:
+    """Sandbox of ``rows`` locations; ``repeat`` x (ingest child, baseline child); medians."""
+    from export_pipeline.providers.locations import TOKEN_ENV_VAR
+    from export_pipeline.sandbox.locations import State, create_app
+    from export_pipeline.sandbox.server import RunningServer
+
+    tmp_ctx = tempfile.TemporaryDirectory(prefix="bench-ingest-") if keep is None else None
+    root = Path(tmp_ctx.name) if tmp_ctx is not None else keep
+    assert root is not None
+    ingests: list[ChildRun] = []
+    baselines: list[ChildRun] = []
+    try:
+        state = State(
+            n_locations=rows, ready_after_seconds=86_400, directory=root / "sandbox", seed=1
+        )
+        state.processing_after_seconds = 0.0
+        with state, RunningServer(create_app(state)) as server, _Producer(state) as producer:
+            print(f"sandbox: {rows:,} locations ({fmt}) at {server.base_url}", flush=True)
+            for i in range(repeat):
+                work = root / f"run{i}"
+                label = f"[{i + 1}/{repeat}] " if repeat > 1 else ""
+                ingest = run_child(
+                    MODULE,
+                    [
+                        "--child",
+                        "ingest",
+                        "--base-url",
+                        server.base_url,
+                        "--workdir",
+                        str(work),
+                        "--format",
+                        fmt,
+                    ],
+                    env={TOKEN_ENV_VAR: state.token},
+                )
+                if producer.errors:
+                    raise RuntimeError("the sandbox failed to write the export") from (
+                        producer.errors[0]
+                    )
+                r = ingest.result
+                if r["rows"] != rows or r["table_rows"] != rows:
+                    raise RuntimeError(f"ingest loaded {r['rows']}/{r['table_rows']} of {rows}")
+                print(
+                    f"{label}ingest: {r['rows']:,} rows, {r['bytes'] / 1e6:.1f} MB in "
+                    f"{r['seconds']:.2f}s (download {r['download_seconds']:.2f}s, normalise "
+                    f"{r['normalise_seconds']:.2f}s, load {r['load_seconds']:.2f}s; not timed: "
+                    f"waiting for the provider {r['wait_seconds']:.2f}s), "
+                    f"peak RSS {r['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
+                baseline = run_child(
+                    MODULE,
+                    [
+                        "--child",
+                        "baseline",
+                        "--file",
+                        r["raw_file"],
+                        "--db",
+                        str(work / "baseline.duckdb"),
+                        "--format",
+                        fmt,
+                    ],
+                )
+                b = baseline.result
+                if b["rows"] != rows:
+                    raise RuntimeError(f"baseline loaded {b['rows']} of {rows} rows")
+                print(
+                    f"{label}duckdb read_{'json' if fmt == 'json' else 'csv'} baseline: "
+                    f"{b['seconds']:.2f}s, peak RSS {b['peak_rss_mb']:.0f} MB "
+                    f"-> ratio {r['seconds'] / b['seconds']:.2f}",
+                    flush=True,
+                )
+                ingests.append(ingest)
+                baselines.append(baseline)
+                if keep is None:  # a 200k export is ~300 MB on disk, three times over
+                    shutil.rmtree(work, ignore_errors=True)
+                    state.expire(r["export_id"])
+    finally:
+        if tmp_ctx is not None:
+            tmp_ctx.cleanup()
+    return _summary(rows, fmt, ingests, baselines)
+
+
+def _summary(
+    rows: int, fmt: str, ingests: list[ChildRun], baselines: list[ChildRun]
+) -> dict[str, Any]:
+    def med(runs: list[ChildRun], key: str) -> float:
+        return median([run.result[key] for run in runs])
+
+    seconds = med(ingests, "seconds")
+    baseline_seconds = med(baselines, "seconds")
+    summary: dict[str, Any] = {
+        "rows": rows,
+        "format": fmt,
+        "bytes": ingests[0].result["bytes"],
+        "runs": len(ingests),
+        "seconds": rounded(seconds),
+        "baseline_seconds": rounded(baseline_seconds),
+        "ratio_vs_duckdb": rounded(seconds / baseline_seconds),
+        "peak_rss_mb": max(run.result["peak_rss_mb"] for run in ingests),
+        "baseline_peak_rss_mb": max(run.result["peak_rss_mb"] for run in baselines),
+        "polled_peak_rss_mb": max(run.polled_peak_rss_mb for run in ingests),
+        "baseline_polled_peak_rss_mb": max(run.polled_peak_rss_mb for run in baselines),
+        "rss_at_start_mb": ingests[0].result["rss_at_start_mb"],
+        "peak_rss_mb_after": ingests[-1].result["peak_rss_mb_after"],
+    }
+    for key in (
+        "request_seconds",
+        "download_seconds",
+        "normalise_seconds",
+        "load_seconds",
+        "merge_seconds",
+        "wait_seconds",
+        "sync_seconds",
+    ):
+        summary[key] = rounded(med(ingests, key))
+    if len(ingests) > 1:
+        summary["seconds_all"] = [rounded(run.result["seconds"]) for run in ingests]
+        summary["baseline_seconds_all"] = [rounded(run.result["seconds"]) for run in baselines]
+    return summary
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part.replace("_", "")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected sizes like 50000,200000, got {text!r}"
+        ) from None
+    if not sizes or any(n <= 0 for n in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return sizes
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.ingest",
+        description="Locations export through the real pipeline vs DuckDB's read_json.",
+    )
+    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="locations in the export")
+    parser.add_argument("--format", choices=("json", "csv"), default="json")
+    parser.add_argument(
+        "--rows-sweep",
+        type=_sizes,
+        metavar="N,N,...",
+        help="run each size in turn (one JSON line each) to show peak RSS does not grow with rows",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs per size; medians reported")
+    parser.add_argument(
+        "--keep", type=Path, help="work in this directory and keep the files (default: temp)"
+    )
+    # Hidden: how the parent starts the measured children.
+    parser.add_argument("--child", choices=("ingest", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument("--base-url", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--db", type=Path, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.child == "ingest":
+        emit_json(_child_ingest(args.base_url, args.workdir, args.format))
+        return 0
+    if args.child == "baseline":
+        emit_json(_child_baseline(args.file, args.db, args.format))
+        return 0
+    if args.repeat < 1:
+        raise SystemExit("--repeat must be at least 1")
+
+    sizes = args.rows_sweep or [args.rows]
+    summaries = []
+    for rows in sizes:
+        keep = args.keep / f"rows-{rows}" if args.keep else None
+        summary = _run_size(rows, args.format, args.repeat, keep)
+        summaries.append(summary)
+        if len(sizes) > 1:
+            emit_json(summary)
+    final = dict(summaries[-1])
+    if len(sizes) > 1:
+        final["rss_by_rows"] = {
+            str(s["rows"]): {
+                "peak_rss_mb": s["peak_rss_mb"],
+                "baseline_peak_rss_mb": s["baseline_peak_rss_mb"],
+                "seconds": s["seconds"],
+                "ratio_vs_duckdb": s["ratio_vs_duckdb"],
+            }
+            for s in summaries
+        }
+    emit_json(final)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

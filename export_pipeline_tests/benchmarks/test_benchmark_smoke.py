@@ -1,0 +1,45 @@
+"""Smoke test of ``python -m benchmarks.ingest`` at a tiny size: it runs and reports its figures.
+
+No timing assertions (the benchmark measures, it does not judge); this only guards the
+benchmark's plumbing -- sandbox, real ingest child, baseline child, the JSON last line.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import ingest
+
+
+def test_ingest_benchmark_reports_json_last_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert ingest.main(["--rows", "2000"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    result = json.loads(lines[-1])
+    for key in ingest.REQUIRED_KEYS:
+        assert key in result, key
+    assert result["rows"] == 2000
+    assert result["format"] == "json"
+    assert result["bytes"] > 0
+    assert result["seconds"] > 0 and result["baseline_seconds"] > 0
+    assert result["ratio_vs_duckdb"] == pytest.approx(
+        result["seconds"] / result["baseline_seconds"], rel=0.01
+    )
+    assert result["peak_rss_mb"] > 0 and result["baseline_peak_rss_mb"] > 0
+    for phase in ("download_seconds", "normalise_seconds", "load_seconds"):
+        assert result[phase] >= 0, phase
+    # Progress lines come before the JSON.
+    assert any(line.startswith("ingest:") for line in lines[:-1])
+
+
+def test_rows_sweep_reports_rss_per_size(capsys: pytest.CaptureFixture[str]) -> None:
+    assert ingest.main(["--rows-sweep", "500,1000", "--format", "csv"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    result = json.loads(lines[-1])
+    assert result["rows"] == 1000 and result["format"] == "csv"
+    assert set(result["rss_by_rows"]) == {"500", "1000"}
+    assert all(v["peak_rss_mb"] > 0 for v in result["rss_by_rows"].values())
+    # One JSON line per size before the final one.
+    per_size = [json.loads(line) for line in lines[:-1] if line.startswith("{")]
+    assert [r["rows"] for r in per_size] == [500, 1000]
