@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -46,7 +47,21 @@ class WarehouseResource(dg.ConfigurableResource):
         return Ledger(self.warehouse(lock_timeout=lock_timeout))
 
     def storage_backend(self, s3: object | None = None) -> Storage:
-        factory = getattr(s3, "get_client", None)
+        """Local or S3 storage. ``s3`` is what the ``s3`` resource key holds where we are called.
+
+        dagster-aws's ``S3Resource`` attaches a different object to op/asset contexts: code that
+        declares ``required_resource_keys={"s3"}`` gets the boto3 *client* (from
+        ``get_object_to_set_on_execution_context``), while ``build_resources`` or a direct call
+        may hand over the ``S3Resource`` itself. Both are accepted; anything else (no ``s3``
+        resource) leaves the factory empty, which ``storage_from_setting`` reports clearly when
+        the setting asks for S3.
+        """
+        factory: Callable[[], object] | None = None
+        if callable(getattr(s3, "get_client", None)):
+            factory = s3.get_client  # type: ignore[union-attr]
+        elif s3 is not None and callable(getattr(s3, "upload_file", None)):
+            client = s3
+            factory = lambda: client  # noqa: E731 - the client the resource already built
         return storage_from_setting(
             self.storage, data_dir=Path(self.data_dir), s3_client_factory=factory
         )
@@ -68,6 +83,14 @@ class SyncSettingsResource(dg.ConfigurableResource):
     http_base_delay_seconds: float = 0.5
     duckdb_memory_limit: str = "1GB"
     verify_row_count: bool = True
+    step_retry_seconds: float = Field(
+        30.0,
+        description="After a retryable error (an export of the kind already in flight at the "
+        "provider, the provider unavailable) Dagster retries the step after this long.",
+    )
+    step_max_retries: int = Field(
+        3, description="How often a step is retried after a retryable error before it fails."
+    )
 
     def incremental(self) -> IncrementalSettings:
         return IncrementalSettings(
