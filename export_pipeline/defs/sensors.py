@@ -67,22 +67,38 @@ def run_request_for(kind: ExportKind, export_id: str, partition_key: str, trigge
 
 
 def absorb_events(
-    runner: ExportRunner, binding: ProviderBinding, store: Any, log: Any
+    runner: ExportRunner,
+    binding: ProviderBinding,
+    store: Any,
+    log: Any,
+    *,
+    deadline: float | None = None,
 ) -> tuple[list[str], set[str]]:
     """Pushed events -> ledger. Returns (new partition keys, export ids that were pushed).
 
-    An event is a hint: it updates the ledger (and adopts exports we did not request, such as
-    mapping exports made automatically when a job completes); the ingest run confirms the status
-    with the provider before loading anything.
+    An event is a hint, not proof: it only says *which* exports to look at now. Each export
+    named by an event that is not already finished in the ledger is confirmed with the provider
+    in this very tick (one batched status call), and the ledger records the provider's answer,
+    not the event's. Exports we did not request (mapping exports made automatically when a job
+    completes, say) are adopted the same way.
+
+    Why not trust a COMPLETED event and let the run find out: the sensor launches each export
+    once (``run_key = provider:export_id``) and the daemon never launches a key that already has
+    a run, even a failed one. A premature event (provider still PENDING) would spend the key on
+    a run that can only fail, and the export would then never be launched again.
+
+    Events for exports already loaded (or otherwise finished) are consumed without a call.
+    Events left when ``deadline`` (a ``time.monotonic()`` value) passes stay pending for the
+    next tick; so do all events when the provider cannot be reached (the error propagates).
     """
     parse = EVENT_PARSERS.get(binding.name)
     if parse is None or store is None:
         return [], set()
     events = store.pending(source=binding.name, limit=1000)
-    new_partitions: list[str] = []
-    pushed: set[str] = set()
-    consumed: list[int] = []
     kind = binding.kinds[0]
+    consumed: list[int] = []
+    seqs_by_export: dict[str, list[int]] = {}
+    partition_of: dict[str, str | None] = {}
     for event in events:
         try:
             partition, status = parse(event.body)
@@ -90,26 +106,52 @@ def absorb_events(
             log.warning(f"event {event.seq} from {event.source} no longer parses: {exc}")
             consumed.append(event.seq)
             continue
-        record = runner.ledger.get(binding.name, status.export_id)
-        if record is None:
-            runner.ledger.record_request(
-                kind, ExportRequest(partition=partition), status, source="webhook"
-            )
-            if partition:
-                new_partitions.append(partition)
+        seqs_by_export.setdefault(status.export_id, []).append(event.seq)
+        partition_of.setdefault(status.export_id, partition)
+
+    to_confirm: list[str] = []
+    for export_id, seqs in seqs_by_export.items():
+        record = runner.ledger.get(binding.name, export_id)
+        if record is not None and record.state.is_terminal:
+            consumed.extend(seqs)  # loaded (or failed, expired, lost): nothing an event changes
         else:
-            runner.ledger.apply_status(binding.name, status)
-            if status.state is ExportState.FAILED:
-                runner.ledger.record_error(
-                    binding.name,
-                    status.export_id,
-                    code=status.error_code,
-                    message=status.error_message or "export failed (pushed event)",
-                    state=ExportState.FAILED,
+            to_confirm.append(export_id)
+
+    new_partitions: list[str] = []
+    pushed: set[str] = set()
+    try:
+        for chunk in batched(to_confirm, runner.provider.status_batch_size):
+            if deadline is not None and time.monotonic() > deadline:
+                log.info(
+                    f"time budget reached after confirming {len(pushed)} of {len(to_confirm)} "
+                    "pushed exports; the rest stay pending for the next tick"
                 )
-        pushed.add(status.export_id)
-        consumed.append(event.seq)
-    store.mark_consumed(consumed)
+                break
+            statuses = runner.provider.get_statuses(list(chunk))
+            for export_id in chunk:
+                status = statuses.get(export_id) or ExportStatus(
+                    export_id=export_id, state=ExportState.LOST
+                )
+                partition = partition_of[export_id]
+                if runner.ledger.get(binding.name, export_id) is None:
+                    runner.ledger.record_request(
+                        kind, ExportRequest(partition=partition), status, source="webhook"
+                    )
+                    if partition and status.state.is_open:
+                        new_partitions.append(partition)
+                else:
+                    runner.ledger.apply_status(binding.name, status)
+                if status.state is not ExportState.READY:
+                    log.info(
+                        f"pushed event for {binding.name} export {export_id}: the provider says "
+                        f"{status.state.value}"
+                        + (f" ({status.error_code})" if status.error_code else "")
+                    )
+                pushed.add(export_id)
+                consumed.extend(seqs_by_export[export_id])
+    finally:
+        # What was applied to the ledger is done; the rest is read again next tick.
+        store.mark_consumed(consumed)
     return new_partitions, pushed
 
 
@@ -140,14 +182,12 @@ def build_export_sensor(binding: ProviderBinding) -> dg.SensorDefinition:
         )
         store = _event_store(context.resources.webhook_events.path)
         try:
-            new_partitions, pushed = absorb_events(runner, binding, store, context.log)
+            new_partitions, pushed = absorb_events(
+                runner, binding, store, context.log, deadline=started + TICK_BUDGET_SECONDS / 2
+            )
             open_ = runner.ledger.open_exports(binding.name, limit=MAX_EXPORTS_PER_TICK)
-            # Pushed-READY exports need no poll this tick; the ingest confirms them anyway.
-            to_poll = [
-                r.export_id
-                for r in open_
-                if not (r.export_id in pushed and r.state is ExportState.READY)
-            ]
+            # Pushed exports were just confirmed with the provider; no second call this tick.
+            to_poll = [r.export_id for r in open_ if r.export_id not in pushed]
             polled = calls = 0
             for chunk in batched(to_poll, runner.provider.status_batch_size):
                 if time.monotonic() - started > TICK_BUDGET_SECONDS:
