@@ -275,34 +275,63 @@ class Ledger:
         source: str,
     ) -> ExportRecord:
         """Insert a newly requested (or newly discovered) export; an existing id is kept."""
-        now = utcnow()
         with self.warehouse.transaction() as con:
-            existing = self._get(con, kind.provider, status.export_id)
-            if existing is None:
-                con.execute(
-                    f"INSERT INTO {LEDGER_SCHEMA}.exports (provider, kind, export_id, "
-                    "partition_key, state, provider_status, modified_since, window_end, "
-                    "request_params, source, requested_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        kind.provider,
-                        kind.name,
-                        status.export_id,
-                        request.partition or "",
-                        ExportState.PENDING.value,
-                        None,
-                        request.modified_since,
-                        request.window_end,
-                        json.dumps(dict(request.params), default=str),
-                        source,
-                        now,
-                        now,
-                    ],
-                )
-            self._apply_status(con, kind.provider, status, count_poll=False)
+            self._record_request(con, kind, request, status, source=source)
             record = self._get(con, kind.provider, status.export_id)
         assert record is not None
         return record
+
+    def record_requests(
+        self,
+        kind: ExportKind,
+        pairs: Sequence[tuple[ExportRequest, ExportStatus]],
+        *,
+        source: str,
+    ) -> None:
+        """:meth:`record_request` for many exports in one transaction.
+
+        Discovering exports in bulk (thousands of open ones after a restore, or in a test of
+        the sensor's batching) would otherwise cost one DuckDB connection and commit each.
+        """
+        if not pairs:
+            return
+        with self.warehouse.transaction() as con:
+            for request, status in pairs:
+                self._record_request(con, kind, request, status, source=source)
+
+    def _record_request(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        kind: ExportKind,
+        request: ExportRequest,
+        status: ExportStatus,
+        *,
+        source: str,
+    ) -> None:
+        now = utcnow()
+        existing = self._get(con, kind.provider, status.export_id)
+        if existing is None:
+            con.execute(
+                f"INSERT INTO {LEDGER_SCHEMA}.exports (provider, kind, export_id, "
+                "partition_key, state, provider_status, modified_since, window_end, "
+                "request_params, source, requested_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    kind.provider,
+                    kind.name,
+                    status.export_id,
+                    request.partition or "",
+                    ExportState.PENDING.value,
+                    None,
+                    request.modified_since,
+                    request.window_end,
+                    json.dumps(dict(request.params), default=str),
+                    source,
+                    now,
+                    now,
+                ],
+            )
+        self._apply_status(con, kind.provider, status, count_poll=False)
 
     def apply_status(self, provider: str, status: ExportStatus) -> ExportRecord | None:
         """Record what the provider said; illegal moves (e.g. out of LOADED) are ignored."""
@@ -404,14 +433,29 @@ class Ledger:
         cursor_value: datetime | None,
         partition_key: str = "",
     ) -> None:
-        """Inside the load transaction: the export becomes LOADED and the cursor moves forward."""
+        """Inside the load transaction: the export becomes LOADED and the cursor moves forward.
+
+        ``partition_key`` is the partition the rows were loaded into; it is written to the export
+        too, because a run may load an export into another partition than the ledger first
+        guessed (a user's run names the partition; the load checked every row against it).
+        """
         now = utcnow()
         con.execute(
             f"UPDATE {LEDGER_SCHEMA}.exports SET state = 'loaded', rows_loaded = ?, "
             "bytes_downloaded = ?, loaded_at = ?, raw_uri = ?, parquet_uri = ?, "
-            "attempts = attempts + 1, error_code = NULL, error_message = NULL, updated_at = ? "
-            "WHERE provider = ? AND export_id = ?",
-            [rows, bytes_downloaded, now, raw_uri, parquet_uri, now, kind.provider, export_id],
+            "partition_key = ?, attempts = attempts + 1, error_code = NULL, "
+            "error_message = NULL, updated_at = ? WHERE provider = ? AND export_id = ?",
+            [
+                rows,
+                bytes_downloaded,
+                now,
+                raw_uri,
+                parquet_uri,
+                partition_key,
+                now,
+                kind.provider,
+                export_id,
+            ],
         )
         con.execute(
             f"DELETE FROM {LEDGER_SCHEMA}.export_files WHERE provider = ? AND export_id = ?",
