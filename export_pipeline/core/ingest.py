@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from export_pipeline.core.errors import (
+    ConfigurationError,
     ExportExpiredError,
     ExportFailedError,
     ExportInFlightError,
@@ -27,7 +28,7 @@ from export_pipeline.core.errors import (
 )
 from export_pipeline.core.http import RetryPolicy
 from export_pipeline.core.ledger import ExportRecord, Ledger
-from export_pipeline.core.load import LoadResult, ensure_views, load_parquet
+from export_pipeline.core.load import PARTITION_MISMATCH, LoadResult, ensure_views, load_parquet
 from export_pipeline.core.model import ExportKind, ExportRequest, ExportState, ExportStatus
 from export_pipeline.core.normalise import detect_format, to_parquet
 from export_pipeline.core.storage import Storage
@@ -112,9 +113,15 @@ class ExportRunner:
         run or sensor carry on with an export instead of asking (and paying) again.
         """
         if adopt:
-            open_ = self.ledger.open_exports(
-                self.name, kind=kind.name, partition_key=request.partition or ""
-            )
+            open_ = [
+                r
+                for r in self.ledger.open_exports(
+                    self.name, kind=kind.name, partition_key=request.partition or ""
+                )
+                # Its rows were seen to belong to another partition (a wrong export id given
+                # for this one): adopting it again could only fail the same way.
+                if r.error_code != PARTITION_MISMATCH
+            ]
             if open_:
                 record = open_[-1]
                 self.log.info(
@@ -227,11 +234,28 @@ class ExportRunner:
                 kind=kind.name,
                 export_id=export_id,
             )
+        if partition_key and record.partition_key != partition_key:
+            if record.state is ExportState.LOADED:
+                raise ConfigurationError(
+                    f"export was already loaded into partition {record.partition_key!r}; "
+                    f"this run is for partition {partition_key!r}",
+                    provider=self.name,
+                    kind=kind.name,
+                    export_id=export_id,
+                    hint="materialize the partition the export belongs to, or leave export_id "
+                    "empty to request a new export for this one",
+                )
+            # Not loaded yet: the run names the partition (a user's config, a sensor's request)
+            # and the load checks every row against it, so a wrong one loads nothing. Keeping the
+            # ledger's earlier guess instead would pin the export to a wrong partition for good.
+            record = replace(record, partition_key=partition_key)
         if record.state is ExportState.LOADED:
             return self._skipped(kind, record)
         try:
             return self._ingest(kind, record, t0)
         except ExportPipelineError as exc:
+            if exc.export_id is None:  # e.g. load errors, which do not know the export id
+                exc.export_id = export_id
             self._note_failure(exc, export_id)
             raise
         except Exception as exc:
@@ -245,10 +269,14 @@ class ExportRunner:
         return statuses.get(export_id) or ExportStatus(export_id=export_id, state=ExportState.LOST)
 
     def _note_failure(self, exc: ExportPipelineError, export_id: str) -> None:
+        # An export whose files contradict the provider's announcement (size, row count) will
+        # not get better on a second download; leaving it open would make every later run
+        # adopt it and fail the same way. Giving it up (FAILED) lets the next run ask anew.
         state = {
             ExportFailedError: ExportState.FAILED,
             ExportExpiredError: ExportState.EXPIRED,
             ExportLostError: ExportState.LOST,
+            IntegrityError: ExportState.FAILED,
         }.get(type(exc))
         self.ledger.record_error(
             self.name, export_id, code=exc.code or type(exc).__name__, message=str(exc), state=state
