@@ -113,8 +113,15 @@ def request_from_config(
     )
 
 
-def to_dagster_error(exc: ExportPipelineError) -> Exception:
-    """Typed errors become a clear Failure; transient ones ask Dagster to retry the step."""
+def to_dagster_error(
+    exc: ExportPipelineError, *, retry_seconds: float = 30.0, max_retries: int = 3
+) -> Exception:
+    """Typed errors become a clear Failure; transient ones ask Dagster to retry the step.
+
+    A retry waits ``retry_seconds`` and there are at most ``max_retries`` of them, so an
+    export held by another client (Mews' one-in-flight rule) costs a handful of requests, not a
+    storm; once they are used up the step fails with the typed error as its cause.
+    """
     metadata = {
         k: v
         for k, v in {
@@ -130,7 +137,7 @@ def to_dagster_error(exc: ExportPipelineError) -> Exception:
         if v is not None
     }
     if exc.retryable and not isinstance(exc, ExportTimeoutError):
-        return dg.RetryRequested(max_retries=3, seconds_to_wait=30)
+        return dg.RetryRequested(max_retries=max_retries, seconds_to_wait=retry_seconds)
     return dg.Failure(description=str(exc), metadata=metadata, allow_retries=False)
 
 
@@ -180,7 +187,11 @@ def build_export_asset(kind: ExportKind, binding: ProviderBinding) -> dg.AssetsD
                 )
         except ExportPipelineError as exc:
             context.log.error(str(exc))
-            raise to_dagster_error(exc) from exc
+            raise to_dagster_error(
+                exc,
+                retry_seconds=settings.step_retry_seconds,
+                max_retries=settings.step_max_retries,
+            ) from exc
         finally:
             runner.provider.close()
         if result.skipped:
