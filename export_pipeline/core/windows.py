@@ -36,7 +36,10 @@ def next_request(
     - NONE: every export is full.
     - MODIFIED_SINCE: ``cursor - overlap``; no cursor (or full_refresh) means a full export.
     - WINDOW: ``[cursor - overlap, now - settle)``; consecutive windows overlap, so no row can
-      fall between two of them.
+      fall between two of them. Both bounds are cut to whole seconds (floor): providers are sent
+      ``YYYY-MM-DDTHH:MM:SSZ`` (``providers.base.format_utc``), so without the cut the ledger
+      and the cursor would claim a window up to ``…:SS.xxxxxx`` while the provider exported up
+      to ``…:SS`` — the ledger must record exactly the window the provider was asked for.
     """
     params = dict(params or {})
     if kind.incremental is Incremental.NONE:
@@ -44,8 +47,8 @@ def next_request(
     if kind.incremental is Incremental.MODIFIED_SINCE:
         since = None if (cursor is None or full_refresh) else cursor - settings.overlap
         return ExportRequest(modified_since=since, params=params, partition=partition)
-    end = now - settings.settle
-    start = (
+    end = _whole_seconds(now - settings.settle)
+    start = _whole_seconds(
         now - settings.initial_lookback
         if (cursor is None or full_refresh)
         else cursor - settings.overlap
@@ -53,6 +56,11 @@ def next_request(
     if end <= start:
         return None
     return ExportRequest(modified_since=start, window_end=end, params=params, partition=partition)
+
+
+def _whole_seconds(value: datetime) -> datetime:
+    """Floor to the second: a floored start only widens a window, never opens a gap."""
+    return value.replace(microsecond=0)
 
 
 def next_cursor(kind: ExportKind, request: ExportRequest, provider_timestamp: datetime | None):
