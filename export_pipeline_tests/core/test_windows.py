@@ -1,0 +1,168 @@
+"""Time-window increments (core/windows.py): generated schedules of windows never leave a gap.
+
+The deliveries API has no "modified since": each run asks for ``[cursor - overlap, now - settle)``
+and the cursor becomes that window's end once it is loaded. A row can only be missed if two
+consecutive windows leave a hole, so the property below drives ``next_request``/``next_cursor``
+through arbitrary schedules (tick times, overlaps, settle delays, runs that fail and do not move
+the cursor) and checks the union of the loaded windows is one unbroken interval.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from export_pipeline.core.model import ExportKind, ExportRequest, Incremental, LoadMode
+from export_pipeline.core.windows import IncrementalSettings, next_cursor, next_request
+
+WINDOW_KIND = ExportKind(
+    provider="deliveries",
+    name="outbound_messages",
+    primary_key=("id",),
+    load_mode=LoadMode.MERGE,
+    incremental=Incremental.WINDOW,
+)
+SINCE_KIND = ExportKind(
+    provider="locations",
+    name="locations",
+    primary_key=("id",),
+    incremental=Incremental.MODIFIED_SINCE,
+)
+
+# Durations with microsecond resolution, so whole-second truncation is exercised too.
+durations = st.integers(min_value=0, max_value=2 * 3600 * 10**6).map(
+    lambda us: timedelta(microseconds=us)
+)
+first_ticks = st.datetimes(
+    min_value=datetime(2020, 1, 1), max_value=datetime(2035, 1, 1), timezones=st.just(UTC)
+)
+# Gaps between ticks: from one microsecond (a tick right after another) to a missed day.
+tick_gaps = st.integers(min_value=1, max_value=26 * 3600 * 10**6).map(
+    lambda us: timedelta(microseconds=us)
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    first_tick=first_ticks,
+    gaps=st.lists(tick_gaps, min_size=1, max_size=25),
+    loaded=st.lists(st.booleans(), min_size=26, max_size=26),
+    overlap=durations,
+    settle=durations,
+    lookback=st.integers(min_value=1, max_value=14 * 24 * 3600).map(lambda s: timedelta(seconds=s)),
+)
+def test_generated_schedules_never_leave_a_gap(
+    first_tick: datetime,
+    gaps: list[timedelta],
+    loaded: list[bool],
+    overlap: timedelta,
+    settle: timedelta,
+    lookback: timedelta,
+) -> None:
+    config = IncrementalSettings(overlap=overlap, settle=settle, initial_lookback=lookback)
+    ticks = [first_tick]
+    for gap in gaps:
+        ticks.append(ticks[-1] + gap)
+
+    cursor: datetime | None = None
+    requested: list[ExportRequest] = []
+    landed: list[ExportRequest] = []
+    for tick, ok in zip(ticks, loaded, strict=False):
+        request = next_request(WINDOW_KIND, cursor, now=tick, settings=config)
+        if request is None:
+            # Nothing new only when the settled end does not pass the start (cursor - overlap).
+            assert cursor is not None or lookback <= settle + timedelta(seconds=1)
+            if cursor is not None:
+                assert tick - settle < cursor - overlap + timedelta(seconds=1)
+            continue
+        start, end = request.modified_since, request.window_end
+        assert start is not None and end is not None
+        assert start < end
+        assert end <= tick - settle  # never asks for rows still being written
+        assert start.microsecond == 0 and end.microsecond == 0  # what providers are sent
+        if cursor is None:
+            assert start <= tick - lookback
+        else:
+            assert start <= cursor  # each window starts at or before the last loaded end
+            assert start >= cursor - overlap - timedelta(seconds=1)  # and not needlessly early
+        if requested:
+            assert end >= requested[-1].window_end  # ends never go backwards
+        requested.append(request)
+        if ok:  # a failed run leaves the cursor where it was; the next window starts there
+            new_cursor = next_cursor(WINDOW_KIND, request, provider_timestamp=None)
+            assert new_cursor == end
+            cursor = new_cursor if cursor is None else max(cursor, new_cursor)
+            landed.append(request)
+
+    if not landed:
+        return
+    # The loaded windows, in the order they ran, cover [first start, last end) without a hole.
+    covered_until = landed[0].window_end
+    for request in landed[1:]:
+        assert request.modified_since <= covered_until, "gap between consecutive windows"
+        covered_until = max(covered_until, request.window_end)
+    assert covered_until == landed[-1].window_end == cursor
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    cursor=first_ticks,
+    ahead=durations,
+    overlap=durations,
+    settle=durations,
+)
+def test_a_window_is_skipped_exactly_when_it_would_be_empty(
+    cursor: datetime, ahead: timedelta, overlap: timedelta, settle: timedelta
+) -> None:
+    cursor = cursor.replace(microsecond=0)  # cursors are window ends: whole seconds
+    now = cursor + ahead
+    config = IncrementalSettings(overlap=overlap, settle=settle)
+    request = next_request(WINDOW_KIND, cursor, now=now, settings=config)
+    start = (cursor - overlap).replace(microsecond=0)
+    end = (now - settle).replace(microsecond=0)
+    if end <= start:
+        assert request is None
+    else:
+        assert request is not None
+        assert (request.modified_since, request.window_end) == (start, end)
+
+
+def test_first_window_and_continuation_by_example() -> None:
+    config = IncrementalSettings(
+        overlap=timedelta(minutes=5),
+        settle=timedelta(minutes=2),
+        initial_lookback=timedelta(days=7),
+    )
+    now = datetime(2026, 3, 1, 12, 0, 30, 987654, tzinfo=UTC)
+    first = next_request(WINDOW_KIND, None, now=now, settings=config)
+    assert first is not None
+    assert first.modified_since == datetime(2026, 2, 22, 12, 0, 30, tzinfo=UTC)
+    assert first.window_end == datetime(2026, 3, 1, 11, 58, 30, tzinfo=UTC)
+    cursor = next_cursor(WINDOW_KIND, first, provider_timestamp=now)
+    assert cursor == first.window_end  # the window's end, not the provider's clock
+
+    later = next_request(WINDOW_KIND, cursor, now=now + timedelta(hours=1), settings=config)
+    assert later is not None
+    assert later.modified_since == cursor - timedelta(minutes=5)
+    assert later.window_end == datetime(2026, 3, 1, 12, 58, 30, tzinfo=UTC)
+    # Within settle of the cursor (and inside the overlap) there is nothing to ask for yet.
+    assert next_request(
+        WINDOW_KIND, cursor, now=cursor - timedelta(minutes=3), settings=config
+    ) is (None)
+    # full_refresh ignores the cursor.
+    again = next_request(WINDOW_KIND, cursor, now=now, settings=config, full_refresh=True)
+    assert again is not None and again.modified_since == first.modified_since
+
+
+def test_modified_since_kinds_are_not_truncated() -> None:
+    """Only WINDOW bounds are cut to seconds; a modifiedSince cursor is the provider's own."""
+    cursor = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
+    request = next_request(
+        SINCE_KIND, cursor, now=cursor, settings=IncrementalSettings(overlap=timedelta(seconds=1))
+    )
+    assert request is not None
+    assert request.modified_since == cursor - timedelta(seconds=1)
+    assert request.window_end is None
+    assert next_request(SINCE_KIND, None, now=cursor).modified_since is None
