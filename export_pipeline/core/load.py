@@ -19,6 +19,10 @@ import duckdb
 from export_pipeline.core.errors import ConfigurationError, IntegrityError
 from export_pipeline.core.model import ExportKind, LoadMode
 
+# Error code of an export whose rows belong to another partition than the one it was loaded
+# for (the ledger keeps it, so the runner never adopts that export for that partition again).
+PARTITION_MISMATCH = "PARTITION_MISMATCH"
+
 
 @dataclass(frozen=True)
 class LoadResult:
@@ -197,7 +201,9 @@ def _apply(
                 f"{kind.partition_column}={partition_value!r}",
                 provider=kind.provider,
                 kind=kind.name,
-                hint="the provider returned data for another partition; nothing was loaded",
+                code=PARTITION_MISMATCH,
+                hint="the export belongs to another partition (a wrong export id for this "
+                "partition, or the provider mixed jobs up); nothing was loaded",
             )
         scope = f"CAST({col} AS VARCHAR) = ?"
         scope_params: list[object] = [partition_value]
