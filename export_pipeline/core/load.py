@@ -112,16 +112,24 @@ def load_parquet(
         return _load_empty(con, kind, target, partition_value)
 
     stage = quote_ident(f"_stage_{kind.provider}_{kind.name}_{uuid.uuid4().hex[:12]}")
+    staged_as = "TABLE"
     try:
-        _stage(con, kind, stage, paths)
+        staged_as = _stage(con, kind, stage, paths)
         return _apply(con, kind, target, stage, partition_value)
     finally:
-        # In an aborted transaction this fails too; the rollback removes the temp table anyway.
+        # In an aborted transaction this fails too; the rollback removes the temp object anyway.
         with contextlib.suppress(duckdb.Error):
-            con.execute(f"DROP TABLE IF EXISTS {stage}")
+            con.execute(f"DROP {staged_as} IF EXISTS {stage}")
 
 
-def _stage(con: duckdb.DuckDBPyConnection, kind: ExportKind, stage: str, paths: list[str]) -> None:
+def _stage(con: duckdb.DuckDBPyConnection, kind: ExportKind, stage: str, paths: list[str]) -> str:
+    """Make ``stage`` (a temp VIEW or TABLE, which is returned) hold the export, one row per key.
+
+    Most exports hold each key once. Then the stage is a view over the Parquet files: no copy of
+    the rows into a temp table (a full extra pass, and memory that grows with the export), and
+    each later step reads only the columns it needs. Only when some key occurs more than once
+    are the rows copied and de-duplicated (the last occurrence wins).
+    """
     reader = "read_parquet(?, union_by_name = true, filename = true, file_row_number = true)"
     described = con.execute(f"DESCRIBE SELECT * FROM {reader}", [paths]).fetchall()
     names = {r[0] for r in described}
@@ -132,19 +140,42 @@ def _stage(con: duckdb.DuckDBPyConnection, kind: ExportKind, stage: str, paths: 
             provider=kind.provider,
             kind=kind.name,
         )
-    helpers = "filename, file_row_number"
-    dedup = ""
-    if kind.primary_key:
-        order = ["filename DESC", "file_row_number DESC"]
-        if "_source_file" in names:
-            order.insert(0, f"{quote_ident('_source_file')} DESC")
-        partition = ", ".join(quote_ident(k) for k in kind.primary_key)
-        dedup = (
-            f" QUALIFY row_number() OVER (PARTITION BY {partition} ORDER BY {', '.join(order)}) = 1"
+    if not kind.primary_key or not _has_duplicate_keys(con, kind, paths):
+        files = "[" + ", ".join(_literal(p) for p in paths) + "]"
+        con.execute(
+            f"CREATE TEMP VIEW {stage} AS SELECT * FROM read_parquet({files}, union_by_name = true)"
         )
+        return "VIEW"
+    helpers = "filename, file_row_number"
+    order = ["filename DESC", "file_row_number DESC"]
+    if "_source_file" in names:
+        order.insert(0, f"{quote_ident('_source_file')} DESC")
+    partition = ", ".join(quote_ident(k) for k in kind.primary_key)
+    dedup = f" QUALIFY row_number() OVER (PARTITION BY {partition} ORDER BY {', '.join(order)}) = 1"
     con.execute(
         f"CREATE TEMP TABLE {stage} AS SELECT * EXCLUDE ({helpers}) FROM {reader}{dedup}",
         [paths],
+    )
+    return "TABLE"
+
+
+def _literal(value: str) -> str:
+    """A SQL string literal (a view's definition cannot take parameters)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _has_duplicate_keys(con: duckdb.DuckDBPyConnection, kind: ExportKind, paths: list[str]) -> bool:
+    """Whether any primary key occurs twice; reads only the key columns (NULLs count as equal,
+    like the merge's IS NOT DISTINCT FROM)."""
+    keys = ", ".join(quote_ident(k) for k in kind.primary_key)
+    return (
+        _scalar(
+            con,
+            f"SELECT count(*) FROM (SELECT 1 FROM read_parquet(?, union_by_name = true) "
+            f"GROUP BY {keys} HAVING count(*) > 1 LIMIT 1)",
+            [paths],
+        )
+        > 0
     )
 
 
