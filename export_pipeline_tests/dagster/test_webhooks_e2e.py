@@ -365,7 +365,6 @@ def test_failed_event_records_the_providers_error_and_launches_nothing(
     dagster_setup: DagsterSetup, receiver: Receiver
 ) -> None:
     setup = dagster_setup
-    setup.sandbox.locations.ready_after_seconds = 3600  # polling alone would not see it fail yet
     setup.sandbox.locations.fail_next_export = ("EXPORT_GENERATION_FAILED", "Disk quota exceeded")
     export_id = request_export(setup)
     body = event_for(setup, export_id)
@@ -388,7 +387,6 @@ def test_failed_event_records_the_providers_error_and_launches_nothing(
 def test_receiver_restart_loses_no_recorded_event(dagster_setup: DagsterSetup) -> None:
     setup = dagster_setup
     before, after = request_export(setup), request_export(setup)
-    setup.sandbox.locations.ready_after_seconds = 3600  # only the events can make them ready
     first = start_receiver(setup)
     try:
         assert first.post(event_for(setup, before)).status_code == 202
@@ -407,6 +405,7 @@ def test_receiver_restart_loses_no_recorded_event(dagster_setup: DagsterSetup) -
     assert sorted(rr.run_key for rr in result.run_requests) == sorted(
         [f"locations:{before}", f"locations:{after}"]
     )
+    # Launched because of the stored events (polling would have tagged them "sensor").
     assert {rr.tags["export_pipeline/trigger"] for rr in result.run_requests} == {"webhook"}
 
 
