@@ -185,11 +185,19 @@ class ExportRunner:
             delay = min(delay * 1.5, self.settings.poll_max_seconds)
 
     def _raise_for_terminal(self, kind: ExportKind, status: ExportStatus) -> None:
-        common = {"provider": self.name, "kind": kind.name, "export_id": status.export_id}
+        # The provider's own code (e.g. NOT_FOUND) and request id travel with the error: the
+        # ledger records them and users quote the request id to the provider's support.
+        request_id = status.detail.get("request_id") if status.detail else None
+        common = {
+            "provider": self.name,
+            "kind": kind.name,
+            "export_id": status.export_id,
+            "code": status.error_code,
+            "request_id": str(request_id) if request_id else None,
+        }
         if status.state is ExportState.FAILED:
             raise ExportFailedError(
                 f"the provider failed the export: {status.error_message or 'no message'}",
-                code=status.error_code,
                 hint="see the provider's message; request a new export once it is fixed",
                 **common,
             )
@@ -300,13 +308,20 @@ class ExportRunner:
         export_id = record.export_id
         status = self.status(export_id)
         if status.state in (ExportState.PENDING, ExportState.PROCESSING):
-            raise ExportNotReadyError(
+            not_ready = ExportNotReadyError(
                 f"export is {status.state}, not ready to download",
                 provider=self.name,
                 kind=kind.name,
                 export_id=export_id,
                 hint="wait for it (the sensor launches the ingest when it is ready)",
             )
+            # Still being produced (an ingest by id, e.g. a user's config): say so now instead
+            # of holding a worker through step retries that end in "Exceeded max_retries". The
+            # export stays open in the ledger and the sensor launches its ingest once READY.
+            # (EXPORT_NOT_READY met at download time, after the status said ready, stays
+            # retryable: that one is the provider's file store lagging by moments.)
+            not_ready.retryable = False
+            raise not_ready
         self._raise_for_terminal(kind, status)
 
         raw_dir = self.storage.local_dir("raw", kind, export_id)
