@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from export_pipeline.core.errors import WarehouseBusyError
 from export_pipeline.core.model import (
+    ALLOWED_TRANSITIONS,
     ExportKind,
     ExportRequest,
     ExportState,
@@ -295,9 +298,33 @@ class Ledger:
         """
         if not pairs:
             return
-        with self.warehouse.transaction() as con:
-            for request, status in pairs:
-                self._record_request(con, kind, request, status, source=source)
+        latest = {status.export_id: (request, status) for request, status in pairs}
+        now = utcnow()
+        rows = pa.table(
+            {
+                "export_id": pa.array(list(latest), pa.string()),
+                "partition_key": pa.array([r.partition or "" for r, _ in latest.values()]),
+                "modified_since": _timestamps([r.modified_since for r, _ in latest.values()]),
+                "window_end": _timestamps([r.window_end for r, _ in latest.values()]),
+                "request_params": pa.array(
+                    [json.dumps(dict(r.params), default=str) for r, _ in latest.values()],
+                    pa.string(),
+                ),
+            }
+        )
+        with self.warehouse.transaction() as con, _registered(con, rows) as view:
+            con.execute(
+                f"INSERT INTO {LEDGER_SCHEMA}.exports (provider, kind, export_id, "
+                "partition_key, state, modified_since, window_end, request_params, source, "
+                "requested_at, updated_at) "
+                f"SELECT ?, ?, export_id, partition_key, ?, modified_since, window_end, "
+                f"CAST(request_params AS JSON), ?, ?, ? FROM {view} "
+                "ON CONFLICT DO NOTHING",
+                [kind.provider, kind.name, ExportState.PENDING.value, source, now, now],
+            )
+            self._apply_statuses(
+                con, kind.provider, [s for _, s in latest.values()], count_poll=False
+            )
 
     def _record_request(
         self,
@@ -343,8 +370,57 @@ class Ledger:
         if not statuses:
             return
         with self.warehouse.transaction() as con:
-            for status in statuses:
-                self._apply_status(con, provider, status)
+            self._apply_statuses(con, provider, statuses)
+
+    def _apply_statuses(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        provider: str,
+        statuses: Sequence[ExportStatus],
+        *,
+        count_poll: bool = True,
+    ) -> None:
+        """:meth:`_apply_status` for many exports in one UPDATE statement.
+
+        A sensor tick applies up to thousands of answers (Mews: 1000 per getAll call); one
+        statement per export cost milliseconds each, seconds per tick. The same rules apply:
+        an illegal move is ignored (checked in SQL against ALLOWED_TRANSITIONS), and for an
+        id that appears twice the last answer counts.
+        """
+        latest = list({s.export_id: s for s in statuses}.values())
+        if not latest:
+            return
+        rows = pa.table(
+            {
+                "export_id": pa.array([s.export_id for s in latest], pa.string()),
+                "state": pa.array([s.state.value for s in latest], pa.string()),
+                "provider_status": pa.array([s.provider_status for s in latest], pa.string()),
+                "expires_at": _timestamps([s.expires_at for s in latest]),
+                "provider_timestamp": _timestamps([s.provider_timestamp for s in latest]),
+                "expected_rows": pa.array([s.expected_rows for s in latest], pa.int64()),
+                "error_code": pa.array([s.error_code for s in latest], pa.string()),
+                "error_message": pa.array([s.error_message for s in latest], pa.string()),
+                "detail": pa.array(
+                    [json.dumps(dict(s.detail), default=str) if s.detail else None for s in latest],
+                    pa.string(),
+                ),
+            }
+        )
+        with _registered(con, rows) as view:
+            con.execute(
+                f"UPDATE {LEDGER_SCHEMA}.exports AS e SET state = s.state, "
+                "provider_status = s.provider_status, "
+                "expires_at = coalesce(s.expires_at, e.expires_at), "
+                "provider_timestamp = coalesce(s.provider_timestamp, e.provider_timestamp), "
+                "expected_rows = coalesce(s.expected_rows, e.expected_rows), "
+                "error_code = coalesce(s.error_code, e.error_code), "
+                "error_message = coalesce(s.error_message, e.error_message), "
+                "detail = coalesce(CAST(s.detail AS JSON), e.detail), "
+                "polls = e.polls + ?, updated_at = ? "
+                f"FROM {view} AS s WHERE e.provider = ? AND e.export_id = s.export_id "
+                f"AND e.state || '>' || s.state IN ({_ALLOWED_MOVES})",
+                [1 if count_poll else 0, utcnow(), provider],
+            )
 
     def _apply_status(
         self,
@@ -487,6 +563,28 @@ class Ledger:
             "updated_at = excluded.updated_at",
             [kind.provider, kind.name, partition_key, cursor_value, export_id, now],
         )
+
+
+# "from>to" for every legal state change, as a SQL list (the values are our own enum words).
+_ALLOWED_MOVES = ", ".join(
+    sorted(f"'{a.value}>{b.value}'" for a, targets in ALLOWED_TRANSITIONS.items() for b in targets)
+)
+
+
+def _timestamps(values: Sequence[datetime | None]) -> pa.Array:
+    """Aware datetimes as an Arrow TIMESTAMPTZ column (naive ones are taken as UTC)."""
+    return pa.array([_aware(v) for v in values], pa.timestamp("us", tz="UTC"))
+
+
+@contextmanager
+def _registered(con: duckdb.DuckDBPyConnection, rows: pa.Table) -> Iterator[str]:
+    """``rows`` visible to SQL under a unique name for the duration of the block."""
+    name = f"_ledger_rows_{uuid.uuid4().hex[:12]}"
+    con.register(name, rows)
+    try:
+        yield name
+    finally:
+        con.unregister(name)
 
 
 def _aware(value: datetime | None) -> datetime | None:
