@@ -9,6 +9,8 @@ Endpoints (Bearer token, ``MAPPING_API_URL`` / ``MAPPING_API_TOKEN``):
   other presigned downloads, and it is configurable (``download_path``) because it is our guess.
   While the file is still being generated we expect ``202 {"status": "processing"}``; a failed
   generation ``{"status": "failed", "message"}``; an unknown id 404 (-> LOST); a purged one 410.
+  A 404 that is not a JSON answer means the call itself is missing (a wrong ``download_path``)
+  and is raised as such instead of being taken for a lost export.
 - Push: an "export ready" webhook, parsed by :func:`parse_event` (body shape is our design too).
 
 Key: one export kind, ``mapping.results``, primary key (``mappingJobId``, ``supplierHotelId``),
@@ -282,6 +284,21 @@ class MappingProvider(ExportProvider):
         word = str(body.get("status") or "").lower() if isinstance(body, Mapping) else ""
         message = str(body.get("message") or "") if isinstance(body, Mapping) else ""
 
+        if response.status_code == 404 and not isinstance(body, Mapping):
+            # No API answer at all (a web server's plain "Not Found"): the call is not there,
+            # which for our guessed path means download_path is wrong, not that the export is
+            # gone. Mapped to LOST it would make the runner trigger the job's export again and
+            # fail with "unknown export id", never naming the setting.
+            raise ProviderRejectedError(
+                f"{describe}: HTTP 404 without an API answer ({_body_text(response)!r}); "
+                f"the download call {self.download_path} does not seem to exist",
+                provider=PROVIDER,
+                export_id=export_id,
+                code="DOWNLOAD_PATH_NOT_FOUND",
+                request_id=request_id,
+                hint="set download_path on the mapping_api resource to the API's call that "
+                "turns an exportFileId into a download link",
+            )
         if response.status_code == 404:
             return ExportStatus(
                 export_id=export_id,
