@@ -31,7 +31,8 @@ def next_request(
     partition: str | None = None,
     full_refresh: bool = False,
 ) -> ExportRequest | None:
-    """The request that continues from ``cursor``; None when a WINDOW has nothing new yet.
+    """The request that continues from ``cursor``; None when a WINDOW has nothing new yet
+    (``now - settle`` does not pass the cursor).
 
     - NONE: every export is full.
     - MODIFIED_SINCE: ``cursor - overlap``; no cursor (or full_refresh) means a full export.
@@ -54,6 +55,10 @@ def next_request(
         else cursor - settings.overlap
     )
     if end <= start:
+        return None
+    if cursor is not None and not full_refresh and end <= cursor:
+        # Nothing new since the last loaded window (the cursor is within ``settle`` of now):
+        # a window of the overlap alone would only re-read rows already loaded.
         return None
     return ExportRequest(modified_since=start, window_end=end, params=params, partition=partition)
 
