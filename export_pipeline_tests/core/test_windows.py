@@ -74,8 +74,8 @@ def test_generated_schedules_never_leave_a_gap(
         if request is None:
             # Nothing new only when the settled end does not pass the start (cursor - overlap).
             assert cursor is not None or lookback <= settle + timedelta(seconds=1)
-            if cursor is not None:
-                assert tick - settle < cursor - overlap + timedelta(seconds=1)
+            if cursor is not None:  # the settled end does not pass the cursor
+                assert tick - settle < cursor + timedelta(seconds=1)
             continue
         start, end = request.modified_since, request.window_end
         assert start is not None and end is not None
@@ -86,6 +86,7 @@ def test_generated_schedules_never_leave_a_gap(
             assert start <= tick - lookback
         else:
             assert start <= cursor  # each window starts at or before the last loaded end
+            assert end > cursor  # and brings something new: never the overlap alone
             assert start >= cursor - overlap - timedelta(seconds=1)  # and not needlessly early
         if requested:
             assert end >= requested[-1].window_end  # ends never go backwards
@@ -113,7 +114,7 @@ def test_generated_schedules_never_leave_a_gap(
     overlap=durations,
     settle=durations,
 )
-def test_a_window_is_skipped_exactly_when_it_would_be_empty(
+def test_a_window_is_skipped_exactly_when_nothing_new_is_settled(
     cursor: datetime, ahead: timedelta, overlap: timedelta, settle: timedelta
 ) -> None:
     cursor = cursor.replace(microsecond=0)  # cursors are window ends: whole seconds
@@ -122,7 +123,7 @@ def test_a_window_is_skipped_exactly_when_it_would_be_empty(
     request = next_request(WINDOW_KIND, cursor, now=now, settings=config)
     start = (cursor - overlap).replace(microsecond=0)
     end = (now - settle).replace(microsecond=0)
-    if end <= start:
+    if end <= cursor:  # nothing new since the cursor: re-reading the overlap alone is pointless
         assert request is None
     else:
         assert request is not None
@@ -150,6 +151,11 @@ def test_first_window_and_continuation_by_example() -> None:
     # Within settle of the cursor (and inside the overlap) there is nothing to ask for yet.
     assert next_request(
         WINDOW_KIND, cursor, now=cursor - timedelta(minutes=3), settings=config
+    ) is (None)
+    # A tick one minute after the cursor: now - settle is still before the cursor, so the
+    # window would hold only the overlap (rows already loaded): skipped, not re-read.
+    assert next_request(
+        WINDOW_KIND, cursor, now=cursor + timedelta(minutes=1), settings=config
     ) is (None)
     # full_refresh ignores the cursor.
     again = next_request(WINDOW_KIND, cursor, now=now, settings=config, full_refresh=True)
