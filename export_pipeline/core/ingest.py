@@ -31,7 +31,7 @@ from export_pipeline.core.ledger import ExportRecord, Ledger
 from export_pipeline.core.load import PARTITION_MISMATCH, LoadResult, ensure_views, load_parquet
 from export_pipeline.core.model import ExportKind, ExportRequest, ExportState, ExportStatus
 from export_pipeline.core.normalise import detect_format, to_parquet
-from export_pipeline.core.storage import Storage
+from export_pipeline.core.storage import LocalStorage, Storage
 from export_pipeline.core.transfer import DownloadedFile, download_files
 from export_pipeline.core.windows import next_cursor
 from export_pipeline.providers.base import ExportProvider
@@ -326,6 +326,8 @@ class ExportRunner:
 
         raw_dir = self.storage.local_dir("raw", kind, export_id)
         parquet_dir = self.storage.local_dir("parquet", kind, export_id)
+        readback_dir = parquet_dir.with_name(f"{export_id}.published")
+        shutil.rmtree(readback_dir, ignore_errors=True)
         for stale in (raw_dir, parquet_dir):  # leftovers of an earlier failed attempt
             shutil.rmtree(stale, ignore_errors=True)
             stale.mkdir(parents=True, exist_ok=True)
@@ -354,6 +356,9 @@ class ExportRunner:
             )
         raw_uri = self.storage.publish("raw", kind, export_id, raw_dir)
         parquet_uri = self.storage.publish("parquet", kind, export_id, parquet_dir)
+        load_paths = self._published_parquet(
+            kind, export_id, parquet_uri, normalised.parquet_paths, readback_dir
+        )
         cursor = next_cursor(kind, record.request, status.provider_timestamp)
         files = [
             {
@@ -371,7 +376,7 @@ class ExportRunner:
             load = load_parquet(
                 con,
                 kind,
-                normalised.parquet_paths,
+                load_paths,
                 partition_value=record.partition_key or None,
             )
             ensure_views(con, kind)
@@ -387,6 +392,7 @@ class ExportRunner:
                 cursor_value=cursor,
                 partition_key=record.partition_key,
             )
+        shutil.rmtree(readback_dir, ignore_errors=True)
         return IngestResult(
             provider=self.name,
             kind=kind.name,
@@ -409,6 +415,42 @@ class ExportRunner:
             parquet_uri=parquet_uri,
             requested=record.request,
         )
+
+    def _published_parquet(
+        self,
+        kind: ExportKind,
+        export_id: str,
+        parquet_uri: str,
+        written: Sequence[Path],
+        readback_dir: Path,
+    ) -> list[Path]:
+        """The Parquet files to load: what was *published*, not this worker's working copy.
+
+        Local storage publishes in place, so the written files are the published ones. Remote
+        storage (S3) is read back into a fresh directory: the table is then built from exactly
+        the objects ``parquet_uri`` names (what a rebuild or another worker would read), and
+        a missing or truncated upload fails here, before the ledger says LOADED. The cost is
+        one download of the (compressed) Parquet per export.
+        """
+        if isinstance(self.storage, LocalStorage):
+            return list(written)
+        fetched = self.storage.fetch(parquet_uri, readback_dir)
+        want = {p.name: p.stat().st_size for p in written}
+        got = {p.name: p.stat().st_size for p in fetched}
+        if got != want:
+            differing = sorted(n for n in want.keys() | got.keys() if want.get(n) != got.get(n))
+            # Our upload, not the provider's export, is at fault: a plain error that leaves the
+            # export open (IntegrityError would give it up), so the next run adopts it.
+            raise ExportPipelineError(
+                f"published Parquet at {parquet_uri} differs from what was written "
+                f"(files {', '.join(differing)})",
+                provider=self.name,
+                kind=kind.name,
+                export_id=export_id,
+                file=differing[0],
+                hint="the upload was incomplete; run again (nothing was loaded)",
+            )
+        return fetched
 
     def _download(
         self, kind: ExportKind, status: ExportStatus, raw_dir: Path
