@@ -193,6 +193,38 @@ def _ensure_table(
             con.execute(f"ALTER TABLE {target} ADD COLUMN {quote_ident(name)} {duck_type}")
 
 
+def _follow_snapshot_types(
+    con: duckdb.DuckDBPyConnection, kind: ExportKind, target: str, stage: str
+) -> None:
+    """Give the (now empty) snapshot table the column types of the snapshot being loaded.
+
+    Without declared columns the types are guessed from the JSON and follow the data: a field
+    null in every record of one snapshot is typed NULL (also inside a STRUCT), a nested object
+    gains a field, integers become DOUBLE. Inserting the next snapshot into the old types
+    fails (UUID -> NULL), drops the new STRUCT field silently, or rounds. The table's rows were
+    just deleted in this transaction, so changing a column's type loses nothing. A type that is
+    (partly) NULL in the new snapshot is merged with the old one instead, because DuckDB cannot
+    make a column NULL-typed; the NULL values fit any type.
+    """
+    have = _columns(con, kind.schema, kind.name)
+    for name, staged, *_ in con.execute(f"DESCRIBE SELECT * FROM {stage}").fetchall():
+        current = have.get(name)
+        if current is None or current == staged:
+            continue
+        wanted = staged
+        if '"NULL"' in staged:
+            row = con.execute(
+                f"SELECT typeof(x) FROM (SELECT CAST(NULL AS {current}) AS x "
+                f"UNION ALL SELECT CAST(NULL AS {staged}) AS x) LIMIT 1"
+            ).fetchone()
+            wanted = str(row[0]) if row else current
+        if wanted != current:
+            con.execute(
+                f"ALTER TABLE {target} ALTER COLUMN {quote_ident(name)} "
+                f"SET DATA TYPE {wanted} USING CAST(NULL AS {wanted})"
+            )
+
+
 def _key_match(left: str, right: str, keys: Sequence[str]) -> str:
     return " AND ".join(
         f"{left}.{quote_ident(k)} IS NOT DISTINCT FROM {right}.{quote_ident(k)}" for k in keys
@@ -267,6 +299,8 @@ def _apply(
             updated = 0
         deleted = before - updated
         con.execute(f"DELETE FROM {target} WHERE {scope}", scope_params)
+        if mode is LoadMode.SNAPSHOT:
+            _follow_snapshot_types(con, kind, target, stage)
 
     con.execute(f"INSERT INTO {target} BY NAME SELECT * FROM {stage}")
     return LoadResult(
