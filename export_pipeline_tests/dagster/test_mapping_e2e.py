@@ -430,10 +430,10 @@ def test_expired_link_is_asked_for_again(
     real_link: Callable[[str, str], tuple[int, dict[str, Any]]] = state.link
 
     def link(export_id: str, base_url: str) -> tuple[int, dict[str, Any]]:
-        # The real simulator call, with a TTL that has run out for the first `dead_links` links.
-        with state._lock:
-            state.link_ttl_seconds = -120 if state.download_link_calls < dead_links else 60
-            return real_link(export_id, base_url)
+        # The real simulator call, with a TTL that has run out for the first `dead_links` links
+        # (link calls come one at a time from the run, so the switch needs no lock).
+        state.link_ttl_seconds = -120 if state.download_link_calls < dead_links else 60
+        return real_link(export_id, base_url)
 
     monkeypatch.setattr(state, "link", link)
     result = materialize(setup, job_id)
@@ -503,16 +503,15 @@ def _header_only_export(state: MappingState, job_id: str, use_gzip: bool) -> str
     path = state.files_dir / f"{export_id}.bin"
     header = (",".join(COLUMNS) + "\r\n").encode()
     path.write_bytes(gzip.compress(header, mtime=0) if use_gzip else header)
-    with state._lock:
-        state.exports[export_id] = SandboxExport(
-            export_id=export_id,
-            job_id=job_id,
-            created_at=time.time(),
-            path=path,
-            rows=(),
-            file_format="csv",
-            gzip=use_gzip,
-        )
+    state.exports[export_id] = SandboxExport(
+        export_id=export_id,
+        job_id=job_id,
+        created_at=time.time(),
+        path=path,
+        rows=(),
+        file_format="csv",
+        gzip=use_gzip,
+    )
     return export_id
 
 
