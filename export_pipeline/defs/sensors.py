@@ -31,6 +31,8 @@ from export_pipeline.providers.base import batched
 # Dagster stops a sensor evaluation after 60 s by default; keep well inside it.
 TICK_BUDGET_SECONDS = 30.0
 MAX_EXPORTS_PER_TICK = 5000
+# Failed ingests of a ready export are relaunched by the sensor up to this many attempts.
+MAX_INGEST_ATTEMPTS = 3
 # A run may hold the warehouse while it loads; a sensor tick waits only briefly, then skips.
 SENSOR_LOCK_TIMEOUT = 5.0
 # A tick must not spend its budget backing off: one quick retry, then the next tick.
@@ -56,9 +58,19 @@ EVENT_PARSERS: dict[str, Callable[[Mapping[str, Any]], tuple[str | None, ExportS
 }
 
 
-def run_request_for(kind: ExportKind, export_id: str, partition_key: str, trigger: str):
+def run_key_for(provider: str, export_id: str, attempts: int = 0) -> str:
+    """``provider:export_id``; after a failed ingest the key gains the attempt number, so the
+    sensor relaunches it (Dagster never relaunches a run key it has seen) a bounded number
+    of times."""
+    base = f"{provider}:{export_id}"
+    return base if attempts == 0 else f"{base}:attempt-{attempts + 1}"
+
+
+def run_request_for(
+    kind: ExportKind, export_id: str, partition_key: str, trigger: str, attempts: int = 0
+):
     return dg.RunRequest(
-        run_key=f"{kind.provider}:{export_id}",
+        run_key=run_key_for(kind.provider, export_id, attempts),
         asset_selection=[asset_key(kind)],
         partition_key=partition_key or None,
         run_config=dg.RunConfig(ops={op_name(kind): ExportConfig(export_id=export_id)}),
@@ -216,9 +228,18 @@ def build_export_sensor(binding: ProviderBinding) -> dg.SensorDefinition:
                 r.export_id,
                 r.partition_key,
                 "webhook" if r.export_id in pushed else "sensor",
+                r.attempts,
             )
             for r in ready
+            if r.attempts < MAX_INGEST_ATTEMPTS
         ]
+        for r in ready:
+            if r.attempts >= MAX_INGEST_ATTEMPTS:
+                context.log.warning(
+                    f"{binding.name} export {r.export_id} failed {r.attempts} ingests "
+                    f"(last: {r.error_code}: {r.error_message}); not relaunched — run it "
+                    "by hand with config export_id once the cause is fixed"
+                )
         dynamic = []
         partitioned = [PARTITIONS[k.key] for k in binding.kinds if k.key in PARTITIONS]
         if new_partitions and partitioned:

@@ -274,3 +274,38 @@ def test_wrong_token_names_the_env_var(dagster_setup: DagsterSetup, monkeypatch)
     failure = next(e for e in result.all_events if e.is_step_failure)
     assert "LOCATIONS_API_TOKEN" in failure.step_failure_data.error.message
     assert "wrong" not in failure.step_failure_data.error.message
+
+
+def test_sensor_relaunches_a_failed_ingest_a_bounded_number_of_times(
+    dagster_setup: DagsterSetup,
+) -> None:
+    """Dagster never relaunches a run key it has seen; the attempt number in the key lets the
+    sensor retry a failed ingest of a ready export, up to MAX_INGEST_ATTEMPTS."""
+    from export_pipeline.defs.sensors import MAX_INGEST_ATTEMPTS
+
+    setup = dagster_setup
+    setup.sandbox.locations.ready_after_seconds = 0
+    sensor = setup.defs.resolve_sensor_def("locations_exports_sensor")
+
+    def tick() -> list[str]:
+        ctx = dg.build_sensor_context(
+            instance=setup.instance, resources=setup.resources, definitions=setup.defs
+        )
+        return [rr.run_key for rr in sensor.evaluate_tick(ctx).run_requests]
+
+    with dg.build_resources(setup.resources) as res:
+        r = make_runner(res, LOCATIONS)
+        record, _ = r.start(KIND, ExportRequest())
+        export_id = record.export_id
+        assert tick() == [f"locations:{export_id}"]
+        setup.sandbox.locations.link_ttl_seconds = -60  # every link it hands out is dead
+        for attempt in range(1, MAX_INGEST_ATTEMPTS + 1):
+            with pytest.raises(Exception, match="expired|403"):
+                r.ingest(KIND, export_id)
+            expected = (
+                []
+                if attempt >= MAX_INGEST_ATTEMPTS
+                else [f"locations:{export_id}:attempt-{attempt + 1}"]
+            )
+            assert tick() == expected
+        assert r.ledger.get("locations", export_id).state is ExportState.READY
