@@ -466,18 +466,22 @@ class Ledger:
         message: str,
         state: ExportState | None = None,
         replaced_by: str | None = None,
+        count_attempt: bool = True,
     ) -> None:
-        """Note a failed attempt (and optionally a terminal state) without touching data."""
+        """Note a failed attempt (and optionally a terminal state) without touching data.
+
+        ``count_attempt=False`` for refusals that are not a failed ingest (not ready yet)."""
         with self.warehouse.transaction() as con:
             current = self._get(con, provider, export_id)
             if current is None:
                 return
             new_state = state if state and can_transition(current.state, state) else current.state
             con.execute(
-                f"UPDATE {LEDGER_SCHEMA}.exports SET attempts = attempts + 1, error_code = ?, "
+                f"UPDATE {LEDGER_SCHEMA}.exports SET attempts = attempts + ?, error_code = ?, "
                 "error_message = ?, state = ?, replaced_by = coalesce(?, replaced_by), "
                 "updated_at = ? WHERE provider = ? AND export_id = ?",
                 [
+                    1 if count_attempt else 0,
                     code,
                     message[:2000],
                     new_state.value,
