@@ -51,6 +51,9 @@ class IngestSettings:
     re_requests_on_expiry: int = 1
     # Fail before committing when the rows read differ from the provider's announced count.
     verify_row_count: bool = True
+    # DuckDB's memory cap for normalising and for the load transaction. Beyond it DuckDB spills
+    # or evicts; without it the load keeps every block it wrote cached (up to 80% of RAM), so
+    # the worker's memory would grow with the export.
     duckdb_memory_limit: str = "1GB"
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
@@ -370,6 +373,8 @@ class ExportRunner:
             for f, remote in zip(downloaded, status.files, strict=True)
         ]
         with self.ledger.warehouse.transaction() as con:
+            limit = self.settings.duckdb_memory_limit.replace("'", "''")
+            con.execute(f"SET memory_limit = '{limit}'")
             if self.ledger.is_loaded(con, self.name, export_id):
                 # Another run (a webhook-triggered one, say) committed it while we downloaded.
                 return self._skipped(kind, record)
