@@ -68,7 +68,9 @@ REQUIRED_KEYS = (
 # --------------------------------------------------------------------------- children
 
 
-def _child_ingest(base_url: str, workdir: Path, fmt: str) -> dict[str, Any]:
+def _child_ingest(
+    base_url: str, workdir: Path, fmt: str, memory_limit: str | None
+) -> dict[str, Any]:
     """One full export through the real code path, timed phase by phase from the outside.
 
     What ``seconds`` covers: the whole ``sync()`` minus the time it spent in
@@ -94,6 +96,7 @@ def _child_ingest(base_url: str, workdir: Path, fmt: str) -> dict[str, Any]:
     rss_at_start = current_rss_mb()  # interpreter + imports: the floor of any peak
     workdir.mkdir(parents=True, exist_ok=True)
     warehouse_path = workdir / "warehouse.duckdb"
+    limit = {"duckdb_memory_limit": memory_limit} if memory_limit else {}
     provider = LocationsProvider.from_settings(
         base_url=base_url, token=os.environ[TOKEN_ENV_VAR], timeout=120.0
     )
@@ -102,7 +105,8 @@ def _child_ingest(base_url: str, workdir: Path, fmt: str) -> dict[str, Any]:
         Ledger(Warehouse(warehouse_path)),
         LocalStorage(workdir / "data"),
         # Short polls, so the untimed wait does not overshoot the moment the file is ready.
-        IngestSettings(poll_initial_seconds=0.05, poll_max_seconds=0.25),
+        # Everything else is the default, unless --memory-limit says otherwise.
+        IngestSettings(poll_initial_seconds=0.05, poll_max_seconds=0.25, **limit),
     )
     phases = Phases()
     # Timing wrappers only: each calls the real function with the real arguments.
@@ -141,6 +145,7 @@ def _child_ingest(base_url: str, workdir: Path, fmt: str) -> dict[str, Any]:
         "peak_rss_mb": round(peak, 1),
         "rss_at_start_mb": round(rss_at_start, 1),
         "peak_rss_mb_after": phases.peak_rss_mb_after,
+        "duckdb_memory_limit": runner.settings.duckdb_memory_limit,
     }
 
 
@@ -224,7 +229,9 @@ class _Producer:
         self._thread.join(timeout=60)
 
 
-def _run_size(rows: int, fmt: str, repeat: int, keep: Path | None) -> dict[str, Any]:
+def _run_size(
+    rows: int, fmt: str, repeat: int, keep: Path | None, memory_limit: str | None
+) -> dict[str, Any]:
     """Sandbox of ``rows`` locations; ``repeat`` x (ingest child, baseline child); medians."""
     from export_pipeline.providers.locations import TOKEN_ENV_VAR
     from export_pipeline.sandbox.locations import State, create_app
@@ -256,6 +263,7 @@ def _run_size(rows: int, fmt: str, repeat: int, keep: Path | None) -> dict[str, 
                         str(work),
                         "--format",
                         fmt,
+                        *(["--memory-limit", memory_limit] if memory_limit else []),
                     ],
                     env={TOKEN_ENV_VAR: state.token},
                 )
@@ -315,6 +323,11 @@ def _summary(
 
     seconds = med(ingests, "seconds")
     baseline_seconds = med(baselines, "seconds")
+    # The download runs at the sandbox server's pace (a Python uvicorn in the parent; curl gets
+    # the same rate), so the local work alone is reported too.
+    local_seconds = median(
+        [run.result["seconds"] - run.result["download_seconds"] for run in ingests]
+    )
     summary: dict[str, Any] = {
         "rows": rows,
         "format": fmt,
@@ -323,12 +336,15 @@ def _summary(
         "seconds": rounded(seconds),
         "baseline_seconds": rounded(baseline_seconds),
         "ratio_vs_duckdb": rounded(seconds / baseline_seconds),
+        "seconds_without_download": rounded(local_seconds),
+        "ratio_without_download": rounded(local_seconds / baseline_seconds),
         "peak_rss_mb": max(run.result["peak_rss_mb"] for run in ingests),
         "baseline_peak_rss_mb": max(run.result["peak_rss_mb"] for run in baselines),
         "polled_peak_rss_mb": max(run.polled_peak_rss_mb for run in ingests),
         "baseline_polled_peak_rss_mb": max(run.polled_peak_rss_mb for run in baselines),
         "rss_at_start_mb": ingests[0].result["rss_at_start_mb"],
         "peak_rss_mb_after": ingests[-1].result["peak_rss_mb_after"],
+        "duckdb_memory_limit": ingests[0].result["duckdb_memory_limit"],
     }
     for key in (
         "request_seconds",
@@ -373,6 +389,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs per size; medians reported")
     parser.add_argument(
+        "--memory-limit",
+        metavar="SIZE",
+        help="IngestSettings.duckdb_memory_limit for the ingest, e.g. 256MB (default: its default)",
+    )
+    parser.add_argument(
         "--keep", type=Path, help="work in this directory and keep the files (default: temp)"
     )
     # Hidden: how the parent starts the measured children.
@@ -387,7 +408,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.child == "ingest":
-        emit_json(_child_ingest(args.base_url, args.workdir, args.format))
+        emit_json(_child_ingest(args.base_url, args.workdir, args.format, args.memory_limit))
         return 0
     if args.child == "baseline":
         emit_json(_child_baseline(args.file, args.db, args.format))
@@ -399,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summaries = []
     for rows in sizes:
         keep = args.keep / f"rows-{rows}" if args.keep else None
-        summary = _run_size(rows, args.format, args.repeat, keep)
+        summary = _run_size(rows, args.format, args.repeat, keep, args.memory_limit)
         summaries.append(summary)
         if len(sizes) > 1:
             emit_json(summary)
@@ -410,6 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "peak_rss_mb": s["peak_rss_mb"],
                 "baseline_peak_rss_mb": s["baseline_peak_rss_mb"],
                 "seconds": s["seconds"],
+                "baseline_seconds": s["baseline_seconds"],
                 "ratio_vs_duckdb": s["ratio_vs_duckdb"],
             }
             for s in summaries
