@@ -23,7 +23,11 @@ What runs where:
   ``--format csv``).
 
 Each child reports its own peak RSS (``ru_maxrss``); the parent also polls it every 20 ms.
-The last line of output is one JSON object with the figures.
+The last line of output is one JSON object with the figures. ``seconds`` excludes only the
+wait for the provider to prepare the file (see ``_child_ingest``); ``seconds_without_download``
+also leaves out the download, whose pace is the sandbox server's (curl gets the same rate).
+Peak RSS is bounded by ``IngestSettings.duckdb_memory_limit`` (``--memory-limit``), not by the
+export's size: below the cap it still rises with rows, because DuckDB caches what it wrote.
 """
 
 from __future__ import annotations
