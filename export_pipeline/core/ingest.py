@@ -290,7 +290,14 @@ class ExportRunner:
             IntegrityError: ExportState.FAILED,
         }.get(type(exc))
         self.ledger.record_error(
-            self.name, export_id, code=exc.code or type(exc).__name__, message=str(exc), state=state
+            self.name,
+            export_id,
+            code=exc.code or type(exc).__name__,
+            message=str(exc),
+            state=state,
+            # "Not ready yet" is a refusal, not a failed ingest: it must not use up the
+            # sensor's relaunch attempts.
+            count_attempt=not isinstance(exc, ExportNotReadyError),
         )
 
     def _skipped(self, kind: ExportKind, record: ExportRecord) -> IngestResult:

@@ -300,7 +300,7 @@ def test_sensor_relaunches_a_failed_ingest_a_bounded_number_of_times(
         assert tick() == [f"locations:{export_id}"]
         setup.sandbox.locations.link_ttl_seconds = -60  # every link it hands out is dead
         for attempt in range(1, MAX_INGEST_ATTEMPTS + 1):
-            with pytest.raises(Exception, match="expired|403"):
+            with pytest.raises(Exception, match=r"expired|403"):
                 r.ingest(KIND, export_id)
             expected = (
                 []
