@@ -32,8 +32,11 @@ from export_pipeline.core.model import ExportKind, FileFormat
 GZIP_MAGIC = b"\x1f\x8b"
 _PEEK_BYTES = 8192
 _BOM = b"\xef\xbb\xbf"
-# Rows DuckDB looks at to guess JSON types when the kind declares no columns.
-_AUTO_SAMPLE_SIZE = 100_000
+# Rows DuckDB looks at to guess JSON types when the kind declares no columns: all of them.
+# The file is then read with the guessed columns, and DuckDB drops keys it never saw and
+# rounds values into a narrower guessed type, so a partial sample loses data silently.
+# The price is one more pass over the file for kinds without declared columns.
+_AUTO_SAMPLE_SIZE = -1
 _MAX_RECORD_BYTES = 1 << 20  # how much of a bad JSON record is kept to find its line
 # The Parquet writer holds one row group in memory before flushing it. DuckDB's default is
 # 122,880 rows whatever their width (~180 MB more peak memory for nested locations, growing

@@ -222,3 +222,23 @@ def test_empty_files(tmp_path: Path) -> None:
         [empty_array, zero], tmp_path / "u", kind=AUTO_KIND, export_id="X", loaded_at=LOADED_AT
     )
     assert untyped.rows == 0 and untyped.parquet_paths == []
+
+
+def test_auto_detection_keeps_keys_and_values_seen_only_late_in_a_file(tmp_path: Path) -> None:
+    """A key (and a wider type) that first appears after 120,000 records is not dropped."""
+    kind = ExportKind(provider="p", name="late", primary_key=("Id",))
+    src = tmp_path / "late.jsonl"
+    with src.open("w") as fh:
+        for i in range(120_000):
+            fh.write(f'{{"Id": "r{i}", "n": 1}}\n')
+        fh.write('{"Id": "last", "n": 3.5, "Extra": {"Note": "only here"}}\n')
+    result = to_parquet(
+        [src], tmp_path / "out", kind=kind, export_id="e", loaded_at=datetime.now(UTC)
+    )
+    assert result.rows == 120_001
+    with duckdb.connect() as con:
+        row = con.execute(
+            "SELECT n, Extra.Note FROM read_parquet(?) WHERE Id = 'last'",
+            [str(result.parquet_paths[0])],
+        ).fetchone()
+    assert row == (3.5, "only here")
