@@ -54,7 +54,7 @@ class IngestSettings:
     # DuckDB's memory cap for normalising and for the load transaction. Beyond it DuckDB spills
     # or evicts; without it the load keeps every block it wrote cached (up to 80% of RAM), so
     # the worker's memory would grow with the export.
-    duckdb_memory_limit: str = "1GB"
+    duckdb_memory_limit: str = "400MB"
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 

@@ -81,7 +81,9 @@ class SyncSettingsResource(dg.ConfigurableResource):
     download_concurrency: int = Field(4, description="Parallel downloads of a multi-part export.")
     http_max_attempts: int = 5
     http_base_delay_seconds: float = 0.5
-    duckdb_memory_limit: str = "1GB"
+    duckdb_memory_limit: str = Field(
+        "400MB", description="DuckDB memory cap per run; beyond it DuckDB spills to disk."
+    )
     verify_row_count: bool = True
     step_retry_seconds: float = Field(
         30.0,
