@@ -124,8 +124,12 @@ class ApiClient:
         retry: RetryPolicy | None = None,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        raise_on_401: bool = True,
     ) -> None:
         self.provider = provider
+        # False: hand a 401 back to the provider, whose error body may carry what support
+        # needs (a request id); the provider must then raise ConfigurationError itself.
+        self.raise_on_401 = raise_on_401
         self.base_url = base_url.rstrip("/")
         self.token_env_var = token_env_var
         self.retry = retry or RetryPolicy()
@@ -165,7 +169,7 @@ class ApiClient:
             describe=describe,
             provider=self.provider,
         )
-        if response.status_code == 401:
+        if response.status_code == 401 and self.raise_on_401:
             setting = f" (check {self.token_env_var})" if self.token_env_var else ""
             raise ConfigurationError(
                 f"{describe}: the provider rejected our credentials (HTTP 401){setting}",

@@ -28,9 +28,9 @@ Quirks worth knowing:
   ``EXPORT_EXPIRED`` -> request the same window again, ``UNAUTHORIZED`` -> configuration error
   naming ``DELIVERIES_API_KEY``, ``NOT_FOUND`` -> the export is lost (status calls map it to
   ``ExportState.LOST`` instead of raising).
-* ``ApiClient`` turns every 401 into a ConfigurationError before the body can be read, which
-  would drop the ``request_id``; :class:`DeliveriesApiClient` is the same client with the 401
-  left to the provider's envelope mapping (see its docstring for why a subclass).
+* ``ApiClient`` would turn a 401 into a ConfigurationError before the body is read, dropping
+  the ``request_id``; this provider builds it with ``raise_on_401=False`` and maps the 401
+  envelope itself (still a ConfigurationError naming ``DELIVERIES_API_KEY``).
 * The presigned URL itself expires (minutes); S3 then answers 403 ``AccessDenied`` "Request has
   expired", which :meth:`DeliveriesProvider.classify_download_error` turns into a retryable
   ``LinkExpiredError`` (a new ``/download`` call yields a fresh URL).
@@ -54,7 +54,7 @@ from export_pipeline.core.errors import (
     ProviderRejectedError,
     TransientProviderError,
 )
-from export_pipeline.core.http import ApiClient, RetryPolicy, call_with_retries
+from export_pipeline.core.http import ApiClient, RetryPolicy
 from export_pipeline.core.model import (
     ExportKind,
     ExportRequest,
@@ -129,35 +129,6 @@ def parse_envelope(response: httpx.Response) -> tuple[str | None, str | None, st
     return code, message, request_id or response.headers.get("x-request-id")
 
 
-class DeliveriesApiClient(ApiClient):
-    """``ApiClient`` whose ``request`` returns 401 answers instead of raising.
-
-    Why: ``ApiClient.request`` raises its generic ConfigurationError on 401 before anyone can
-    read the body, so the platform's ``meta.request_id`` (what support asks for) would be lost.
-    A subclass keeps the retries, timeouts and the header handling of the shared client and
-    changes only that one step; ``DeliveriesProvider`` maps the 401 envelope itself (still a
-    ConfigurationError naming ``DELIVERIES_API_KEY``). Using a subclass rather than editing
-    ``core/http.py`` keeps every other provider's behaviour untouched.
-    """
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        json: Any = None,
-        params: Mapping[str, Any] | None = None,
-        describe: str | None = None,
-    ) -> httpx.Response:
-        describe = describe or f"{self.provider} {method} {path}"
-        return call_with_retries(
-            lambda: self._client.request(method, path, json=json, params=params),
-            policy=self.retry,
-            describe=describe,
-            provider=self.provider,
-        )
-
-
 class DeliveriesProvider(ExportProvider):
     """Message-log exports, one kind per direction, time-window increments, CSV via S3."""
 
@@ -198,13 +169,14 @@ class DeliveriesProvider(ExportProvider):
                 hint=f"set {TOKEN_ENV_VAR}",
             )
         return cls(
-            DeliveriesApiClient(
+            ApiClient(
                 provider=cls.name,
                 base_url=base_url,
                 headers={"Authorization": f"Bearer {api_key}"},
                 token_env_var=TOKEN_ENV_VAR,
                 retry=retry,
                 timeout=timeout,
+                raise_on_401=False,
             )
         )
 
