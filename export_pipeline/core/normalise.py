@@ -132,6 +132,37 @@ def _json_reader(path: Path, fmt: FileFormat, gz: bool, columns: Mapping[str, st
     return f"read_json({', '.join(options)})"
 
 
+def _json_reader_many(paths: Sequence[Path], fmt: FileFormat, gz: bool) -> str:
+    """Auto-detecting reader over several files, unifying their columns by name."""
+    files = "[" + ", ".join(_lit(str(p)) for p in paths) + "]"
+    return (
+        f"read_json({files}, format := "
+        + ("'array'" if fmt is FileFormat.JSON_ARRAY else "'newline_delimited'")
+        + f", compression := {'gzip' if gz else 'none'!r}, union_by_name := true, "
+        f"sample_size := {_AUTO_SAMPLE_SIZE})"
+    )
+
+
+def _failing_source(
+    con: duckdb.DuckDBPyConnection,
+    exc: duckdb.Error,
+    group: Sequence[Path],
+    fmt: FileFormat,
+    detected: Mapping[Path, DetectedFormat],
+) -> Path:
+    """The file a multi-file DESCRIBE failed on: named in DuckDB's message, else found by
+    describing each file alone (only on the error path)."""
+    for src in group:
+        if str(src) in str(exc):
+            return src
+    for src in group:
+        try:
+            _describe(con, f"SELECT * FROM {_json_reader(src, fmt, detected[src].gzip, None)}")
+        except duckdb.Error:
+            return src
+    return group[0]
+
+
 def _csv_reader(path: Path, gz: bool, *, all_varchar: bool) -> str:
     options = [
         _lit(str(path)),
@@ -422,16 +453,28 @@ def _auto_schema(
 ) -> list[tuple[str, str]]:
     """Types guessed per file and widened across the files of one format (union by name)."""
     schema: dict[str, str] = {}
-    for src in group:
-        gz = detected[src].gzip
-        if group_fmt is FileFormat.CSV:
-            reader = _csv_reader(src, gz, all_varchar=False)
-        else:
-            reader = _json_reader(src, group_fmt, gz, None)
+    readers: list[tuple[Path, str]] = []
+    if group_fmt is FileFormat.CSV:
+        readers = [
+            (src, _csv_reader(src, gz=detected[src].gzip, all_varchar=False)) for src in group
+        ]
+    else:
+        # One DESCRIBE over all parts of the same compression: DuckDB scans them in parallel
+        # (a full scan, see _AUTO_SAMPLE_SIZE), which costs the time of one part, not of all.
+        for gz in (False, True):
+            same = [src for src in group if detected[src].gzip is gz]
+            if same:
+                readers.append((same[0], _json_reader_many(same, group_fmt, gz)))
+    for src, reader in readers:
         try:
             described = _describe(con, f"SELECT * FROM {reader}")
         except duckdb.Error as exc:
-            raise fail(exc, src) from exc
+            bad = (
+                src
+                if group_fmt is FileFormat.CSV
+                else _failing_source(con, exc, group, group_fmt, detected)
+            )
+            raise fail(exc, bad) from exc
         for name, duck_type in described:
             if name not in schema:
                 schema[name] = duck_type

@@ -242,3 +242,16 @@ def test_auto_detection_keeps_keys_and_values_seen_only_late_in_a_file(tmp_path:
             [str(result.parquet_paths[0])],
         ).fetchone()
     assert row == (3.5, "only here")
+
+
+def test_malformed_part_of_a_multi_part_export_is_named(tmp_path: Path) -> None:
+    """Parts are type-detected together; the error still names the bad part and its line."""
+    good = tmp_path / "part-0000.jsonl"
+    good.write_text('{"id": "A"}\n{"id": "B"}\n')
+    bad = tmp_path / "part-0001.jsonl"
+    bad.write_text('{"id": "C"}\n{"id": "D", "x": }\n')
+    with pytest.raises(ParseError) as info:
+        to_parquet(
+            [good, bad], tmp_path / "out", kind=AUTO_KIND, export_id="X", loaded_at=LOADED_AT
+        )
+    assert (info.value.file, info.value.line) == ("part-0001.jsonl", 2)
