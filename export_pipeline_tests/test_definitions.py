@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from export_pipeline.definitions import build_defs
 
@@ -24,8 +26,15 @@ MEWS_TYPES = [
 ]
 
 
-def test_definitions_list_every_export_kind() -> None:
-    # A fresh object: the module-level one may have been bound to a test instance already.
+@pytest.fixture
+def live_instance() -> Iterator[dg.DagsterInstance]:
+    """Dagster keeps the current instance's state storage in a context variable; an instance
+    disposed by an earlier test can leave it dangling, so load Definitions under a live one."""
+    with dg.instance_for_test() as instance:
+        yield instance
+
+
+def test_definitions_list_every_export_kind(live_instance: dg.DagsterInstance) -> None:
     defs = build_defs()
     repo = defs.get_repository_def()
     keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
