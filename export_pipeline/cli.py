@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from export_pipeline.defs.resources import SANDBOX_PORTS
@@ -33,14 +34,15 @@ def _demo(args: argparse.Namespace) -> int:
             elif target.exists():
                 target.unlink()
     print(f"starting the sandbox providers on loopback ({args.rows} locations)...", flush=True)
-    with start_sandbox(n_locations=args.rows) as sandbox:
+    with ExitStack() as stack:
+        sandbox = stack.enter_context(start_sandbox(n_locations=args.rows))
         os.environ.update(sandbox.env())
         resources = default_resources()
         resources["warehouse"] = WarehouseResource(path=str(warehouse_path), data_dir=str(data_dir))
         resources["sync_settings"] = SyncSettingsResource(poll_initial_seconds=0.25)
         defs = build_defs(resources)
         job = defs.resolve_job_def("locations_sync")
-        instance = dg.DagsterInstance.ephemeral()
+        instance = stack.enter_context(dg.DagsterInstance.ephemeral())
         ledger = Ledger(Warehouse(warehouse_path))
         summary = []
         for step in ("full", "incremental"):

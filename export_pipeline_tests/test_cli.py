@@ -1,0 +1,46 @@
+"""README's first command: `export-pipeline demo`, run as a user would, in its own process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+
+
+def test_demo_runs_a_full_then_an_incremental_sync(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "export_pipeline.cli", "demo", "--rows", "300", "--changes", "20"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    full, incremental = summary["syncs"]
+    assert (full["sync"], full["rows"], full["modified_since"]) == ("full", 300, None)
+    assert incremental["rows"] == 30 and incremental["modified_since"] is not None
+    assert full["files"] and incremental["files"]
+    assert summary["tables"]["locations"] == 310
+    with duckdb.connect(str(tmp_path / "data" / "warehouse.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM locations.locations").fetchone()[0] == 310
+        assert (
+            con.execute("SELECT count(DISTINCT export_id) FROM pipeline.exports").fetchone()[0] == 2
+        )
+
+
+def test_webhooks_serve_without_credentials_is_a_clean_error(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-m", "export_pipeline.cli", "webhooks", "serve", "--store", "e.db"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert out.returncode == 2
+    assert "EXPORT_PIPELINE_WEBHOOK" in out.stderr and "Traceback" not in out.stderr
