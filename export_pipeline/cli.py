@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -121,10 +122,10 @@ def _sandbox(args: argparse.Namespace) -> int:
             print(f"export {key}={value}")
         sys.stdout.flush()
         try:
-            while True:
-                time.sleep(3600)
+            threading.Event().wait()  # serve until interrupted
         except KeyboardInterrupt:
             return 0
+    return 0
 
 
 def _dev(args: argparse.Namespace) -> int:
