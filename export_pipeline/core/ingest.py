@@ -262,6 +262,17 @@ class ExportRunner:
             record = replace(record, partition_key=partition_key)
         if record.state is ExportState.LOADED:
             return self._skipped(kind, record)
+        if record.state is ExportState.FAILED:
+            # Terminal in the ledger (the provider failed it, or its files contradicted the
+            # announcement): loading it now would accept data we already judged wrong.
+            raise ExportFailedError(
+                f"export was given up earlier ({record.error_code}: {record.error_message})",
+                provider=self.name,
+                kind=kind.name,
+                export_id=record.export_id,
+                code=record.error_code,
+                hint="request a new export (run without export_id)",
+            )
         try:
             return self._ingest(kind, record, t0)
         except ExportPipelineError as exc:
@@ -289,6 +300,8 @@ class ExportRunner:
             ExportLostError: ExportState.LOST,
             IntegrityError: ExportState.FAILED,
         }.get(type(exc))
+        if exc.code == PARTITION_MISMATCH:
+            state = None  # the run named the wrong partition; the export itself is fine
         self.ledger.record_error(
             self.name,
             export_id,

@@ -8,6 +8,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from export_pipeline.core.errors import ExportFailedError
 from export_pipeline.core.ingest import ExportRunner, IngestSettings
 from export_pipeline.core.ledger import Ledger, Warehouse
 from export_pipeline.core.model import ExportRequest, ExportState
@@ -107,3 +108,24 @@ def test_ledger_survives_a_new_process(runner: ExportRunner, tmp_path: Path) -> 
             [result.export_id],
         ).fetchone()
     assert row == (ExportState.LOADED.value, N_LOCATIONS, N_LOCATIONS)
+
+
+def test_a_failed_export_is_not_loaded_later(
+    runner: ExportRunner, locations_sandbox: LocationsSandbox
+) -> None:
+    """Failed is terminal: a later explicit ingest of the same id refuses instead of loading."""
+    locations_sandbox.state.fail_next_export = ("EXPORT_GENERATION_FAILED", "disk full")
+    record, _ = runner.start(LOCATIONS, ExportRequest())
+    with pytest.raises(ExportFailedError):
+        runner.wait_until_ready(LOCATIONS, record.export_id, timeout=10)
+    runner.ledger.record_error(
+        "locations",
+        record.export_id,
+        code="EXPORT_GENERATION_FAILED",
+        message="disk full",
+        state=ExportState.FAILED,
+    )
+    with pytest.raises(ExportFailedError, match="given up") as info:
+        runner.ingest(LOCATIONS, record.export_id)
+    assert info.value.code == "EXPORT_GENERATION_FAILED"
+    assert runner.ledger.get("locations", record.export_id).state is ExportState.FAILED
