@@ -112,21 +112,22 @@ def download_file(
     rejected) or ProviderRejectedError / ExportExpiredError for other error answers. Nothing is
     left in ``dest_dir`` for a failed download.
     """
-    return _Downloader(
-        file,
-        Path(dest_dir),
+    (downloaded,) = download_files(
+        [file],
+        dest_dir,
+        max_concurrency=1,
         provider=provider,
         export_id=export_id,
         headers=headers,
         api_host=api_host,
-        policy=policy or RetryPolicy(),
+        policy=policy,
         classify=classify,
         client=client,
         chunk_size=chunk_size,
         timeout=timeout,
         max_redirects=max_redirects,
-        cancel=None,
-    ).run()
+    )
+    return downloaded
 
 
 def download_files(
