@@ -177,3 +177,41 @@ def _tree_rss_mb(process: psutil.Process) -> float:
         except psutil.NoSuchProcess:
             continue
     return total / _MB
+
+
+def compare_summary(
+    ingests: Sequence[ChildRun], baselines: Sequence[ChildRun], phase_keys: Sequence[str]
+) -> dict[str, Any]:
+    """The figures every benchmark reports: medians over runs, ratios against the baseline
+    measured in the same run, peak RSS of each side, and the ingest's phase timings."""
+
+    def med(runs: Sequence[ChildRun], key: str) -> float:
+        return median([run.result[key] for run in runs])
+
+    seconds = med(ingests, "seconds")
+    baseline_seconds = med(baselines, "seconds")
+    # The download runs at the sandbox server's pace (a Python uvicorn in the parent, sharing
+    # the CPUs), so the work both sides do on local files is reported on its own too.
+    local_seconds = median([r.result["seconds"] - r.result["download_seconds"] for r in ingests])
+    summary: dict[str, Any] = {
+        "bytes": ingests[0].result["bytes"],
+        "runs": len(ingests),
+        "seconds": rounded(seconds),
+        "baseline_seconds": rounded(baseline_seconds),
+        "ratio_vs_duckdb": rounded(seconds / baseline_seconds),
+        "seconds_without_download": rounded(local_seconds),
+        "ratio_without_download": rounded(local_seconds / baseline_seconds),
+        "peak_rss_mb": max(run.result["peak_rss_mb"] for run in ingests),
+        "baseline_peak_rss_mb": max(run.result["peak_rss_mb"] for run in baselines),
+        "polled_peak_rss_mb": max(run.polled_peak_rss_mb for run in ingests),
+        "baseline_polled_peak_rss_mb": max(run.polled_peak_rss_mb for run in baselines),
+        "rss_at_start_mb": ingests[0].result["rss_at_start_mb"],
+        "peak_rss_mb_after": ingests[-1].result["peak_rss_mb_after"],
+        "duckdb_memory_limit": ingests[0].result["duckdb_memory_limit"],
+    }
+    for key in phase_keys:
+        summary[key] = rounded(med(ingests, key))
+    if len(ingests) > 1:
+        summary["seconds_all"] = [rounded(run.result["seconds"]) for run in ingests]
+        summary["baseline_seconds_all"] = [rounded(run.result["seconds"]) for run in baselines]
+    return summary

@@ -46,10 +46,9 @@ from typing import Any
 from benchmarks._common import (
     ChildRun,
     Phases,
+    compare_summary,
     current_rss_mb,
     emit_json,
-    median,
-    rounded,
     run_child,
     self_peak_rss_mb,
 )
@@ -322,35 +321,7 @@ def _run_size(
 def _summary(
     rows: int, fmt: str, ingests: list[ChildRun], baselines: list[ChildRun]
 ) -> dict[str, Any]:
-    def med(runs: list[ChildRun], key: str) -> float:
-        return median([run.result[key] for run in runs])
-
-    seconds = med(ingests, "seconds")
-    baseline_seconds = med(baselines, "seconds")
-    # The download runs at the sandbox server's pace (a Python uvicorn in the parent; curl gets
-    # the same rate), so the local work alone is reported too.
-    local_seconds = median(
-        [run.result["seconds"] - run.result["download_seconds"] for run in ingests]
-    )
-    summary: dict[str, Any] = {
-        "rows": rows,
-        "format": fmt,
-        "bytes": ingests[0].result["bytes"],
-        "runs": len(ingests),
-        "seconds": rounded(seconds),
-        "baseline_seconds": rounded(baseline_seconds),
-        "ratio_vs_duckdb": rounded(seconds / baseline_seconds),
-        "seconds_without_download": rounded(local_seconds),
-        "ratio_without_download": rounded(local_seconds / baseline_seconds),
-        "peak_rss_mb": max(run.result["peak_rss_mb"] for run in ingests),
-        "baseline_peak_rss_mb": max(run.result["peak_rss_mb"] for run in baselines),
-        "polled_peak_rss_mb": max(run.polled_peak_rss_mb for run in ingests),
-        "baseline_polled_peak_rss_mb": max(run.polled_peak_rss_mb for run in baselines),
-        "rss_at_start_mb": ingests[0].result["rss_at_start_mb"],
-        "peak_rss_mb_after": ingests[-1].result["peak_rss_mb_after"],
-        "duckdb_memory_limit": ingests[0].result["duckdb_memory_limit"],
-    }
-    for key in (
+    phases = (
         "request_seconds",
         "download_seconds",
         "normalise_seconds",
@@ -358,12 +329,8 @@ def _summary(
         "merge_seconds",
         "wait_seconds",
         "sync_seconds",
-    ):
-        summary[key] = rounded(med(ingests, key))
-    if len(ingests) > 1:
-        summary["seconds_all"] = [rounded(run.result["seconds"]) for run in ingests]
-        summary["baseline_seconds_all"] = [rounded(run.result["seconds"]) for run in baselines]
-    return summary
+    )
+    return {"rows": rows, "format": fmt, **compare_summary(ingests, baselines, phases)}
 
 
 def _sizes(text: str) -> list[int]:

@@ -50,6 +50,7 @@ from typing import Any
 from benchmarks._common import (
     ChildRun,
     Phases,
+    compare_summary,
     current_rss_mb,
     emit_json,
     median,
@@ -315,36 +316,7 @@ def _run(
 def _summary(
     rows: int, parts: int, ingests: list[ChildRun], baselines: list[ChildRun]
 ) -> dict[str, Any]:
-    def med(runs: list[ChildRun], key: str) -> float:
-        return median([run.result[key] for run in runs])
-
-    seconds = med(ingests, "seconds")
-    # The download's pace is the simulator's (a uvicorn server in the parent, sharing the CPUs);
-    # this figure compares only the work both sides do on local files.
-    local_seconds = median([r.result["seconds"] - r.result["download_seconds"] for r in ingests])
-    baseline_seconds = med(baselines, "seconds")
-    summary: dict[str, Any] = {
-        "rows": rows,
-        "parts": parts,
-        "bytes": ingests[0].result["bytes"],
-        "runs": len(ingests),
-        "seconds": rounded(seconds),
-        "baseline_seconds": rounded(baseline_seconds),
-        "ratio_vs_duckdb": rounded(seconds / baseline_seconds),
-        "seconds_without_download": rounded(local_seconds),
-        "ratio_without_download": rounded(local_seconds / baseline_seconds),
-        "baseline_full_scan_seconds": rounded(med(baselines, "full_scan_seconds")),
-        "ratio_vs_duckdb_full_scan": rounded(seconds / med(baselines, "full_scan_seconds")),
-        "peak_rss_mb": max(run.result["peak_rss_mb"] for run in ingests),
-        "baseline_peak_rss_mb": max(run.result["peak_rss_mb"] for run in baselines),
-        "polled_peak_rss_mb": max(run.polled_peak_rss_mb for run in ingests),
-        "baseline_polled_peak_rss_mb": max(run.polled_peak_rss_mb for run in baselines),
-        "rss_at_start_mb": ingests[0].result["rss_at_start_mb"],
-        "peak_rss_mb_after": ingests[-1].result["peak_rss_mb_after"],
-        "duckdb_memory_limit": ingests[0].result["duckdb_memory_limit"],
-        "cpus": os.cpu_count(),
-    }
-    for key in (
+    phases = (
         "request_seconds",
         "download_seconds",
         "normalise_seconds",
@@ -352,11 +324,14 @@ def _summary(
         "snapshot_replace_seconds",
         "wait_seconds",
         "sync_seconds",
-    ):
-        summary[key] = rounded(med(ingests, key))
-    if len(ingests) > 1:
-        summary["seconds_all"] = [rounded(run.result["seconds"]) for run in ingests]
-        summary["baseline_seconds_all"] = [rounded(run.result["seconds"]) for run in baselines]
+    )
+    summary = {"rows": rows, "parts": parts, **compare_summary(ingests, baselines, phases)}
+    full_scan = median([run.result["full_scan_seconds"] for run in baselines])
+    summary["baseline_full_scan_seconds"] = rounded(full_scan)
+    summary["ratio_vs_duckdb_full_scan"] = rounded(
+        median([run.result["seconds"] for run in ingests]) / full_scan
+    )
+    summary["cpus"] = os.cpu_count()
     return summary
 
 

@@ -43,3 +43,19 @@ def test_rows_sweep_reports_rss_per_size(capsys: pytest.CaptureFixture[str]) -> 
     # One JSON line per size before the final one.
     per_size = [json.loads(line) for line in lines[:-1] if line.startswith("{")]
     assert [r["rows"] for r in per_size] == [500, 1000]
+
+
+def test_mews_multipart_benchmark_reports_json_last_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks import mews_multipart
+
+    assert mews_multipart.main(["--rows", "2000", "--parts", "4"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    result = json.loads(lines[-1])
+    assert (result["rows"], result["parts"]) == (2000, 4)
+    assert result["ratio_vs_duckdb"] == pytest.approx(
+        result["seconds"] / result["baseline_seconds"], rel=0.01
+    )
+    assert result["ratio_vs_duckdb_full_scan"] > 0
+    assert result["peak_rss_mb"] > 0 and result["baseline_peak_rss_mb"] > 0
