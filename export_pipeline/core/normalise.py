@@ -41,7 +41,7 @@ _MAX_RECORD_BYTES = 1 << 20  # how much of a bad JSON record is kept to find its
 # The Parquet writer holds one row group in memory before flushing it. DuckDB's default is
 # 122,880 rows whatever their width (~180 MB more peak memory for nested locations, growing
 # with the export up to that many rows). A byte target bounds it the same for any export.
-_ROW_GROUP_BYTES = "32MB"
+_ROW_GROUP_ROWS = 20_000
 LINEAGE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("_export_id", "VARCHAR"),
     ("_source_file", "VARCHAR"),
@@ -123,7 +123,7 @@ def _json_reader(path: Path, fmt: FileFormat, gz: bool, columns: Mapping[str, st
     options = [
         _lit(str(path)),
         "format := " + ("'array'" if fmt is FileFormat.JSON_ARRAY else "'newline_delimited'"),
-        "compression := " + ("'gzip'" if gz else "'none'"),
+        "compression := " + ("'gzip'" if gz else "'uncompressed'"),
     ]
     if columns is not None:
         options.append(f"columns := {_struct_literal(columns)}")
@@ -138,7 +138,7 @@ def _json_reader_many(paths: Sequence[Path], fmt: FileFormat, gz: bool) -> str:
     return (
         f"read_json({files}, format := "
         + ("'array'" if fmt is FileFormat.JSON_ARRAY else "'newline_delimited'")
-        + f", compression := {'gzip' if gz else 'none'!r}, union_by_name := true, "
+        + f", compression := {'gzip' if gz else 'uncompressed'!r}, union_by_name := true, "
         f"sample_size := {_AUTO_SAMPLE_SIZE})"
     )
 
@@ -167,7 +167,7 @@ def _csv_reader(path: Path, gz: bool, *, all_varchar: bool) -> str:
     options = [
         _lit(str(path)),
         "header := true",
-        "compression := " + ("'gzip'" if gz else "'none'"),
+        "compression := " + ("'gzip'" if gz else "'uncompressed'"),
     ]
     if all_varchar:
         options.append("all_varchar := true")
@@ -413,7 +413,7 @@ def _to_parquet(
             f"COPY (SELECT src.*, CAST($1 AS VARCHAR) AS _export_id, "
             f"CAST($2 AS VARCHAR) AS _source_file, CAST($3 AS TIMESTAMPTZ) AS _loaded_at "
             f"FROM ({select}) AS src) TO {_lit(str(partial))} "
-            f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE_BYTES {_lit(_ROW_GROUP_BYTES)})"
+            f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {_ROW_GROUP_ROWS})"
         )
         one_thread = sequential_arrays and info.format is FileFormat.JSON_ARRAY
         try:
