@@ -40,7 +40,8 @@ _AUTO_SAMPLE_SIZE = -1
 _MAX_RECORD_BYTES = 1 << 20  # how much of a bad JSON record is kept to find its line
 # The Parquet writer holds one row group in memory before flushing it. DuckDB's default is
 # 122,880 rows whatever their width (~180 MB more peak memory for nested locations, growing
-# with the export up to that many rows). A byte target bounds it the same for any export.
+# with the export up to that many rows). DuckDB 1.4 refuses ROW_GROUP_SIZE_BYTES together with
+# preserve_insertion_order, so the bound is a row count small enough for wide nested rows.
 _ROW_GROUP_ROWS = 20_000
 LINEAGE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("_export_id", "VARCHAR"),
@@ -423,6 +424,8 @@ def _to_parquet(
         except duckdb.Error as exc:
             with contextlib.suppress(FileNotFoundError):
                 partial.unlink()
+            if info.format is FileFormat.CSV and kind.columns is not None:
+                exc = _csv_conversion_error(con, src, info.gzip, kind.columns, exc)
             raise fail(exc, src) from exc
         finally:
             if one_thread:
@@ -541,3 +544,41 @@ def _csv_select(
             # Empty cells are already NULL there (the reader's default null string is '').
             exprs.append(f"CAST({_ident(name)} AS {duck_type}) AS {_ident(name)}")
     return f"SELECT {', '.join(exprs)} FROM {reader}"
+
+
+def _csv_conversion_error(
+    con: duckdb.DuckDBPyConnection,
+    src: Path,
+    gz: bool,
+    columns: Mapping[str, str],
+    exc: duckdb.Error,
+) -> duckdb.Error:
+    """The CSV reader's own error for a value that does not fit its declared type.
+
+    DuckDB 1.4 reports a failed CAST of a text column without a line; its CSV reader, told the
+    scalar types, reports "CSV Error on Line: N" for the same value. Only on the error path.
+    """
+    if _ANY_LINE.search(str(exc)):
+        return exc
+    try:
+        header = {
+            n for n, _ in _describe(con, f"SELECT * FROM {_csv_reader(src, gz, all_varchar=True)}")
+        }
+    except duckdb.Error:
+        return exc
+    types = {n: t for n, t in columns.items() if n in header and not _is_nested(t)}
+    if not types:
+        return exc
+    reader = (
+        f"read_csv({_lit(str(src))}, header := true, "
+        f"compression := {'gzip' if gz else 'uncompressed'!r}, "
+        f"types := {_struct_literal(types)})"
+    )
+    try:
+        # An aggregate over every typed column: a bare count(*) would skip converting them.
+        cols = ", ".join(_ident(n) for n in types)
+        con.execute(f"SELECT max(hash({cols})) FROM {reader}").fetchone()
+    except duckdb.Error as typed:
+        if _ANY_LINE.search(str(typed)):
+            return typed
+    return exc
