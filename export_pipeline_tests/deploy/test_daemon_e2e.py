@@ -1,0 +1,234 @@
+"""The production topology, minus containers, end to end on a real PostgreSQL.
+
+deploy/dagster.yaml with one change (runs start as processes of the code server instead of
+Docker containers: there is no Docker engine here) backs three real processes as in
+deploy/docker-compose.yaml: a code server (gRPC), `dagster-daemon run` and, launched by the
+daemon's run queue, the run worker. The sensor finds an export in the ledger, the daemon launches
+its ingest, the run loads it; Dagster's records land in PostgreSQL and the step logs in S3.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+import yaml
+
+from export_pipeline.core.model import ExportRequest
+from export_pipeline.definitions import BINDINGS, default_resources
+from export_pipeline.defs.assets import make_runner
+from export_pipeline.defs.resources import SyncSettingsResource, WarehouseResource
+from export_pipeline.sandbox.bundle import Sandbox
+from export_pipeline.sandbox.s3 import S3Server
+from export_pipeline.sandbox.server import free_port
+from export_pipeline_tests.deploy.postgres import PostgresServer
+from export_pipeline_tests.deploy.test_production_instance import LOG_BUCKET, instance_env
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+BIN = Path(sys.executable).parent
+LOCATIONS = next(b for b in BINDINGS if b.name == "locations")
+SENSOR = "locations_exports_sensor"
+DEADLINE_SECONDS = 240  # generous: six helpers share two cores; the test waits on events
+
+
+def write_home(home: Path) -> None:
+    """deploy/dagster.yaml, with runs as processes (DefaultRunLauncher) and a 1 s dequeue."""
+    config = yaml.safe_load((DEPLOY / "dagster.yaml").read_text())
+    config["run_launcher"] = {"module": "dagster._core.launcher", "class": "DefaultRunLauncher"}
+    config["run_coordinator"]["config"]["dequeue_interval_seconds"] = 1
+    config["run_monitoring"]["max_resume_run_attempts"] = 0  # processes cannot be resumed
+    home.mkdir(parents=True)
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+
+
+@contextmanager
+def process(argv: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> Iterator[None]:
+    """A child process for the duration of the block; stopped (and reaped) afterwards."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            yield
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def wait_for_code_server(port: int, env: dict[str, str], logs: Path) -> None:
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while time.monotonic() < deadline:
+        probe = subprocess.run(
+            [
+                str(BIN / "dagster"),
+                "api",
+                "grpc-health-check",
+                "--host",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if probe.returncode == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"code server never became healthy:\n{logs.read_text()[-4000:]}")
+
+
+def test_sensor_triggered_sync_through_daemon_and_code_server_on_postgres(
+    postgres: PostgresServer,
+    shared_s3: S3Server,
+    sandbox: Sandbox,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    database = "dagster_daemon_e2e"
+    postgres.create_database(database)
+    shared_s3.ensure_bucket(LOG_BUCKET)
+    home = tmp_path / "dagster_home"
+    write_home(home)
+    app = tmp_path / "app"  # the processes' working directory: data/ lands here
+    warehouse = app / "data" / "warehouse.duckdb"
+    port = free_port()
+    (tmp_path / "workspace.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "load_from": [
+                    {
+                        "grpc_server": {
+                            "host": "127.0.0.1",
+                            "port": port,
+                            "location_name": "export_pipeline",
+                        }
+                    }
+                ]
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        **instance_env(postgres, database, shared_s3),
+        **sandbox.env(),
+        "DAGSTER_HOME": str(home),
+    }
+
+    # An export requested elsewhere (another tool, a webhook): only the ledger knows it.
+    resources = default_resources()
+    resources["warehouse"] = WarehouseResource(
+        path=str(warehouse), data_dir=str(app / "data"), lock_timeout_seconds=30
+    )
+    resources["sync_settings"] = SyncSettingsResource(http_base_delay_seconds=0.01)
+    # The provider resources and the instance read their settings from the environment.
+    for key, value in {**sandbox.env(), **instance_env(postgres, database, shared_s3)}.items():
+        monkeypatch.setenv(key, value)
+    with dg.build_resources(resources) as res:
+        record, _ = make_runner(res, LOCATIONS).start(
+            LOCATIONS.kinds[0], ExportRequest(), source="elsewhere"
+        )
+    export_id = record.export_id
+    run_key = f"locations:{export_id}"
+
+    workspace = str(tmp_path / "workspace.yaml")
+    with ExitStack() as stack:
+        code_log = tmp_path / "code_server.log"
+        stack.enter_context(
+            process(
+                [
+                    str(BIN / "dagster"),
+                    "code-server",
+                    "start",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--module-name",
+                    "export_pipeline.definitions",
+                    "--attribute",
+                    "defs",
+                    "--location-name",
+                    "export_pipeline",
+                ],
+                cwd=app,
+                env=env,
+                log=code_log,
+            )
+        )
+        wait_for_code_server(port, env, code_log)
+        started = subprocess.run(
+            [str(BIN / "dagster"), "sensor", "start", SENSOR, "-w", workspace],
+            cwd=app,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert started.returncode == 0, started.stdout + started.stderr
+        daemon_log = tmp_path / "daemon.log"
+        stack.enter_context(
+            process(
+                [str(BIN / "dagster-daemon"), "run", "-w", workspace],
+                cwd=app,
+                env=env,
+                log=daemon_log,
+            )
+        )
+
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            deadline = time.monotonic() + DEADLINE_SECONDS
+            run = None
+            while time.monotonic() < deadline:
+                runs = instance.get_runs(dg.RunsFilter(tags={"dagster/run_key": run_key}))
+                if runs and runs[0].is_finished:
+                    run = runs[0]
+                    break
+                time.sleep(1)
+            diagnostics = (
+                f"daemon:\n{daemon_log.read_text()[-4000:]}\n"
+                f"code server:\n{code_log.read_text()[-4000:]}"
+            )
+            assert run is not None, f"no finished run for {run_key}\n{diagnostics}"
+            if run.status is not dg.DagsterRunStatus.SUCCESS:
+                events = [
+                    e.message
+                    for e in instance.all_logs(run.run_id)
+                    if e.dagster_event and e.dagster_event.is_failure
+                ]
+                raise AssertionError(f"run {run.status}: {events}\n{diagnostics}")
+            assert run.tags["dagster/sensor_name"] == SENSOR
+            assert len(instance.get_runs(dg.RunsFilter(tags={"dagster/run_key": run_key}))) == 1
+            mat = instance.get_latest_materialization_event(dg.AssetKey(["locations", "locations"]))
+            assert mat is not None and mat.run_id == run.run_id
+
+        # Dagster's own records are in PostgreSQL, the daemon heartbeats there too.
+        assert postgres.query(
+            database, f"SELECT status FROM runs WHERE run_id = '{run.run_id}'"
+        ) == [("SUCCESS",)]
+        daemons = {
+            row[0] for row in postgres.query(database, "SELECT daemon_type FROM daemon_heartbeats")
+        }
+        assert {"SENSOR", "QUEUED_RUN_COORDINATOR", "MONITORING"} <= daemons
+
+    # The run's step output was uploaded to the S3 bucket of deploy/dagster.yaml.
+    keys = [
+        o["Key"] for o in shared_s3.client().list_objects_v2(Bucket=LOG_BUCKET).get("Contents", [])
+    ]
+    assert any(run.run_id in key for key in keys), keys
+
+    # And the data landed: every location, the export marked loaded in the ledger.
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM locations.locations").fetchone()[0] == 300
+        assert con.execute(
+            "SELECT state FROM pipeline.exports WHERE export_id = ?", [export_id]
+        ).fetchone() == ("loaded",)
