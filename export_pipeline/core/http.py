@@ -160,11 +160,12 @@ class ApiClient:
         *,
         json: Any = None,
         params: Mapping[str, Any] | None = None,
+        data: Mapping[str, Any] | None = None,  # form-encoded body (e.g. Stripe)
         describe: str | None = None,
     ) -> httpx.Response:
         describe = describe or f"{self.provider} {method} {path}"
         response = call_with_retries(
-            lambda: self._client.request(method, path, json=json, params=params),
+            lambda: self._client.request(method, path, json=json, params=params, data=data),
             policy=self.retry,
             describe=describe,
             provider=self.provider,

@@ -1,0 +1,392 @@
+"""The one generic provider: runs any :class:`~export_pipeline.providers.spec.ExportApiSpec`
+through the core (``ApiClient`` for calls, ``ExportStatus``/``RemoteFile`` for answers, the typed
+errors of ``core/errors.py``). No Dagster, no DuckDB.
+
+A provider module is then ``SPEC = ExportApiSpec(...)`` and ``Provider = SpecProvider.for_spec(
+SPEC)``; a hook is a subclass overriding one method where an API is truly odd.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import PurePosixPath
+from typing import Any, ClassVar
+
+import httpx
+
+from export_pipeline.core.errors import (
+    ConfigurationError,
+    ExportExpiredError,
+    ExportFailedError,
+    ExportInFlightError,
+    ExportLostError,
+    ExportNotReadyError,
+    ExportPipelineError,
+    LinkExpiredError,
+    ProviderRejectedError,
+    TransientProviderError,
+)
+from export_pipeline.core.http import ApiClient, RetryPolicy
+from export_pipeline.core.model import (
+    ExportKind,
+    ExportRequest,
+    ExportState,
+    ExportStatus,
+    RemoteFile,
+)
+from export_pipeline.providers.base import ExportProvider, batched
+from export_pipeline.providers.spec import (
+    Call,
+    ErrorClass,
+    ExportApiSpec,
+    dig,
+    format_time,
+    parse_time,
+    render,
+    render_path,
+)
+
+log = logging.getLogger(__name__)
+
+ERROR_CLASSES: dict[ErrorClass, type[ExportPipelineError]] = {
+    "configuration": ConfigurationError,
+    "rejected": ProviderRejectedError,
+    "transient": TransientProviderError,
+    "in_flight": ExportInFlightError,
+    "not_ready": ExportNotReadyError,
+    "expired": ExportExpiredError,
+    "lost": ExportLostError,
+    "link_expired": LinkExpiredError,
+    "failed": ExportFailedError,
+}
+
+
+def _host(url: str) -> str:
+    parsed = httpx.URL(url)
+    port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
+    return f"{parsed.host}:{port}" if port else parsed.host
+
+
+class SpecProvider(ExportProvider):
+    """An :class:`ExportProvider` whose every fact comes from ``spec``."""
+
+    spec: ClassVar[ExportApiSpec]
+
+    def __init__(
+        self,
+        api: ApiClient,
+        *,
+        files_base_url: str | None = None,
+        body_credentials: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(api)
+        self.files_base_url = files_base_url or self.spec.download.files_base_url
+        self.body_credentials = dict(body_credentials or {})
+
+    @classmethod
+    def for_spec(cls, spec: ExportApiSpec, class_name: str | None = None) -> type[SpecProvider]:
+        """A provider class for ``spec`` (the registry lists classes: name, kinds, batch size)."""
+        name = class_name or f"{spec.name.title().replace('_', '')}Provider"
+        attrs = {
+            "spec": spec,
+            "name": spec.name,
+            "kinds": spec.export_kinds(),
+            "status_batch_size": spec.status.batch_size,
+            "__doc__": spec.description or f"{spec.name} exports, run from its spec.",
+        }
+        return type(name, (cls,), attrs)
+
+    @classmethod
+    def from_settings(
+        cls,
+        *,
+        token: str,
+        base_url: str | None = None,
+        files_base_url: str | None = None,
+        body_credentials: Mapping[str, str] | None = None,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+    ) -> SpecProvider:
+        """Build from the values of the spec's environment variables (read by the caller)."""
+        auth = cls.spec.auth
+        if not token and auth.style != "body":
+            raise ConfigurationError(
+                f"no credentials for the {cls.spec.name} API",
+                provider=cls.spec.name,
+                hint=f"set {auth.token_env}",
+            )
+        headers = {}
+        if auth.style == "bearer":
+            headers["Authorization"] = f"Bearer {token}"
+        elif auth.style == "basic":
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{token}:".encode()).decode()
+        elif auth.style == "header":
+            headers[auth.header] = token
+        api = ApiClient(
+            provider=cls.spec.name,
+            base_url=base_url or cls.spec.base_url,
+            headers=headers,
+            token_env_var=auth.token_env,
+            retry=retry,
+            timeout=timeout,
+            raise_on_401=False,  # the envelope's request id is worth keeping: we classify 401s
+        )
+        return cls(api, files_base_url=files_base_url, body_credentials=body_credentials)
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def request_export(self, kind: ExportKind, request: ExportRequest) -> ExportStatus:
+        start, end = request.modified_since, request.window_end
+        inc = self.spec.incremental
+        if inc.style == "window" and (start is None or end is None):
+            raise ValueError(f"{kind.key} exports are time windows: pass both bounds")
+        if inc.bounds is not None:
+            start, end = self._bounded(kind, start, end)
+        variables = self._variables(kind, request)
+        variables["window_start"] = format_time(start, inc.time_format) if start else None
+        variables["window_end"] = format_time(end, inc.time_format) if end else None
+        answer = self._call(self.spec.create, variables, kind=kind.name)
+        return self._status(dig(answer, self.spec.create.record, answer))
+
+    def get_statuses(self, export_ids: Sequence[str]) -> dict[str, ExportStatus]:
+        call = self.spec.status
+        statuses: dict[str, ExportStatus] = {}
+        for chunk in batched(list(export_ids), call.batch_size):
+            variables = {"ids": chunk, "export_id": chunk[0]}
+            try:
+                answer = self._call(
+                    call, variables, export_id=chunk[0] if len(chunk) == 1 else None
+                )
+            except ExportLostError as exc:
+                if len(chunk) > 1:
+                    raise
+                statuses[chunk[0]] = self._lost(chunk[0], exc.code, exc.message, exc.request_id)
+                continue
+            if call.batch_size == 1:
+                records = [dig(answer, call.record, answer)]
+            else:
+                records = dig(answer, call.records, [])
+            for record in records:
+                status = self._status(record)
+                statuses[status.export_id] = status
+            for export_id in chunk:  # a batch answer that leaves an id out does not know it
+                statuses.setdefault(export_id, self._lost(export_id, "NOT_FOUND", None, None))
+        return statuses
+
+    def parse_event(self, body: Mapping[str, Any]) -> tuple[str | None, ExportStatus]:
+        """A pushed event -> ``(partition key, status)``; ValueError for a body we refuse."""
+        events = self.spec.events
+        if events is None:
+            raise ValueError(f"{self.spec.name} does not push events")
+        kind = dig(body, events.type_path)
+        record = dig(body, events.record)
+        if kind not in events.types or not isinstance(record, Mapping):
+            raise ValueError(f"invalid {self.spec.name} event: type {kind!r}")
+        return None, self._status(record)
+
+    def classify_download_error(self, response: httpx.Response) -> ExportPipelineError | None:
+        """Typed error for an error answer met while downloading (called by core/transfer)."""
+        code, message, request_id = self._envelope(response)
+        for rule in self.spec.download.rules:
+            if rule.matches(response.status_code, code, response.content or b""):
+                return ERROR_CLASSES[rule.error](
+                    f"download refused: {message or f'HTTP {response.status_code}'}",
+                    provider=self.name,
+                    code=code or f"HTTP_{response.status_code}",
+                    request_id=request_id,
+                    hint=rule.hint,
+                )
+        return self.error_for(response) if code is not None else None
+
+    @property
+    def api_host(self) -> str:
+        """The one origin that gets credentials at download time (``core/transfer.py``)."""
+        if self.spec.download.credentials == "files_host" and self.files_base_url:
+            return _host(self.files_base_url)
+        return self.api.host
+
+    # -- mapping ----------------------------------------------------------------------------
+
+    def error_for(
+        self, response: httpx.Response, *, export_id: str | None = None, kind: str | None = None
+    ) -> ExportPipelineError:
+        """Map an error answer (envelope or bare status) to a typed error with its request id."""
+        code, message, request_id = self._envelope(response)
+        status = response.status_code
+        ctx: dict[str, Any] = {
+            "provider": self.name,
+            "kind": kind,
+            "export_id": export_id,
+            "code": code or f"HTTP_{status}",
+            "request_id": request_id,
+        }
+        text = message or f"HTTP {status}"
+        for rule in self.spec.errors.rules:
+            if rule.matches(status, code, response.content or b""):
+                return ERROR_CLASSES[rule.error](text, hint=rule.hint, **ctx)
+        token_env = self.spec.auth.token_env
+        if status in (401, 403):
+            return ConfigurationError(
+                f"the {self.name} API rejected our credentials: {text} (check {token_env})",
+                hint=f"set a valid key in {token_env}",
+                **ctx,
+            )
+        if status == 404:
+            return ExportLostError(f"not found: {text}", hint="request the export again", **ctx)
+        if status == 410:
+            return ExportExpiredError(f"gone: {text}", hint="request the export again", **ctx)
+        if status == 429 or status >= 500:
+            return TransientProviderError(text, hint="try again later", **ctx)
+        return ProviderRejectedError(f"request refused: {text}", **ctx)
+
+    def _envelope(self, response: httpx.Response) -> tuple[str | None, str | None, str | None]:
+        errors = self.spec.errors
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        code = dig(body, errors.code)
+        message = dig(body, errors.message)
+        request_id = dig(body, errors.request_id)
+        if request_id is None and errors.request_id_header:
+            request_id = response.headers.get(errors.request_id_header)
+        return (
+            None if code is None else str(code),
+            None if message is None else str(message),
+            None if request_id is None else str(request_id),
+        )
+
+    def _call(
+        self,
+        call: Call,
+        variables: Mapping[str, Any],
+        *,
+        export_id: str | None = None,
+        kind: str | None = None,
+    ) -> Any:
+        payload = render(call.body, variables)
+        if self.spec.auth.style == "body" and call.encoding == "json":
+            payload = {**self.body_credentials, **payload}
+        path = render_path(call.path, variables)
+        sent = {{"json": "json", "form": "data", "query": "params"}[call.encoding]: payload}
+        if call.method == "GET" and call.encoding == "json":
+            sent = {"params": payload or None}
+        response = self.api.request(call.method, path, **sent)
+        if response.status_code >= 300:
+            raise self.error_for(response, export_id=export_id, kind=kind)
+        answer = response.json()
+        flag = self.spec.errors.success_flag
+        if flag is not None and dig(answer, flag) is not True:
+            raise self.error_for(response, export_id=export_id, kind=kind)
+        return answer
+
+    def _bounded(
+        self, kind: ExportKind, start: datetime | None, end: datetime | None
+    ) -> tuple[datetime, datetime]:
+        """Clip the window to what the provider can serve (its answer, not our clock)."""
+        bounds = self.spec.incremental.bounds
+        assert bounds is not None
+        answer = self._call(bounds.call, self._variables(kind, ExportRequest()), kind=kind.name)
+        fmt = self.spec.fields.time_format
+        first, last = (
+            parse_time(dig(answer, bounds.start), fmt),
+            parse_time(dig(answer, bounds.end), fmt),
+        )
+        if first is None or last is None:
+            raise ProviderRejectedError(
+                f"the bounds call answered no {bounds.start}/{bounds.end}",
+                provider=self.name,
+                kind=kind.name,
+            )
+        start = max(start, first) if start else first
+        end = min(end, last) if end else last
+        if end <= start:
+            raise ExportNotReadyError(
+                f"no data available after {start.isoformat()} yet (available until "
+                f"{last.isoformat()})",
+                provider=self.name,
+                kind=kind.name,
+                code="NO_DATA_AVAILABLE",
+                hint="the provider prepares data with a delay; a later run picks it up",
+            )
+        return start, end
+
+    def _variables(self, kind: ExportKind, request: ExportRequest) -> dict[str, Any]:
+        variables: dict[str, Any] = {"partition": request.partition}
+        variables.update({f"kind.{k}": v for k, v in kind.params.items()})
+        variables.update({f"param.{k}": v for k, v in request.params.items()})
+        return variables
+
+    def _lost(
+        self, export_id: str, code: str | None, message: str | None, request_id: str | None
+    ) -> ExportStatus:
+        return ExportStatus(
+            export_id=export_id,
+            state=ExportState.LOST,
+            error_code=code or "NOT_FOUND",
+            error_message=message or "export not found",
+            detail={"request_id": request_id} if request_id else {},
+        )
+
+    def _status(self, record: Any) -> ExportStatus:
+        f = self.spec.fields
+        if not isinstance(record, Mapping) or dig(record, f.id) is None:
+            raise ProviderRejectedError(
+                f"answer has no export object with {f.id!r}", provider=self.name
+            )
+        export_id = str(dig(record, f.id))
+        word = str(dig(record, f.state, ""))
+        state = self.spec.states.state_of(word)
+        detail: dict[str, Any] = {}
+        if state is None:
+            # The one policy for unknown words (see providers/spec.py): still open, never loaded.
+            log.warning("%s export %s: unknown status word %r", self.name, export_id, word)
+            state, detail["unknown_status"] = ExportState.PROCESSING, word
+        files = self._files(record, export_id) if state is ExportState.READY else ()
+        failed = state is ExportState.FAILED
+        code = dig(record, f.error_code)
+        return ExportStatus(
+            export_id=export_id,
+            state=state,
+            files=files,
+            expires_at=parse_time(dig(record, f.expires_at), f.time_format),
+            provider_timestamp=parse_time(dig(record, f.timestamp), f.time_format),
+            expected_rows=dig(record, f.rows),
+            error_code=str(code) if code is not None else ("EXPORT_FAILED" if failed else None),
+            error_message=dig(record, f.error_message),
+            provider_status=word,
+            detail=detail,
+        )
+
+    def _files(self, record: Mapping[str, Any], export_id: str) -> tuple[RemoteFile, ...]:
+        f = self.spec.fields
+        found = dig(record, f.files) if f.files else None
+        if found is None and f.file_url_template:
+            found = [{}]
+        items = found if isinstance(found, list) else [found] if found is not None else []
+        authenticated = self.spec.download.credentials != "none"
+        files = []
+        for i, item in enumerate(items, start=1):
+            url = dig(item, f.file_url) if f.file_url else item
+            if url is None and f.file_url_template:
+                url = f.file_url_template.format(base_url=self.api.base_url, export_id=export_id)
+            if not isinstance(url, str):
+                raise ProviderRejectedError(
+                    f"ready export without a file URL at {f.files}.{f.file_url}",
+                    provider=self.name,
+                    export_id=export_id,
+                )
+            suffix = PurePosixPath(httpx.URL(url).path).suffix
+            name = dig(item, f.file_name) if f.file_name else None
+            files.append(
+                RemoteFile(
+                    url=url,
+                    name=str(name) if name else f"part-{i:04d}{suffix if len(suffix) < 8 else ''}",
+                    size_bytes=dig(item, f.file_size) if f.file_size else None,
+                    authenticated=authenticated,
+                )
+            )
+        return tuple(files)

@@ -1,0 +1,244 @@
+"""The spec and the generic engine, layer by layer: pure validation, status mapping and error
+classification on real ``httpx.Response`` objects, then the batched shape over loopback HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from export_pipeline.core.errors import (
+    ConfigurationError,
+    ExportExpiredError,
+    ExportInFlightError,
+    ExportLostError,
+    LinkExpiredError,
+    ProviderRejectedError,
+    TransientProviderError,
+)
+from export_pipeline.core.model import ExportRequest, ExportState, Incremental, LoadMode
+from export_pipeline.providers.http_engine import SpecProvider
+from export_pipeline.providers.spec import ExportApiSpec, dig, render, render_path
+from export_pipeline.sandbox.server import RunningServer
+
+
+def spec_dict(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "name": "acme",
+        "base_url": "http://127.0.0.1:9",
+        "auth": {"token_env": "ACME_TOKEN"},
+        "create": {"method": "POST", "path": "/exports", "body": {"since": "{window_start}"}},
+        "status": {"path": "/exports/{export_id}"},
+        "fields": {"files": "files", "file_size": "size", "rows": "rows"},
+        "states": {"pending": ["QUEUED"], "ready": ["DONE"], "failed": ["ERROR"]},
+        "errors": {
+            "request_id": "meta.request_id",
+            "rules": [
+                {"code": "ONE_AT_A_TIME", "error": "in_flight", "hint": "wait"},
+                {"status": 400, "body": "too big", "error": "rejected", "hint": "smaller"},
+            ],
+        },
+        "download": {"rules": [{"status": 403, "body": "expired", "error": "link_expired"}]},
+        "incremental": {"style": "modified_since"},
+        "kinds": [{"name": "things", "primary_key": ["id"]}],
+    }
+    base.update(overrides)
+    return base
+
+
+def provider_for(data: dict[str, Any], base_url: str | None = None, **kw: Any) -> SpecProvider:
+    cls = SpecProvider.for_spec(ExportApiSpec.model_validate(data))
+    return cls.from_settings(token=kw.pop("token", "t0k"), base_url=base_url, **kw)
+
+
+@pytest.fixture
+def acme() -> Iterator[SpecProvider]:
+    provider = provider_for(spec_dict())
+    yield provider
+    provider.close()
+
+
+# -- the spec itself (pure) --------------------------------------------------------------------
+
+
+def test_kinds_follow_the_incremental_style() -> None:
+    for style, incremental, mode in (
+        ("snapshot", Incremental.NONE, LoadMode.SNAPSHOT),
+        ("window", Incremental.WINDOW, LoadMode.MERGE),
+        ("modified_since", Incremental.MODIFIED_SINCE, LoadMode.MERGE),
+    ):
+        (kind,) = ExportApiSpec.model_validate(
+            spec_dict(incremental={"style": style})
+        ).export_kinds()
+        assert (kind.incremental, kind.load_mode, kind.key) == (incremental, mode, "acme/things")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"states": {"ready": ["DONE"], "failed": ["DONE"]}}, "both ready and failed"),
+        ({"status": {"path": "/exports"}}, "needs {export_id}"),
+        ({"status": {"path": "/s", "batch_size": 50}}, "needs `records`"),
+        ({"incremental": {"style": "provider_window"}}, "needs incremental.bounds"),
+        ({"download": {"credentials": "files_host"}}, "needs download.files_base_url"),
+        ({"kinds": [{"name": "Bad Name", "primary_key": ["id"]}]}, "pattern"),
+        ({"colour": "blue"}, "Extra inputs"),
+    ],
+)
+def test_an_incoherent_spec_is_refused_with_a_reason(change: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        ExportApiSpec.model_validate(spec_dict(**change))
+
+
+def test_templates_keep_types_and_drop_missing_values() -> None:
+    variables = {"window_start": 1700000000, "window_end": None, "ids": ["a", "b"]}
+    body = {"start": "{window_start}", "end": "{window_end}", "Ids": "{ids}", "x": "at {ids}"}
+    assert render(body, variables) == {"start": 1700000000, "Ids": ["a", "b"], "x": "at ['a', 'b']"}
+    assert render({"f": "{kind.format}"}, {"kind.format": "csv"}) == {"f": "csv"}
+    with pytest.raises(KeyError, match="unknown placeholder"):
+        render({"a": "{windw_start}"}, variables)
+    # An id cannot add a path step or a query.
+    assert render_path("/e/{export_id}", {"export_id": "../x?y"}) == "/e/..%2Fx%3Fy"
+    assert dig({"a": {"b": [{"c": 1}]}}, "a.b.0.c") == 1 and dig({"a": None}, "a.b", 5) == 5
+
+
+# -- status mapping (pure: the engine's reading of one answer) ---------------------------------
+
+
+def test_status_words_map_onto_the_state_machine(acme: SpecProvider) -> None:
+    ready = acme._status(
+        {"id": 7, "status": "DONE", "rows": 3, "files": [{"url": "https://cdn/x/a.csv", "size": 9}]}
+    )
+    assert ready.export_id == "7" and ready.state is ExportState.READY and ready.expected_rows == 3
+    (file,) = ready.files
+    assert (file.name, file.size_bytes, file.authenticated) == ("part-0001.csv", 9, False)
+    assert acme._status({"id": "8", "status": "QUEUED"}).state is ExportState.PENDING
+    failed = acme._status({"id": "9", "status": "ERROR"})
+    assert failed.state is ExportState.FAILED and failed.error_code == "EXPORT_FAILED"
+
+
+def test_an_unknown_word_keeps_the_export_open_and_is_reported(acme: SpecProvider) -> None:
+    status = acme._status({"id": "1", "status": "REINDEXING", "files": [{"url": "https://x/y"}]})
+    # The one policy: never download on a word we do not understand, never fail a healthy export.
+    assert status.state is ExportState.PROCESSING and status.files == ()
+    assert status.detail["unknown_status"] == "REINDEXING"
+
+
+# -- error classification (pure, on real httpx responses) --------------------------------------
+
+
+def _answer(status: int, body: Any = None, **headers: str) -> httpx.Response:
+    request = httpx.Request("GET", "http://127.0.0.1:9/x")
+    if isinstance(body, bytes):
+        return httpx.Response(status, content=body, headers=headers, request=request)
+    return httpx.Response(status, json=body, headers=headers, request=request)
+
+
+def _envelope(code: str, message: str = "m") -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}, "meta": {"request_id": "r-1"}}
+
+
+@pytest.mark.parametrize(
+    ("response", "error_class", "hint"),
+    [
+        (_answer(409, _envelope("ONE_AT_A_TIME")), ExportInFlightError, "wait"),
+        (_answer(400, _envelope("X", "export too big")), ProviderRejectedError, "smaller"),
+        (_answer(401, _envelope("UNAUTHORIZED")), ConfigurationError, "ACME_TOKEN"),
+        (_answer(404, _envelope("NOT_FOUND")), ExportLostError, None),
+        (_answer(410, b"gone"), ExportExpiredError, None),
+        (_answer(503, b"<html>"), TransientProviderError, None),
+        (_answer(400, _envelope("INVALID_FORMAT")), ProviderRejectedError, None),
+    ],
+)
+def test_error_answers_become_typed_errors(
+    acme: SpecProvider, response: httpx.Response, error_class: type, hint: str | None
+) -> None:
+    error = acme.error_for(response, export_id="e1")
+    assert type(error) is error_class
+    assert error.provider == "acme" and error.export_id == "e1"
+    if hint:
+        assert hint in (error.hint or "")
+    if response.headers.get("content-type") == "application/json":
+        assert error.request_id == "r-1"
+
+
+def test_download_rules_and_the_fallback(acme: SpecProvider) -> None:
+    s3 = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+    assert isinstance(acme.classify_download_error(_answer(403, s3)), LinkExpiredError)
+    assert acme.classify_download_error(_answer(403, b"<Error>Denied</Error>")) is None
+
+
+# -- the batched shape, body credentials, success:false at HTTP 200 (over loopback) ------------
+
+
+def _batch_app(seen: list[dict[str, Any]]) -> Starlette:
+    async def status(request: Request) -> JSONResponse:
+        body = await request.json()
+        seen.append(body)
+        if body.get("ClientToken") != "ct":
+            return JSONResponse({"success": False, "message": "bad token"})
+        known = [i for i in body["ExportIds"] if not i.startswith("gone")]
+        exports = [{"Id": i, "Status": "Success", "Files": [{"Url": f"https://s3/{i}"}]}
+                   for i in known]  # fmt: skip
+        return JSONResponse({"success": True, "Exports": exports})
+
+    return Starlette(routes=[Route("/exports/getAll", status, methods=["POST"])])
+
+
+def test_batched_status_with_body_credentials() -> None:
+    seen: list[dict[str, Any]] = []
+    data = spec_dict(
+        auth={"style": "body", "token_env": "X_ACCESS", "body_fields": {"ClientToken": "X_CT"}},
+        status={
+            "method": "POST",
+            "path": "/exports/getAll",
+            "batch_size": 2,
+            "body": {"ExportIds": "{ids}"},
+            "records": "Exports",
+        },
+        fields={"id": "Id", "state": "Status", "files": "Files", "file_url": "Url"},
+        states={"ready": ["Success"]},
+        errors={"success_flag": "success", "message": "message"},
+    )
+    with RunningServer(_batch_app(seen)) as server:
+        provider = provider_for(data, server.base_url, body_credentials={"ClientToken": "ct"})
+        statuses = provider.get_statuses(["a", "b", "gone-1"])
+        assert [len(body["ExportIds"]) for body in seen] == [2, 1]  # ceil(3 / 2) calls
+        assert (
+            statuses["a"].state is ExportState.READY
+            and statuses["b"].files[0].url == "https://s3/b"
+        )
+        assert statuses["gone-1"].state is ExportState.LOST  # left out of a batch answer
+
+        wrong = provider_for(data, server.base_url, body_credentials={"ClientToken": "nope"})
+        with pytest.raises(ProviderRejectedError, match="bad token"):
+            wrong.get_statuses(["a"])  # HTTP 200, success:false
+        provider.close()
+        wrong.close()
+
+
+def test_request_sends_the_window_in_the_declared_format(acme: SpecProvider) -> None:
+    seen: list[Any] = []
+
+    async def create(request: Request) -> JSONResponse:
+        seen.append(await request.json())
+        return JSONResponse({"id": "e1", "status": "QUEUED"})
+
+    app = Starlette(routes=[Route("/exports", create, methods=["POST"])])
+    with RunningServer(app) as server:
+        provider = provider_for(spec_dict(), server.base_url)
+        status = provider.request_export(provider.kinds[0], ExportRequest())
+        from datetime import UTC, datetime
+
+        since = datetime(2025, 1, 2, 3, 4, 5, 600000, tzinfo=UTC)
+        provider.request_export(provider.kinds[0], ExportRequest(modified_since=since))
+        provider.close()
+    assert status.state is ExportState.PENDING
+    assert seen == [{}, {"since": "2025-01-02T03:04:05Z"}]  # a full export sends no `since`
