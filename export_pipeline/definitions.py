@@ -44,6 +44,8 @@ def build_defs(resources: dict[str, object] | None = None) -> dg.Definitions:
         sensors=sensors,
         schedules=schedules,
         jobs=jobs,
+        # Also for runs launched from an asset's Materialize button (see build_sync_job).
+        executor=dg.in_process_executor,
         resources=resources if resources is not None else default_resources(),
     )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -145,7 +146,13 @@ class ExportRunner:
                 hint="it will be retried later; nothing was changed",
             ) from exc
         record = self.ledger.record_request(kind, request, status, source=source)
-        self.log.info("requested %s export %s (%s)", kind.key, record.export_id, status.state)
+        self.log.info(
+            "requested %s export %s (%s), window %s",
+            kind.key,
+            record.export_id,
+            status.state,
+            describe_window(request),
+        )
         return record, False
 
     def refresh(self, export_ids: Sequence[str]) -> dict[str, ExportStatus]:
@@ -170,8 +177,20 @@ class ExportRunner:
         timeout = self.settings.wait_timeout_seconds if timeout is None else timeout
         deadline = time.monotonic() + timeout
         delay = self.settings.poll_initial_seconds
+        started = time.monotonic()
+        seen: tuple[ExportState, str | None] | None = None
         while True:
             status = self.status(export_id)
+            if (status.state, status.provider_status) != seen:
+                seen = (status.state, status.provider_status)
+                self.log.info(
+                    "%s export %s is %s%s after %.1fs",
+                    kind.key,
+                    export_id,
+                    status.state,
+                    f" ({status.provider_status})" if status.provider_status else "",
+                    time.monotonic() - started,
+                )
             if status.state is ExportState.READY:
                 return status
             self._raise_for_terminal(kind, status)
@@ -365,6 +384,13 @@ class ExportRunner:
             loaded_at=loaded_at,
             memory_limit=self.settings.duckdb_memory_limit,
         )
+        self.log.info(
+            "%s export %s: parsed %d rows from %d file(s) into Parquet",
+            kind.key,
+            export_id,
+            normalised.rows,
+            len(downloaded),
+        )
         if (
             self.settings.verify_row_count
             and status.expected_rows is not None
@@ -418,6 +444,18 @@ class ExportRunner:
                 partition_key=record.partition_key,
             )
         shutil.rmtree(readback_dir, ignore_errors=True)
+        self.log.info(
+            "%s export %s: loaded %d rows into %s (%d inserted, %d updated, %d deleted; "
+            "table has %d rows)",
+            kind.key,
+            export_id,
+            normalised.rows,
+            kind.table,
+            load.rows_inserted,
+            load.rows_updated,
+            load.rows_deleted,
+            load.table_rows,
+        )
         return IngestResult(
             provider=self.name,
             kind=kind.name,
@@ -496,6 +534,7 @@ class ExportRunner:
                     policy=self.settings.retry,
                     classify=getattr(self.provider, "classify_download_error", None),
                     max_concurrency=self.settings.download_concurrency,
+                    progress=DownloadProgress(self.log, f"{kind.key} export {status.export_id}"),
                 )
                 return files, status
             except LinkExpiredError:
@@ -546,6 +585,63 @@ class ExportRunner:
                 )
                 adopted = False
         raise AssertionError("unreachable")
+
+
+def describe_window(request: ExportRequest) -> str:
+    """``[since, until)`` of a request for humans; ``full`` when it has no start."""
+    if request.modified_since is None and request.window_end is None:
+        window = "full"
+    else:
+        since = request.modified_since.isoformat() if request.modified_since else "start"
+        until = request.window_end.isoformat() if request.window_end else "now"
+        window = f"[{since}, {until})"
+    return f"{window} partition {request.partition}" if request.partition else window
+
+
+class DownloadProgress:
+    """Bytes and rate of a running download, logged every few seconds or megabytes per file.
+
+    Called by the downloader's worker threads after each chunk; the lock keeps one line per
+    step even when several parts of an export arrive at once.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        label: str,
+        *,
+        every_seconds: float = 5.0,
+        every_bytes: int = 64 << 20,
+    ) -> None:
+        self.log = logger
+        self.label = label
+        self.every_seconds = every_seconds
+        self.every_bytes = every_bytes
+        self._lock = threading.Lock()
+        self._started: dict[str, float] = {}
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, name: str, done: int, total: int | None, finished: bool = False) -> None:
+        now = time.monotonic()
+        with self._lock:
+            started = self._started.setdefault(name, now)
+            last_t, last_b = self._last.get(name, (started, 0))
+            due = now - last_t >= self.every_seconds or done - last_b >= self.every_bytes
+            if not (finished or due):
+                return
+            self._last[name] = (now, done)
+        elapsed = max(now - started, 1e-6)
+        of = f" of {total:,}" if total else ""
+        self.log.info(
+            "%s: %s %s %s bytes%s in %.1fs (%.1f MB/s)",
+            self.label,
+            "downloaded" if finished else "downloading",
+            name,
+            f"{done:,}",
+            of,
+            elapsed,
+            done / elapsed / 1e6,
+        )
 
 
 def _format_label(detected: object) -> str:

@@ -9,6 +9,8 @@ the lock (see :meth:`Warehouse.connect`).
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -85,6 +87,9 @@ CREATE TABLE IF NOT EXISTS {LEDGER_SCHEMA}.cursors (
 );
 """
 
+log = logging.getLogger(__name__)
+_LOCK_HOLDER = re.compile(r"held in (.+?\(PID \d+\))")
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -142,6 +147,12 @@ def _record(row: tuple[Any, ...]) -> ExportRecord:
     return ExportRecord(**values)
 
 
+def lock_holder(message: str) -> str:
+    """Who holds the DuckDB file lock, from DuckDB's error ("... held in <exe> (PID n) ...")."""
+    match = _LOCK_HOLDER.search(message)
+    return match.group(1).strip() if match else "another process"
+
+
 class Warehouse:
     """The DuckDB file: short-lived connections, retried while another process writes."""
 
@@ -164,6 +175,7 @@ class Warehouse:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + self.lock_timeout
         delay = 0.05
+        next_note = 0.0  # when to say again that we are still waiting
         while True:
             try:
                 con = duckdb.connect(str(self.path), read_only=read_only)
@@ -176,6 +188,14 @@ class Warehouse:
                             hint="a load is running; try again when it ends",
                         ) from exc
                     raise
+                if time.monotonic() >= next_note:
+                    log.info(
+                        "waiting for the warehouse write lock on %s, held by %s (up to %.0fs)",
+                        self.path,
+                        lock_holder(str(exc)),
+                        max(0.0, deadline - time.monotonic()),
+                    )
+                    next_note = time.monotonic() + 10.0
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
         try:

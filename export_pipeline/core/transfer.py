@@ -58,6 +58,9 @@ _EXCERPT_CHARS = 300
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 
 Classifier = Callable[[httpx.Response], ExportPipelineError | None]
+# Told after every chunk: (file name, bytes on disk, total or None, finished). It must be cheap;
+# it runs on the download threads (the runner throttles it to a log line every few seconds).
+Progress = Callable[..., None]
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,7 @@ def download_files(
     chunk_size: int = 1 << 20,
     timeout: float = 60.0,
     max_redirects: int = 5,
+    progress: Progress | None = None,
 ) -> list[DownloadedFile]:
     """Download several files with at most ``max_concurrency`` at a time, results in input order.
 
@@ -186,6 +190,7 @@ def download_files(
                         timeout=timeout,
                         max_redirects=max_redirects,
                         cancel=cancel,
+                        progress=progress,
                     ).run
                 )
                 for f in files
@@ -252,8 +257,10 @@ class _Downloader:
         timeout: float,
         max_redirects: int,
         cancel: threading.Event | None,
+        progress: Progress | None = None,
     ) -> None:
         self.file = file
+        self.progress = progress
         self.dest_dir = dest_dir
         self.provider = provider
         self.export_id = export_id
@@ -438,6 +445,8 @@ class _Downloader:
                 out.write(chunk)
                 self.hasher.update(chunk)
                 self.offset += len(chunk)
+                if self.progress is not None:
+                    self.progress(self.file.name, self.offset, self.total)
         if self.total is not None and self.offset < self.total:
             raise _Retry(f"body ended at byte {self.offset} of {self.total}")
 
@@ -493,6 +502,8 @@ class _Downloader:
                 **self._ctx(),
             )
         os.replace(self.part_path, self.final_path)
+        if self.progress is not None:
+            self.progress(self.file.name, self.offset, self.total, finished=True)
         return DownloadedFile(
             name=self.file.name,
             path=self.final_path,

@@ -1,6 +1,9 @@
 """One asset per export kind, built by a factory from the provider registry."""
 
-from dataclasses import dataclass
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,7 @@ def make_runner(
     *,
     lock_timeout: float | None = None,
     retry: RetryPolicy | None = None,
+    logger: logging.Logger | None = None,
 ) -> ExportRunner:
     """Provider client + ledger + storage from the resources of a run, sensor or schedule."""
     settings = resources.sync_settings
@@ -80,8 +84,42 @@ def make_runner(
         warehouse.ledger(lock_timeout=lock_timeout),
         warehouse.storage_backend(getattr(resources, "s3", None)),
         settings.ingest(),
+        logger=logger,
     )
     return runner
+
+
+class _RunLogHandler(logging.Handler):
+    """Forwards a record of the project's Python loggers to the run's own logger."""
+
+    def __init__(self, run_log: logging.Logger) -> None:
+        super().__init__(logging.INFO)
+        self.run_log = run_log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.run_log.log(record.levelno, f"[{record.name}] {record.getMessage()}")
+        except Exception:  # a log line must never fail the step
+            self.handleError(record)
+
+
+@contextmanager
+def run_log_bridge(run_log: logging.Logger) -> Iterator[None]:
+    """While a step runs, what the library logs to Python ``logging`` (HTTP and download
+    retries with their reason, waits for the warehouse lock naming the holder) also appears in
+    the run's event log, where an operator watches the run. The runner itself logs straight to
+    the run's logger."""
+    root = logging.getLogger("export_pipeline")
+    handler = _RunLogHandler(run_log)
+    level = root.level
+    root.addHandler(handler)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 def request_from_config(
@@ -165,51 +203,119 @@ def build_export_asset(kind: ExportKind, binding: ProviderBinding) -> dg.AssetsD
         context: dg.AssetExecutionContext, config: ExportConfig
     ) -> dg.MaterializeResult:
         partition_key = context.partition_key if context.has_partition_key else None
-        runner = make_runner(context.resources, binding)
+        runner = make_runner(context.resources, binding, logger=context.log)
         settings = context.resources.sync_settings
-        try:
-            if config.export_id:
-                result = runner.ingest(
-                    kind, config.export_id, partition_key=partition_key or "", source="config"
-                )
-            else:
-                request = request_from_config(
-                    kind, config, runner, settings.incremental(), partition_key
-                )
-                if request is None:
-                    context.log.info("no new time window yet; nothing to request")
-                    return dg.MaterializeResult(metadata={"skipped": "no new window"})
-                result = runner.sync(
-                    kind,
-                    request,
-                    source=context.run.tags.get(TRIGGER_TAG, "run"),
-                    timeout=config.wait_timeout_seconds,
-                )
-        except ExportPipelineError as exc:
-            context.log.error(str(exc))
-            raise to_dagster_error(
-                exc,
-                retry_seconds=settings.step_retry_seconds,
-                max_retries=settings.step_max_retries,
-            ) from exc
-        finally:
-            runner.provider.close()
+        with run_log_bridge(context.log):
+            try:
+                if config.export_id:
+                    result = runner.ingest(
+                        kind, config.export_id, partition_key=partition_key or "", source="config"
+                    )
+                else:
+                    request = request_from_config(
+                        kind, config, runner, settings.incremental(), partition_key
+                    )
+                    if request is None:
+                        context.log.info("no new time window yet; nothing to request")
+                        return dg.MaterializeResult(metadata={"skipped": "no new window"})
+                    source = context.run.tags.get(TRIGGER_TAG, "run")
+                    # Ask for (or adopt) this kind's export first: an error is reported by this
+                    # step, before the run's other exports are asked for.
+                    _, adopted = runner.start(kind, request, source=source)
+                    request_run_siblings(context, binding, kind, runner)
+                    result = runner.sync(
+                        kind, request, source=source, timeout=config.wait_timeout_seconds
+                    )
+                    result = replace(result, adopted=adopted)
+            except ExportPipelineError as exc:
+                context.log.error(str(exc))
+                raise to_dagster_error(
+                    exc,
+                    retry_seconds=settings.step_retry_seconds,
+                    max_retries=settings.step_max_retries,
+                ) from exc
+            finally:
+                runner.provider.close()
         if result.skipped:
             context.log.info(f"export {result.export_id} was already loaded; nothing changed")
-        return dg.MaterializeResult(metadata=result_metadata(result, kind))
+        table_rows = result.load.table_rows if result.load is not None else None
+        if table_rows is None:
+            table_rows = count_table_rows(runner, kind)
+        return dg.MaterializeResult(metadata=result_metadata(result, kind, table_rows=table_rows))
 
     return _export_asset
 
 
-def result_metadata(result: IngestResult, kind: ExportKind) -> dict[str, Any]:
+def request_run_siblings(
+    context: dg.AssetExecutionContext,
+    binding: ProviderBinding,
+    kind: ExportKind,
+    runner: ExportRunner,
+) -> None:
+    """Ask for the exports of the run's other kinds of this provider now, so the provider
+    produces them while this step waits for its own.
+
+    Steps run one after another in one process (the in-process executor: a process per step
+    costs more than a small sync), so without this a 9-kind Mews run would wait for 9 exports
+    in turn. Each later step adopts its open export from the ledger, as a restarted run does.
+    Only the run's first export step does this; an export that cannot be asked for now is left
+    to its own step (which reports the error).
+    """
+    selected = set(context.run.asset_selection or context.job_def.asset_layer.selected_asset_keys)
+    siblings = [
+        k
+        for k in binding.kinds
+        if asset_key(k) in selected and k.key not in PARTITIONS and asset_key(kind) != asset_key(k)
+    ]
+    if not siblings:
+        return
+    started = {
+        record.step_key
+        for record in context.instance.all_logs(
+            context.run_id, of_type=dg.DagsterEventType.STEP_START
+        )
+    }
+    if started & {op_name(k) for k in siblings}:
+        return  # not the run's first export step: the others were asked for (or run alongside)
+    ops = (context.run.run_config or {}).get("ops", {})
+    settings = context.resources.sync_settings
+    for other in siblings:
+        raw = (ops.get(op_name(other)) or {}).get("config") or {}
+        try:
+            config = ExportConfig(**raw)
+            if config.export_id:
+                continue
+            request = request_from_config(other, config, runner, settings.incremental(), None)
+            if request is not None:
+                runner.start(other, request, source=context.run.tags.get(TRIGGER_TAG, "run"))
+        except ExportPipelineError as exc:
+            context.log.warning(f"{other.key}: not requested ahead ({exc}); its own step will")
+            return
+
+
+def count_table_rows(runner: ExportRunner, kind: ExportKind) -> int | None:
+    """Rows in the kind's table now, or None when it cannot be read (no table, lock held)."""
+    try:
+        with runner.ledger.warehouse.connect() as con:
+            return int(con.execute(f"SELECT count(*) FROM {kind.table}").fetchone()[0])
+    except (duckdb.Error, ExportPipelineError):
+        return None
+
+
+def result_metadata(
+    result: IngestResult, kind: ExportKind, *, table_rows: int | None = None
+) -> dict[str, Any]:
+    """``dagster/row_count`` (the asset header's "Row count") is the table's rows; ``rows`` is
+    what this export brought."""
     md: dict[str, Any] = {
         "export_id": result.export_id,
-        "dagster/row_count": dg.MetadataValue.int(result.rows),
         "rows": dg.MetadataValue.int(result.rows),
         "skipped_already_loaded": result.skipped,
         "adopted_open_export": result.adopted,
         "table": kind.table,
     }
+    if table_rows is not None:
+        md["dagster/row_count"] = dg.MetadataValue.int(table_rows)
     if result.skipped:
         return md
     md.update(

@@ -37,6 +37,10 @@ def build_sync_job(binding: ProviderBinding) -> Any:
         selection=dg.AssetSelection.assets(*[asset_key(k) for k in kinds]),
         description=f"Request, wait for and load every {binding.name} export kind.",
         tags={"provider": binding.name},
+        # One process for all steps: a step is seconds of work, a process per step (Dagster's
+        # default) costs more to start than a small sync takes. Steps keep their own retries
+        # and metadata; loads take turns on the DuckDB file anyway.
+        executor_def=dg.in_process_executor,
     )
 
 
