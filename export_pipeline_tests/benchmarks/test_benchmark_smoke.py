@@ -59,3 +59,14 @@ def test_mews_multipart_benchmark_reports_json_last_line(
     )
     assert result["ratio_vs_duckdb_full_scan"] > 0
     assert result["peak_rss_mb"] > 0 and result["baseline_peak_rss_mb"] > 0
+
+
+def test_small_syncs_benchmark_reports_json_last_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import small_syncs
+
+    assert small_syncs.main(["--job", "locations_sync", "--no-baseline"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    result = json.loads(lines[-1])
+    assert result["benchmark"] == "small_syncs" and result["job"] == "locations_sync"
+    assert result["rows"] == 50 and result["steps"] == 3  # the asset and its two checks
+    assert result["seconds"] > 0
