@@ -4,12 +4,12 @@ no file created at import (secrets are ``dg.EnvVar``s, resolved when a run start
 from __future__ import annotations
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 
 from export_pipeline.defs.assets import ProviderBinding, build_export_asset
 from export_pipeline.defs.checks import build_checks
 from export_pipeline.defs.resources import (
     DeliveriesApiResource,
+    LazyS3Resource,
     LocationsApiResource,
     MappingApiResource,
     MewsApiResource,
@@ -56,7 +56,7 @@ def default_resources() -> dict[str, object]:
         "warehouse": WarehouseResource(),
         "sync_settings": SyncSettingsResource(),
         "webhook_events": WebhookEventsResource(),
-        "s3": S3Resource(),
+        "s3": LazyS3Resource(),
         "locations_api": LocationsApiResource(
             base_url=dg.EnvVar("LOCATIONS_API_URL"), token=dg.EnvVar("LOCATIONS_API_TOKEN")
         ),

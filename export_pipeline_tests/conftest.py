@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,55 @@ from export_pipeline.definitions import build_defs, default_resources
 from export_pipeline.defs.resources import SyncSettingsResource, WarehouseResource
 from export_pipeline.sandbox.bundle import Sandbox, start_sandbox
 from export_pipeline.sandbox.s3 import S3Server
+
+# -- loopback-only guard ------------------------------------------------------------------
+# Every test, and every Python process a test starts, may only connect to loopback (and resolve
+# no name but localhost). See _netguard/sitecustomize.py; docs/security.md lists what it covers.
+_GUARD_DIR = Path(__file__).parent / "_netguard"
+_spec = importlib.util.spec_from_file_location(
+    "export_pipeline_netguard", _GUARD_DIR / "sitecustomize.py"
+)
+assert _spec is not None and _spec.loader is not None
+netguard = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(netguard)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    netguard.install()
+    # Children: the guard folder first on PYTHONPATH (as sitecustomize), refusals to a log file.
+    log = Path(config.cache.mkdir("netguard") if config.cache else _GUARD_DIR) / (
+        f"attempts-{os.getpid()}.log"
+    )
+    log.write_text("")
+    os.environ[netguard.ENV_FLAG] = "1"
+    os.environ[netguard.ENV_LOG] = str(log)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(_GUARD_DIR), os.environ.get("PYTHONPATH", "")) if p
+    )
+
+
+def guarded_pythonpath(*paths: str | Path) -> str:
+    """A PYTHONPATH for a child process that keeps the network guard (put it in ``env``)."""
+    return os.pathsep.join([str(_GUARD_DIR), *(str(p) for p in paths)])
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only() -> Iterator[None]:
+    """Fail the test that tried to reach anything but loopback, even if the error was caught."""
+    log = Path(os.environ[netguard.ENV_LOG])
+    before_in_process = len(netguard.ATTEMPTS)
+    before_children = log.stat().st_size if log.exists() else 0
+    yield
+    attempts = netguard.ATTEMPTS[before_in_process:]
+    if log.exists() and log.stat().st_size > before_children:
+        with log.open(encoding="utf-8") as f:
+            f.seek(before_children)
+            attempts += [f"child process: {line}" for line in f.read().splitlines()]
+    if attempts:
+        pytest.fail(
+            "this test tried to reach something other than loopback:\n" + "\n".join(attempts),
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,13 @@
 """Typed errors: each says what happened, to which export, and what to do about it.
 
 `retryable` tells the transfer layer and Dagster's RetryPolicy whether trying again can help.
+Messages and hints are redacted (``core.redact``) when the error is made: an error travels into
+Dagster's event log, the ledger and compute logs, and must never carry a signed URL or a token.
 """
 
 from __future__ import annotations
+
+from export_pipeline.core.redact import redact_text
 
 
 class ExportPipelineError(Exception):
@@ -24,7 +28,7 @@ class ExportPipelineError(Exception):
         request_id: str | None = None,
         hint: str | None = None,
     ) -> None:
-        self.message = message
+        self.message = redact_text(message)
         self.provider = provider
         self.kind = kind
         self.export_id = export_id
@@ -32,7 +36,7 @@ class ExportPipelineError(Exception):
         self.line = line
         self.code = code
         self.request_id = request_id
-        self.hint = hint
+        self.hint = redact_text(hint) if hint else hint
         super().__init__(self._render())
 
     def _render(self) -> str:
@@ -54,7 +58,8 @@ class ExportPipelineError(Exception):
             text += " [" + ", ".join(where) + "]"
         if self.hint:
             text += f" -> {self.hint}"
-        return text
+        # Fields may be set after construction (transfer fills provider/export/file in).
+        return redact_text(text)
 
     def __str__(self) -> str:
         return self._render()

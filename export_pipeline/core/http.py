@@ -6,7 +6,6 @@ Providers build on :class:`ApiClient`; the download path (``transfer``) shares :
 from __future__ import annotations
 
 import email.utils
-import logging
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -17,8 +16,9 @@ from typing import Any, TypeVar
 import httpx
 
 from export_pipeline.core.errors import ConfigurationError, TransientProviderError
+from export_pipeline.core.redact import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # redacts secrets from every message
 
 T = TypeVar("T")
 

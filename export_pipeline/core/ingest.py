@@ -32,12 +32,13 @@ from export_pipeline.core.ledger import ExportRecord, Ledger
 from export_pipeline.core.load import PARTITION_MISMATCH, LoadResult, ensure_views, load_parquet
 from export_pipeline.core.model import ExportKind, ExportRequest, ExportState, ExportStatus
 from export_pipeline.core.normalise import detect_format, to_parquet
+from export_pipeline.core.redact import get_logger
 from export_pipeline.core.storage import LocalStorage, Storage
 from export_pipeline.core.transfer import DownloadedFile, download_files
 from export_pipeline.core.windows import next_cursor
 from export_pipeline.providers.base import ExportProvider
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # redacts secrets from every message
 
 
 @dataclass(frozen=True)

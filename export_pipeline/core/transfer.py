@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import os
 import re
 import threading
@@ -46,8 +45,9 @@ from export_pipeline.core.errors import (
 )
 from export_pipeline.core.http import RETRYABLE_STATUS, RetryPolicy, retry_after_seconds
 from export_pipeline.core.model import RemoteFile
+from export_pipeline.core.redact import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # redacts secrets from every message
 
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 # Headers that must never leave for a host other than the API host, whoever set them.

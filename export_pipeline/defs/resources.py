@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import dagster as dg
+from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
 from export_pipeline.core.http import RetryPolicy
@@ -22,6 +23,20 @@ SANDBOX_PORTS = {"locations": 8701, "mews": 8702, "deliveries": 8703, "mapping":
 
 def sandbox_url(provider: str) -> str:
     return f"http://127.0.0.1:{SANDBOX_PORTS[provider]}"
+
+
+class LazyS3Resource(S3Resource):
+    """dagster-aws's ``S3Resource``, but no boto3 client until S3 storage actually needs one.
+
+    ``S3Resource`` hands every op that requires ``s3`` a ready boto3 client, so each step start
+    ran botocore's credential chain, which probes the instance-metadata address
+    (169.254.169.254) even when storage is local. This one hands over itself; ``get_client`` is
+    only called by ``WarehouseResource.storage_backend`` when ``storage`` is ``s3://...``.
+    Same configuration fields as ``S3Resource``.
+    """
+
+    def get_object_to_set_on_execution_context(self) -> object:
+        return self
 
 
 class WarehouseResource(dg.ConfigurableResource):

@@ -34,7 +34,6 @@ Quirks:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import PurePosixPath
@@ -61,9 +60,10 @@ from export_pipeline.core.model import (
     LoadMode,
     RemoteFile,
 )
+from export_pipeline.core.redact import get_logger
 from export_pipeline.providers.base import ExportProvider, format_utc, parse_utc
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # redacts secrets from every message
 
 PROVIDER = "locations"
 TOKEN_ENV_VAR = "LOCATIONS_API_TOKEN"

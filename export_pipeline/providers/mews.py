@@ -38,7 +38,6 @@ Quirks this module deals with:
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -65,9 +64,10 @@ from export_pipeline.core.model import (
     LoadMode,
     RemoteFile,
 )
+from export_pipeline.core.redact import get_logger
 from export_pipeline.providers.base import ExportProvider, batched, parse_utc
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # redacts secrets from every message
 
 ADD_PATH = "/api/connector/v1/exports/add"
 GET_ALL_PATH = "/api/connector/v1/exports/getAll"

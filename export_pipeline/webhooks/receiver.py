@@ -24,7 +24,6 @@ import binascii
 import hashlib
 import hmac
 import json
-import logging
 import os
 import sqlite3
 import time
@@ -40,11 +39,12 @@ from starlette.routing import Route
 
 from export_pipeline.core.errors import ConfigurationError
 from export_pipeline.core.model import ExportStatus
+from export_pipeline.core.redact import get_logger
 from export_pipeline.providers import locations as locations_provider
 from export_pipeline.providers import mapping as mapping_provider
 from export_pipeline.webhooks.store import EventStore
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)  # redacts secrets from every message
 
 SECRET_ENV = "EXPORT_PIPELINE_WEBHOOK_SECRET"
 TOKEN_ENV = "EXPORT_PIPELINE_WEBHOOK_TOKEN"

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import uvicorn
 
+from export_pipeline.core.redact import get_logger
 from export_pipeline.webhooks.receiver import ReceiverSettings, create_app
 from export_pipeline.webhooks.store import EventStore
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)  # redacts secrets from every message
 
 DEFAULT_STORE_PATH = Path("data/webhook_events.sqlite3")
 

@@ -34,7 +34,7 @@ from export_pipeline.defs.assets import make_runner
 from export_pipeline.sandbox.server import RunningServer, free_port
 from export_pipeline.webhooks.receiver import SECRET_ENV, TOKEN_ENV, ReceiverSettings, create_app
 from export_pipeline.webhooks.store import EventStore
-from export_pipeline_tests.conftest import DagsterSetup
+from export_pipeline_tests.conftest import DagsterSetup, guarded_pythonpath
 from export_pipeline_tests.webhooks.conftest import (
     LOCATIONS_PATH,
     MAPPING_PATH,
@@ -518,7 +518,7 @@ def test_cli_webhooks_serve_answers_bearer_events(tmp_path: Path) -> None:
     store_path = tmp_path / "events" / "webhook_events.sqlite3"
     token = f"tok-{uuid.uuid4().hex}"
     repo_root = Path(export_pipeline.__file__).resolve().parent.parent
-    env = {**os.environ, TOKEN_ENV: token, "PYTHONPATH": str(repo_root)}
+    env = {**os.environ, TOKEN_ENV: token, "PYTHONPATH": guarded_pythonpath(repo_root)}
     env.pop(SECRET_ENV, None)
     proc = subprocess.Popen(
         [

@@ -17,6 +17,7 @@ from export_pipeline.sandbox.server import free_port
 from export_pipeline.webhooks.receiver import SECRET_ENV, TOKEN_ENV
 from export_pipeline.webhooks.serve import serve
 from export_pipeline.webhooks.store import EventStore
+from export_pipeline_tests.conftest import guarded_pythonpath
 from export_pipeline_tests.webhooks.conftest import COMPLETED, LOCATIONS_PATH, SECRET, encode, sign
 
 REPO_ROOT = Path(export_pipeline.__file__).resolve().parent.parent
@@ -35,7 +36,7 @@ def test_serve_refuses_to_start_without_credentials(
 def test_serve_runs_the_receiver_in_its_own_process(tmp_path: Path) -> None:
     port = free_port()
     store_path = tmp_path / "nested" / "events.sqlite3"
-    env = {**os.environ, SECRET_ENV: SECRET, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, SECRET_ENV: SECRET, "PYTHONPATH": guarded_pythonpath(REPO_ROOT)}
     env.pop(TOKEN_ENV, None)
     code = (
         "import sys; from pathlib import Path; from export_pipeline.webhooks.serve import serve;"
