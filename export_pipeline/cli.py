@@ -40,7 +40,11 @@ def _demo(args: argparse.Namespace) -> int:
         os.environ.update(sandbox.env())
         resources = default_resources()
         resources["warehouse"] = WarehouseResource(path=str(warehouse_path), data_dir=str(data_dir))
-        resources["sync_settings"] = SyncSettingsResource(poll_initial_seconds=0.25)
+        resources["sync_settings"] = SyncSettingsResource(
+            poll_initial_seconds=0.25,
+            # The sandbox serves its files on loopback: allow its ports, nothing else.
+            allowed_download_hosts=sandbox.allowed_download_hosts(),
+        )
         defs = build_defs(resources)
         job = defs.resolve_job_def("locations_sync")
         instance = stack.enter_context(dg.DagsterInstance.ephemeral())

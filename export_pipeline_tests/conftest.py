@@ -115,6 +115,7 @@ def dagster_setup(
         poll_max_seconds=0.5,
         wait_timeout_seconds=60,
         http_base_delay_seconds=0.01,
+        allowed_download_hosts=sandbox.allowed_download_hosts(),
     )
     from export_pipeline.defs.resources import WebhookEventsResource
 

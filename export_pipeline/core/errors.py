@@ -74,6 +74,16 @@ class ProviderRejectedError(ExportPipelineError):
     (INVALID_FORMAT, INVALID_DATE_RANGE, EXPORT_SIZE_EXCEEDED, success:false...)."""
 
 
+class UnsafeUrlError(ProviderRejectedError):
+    """A provider handed us a URL the download policy refuses (``core.netpolicy``): wrong
+    scheme, or a loopback/private/link-local/... address that no setting allows. Not retried."""
+
+
+class LimitExceededError(ProviderRejectedError):
+    """A download is larger than allowed (announced, sent or decompressed), or inflates more
+    than the expansion-ratio cap (a decompression bomb). Not retried."""
+
+
 class TransientProviderError(ExportPipelineError):
     """429 / 5xx / network fault that outlived the retries. Trying later may work."""
 

@@ -133,6 +133,8 @@ class ApiClient:
         self.base_url = base_url.rstrip("/")
         self.token_env_var = token_env_var
         self.retry = retry or RetryPolicy()
+        # Also the download timeout for this provider's files (connect, read/stall, write).
+        self.timeout = timeout
         self._client = httpx.Client(
             base_url=self.base_url,
             headers=dict(headers or {}),

@@ -31,10 +31,11 @@ from export_pipeline.core.http import RetryPolicy
 from export_pipeline.core.ledger import ExportRecord, Ledger
 from export_pipeline.core.load import PARTITION_MISMATCH, LoadResult, ensure_views, load_parquet
 from export_pipeline.core.model import ExportKind, ExportRequest, ExportState, ExportStatus
+from export_pipeline.core.netpolicy import UrlPolicy
 from export_pipeline.core.normalise import detect_format, to_parquet
 from export_pipeline.core.redact import get_logger
 from export_pipeline.core.storage import LocalStorage, Storage
-from export_pipeline.core.transfer import DownloadedFile, download_files
+from export_pipeline.core.transfer import DownloadedFile, DownloadLimits, download_files
 from export_pipeline.core.windows import next_cursor
 from export_pipeline.providers.base import ExportProvider
 
@@ -58,6 +59,10 @@ class IngestSettings:
     # the worker's memory would grow with the export.
     duckdb_memory_limit: str = "400MB"
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # Which hosts provider-supplied URLs may reach (public only unless allowed) and how big a
+    # file may be; see core.netpolicy and transfer.DownloadLimits.
+    url_policy: UrlPolicy = field(default_factory=UrlPolicy)
+    download_limits: DownloadLimits = field(default_factory=DownloadLimits)
 
 
 @dataclass(frozen=True)
@@ -536,6 +541,10 @@ class ExportRunner:
                     classify=getattr(self.provider, "classify_download_error", None),
                     max_concurrency=self.settings.download_concurrency,
                     progress=DownloadProgress(self.log, f"{kind.key} export {status.export_id}"),
+                    url_policy=self.settings.url_policy,
+                    limits=self.settings.download_limits,
+                    # Connect, read (stall) and write timeouts: the provider's own setting.
+                    timeout=getattr(self.provider.api, "timeout", 60.0),
                 )
                 return files, status
             except LinkExpiredError:

@@ -15,7 +15,8 @@ The documented list (case-insensitive; extend ``SECRET_PARAMS`` when a provider 
   ``apikey``, ``secret``, ``client_secret``, ``password``, ``passwd``, ``auth``, ``code``,
   ``session``, ``credential``
 
-The same names, used as JSON object keys (``"token": "..."``), have their values redacted too.
+The same names as JSON object keys (``"token": "..."``) have their values redacted too, except
+``code``, ``key``, ``policy``, ``session`` and ``auth``, which are ordinary fields in a body.
 No Dagster and no I/O here.
 """
 
@@ -57,8 +58,11 @@ SECRET_PARAMS: frozenset[str] = frozenset(
         "credential",
     }
 )
-# JSON keys whose whole value is a credential (a superset: headers forwarded in a body).
-SECRET_KEYS: frozenset[str] = SECRET_PARAMS | {"authorization", "webhook-signature", "cookie"}
+# JSON object keys whose whole value is a credential. Narrower than the query names: ``code``,
+# ``key``, ``policy`` and ``session`` are ordinary fields in a JSON body (an error code...).
+SECRET_KEYS: frozenset[str] = (
+    SECRET_PARAMS - {"code", "key", "policy", "session", "auth"}
+) | {"authorization", "webhook-signature", "cookie"}
 
 _NAMES = "|".join(sorted((re.escape(n) for n in SECRET_PARAMS), key=len, reverse=True))
 # A query parameter, also percent-encoded inside another URL (``%26sig%3D...``). The value runs

@@ -14,6 +14,15 @@ Why this is more than ``httpx.get``:
   server said ``Accept-Ranges: bytes``, so a 2 GB file does not restart at 1.9 GB.
 * The size is checked against what the provider announced: a silently short file would
   otherwise load as a plausible but incomplete table.
+* Every URL is untrusted (``core.netpolicy``): each hop, redirects included, is checked
+  (http/https only, no loopback/private/link-local/... address unless allowed) and the
+  connection goes to the address that was checked (Host header and TLS SNI keep the name), so
+  DNS rebinding cannot move it. Proxies from the environment are not used for the same reason.
+* Inputs are bounded (``DownloadLimits``): an announced or sent size over the cap is refused
+  before the body is read; a gzip body is inflated as it arrives (output counted and thrown
+  away, so memory stays flat) and refused mid-download past the decompressed-size or
+  expansion-ratio cap. The read timeout is the stall timeout: no byte for that long fails the
+  attempt.
 
 No Dagster here; the retry timing is shared with the API client through :class:`RetryPolicy`.
 """
@@ -26,6 +35,7 @@ import os
 import re
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -39,12 +49,15 @@ from export_pipeline.core.errors import (
     ExportExpiredError,
     ExportPipelineError,
     IntegrityError,
+    LimitExceededError,
     LinkExpiredError,
     ProviderRejectedError,
     TransientProviderError,
+    UnsafeUrlError,
 )
 from export_pipeline.core.http import RETRYABLE_STATUS, RetryPolicy, retry_after_seconds
 from export_pipeline.core.model import RemoteFile
+from export_pipeline.core.netpolicy import UrlPolicy, UrlRefused, UrlUnresolvable
 from export_pipeline.core.redact import get_logger
 
 log = get_logger(__name__)  # redacts secrets from every message
@@ -62,6 +75,76 @@ Classifier = Callable[[httpx.Response], ExportPipelineError | None]
 # it runs on the download threads (the runner throttles it to a log line every few seconds).
 Progress = Callable[..., None]
 
+_GZIP_MAGIC = b"\x1f\x8b"
+# Largest piece of inflated output held at once while metering a gzip body.
+_INFLATE_STEP = 1 << 20
+
+
+@dataclass(frozen=True)
+class DownloadLimits:
+    """Caps on what one file may be. None disables a cap.
+
+    ``max_file_bytes``: the file as sent (checked against the provider's announcement before
+    the download, against ``Content-Length`` before the body, and while streaming).
+    ``max_decompressed_bytes`` / ``max_expansion_ratio``: for a gzip body, what it inflates to,
+    checked while it streams; the ratio only counts once ``ratio_grace_bytes`` are inflated
+    (a tiny file legitimately compresses very well).
+    """
+
+    max_file_bytes: int | None = 20 * 1024**3
+    max_decompressed_bytes: int | None = 50 * 1024**3
+    max_expansion_ratio: float | None = 200.0
+    ratio_grace_bytes: int = 16 * 1024**2
+
+
+class _GzipMeter:
+    """Inflates a gzip stream chunk by chunk, counting and discarding the output."""
+
+    def __init__(self, limits: DownloadLimits) -> None:
+        self.limits = limits
+        self.compressed = 0
+        self.inflated = 0
+        self.broken = False  # not valid gzip: leave the diagnosis (file, line) to normalise
+        self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+    def feed(self, data: bytes) -> str | None:
+        """Account for ``data``; returns why the stream is over a cap, else None."""
+        self.compressed += len(data)
+        pending = data
+        try:
+            while pending and not self.broken:
+                out = self._inflater.decompress(pending, _INFLATE_STEP)
+                self.inflated += len(out)
+                problem = self._over()
+                if problem:
+                    return problem
+                if self._inflater.eof:  # a member ended; another may follow (multi-member)
+                    pending = self._inflater.unused_data
+                    self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                    if not pending.strip(b"\x00"):
+                        break
+                else:
+                    pending = self._inflater.unconsumed_tail
+        except zlib.error:
+            self.broken = True
+        return None
+
+    def _over(self) -> str | None:
+        cap = self.limits.max_decompressed_bytes
+        if cap is not None and self.inflated > cap:
+            return f"inflates to more than {cap} bytes (max_decompressed_bytes)"
+        ratio = self.limits.max_expansion_ratio
+        if (
+            ratio is not None
+            and self.inflated > self.limits.ratio_grace_bytes
+            and self.inflated > ratio * max(self.compressed, 1)
+        ):
+            return (
+                f"inflates more than {ratio:g}x ({self.inflated} bytes from the first "
+                f"{self.compressed}; max_expansion_ratio)"
+            )
+        return None
+
 
 @dataclass(frozen=True)
 class DownloadedFile:
@@ -72,6 +155,9 @@ class DownloadedFile:
     size_bytes: int
     sha256: str
     content_type: str | None
+
+
+_NOT_GZIP = object()  # meter marker: the body is not gzip, nothing to inflate
 
 
 class _Cancelled(Exception):
@@ -101,6 +187,8 @@ def download_file(
     chunk_size: int = 1 << 20,
     timeout: float = 60.0,
     max_redirects: int = 5,
+    url_policy: UrlPolicy | None = None,
+    limits: DownloadLimits | None = None,
 ) -> DownloadedFile:
     """Download ``file`` to ``dest_dir/<file.name>`` and return what arrived.
 
@@ -108,9 +196,12 @@ def download_file(
     only to URLs whose host (and port, when ``api_host`` names one) equals ``api_host``; when
     ``api_host`` is None it defaults to the origin (host and port) of ``file.url``.
     ``classify`` lets the provider turn an error answer into its own typed error before the
-    generic mapping applies.
+    generic mapping applies. ``url_policy`` decides which hosts may be reached (default: public
+    addresses only; ``api_host``, the configured API origin, is always accepted); ``limits``
+    bounds the size; ``timeout`` is the connect, read (stall) and write timeout in seconds.
 
-    Raises LinkExpiredError (ask for a fresh link), IntegrityError (size differs from the
+    Raises UnsafeUrlError (a URL the policy refuses, not retried), LimitExceededError (over a
+    cap), LinkExpiredError (ask for a fresh link), IntegrityError (size differs from the
     announcement), TransientProviderError (retries exhausted), ConfigurationError (credentials
     rejected) or ProviderRejectedError / ExportExpiredError for other error answers. Nothing is
     left in ``dest_dir`` for a failed download.
@@ -129,6 +220,8 @@ def download_file(
         chunk_size=chunk_size,
         timeout=timeout,
         max_redirects=max_redirects,
+        url_policy=url_policy,
+        limits=limits,
     )
     return downloaded
 
@@ -149,6 +242,8 @@ def download_files(
     timeout: float = 60.0,
     max_redirects: int = 5,
     progress: Progress | None = None,
+    url_policy: UrlPolicy | None = None,
+    limits: DownloadLimits | None = None,
 ) -> list[DownloadedFile]:
     """Download several files with at most ``max_concurrency`` at a time, results in input order.
 
@@ -168,6 +263,19 @@ def download_files(
         )
     if not files:
         return []
+    limits = limits or DownloadLimits()
+    for f in files:  # announced sizes: refuse before a single byte is fetched
+        cap = limits.max_file_bytes
+        if f.size_bytes is not None and cap is not None and f.size_bytes > cap:
+            raise LimitExceededError(
+                f"announced size {f.size_bytes} bytes is over max_file_bytes="
+                f"{limits.max_file_bytes}; not downloaded",
+                provider=provider,
+                export_id=export_id,
+                file=f.name,
+                hint="raise sync_settings.max_download_bytes if the file is expected",
+            )
+    url_policy = (url_policy or UrlPolicy()).trusting(api_host)
     own_client = client is None
     workers = min(max_concurrency, len(files))
     shared = client or _new_client(timeout, max_connections=workers)
@@ -191,6 +299,8 @@ def download_files(
                         max_redirects=max_redirects,
                         cancel=cancel,
                         progress=progress,
+                        url_policy=url_policy,
+                        limits=limits,
                     ).run
                 )
                 for f in files
@@ -218,6 +328,8 @@ def _new_client(timeout: float, max_connections: int = 4) -> httpx.Client:
         follow_redirects=False,
         timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
         limits=httpx.Limits(max_connections=max(max_connections, 1)),
+        # Environment proxies would resolve the host themselves, defeating the pinned address.
+        trust_env=False,
     )
 
 
@@ -258,6 +370,8 @@ class _Downloader:
         max_redirects: int,
         cancel: threading.Event | None,
         progress: Progress | None = None,
+        url_policy: UrlPolicy | None = None,
+        limits: DownloadLimits | None = None,
     ) -> None:
         self.file = file
         self.progress = progress
@@ -275,6 +389,10 @@ class _Downloader:
         self.timeout = timeout
         self.max_redirects = max_redirects
         self.cancel = cancel
+        self.url_policy = url_policy or UrlPolicy().trusting(api_host)
+        self.limits = limits or DownloadLimits()
+        self.meter: _GzipMeter | object | None = None
+        self.head = b""  # first bytes of the body, to recognise gzip
         self.final_path = dest_dir / file.name
         self.part_path = dest_dir / f"{file.name}.part"
         # Resume state: bytes on disk in .part, their running hash, and whether a Range is safe.
@@ -298,6 +416,8 @@ class _Downloader:
         self.offset = 0
         self.hasher = hashlib.sha256()
         self.total = None
+        self.meter = None
+        self.head = b""
         with open(self.part_path, "wb"):
             pass
 
@@ -393,7 +513,25 @@ class _Downloader:
         """GET following redirects by hand; credentials only ever go to the API host."""
         url = httpx.URL(self.file.url)
         for _ in range(self.max_redirects + 1):
-            request = client.build_request("GET", url, headers=extra, timeout=self.timeout)
+            try:
+                target = self.url_policy.check(url)
+            except UrlRefused as exc:
+                raise UnsafeUrlError(
+                    str(exc),
+                    hint="the provider sent a link we will not follow; if the host is "
+                    "legitimate, add it to sync_settings.allowed_download_hosts",
+                    **self._ctx(),
+                ) from None
+            except UrlUnresolvable as exc:
+                raise httpx.ConnectError(str(exc)) from None
+            # Connect to the checked address; the name stays in Host and in TLS SNI.
+            request = client.build_request(
+                "GET",
+                target.pinned_url(),
+                headers={**extra, "Host": url.netloc.decode("ascii")},
+                timeout=self.timeout,
+                extensions={"sni_hostname": url.host} if url.scheme == "https" else None,
+            )
             send_credentials = self.file.authenticated and _host_matches(url, self.api_host)
             if send_credentials:
                 request.headers.update(self.headers)
@@ -405,7 +543,12 @@ class _Downloader:
             response = client.send(request, stream=True)
             if response.status_code in REDIRECT_STATUS and "location" in response.headers:
                 response.close()
-                url = url.join(response.headers["location"])
+                try:
+                    url = url.join(response.headers["location"])
+                except (httpx.InvalidURL, ValueError):
+                    raise UnsafeUrlError(
+                        "download: redirect to an invalid URL", **self._ctx()
+                    ) from None
                 continue
             try:
                 yield response
@@ -434,6 +577,14 @@ class _Downloader:
                 self._restart()
             length = response.headers.get("content-length")
             self.total = int(length) if length and length.isdigit() else None
+        cap = self.limits.max_file_bytes
+        if cap is not None and self.total is not None and self.total > cap:
+            raise LimitExceededError(
+                f"file host announces {self.total} bytes, over max_file_bytes={cap}; "
+                "not downloaded",
+                hint="raise sync_settings.max_download_bytes if the file is expected",
+                **self._ctx(),
+            )
         self.can_resume = response.headers.get("accept-ranges", "").strip().lower() == "bytes"
         self.validator = response.headers.get("etag") or response.headers.get("last-modified")
         if self.validator and self.validator.startswith("W/"):
@@ -447,8 +598,44 @@ class _Downloader:
                 self.offset += len(chunk)
                 if self.progress is not None:
                     self.progress(self.file.name, self.offset, self.total)
+                self._meter(chunk)
         if self.total is not None and self.offset < self.total:
             raise _Retry(f"body ended at byte {self.offset} of {self.total}")
+
+    def _meter(self, chunk: bytes) -> None:
+        """Enforce the size caps on bytes as they arrive (raw, and inflated when gzip)."""
+        cap = self.limits.max_file_bytes
+        if cap is not None and self.offset > cap:
+            raise LimitExceededError(
+                f"download passed max_file_bytes={cap}; stopped",
+                hint="raise sync_settings.max_download_bytes if the file is expected",
+                **self._ctx(),
+            )
+        if self.meter is _NOT_GZIP:
+            return
+        if self.meter is None:
+            # Bytes arrive in order (a resumed body continues the same stream), so the first
+            # bytes of the file decide whether it is gzip; until then they are kept (a few).
+            self.head += chunk
+            if len(self.head) < len(_GZIP_MAGIC):
+                return
+            if not self.head.startswith(_GZIP_MAGIC):
+                self.meter, self.head = _NOT_GZIP, b""
+                return
+            self.meter = _GzipMeter(self.limits)
+            chunk, self.head = self.head, b""
+        self._feed(chunk)
+
+    def _feed(self, data: bytes) -> None:
+        assert isinstance(self.meter, _GzipMeter)
+        problem = self.meter.feed(data)
+        if problem:
+            raise LimitExceededError(
+                f"gzip body refused: it {problem}",
+                hint="a decompression bomb, or a file larger than the caps allow (raise "
+                "sync_settings.max_decompressed_bytes / max_expansion_ratio if expected)",
+                **self._ctx(),
+            )
 
     def _error_for(self, response: httpx.Response) -> ExportPipelineError:
         """Map an error answer to a typed error; the provider's classifier goes first."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -10,12 +11,19 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
+from export_pipeline.core.errors import ConfigurationError
 from export_pipeline.core.http import RetryPolicy
 from export_pipeline.core.ingest import IngestSettings
 from export_pipeline.core.ledger import Ledger, Warehouse
+from export_pipeline.core.netpolicy import UrlPolicy, parse_allow
 from export_pipeline.core.storage import Storage, storage_from_setting
+from export_pipeline.core.transfer import DownloadLimits
 from export_pipeline.core.windows import IncrementalSettings
 from export_pipeline.providers.base import ExportProvider
+
+# Read when a run starts (never at import) if ``allowed_download_hosts`` is left empty; the
+# sandbox's ``env()`` sets it to the sandbox's own loopback origins.
+ALLOWED_HOSTS_ENV = "EXPORT_PIPELINE_ALLOWED_DOWNLOAD_HOSTS"
 
 # Where `export-pipeline sandbox serve` listens; the defaults of every provider resource.
 SANDBOX_PORTS = {"locations": 8701, "mews": 8702, "deliveries": 8703, "mapping": 8704, "s3": 8705}
@@ -108,6 +116,23 @@ class SyncSettingsResource(dg.ConfigurableResource):
     step_max_retries: int = Field(
         3, description="How often a step is retried after a retryable error before it fails."
     )
+    allowed_download_hosts: str = Field(
+        "",
+        description="Non-public hosts that provider-supplied download URLs may reach, "
+        "comma-separated: 'loopback', 'private', 'link-local', a CIDR, an address or a host "
+        "name, each optionally ':port'. Empty: public addresses only (plus each provider's "
+        f"configured API origin), or the {ALLOWED_HOSTS_ENV} environment variable when set. "
+        "See docs/security.md.",
+    )
+    max_download_bytes: int = Field(
+        20 * 1024**3, description="Largest file accepted (announced or sent), in bytes."
+    )
+    max_decompressed_bytes: int = Field(
+        50 * 1024**3, description="Largest size a gzip file may inflate to, in bytes."
+    )
+    max_expansion_ratio: float = Field(
+        200.0, description="Largest inflated/compressed ratio of a gzip file (bomb guard)."
+    )
 
     def incremental(self) -> IncrementalSettings:
         return IncrementalSettings(
@@ -130,7 +155,23 @@ class SyncSettingsResource(dg.ConfigurableResource):
             verify_row_count=self.verify_row_count,
             duckdb_memory_limit=self.duckdb_memory_limit,
             retry=self.retry(),
+            url_policy=self.url_policy(),
+            download_limits=DownloadLimits(
+                max_file_bytes=self.max_download_bytes,
+                max_decompressed_bytes=self.max_decompressed_bytes,
+                max_expansion_ratio=self.max_expansion_ratio,
+            ),
         )
+
+    def url_policy(self) -> UrlPolicy:
+        setting = self.allowed_download_hosts or os.environ.get(ALLOWED_HOSTS_ENV, "")
+        try:
+            return UrlPolicy(allow=parse_allow(setting))
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"allowed_download_hosts: {exc}",
+                hint="comma-separated loopback / private / link-local / CIDR / host[:port]",
+            ) from None
 
 
 class ProviderResource(dg.ConfigurableResource):

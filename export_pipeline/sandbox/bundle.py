@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
+
 from export_pipeline.sandbox import deliveries, locations, mapping, mews
 from export_pipeline.sandbox.s3 import S3Server
 from export_pipeline.sandbox.server import RunningServer
@@ -40,7 +42,17 @@ class Sandbox:
             "MAPPING_API_URL": self.urls["mapping"],
             "MAPPING_API_TOKEN": self.mapping.token,
             "SANDBOX_S3_ENDPOINT_URL": self.s3.endpoint_url,
+            "EXPORT_PIPELINE_ALLOWED_DOWNLOAD_HOSTS": self.allowed_download_hosts(),
         }
+
+    def allowed_download_hosts(self) -> str:
+        """The sandbox's own loopback origins: what its download links may point at.
+
+        Loopback is refused by the download policy unless allowed; the sandbox (and the demo,
+        ``dev`` and the tests that use it) allow exactly these ports, nothing else.
+        """
+        origins = [*self.urls.values(), self.s3.endpoint_url]
+        return ",".join(sorted({httpx.URL(u).netloc.decode("ascii") for u in origins}))
 
     def stop(self) -> None:
         self._stack.close()

@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -24,6 +25,8 @@ class RunningServer:
     app: ASGIApp
     host: str = "127.0.0.1"
     port: int = 0
+    # Extra uvicorn.Config options (the webhook receiver's guards: webhooks.serve.uvicorn_options).
+    options: dict[str, Any] = field(default_factory=dict)
     _server: uvicorn.Server | None = field(default=None, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
 
@@ -35,7 +38,10 @@ class RunningServer:
         if not self.port:
             self.port = free_port(self.host)
         config = uvicorn.Config(
-            self.app, host=self.host, port=self.port, log_level="warning", lifespan="off"
+            self.app,
+            host=self.host,
+            port=self.port,
+            **{"log_level": "warning", "lifespan": "off", **self.options},
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True, name="sandbox")

@@ -6,25 +6,34 @@ or fails. The answer codes follow the locations seed's contract, which drives th
 * 200/202 -> delivered (only once the event is committed to the ``EventStore``);
 * 400 -> never retried, so the problem is logged with enough to investigate;
 * 401 -> the sender checks its credentials and retries;
+* 408 -> the body did not arrive within ``body_timeout_seconds`` (slow sender or slow-loris);
 * 413 -> body larger than ``max_body_bytes`` (refused before it is read in full or parsed);
 * 503 + ``Retry-After`` -> the store could not take the event now; the sender retries.
 
 The receiver never touches the DuckDB warehouse; an event is only a hint, which the Dagster
 sensor turns into an ingest that confirms the status with the provider before loading.
 
-Order of checks per request: size, then authentication over the raw bytes, then parsing, then
-recording. Authentication is the Standard Webhooks scheme (``webhook-id``, ``webhook-timestamp``,
+Order of checks per request: size, then authentication over the raw bytes, then nesting depth
+(deeper than ``max_json_depth`` -> 400, never a 500 the sender would retry forever), then
+parsing, then recording. What is stored and logged is redacted (``core.redact``): an event's
+signed ``exportUrl`` keeps its path but not its signature. Server-level guards (a deadline for
+the request head, a bound on concurrent connections) are uvicorn options, see
+``serve.uvicorn_options``.
+
+Authentication is the Standard Webhooks scheme (``webhook-id``, ``webhook-timestamp``,
 ``webhook-signature``), or a bearer token for senders that cannot sign.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
 import json
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
@@ -39,7 +48,7 @@ from starlette.routing import Route
 
 from export_pipeline.core.errors import ConfigurationError
 from export_pipeline.core.model import ExportStatus
-from export_pipeline.core.redact import get_logger
+from export_pipeline.core.redact import get_logger, redact_obj, redact_text
 from export_pipeline.providers import locations as locations_provider
 from export_pipeline.providers import mapping as mapping_provider
 from export_pipeline.webhooks.store import EventStore
@@ -88,6 +97,11 @@ class ReceiverSettings:
     tolerance_seconds: int = 300
     max_body_bytes: int = 1_048_576
     base_path: str = ""
+    # Slow-loris and resource guards (see docs/security.md).
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 10.0
+    max_connections: int = 100
+    max_json_depth: int = 32
     _keys: tuple[bytes, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
@@ -103,8 +117,15 @@ class ReceiverSettings:
         object.__setattr__(self, "_keys", tuple(decode_secret(s) for s in secrets))
         if self.tolerance_seconds <= 0:
             raise ConfigurationError("tolerance_seconds must be positive")
-        if self.max_body_bytes <= 0:
-            raise ConfigurationError("max_body_bytes must be positive")
+        for name in (
+            "max_body_bytes",
+            "header_timeout_seconds",
+            "body_timeout_seconds",
+            "max_connections",
+            "max_json_depth",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"{name} must be positive")
         base = self.base_path.strip().rstrip("/")
         if base and not base.startswith("/"):
             base = "/" + base
@@ -115,6 +136,9 @@ class ReceiverSettings:
             f"ReceiverSettings(secrets=<{len(self.secrets)}>,"
             f" bearer_token={'<set>' if self.bearer_token else None},"
             f" tolerance_seconds={self.tolerance_seconds}, max_body_bytes={self.max_body_bytes},"
+            f" header_timeout_seconds={self.header_timeout_seconds},"
+            f" body_timeout_seconds={self.body_timeout_seconds},"
+            f" max_connections={self.max_connections}, max_json_depth={self.max_json_depth},"
             f" base_path={self.base_path!r})"
         )
 
@@ -212,16 +236,42 @@ class BodyTooLarge(Exception):
     pass
 
 
-async def read_limited(request: Request, limit: int) -> bytes:
-    """Read the body, giving up as soon as it exceeds ``limit`` (chunked bodies included)."""
+async def read_limited(request: Request, limit: int, timeout: float | None = None) -> bytes:
+    """Read the body, giving up as soon as it exceeds ``limit`` (chunked bodies included) or,
+    with ``timeout``, when the whole body has not arrived in that many seconds (TimeoutError)."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
+    async with asyncio.timeout(timeout):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
     return b"".join(chunks)
+
+
+# Strings are skipped whole (a bracket inside a string is not nesting).
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def json_depth_exceeds(body: bytes, max_depth: int) -> bool:
+    """True when ``body`` nests arrays/objects deeper than ``max_depth`` (checked before
+    parsing: ``json.loads`` of a very deep body raises RecursionError, an internal error)."""
+    depth = 0
+    for match in _JSON_TOKENS.finditer(body):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > max_depth:
+                return True
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return False
+
+
+def _excerpt(body: bytes, limit: int = 200) -> str:
+    """The start of a rejected body for the log, with its secrets redacted."""
+    return redact_text(body[:limit].decode("utf-8", errors="replace"))
 
 
 def _parse_locations(body: Mapping[str, Any]) -> ExportStatus:
@@ -273,7 +323,17 @@ def _make_event_endpoint(source: str, store: EventStore, settings: ReceiverSetti
                 )
                 return _problem(413, f"body larger than {settings.max_body_bytes} bytes")
         try:
-            body = await read_limited(request, settings.max_body_bytes)
+            body = await read_limited(
+                request, settings.max_body_bytes, timeout=settings.body_timeout_seconds
+            )
+        except TimeoutError:
+            logger.warning(
+                "webhook %s from %s refused: body not received within %.0fs",
+                source,
+                client,
+                settings.body_timeout_seconds,
+            )
+            return _problem(408, "request body timeout", headers={"Connection": "close"})
         except BodyTooLarge:
             logger.warning(
                 "webhook %s from %s refused: streamed body over %d bytes",
@@ -301,20 +361,31 @@ def _make_event_endpoint(source: str, store: EventStore, settings: ReceiverSetti
 
         # (3) parse. The sender never retries a 400, so the log line must be enough to
         # investigate: which event, from whom, what it looked like and what was wrong.
+        if json_depth_exceeds(body, settings.max_json_depth):
+            logger.warning(
+                "webhook %s event %s rejected (400): JSON nested deeper than %d levels (%d bytes)",
+                source,
+                event_id,
+                settings.max_json_depth,
+                len(body),
+            )
+            return _problem(400, f"JSON nested deeper than {settings.max_json_depth} levels")
         try:
             payload = json.loads(body)
             if not isinstance(payload, dict):
                 raise ValueError(f"expected a JSON object, got {type(payload).__name__}")
             status = parse(payload)
-        except (ValueError, TypeError, KeyError) as exc:  # JSONDecodeError is a ValueError
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:
+            # JSONDecodeError is a ValueError. Message and excerpt are redacted: a rejected
+            # event's signed link must not land in the log.
             logger.warning(
                 "webhook %s event %s rejected (400): %s; body starts %r",
                 source,
                 event_id,
-                exc,
-                body[:200],
+                redact_text(str(exc)),
+                _excerpt(body),
             )
-            return _problem(400, f"not a valid {source} export event: {exc}")
+            return _problem(400, redact_text(f"not a valid {source} export event: {exc}"))
 
         # (4) record durably; only then acknowledge.
         try:
@@ -324,7 +395,9 @@ def _make_event_endpoint(source: str, store: EventStore, settings: ReceiverSetti
                 event_id=event_id,
                 export_id=status.export_id,
                 status=str(status.state.value),
-                body=payload,
+                # Stored without secrets (the sensor confirms with the provider, which hands
+                # out a fresh signed link; the event's own link is never used).
+                body=redact_obj(payload),
             )
         except sqlite3.Error as exc:
             # (5) the store cannot take it now: tell the sender to come back later.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from pathlib import Path
@@ -18,8 +19,15 @@ from export_pipeline.core.errors import (
 )
 from export_pipeline.core.http import RetryPolicy
 from export_pipeline.core.model import RemoteFile
-from export_pipeline.core.transfer import download_file, download_files
+from export_pipeline.core.netpolicy import UrlPolicy
+from export_pipeline.core.transfer import download_file as _download_file
+from export_pipeline.core.transfer import download_files as _download_files
 from export_pipeline_tests.core.conftest import PAYLOAD, PAYLOAD_SHA256, FileHosts
+
+# The file hosts are on loopback, which the download policy refuses unless allowed.
+LOOPBACK = UrlPolicy.from_setting("loopback")
+download_file = functools.partial(_download_file, url_policy=LOOPBACK)
+download_files = functools.partial(_download_files, url_policy=LOOPBACK)
 
 FAST = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05, jitter=0.0)
 AUTH = {"Authorization": "Bearer secret-token"}

@@ -26,11 +26,15 @@ from export_pipeline.core.model import (
     ExportStatus,
     RemoteFile,
 )
+from export_pipeline.core.netpolicy import UrlPolicy
 from export_pipeline.core.transfer import DownloadedFile, download_file
 from export_pipeline.providers.deliveries import DeliveriesProvider
 from export_pipeline_tests.deliveries.conftest import FAST_RETRY, DeliveriesSandbox
 
 DAY = datetime(2026, 1, 2, tzinfo=UTC)
+
+# The sandbox serves on loopback; the download policy refuses it unless allowed.
+SANDBOX_POLICY = UrlPolicy.from_setting("loopback")
 
 
 def window(start: datetime, end: datetime, **params: str) -> ExportRequest:
@@ -71,6 +75,7 @@ def download(provider: DeliveriesProvider, status: ExportStatus, dest: Path) -> 
         api_host=provider.api_host,
         policy=FAST_RETRY,
         classify=provider.classify_download_error,
+        url_policy=SANDBOX_POLICY,
     )
 
 

@@ -17,12 +17,16 @@ import pytest
 
 from export_pipeline.core.errors import ConfigurationError, LinkExpiredError, ProviderRejectedError
 from export_pipeline.core.model import ExportRequest, ExportState, ExportStatus, RemoteFile
+from export_pipeline.core.netpolicy import UrlPolicy
 from export_pipeline.core.transfer import download_file
 from export_pipeline.providers.mapping import RESULTS, MappingProvider, parse_event
 from export_pipeline.sandbox.mapping import State
 from export_pipeline_tests.mapping.conftest import FAST_RETRY, MappingSandbox, start_sandbox
 
 GZIP_MAGIC = b"\x1f\x8b"
+
+# The sandbox serves on loopback; the download policy refuses it unless allowed.
+SANDBOX_POLICY = UrlPolicy.from_setting("loopback")
 
 
 def decode_results(data: bytes) -> list[dict[str, Any]]:
@@ -212,6 +216,7 @@ def test_transfer_layer_gets_link_expired_then_fresh_link_downloads(
             api_host=provider.api_host,
             policy=FAST_RETRY,
             classify=provider.classify_download_error,
+            url_policy=SANDBOX_POLICY,
         ).path
 
     with pytest.raises(LinkExpiredError) as info:
