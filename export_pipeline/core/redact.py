@@ -60,9 +60,11 @@ SECRET_PARAMS: frozenset[str] = frozenset(
 )
 # JSON object keys whose whole value is a credential. Narrower than the query names: ``code``,
 # ``key``, ``policy`` and ``session`` are ordinary fields in a JSON body (an error code...).
-SECRET_KEYS: frozenset[str] = (
-    SECRET_PARAMS - {"code", "key", "policy", "session", "auth"}
-) | {"authorization", "webhook-signature", "cookie"}
+SECRET_KEYS: frozenset[str] = (SECRET_PARAMS - {"code", "key", "policy", "session", "auth"}) | {
+    "authorization",
+    "webhook-signature",
+    "cookie",
+}
 
 _NAMES = "|".join(sorted((re.escape(n) for n in SECRET_PARAMS), key=len, reverse=True))
 # A query parameter, also percent-encoded inside another URL (``%26sig%3D...``). The value runs
