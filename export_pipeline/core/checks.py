@@ -97,19 +97,42 @@ def primary_key_unique(con: duckdb.DuckDBPyConnection, kind: ExportKind) -> Chec
 
 
 def values_in_range(con: duckdb.DuckDBPyConnection, kind: ExportKind) -> CheckOutcome:
+    """Values outside their declared range. A NULL is out of range only where the kind declares
+    the column NOT NULL (``kind.not_null`` or the primary key): an optional field left empty is
+    not a bad value. A column the table does not have (the provider's files lack it) is
+    reported, not counted."""
     bad: dict[str, int] = {}
+    absent: list[str] = []
+    have = {
+        r[0]
+        for r in con.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = ? AND table_name = ?",
+            [kind.schema, kind.name],
+        ).fetchall()
+    }
+    required = set(kind.not_null) | set(kind.primary_key)
     for column, (low, high) in kind.value_ranges.items():
+        if column not in have:
+            absent.append(column)
+            if column in required:
+                bad[column] = 1
+            continue
         col = quote_ident(column)
+        null_fails = f" OR {col} IS NULL" if column in required else ""
         bad[column] = con.execute(
-            f"SELECT count(*) FROM {_table(kind)} WHERE {col} < ? OR {col} > ? OR {col} IS NULL",
+            f"SELECT count(*) FROM {_table(kind)} WHERE {col} < ? OR {col} > ?{null_fails}",
             [low, high],
         ).fetchone()[0]
     ok = not any(bad.values())
     ranges = ", ".join(f"{c} in [{lo}, {hi}]" for c, (lo, hi) in kind.value_ranges.items())
+    metadata: dict[str, Any] = {f"out_of_range_{c}": n for c, n in bad.items()}
+    if absent:
+        metadata["columns_absent"] = ", ".join(absent)
     return CheckOutcome(
         ok,
         ranges if ok else f"out of range: {bad} (expected {ranges})",
-        {f"out_of_range_{c}": n for c, n in bad.items()},
+        metadata,
     )
 
 

@@ -78,6 +78,10 @@ class IngestResult:
     formats: tuple[str, ...] = ()
     parquet_paths: tuple[Path, ...] = ()
     columns: tuple[tuple[str, str], ...] = ()
+    # Declared columns the export's files lack (reported, not invented), and declared columns
+    # read as another type because a value did not fit (docs/schema.md).
+    missing_columns: tuple[str, ...] = ()
+    drifted_columns: tuple[tuple[str, str], ...] = ()
     seconds: float = 0.0
     expected_rows: int | None = None
     cursor: datetime | None = None
@@ -476,6 +480,8 @@ class ExportRunner:
             ),
             parquet_paths=tuple(normalised.parquet_paths),
             columns=tuple(normalised.columns),
+            missing_columns=tuple(normalised.missing_columns),
+            drifted_columns=tuple(normalised.drifted_columns.items()),
             seconds=time.perf_counter() - t0,
             expected_rows=status.expected_rows,
             cursor=cursor,

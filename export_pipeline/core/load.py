@@ -16,12 +16,15 @@ from pathlib import Path
 
 import duckdb
 
+from export_pipeline.core import schema
 from export_pipeline.core.errors import ConfigurationError, IntegrityError
-from export_pipeline.core.model import ExportKind, LoadMode
+from export_pipeline.core.model import ExportKind, LoadMode, SchemaContract
 
 # Error code of an export whose rows belong to another partition than the one it was loaded
 # for (the ledger keeps it, so the runner never adopts that export for that partition again).
 PARTITION_MISMATCH = "PARTITION_MISMATCH"
+# Error code of an export that would change a frozen schema (kind.schema_contract = FREEZE).
+SCHEMA_FROZEN = "SCHEMA_FROZEN"
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,9 @@ class LoadResult:
     rows_updated: int  # keys that were there and were replaced
     rows_deleted: int  # keys that disappeared (snapshot / partition replace)
     table_rows: int  # rows in the table afterwards
+    columns_added: tuple[str, ...] = ()  # new top-level columns this export brought
+    # Other schema changes, e.g. "evses[].floor_level added (VARCHAR)", "n widened BIGINT -> DOUBLE"
+    columns_changed: tuple[str, ...] = ()
 
 
 def quote_ident(name: str) -> str:
@@ -181,48 +187,128 @@ def _has_duplicate_keys(con: duckdb.DuckDBPyConnection, kind: ExportKind, paths:
 
 def _ensure_table(
     con: duckdb.DuckDBPyConnection, kind: ExportKind, target: str, stage: str
-) -> None:
-    """Create the table from the staged schema, or add the columns this export brings new."""
-    if not _table_exists(con, kind):
-        con.execute(f"CREATE TABLE {target} AS SELECT * FROM {stage} LIMIT 0")
-        return
-    have = _columns(con, kind.schema, kind.name)
-    staged = con.execute(f"DESCRIBE SELECT * FROM {stage}").fetchall()
-    for name, duck_type, *_ in staged:
-        if name not in have:
-            con.execute(f"ALTER TABLE {target} ADD COLUMN {quote_ident(name)} {duck_type}")
+) -> tuple[list[str], list[str]]:
+    """Create the table, or evolve it to hold this export: new columns, new struct fields,
+    widened types (docs/schema.md). Returns (columns added, other changes). Runs inside the
+    load's transaction, so a failed load leaves the old schema.
 
-
-def _follow_snapshot_types(
-    con: duckdb.DuckDBPyConnection, kind: ExportKind, target: str, stage: str
-) -> None:
-    """Give the (now empty) snapshot table the column types of the snapshot being loaded.
-
-    Without declared columns the types are guessed from the JSON and follow the data: a field
-    null in every record of one snapshot is typed NULL (also inside a STRUCT), a nested object
-    gains a field, integers become DOUBLE. Inserting the next snapshot into the old types
-    fails (UUID -> NULL), drops the new STRUCT field silently, or rounds. The table's rows were
-    just deleted in this transaction, so changing a column's type loses nothing. A type that is
-    (partly) NULL in the new snapshot is merged with the old one instead, because DuckDB cannot
-    make a column NULL-typed; the NULL values fit any type.
+    With ``kind.schema_contract == FREEZE`` any change fails instead, naming the columns.
     """
-    have = _columns(con, kind.schema, kind.name)
-    for name, staged, *_ in con.execute(f"DESCRIBE SELECT * FROM {stage}").fetchall():
-        current = have.get(name)
-        if current is None or current == staged:
+    staged = [
+        (r[0], schema.parse(r[1]))
+        for r in con.execute(f"DESCRIBE SELECT * FROM {stage}").fetchall()
+    ]
+    frozen = kind.schema_contract is SchemaContract.FREEZE
+    if not _table_exists(con, kind):
+        if frozen and kind.columns is not None:
+            allowed = set(kind.columns) | set(LINEAGE)
+            unknown = [n for n, _ in staged if n not in allowed]
+            if unknown:
+                raise _frozen(kind, f"the export has undeclared column(s) {unknown}")
+        cols = ", ".join(
+            f"{quote_ident(n)} {schema.render(_first_type(con, stage, n, t))}" for n, t in staged
+        )
+        con.execute(f"CREATE TABLE {target} ({cols})")
+        return [], []
+    have = {n: schema.parse(t) for n, t in _columns(con, kind.schema, kind.name).items()}
+    added: list[str] = []
+    changed: list[str] = []
+    plan: list[str] = []
+    for name, new in staged:
+        col = quote_ident(name)
+        old = have.get(name)
+        if old is None:
+            first = _first_type(con, stage, name, new)
+            added.append(name)
+            plan.append(f"ALTER TABLE {target} ADD COLUMN {col} {schema.render(first)}")
             continue
-        wanted = staged
-        if '"NULL"' in staged:
-            row = con.execute(
-                f"SELECT typeof(x) FROM (SELECT CAST(NULL AS {current}) AS x "
-                f"UNION ALL SELECT CAST(NULL AS {staged}) AS x) LIMIT 1"
-            ).fetchone()
-            wanted = str(row[0]) if row else current
-        if wanted != current:
-            con.execute(
-                f"ALTER TABLE {target} ALTER COLUMN {quote_ident(name)} "
-                f"SET DATA TYPE {wanted} USING CAST(NULL AS {wanted})"
+        if schema.no_null(new) == old:
+            continue
+        # A value (or struct field) null in every row says nothing about its type: on either
+        # side it yields to the other's type, so a column typed by a guess takes the real one.
+        merged = schema.no_null(
+            schema.widen(_settle(con, target, name, old), _settle(con, stage, name, new))
+        )
+        if merged == old:
+            continue
+        changed += schema.changes(old, merged, name)
+        fields = schema.added_fields(old, merged)
+        if fields is not None:
+            # Only new struct fields: ADD COLUMN of a nested path (DuckLake supports it too).
+            for path, field_type in fields:
+                dotted = ".".join(quote_ident(p) for p in (name, *path))
+                plan.append(f"ALTER TABLE {target} ADD COLUMN {dotted} {schema.render(field_type)}")
+        else:
+            rendered = schema.render(merged)
+            using = (
+                f"to_json({col})"
+                if merged == schema.Scalar("JSON")
+                else f"CAST({col} AS {rendered})"
             )
+            plan.append(
+                f"ALTER TABLE {target} ALTER COLUMN {col} SET DATA TYPE {rendered} USING {using}"
+            )
+    if frozen and (added or changed):
+        problems = [f"unknown column(s) {added}"] if added else []
+        if changed:
+            problems.append(f"type change(s): {', '.join(changed)}")
+        raise _frozen(kind, "; ".join(problems))
+    for statement in plan:
+        con.execute(statement)
+    return added, changed
+
+
+LINEAGE = ("_export_id", "_source_file", "_loaded_at")
+
+
+def _frozen(kind: ExportKind, what: str) -> IntegrityError:
+    return IntegrityError(
+        f"schema is frozen: {what}",
+        provider=kind.provider,
+        kind=kind.name,
+        code=SCHEMA_FROZEN,
+        hint="the kind's schema_contract is 'freeze': declare the column(s) in the kind (or "
+        "set it to 'evolve') and re-run; nothing was loaded",
+    )
+
+
+def _first_type(
+    con: duckdb.DuckDBPyConnection, stage: str, name: str, t: schema.Type
+) -> schema.Type:
+    """The type a column is created with: never NULL; a value or struct field that is null in
+    every row is VARCHAR (DuckDB's full-scan detection calls such a key JSON)."""
+    return schema.no_null(_settle(con, stage, name, t))
+
+
+def _settle(con: duckdb.DuckDBPyConnection, source: str, name: str, t: schema.Type) -> schema.Type:
+    """``t`` with NULL for the column / struct fields (not inside lists) that hold only NULLs
+    in ``source``. One aggregate query over that column."""
+    paths: list[tuple[str, ...]] = []
+
+    def walk(node: schema.Type, path: tuple[str, ...]) -> None:
+        paths.append(path)
+        if isinstance(node, schema.Struct):
+            for field_name, field_type in node.fields:
+                walk(field_type, (*path, field_name))
+
+    walk(t, ())
+    exprs = []
+    for path in paths:
+        expr = quote_ident(name)
+        for step in path:
+            expr = f"struct_extract({expr}, {_literal(step)})"
+        exprs.append(f"count({expr})")
+    row = con.execute(f"SELECT {', '.join(exprs)} FROM {source}").fetchone() or ()
+    empty = {path for path, n in zip(paths, row, strict=False) if not n}
+
+    def rebuild(node: schema.Type, path: tuple[str, ...]) -> schema.Type:
+        if path in empty:
+            return schema.Scalar("NULL")
+        if isinstance(node, schema.Struct):
+            return schema.Struct(tuple((n, rebuild(f, (*path, n))) for n, f in node.fields))
+        return node
+
+    return rebuild(t, ())
 
 
 def _key_match(left: str, right: str, keys: Sequence[str]) -> str:
@@ -238,7 +324,7 @@ def _apply(
     stage: str,
     partition_value: str | None,
 ) -> LoadResult:
-    _ensure_table(con, kind, target, stage)
+    added, changed = _ensure_table(con, kind, target, stage)
     pk = list(kind.primary_key)
     rows_in_export = _scalar(con, f"SELECT count(*) FROM {stage}")
     mode = kind.load_mode
@@ -278,12 +364,12 @@ def _apply(
     if mode is LoadMode.MERGE:
         updated = _scalar(
             con,
-            f"SELECT count(*) FROM {stage} s WHERE EXISTS "
-            f"(SELECT 1 FROM {target} t WHERE {_key_match('t', 's', pk)})",
+            f"SELECT count(*) FROM {stage} _stg WHERE EXISTS "
+            f"(SELECT 1 FROM {target} _tgt WHERE {_key_match('_tgt', '_stg', pk)})",
         )
         con.execute(
-            f"DELETE FROM {target} t WHERE EXISTS "
-            f"(SELECT 1 FROM {stage} s WHERE {_key_match('t', 's', pk)})"
+            f"DELETE FROM {target} _tgt WHERE EXISTS "
+            f"(SELECT 1 FROM {stage} _stg WHERE {_key_match('_tgt', '_stg', pk)})"
         )
         deleted = 0
     else:
@@ -291,25 +377,41 @@ def _apply(
         if pk:
             updated = _scalar(
                 con,
-                f"SELECT count(*) FROM {stage} s WHERE EXISTS (SELECT 1 FROM "
-                f"(SELECT * FROM {target} WHERE {scope}) t WHERE {_key_match('t', 's', pk)})",
+                f"SELECT count(*) FROM {stage} _stg WHERE EXISTS (SELECT 1 FROM "
+                f"(SELECT * FROM {target} WHERE {scope}) _tgt "
+                f"WHERE {_key_match('_tgt', '_stg', pk)})",
                 scope_params,
             )
         else:
             updated = 0
         deleted = before - updated
         con.execute(f"DELETE FROM {target} WHERE {scope}", scope_params)
-        if mode is LoadMode.SNAPSHOT:
-            _follow_snapshot_types(con, kind, target, stage)
 
-    con.execute(f"INSERT INTO {target} BY NAME SELECT * FROM {stage}")
+    con.execute(_insert_sql(con, kind, target, stage))
     return LoadResult(
         rows_in_export=rows_in_export,
         rows_inserted=rows_in_export - updated,
         rows_updated=updated,
         rows_deleted=deleted,
         table_rows=_scalar(con, f"SELECT count(*) FROM {target}"),
+        columns_added=tuple(added),
+        columns_changed=tuple(changed),
     )
+
+
+def _insert_sql(con: duckdb.DuckDBPyConnection, kind: ExportKind, target: str, stage: str) -> str:
+    """INSERT of the staged columns by name; a value going into a column widened to JSON is
+    converted with to_json (a plain cast would parse a VARCHAR as JSON text and fail)."""
+    have = _columns(con, kind.schema, kind.name)
+    names, exprs = [], []
+    for name, duck_type, *_ in con.execute(f"DESCRIBE SELECT * FROM {stage}").fetchall():
+        col = quote_ident(name)
+        names.append(col)
+        if have.get(name) == "JSON" and duck_type != "JSON":
+            exprs.append(f"to_json({col})")
+        else:
+            exprs.append(col)
+    return f"INSERT INTO {target} ({', '.join(names)}) SELECT {', '.join(exprs)} FROM {stage}"
 
 
 def _load_empty(

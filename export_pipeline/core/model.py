@@ -74,6 +74,13 @@ class Incremental(StrEnum):
     WINDOW = "window"  # cursor = end of last loaded [start, end) window
 
 
+class SchemaContract(StrEnum):
+    """What a load does with columns, struct fields or types the table does not have yet."""
+
+    EVOLVE = "evolve"  # add them / widen the type inside the load transaction (the default)
+    FREEZE = "freeze"  # fail the load, naming them (like dlt's schema contract "freeze")
+
+
 class FileFormat(StrEnum):
     CSV = "csv"
     JSON_ARRAY = "json"
@@ -92,9 +99,14 @@ class ExportKind:
     description: str = ""
     # Provider-specific request facts, e.g. {"entity_type": "Reservation"}.
     params: Mapping[str, Any] = field(default_factory=dict, hash=False)
-    # Column -> DuckDB type. When given, every file format is read into exactly these types,
-    # so CSV (nested values as JSON text) and JSON give the same table.
+    # Column -> DuckDB type: type *hints*, never a filter. Every key the data holds lands (top
+    # level and nested); the declared ones get these types, so CSV (nested values as JSON text)
+    # and JSON give the same table. See docs/schema.md.
     columns: Mapping[str, str] | None = field(default=None, hash=False)
+    schema_contract: SchemaContract = SchemaContract.EVOLVE
+    # Columns that must not be NULL (the primary key always is); range checks count a NULL as
+    # a failure only for these.
+    not_null: tuple[str, ...] = ()
     # Extra analyst views: view name (unqualified, in the provider schema) -> SELECT over the table.
     views: Mapping[str, str] = field(default_factory=dict, hash=False)
     partition_column: str | None = None  # for REPLACE_PARTITION

@@ -13,6 +13,7 @@ Errors become :class:`ParseError` naming the file and, where it can be found, th
 from __future__ import annotations
 
 import contextlib
+import csv
 import gzip
 import io
 import json
@@ -20,12 +21,13 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import duckdb
 
+from export_pipeline.core import schema
 from export_pipeline.core.errors import ParseError
 from export_pipeline.core.model import ExportKind, FileFormat
 
@@ -65,6 +67,10 @@ class NormaliseResult:
     parquet_paths: list[Path]
     rows: int
     columns: list[tuple[str, str]]  # (name, DuckDB type) of the output, lineage included
+    # Declared columns no file of the export has (reported, never invented as all-NULL).
+    missing_columns: list[str] = field(default_factory=list)
+    # Declared column -> type it was read as because some value did not fit the declaration.
+    drifted_columns: dict[str, str] = field(default_factory=dict)
 
 
 def _peek(path: Path) -> tuple[bytes, bool]:
@@ -168,6 +174,11 @@ def _csv_reader(path: Path, gz: bool, *, all_varchar: bool) -> str:
     options = [
         _lit(str(path)),
         "header := true",
+        # RFC 4180, not sniffed: a sniffer that cannot make a ragged file fit picks another
+        # dialect (one column holding whole lines) instead of failing.
+        "delim := ','",
+        "quote := '\"'",
+        "escape := '\"'",
         "compression := " + ("'gzip'" if gz else "'uncompressed'"),
     ]
     if all_varchar:
@@ -375,9 +386,13 @@ def _to_parquet(
         info = detected[src]
         try:
             line = _locate_line(str(exc), src, info.format, info.gzip)
+            if line is None and info.format is FileFormat.CSV and message is None:
+                line = _ragged_csv_line(src, info.gzip)
         except (OSError, EOFError):
             line = None
         text = message or str(exc).split("\n\n")[0].strip()
+        # One line number per message: ours (1-based, checked against the file), not DuckDB's.
+        text = _DUCKDB_LINE.sub("", text).strip()
         return ParseError(
             f"cannot read {info.format.value} file: {text[:500]}",
             provider=kind.provider,
@@ -387,53 +402,85 @@ def _to_parquet(
             line=line,
         )
 
-    # One schema per format when the kind declares none, so an export's Parquets agree.
+    # Every key of every record, whatever the kind declares: the declared columns are type
+    # hints, never a filter (docs/schema.md). One schema per format, so the Parquets agree.
     auto_schema: dict[FileFormat, list[tuple[str, str]]] = {}
-    if kind.columns is None:
-        for group_fmt in {d.format for d in detected.values()}:
-            group = [s for s in sources if detected[s].format is group_fmt and s.stat().st_size]
-            auto_schema[group_fmt] = _auto_schema(con, group, group_fmt, detected, fail)
+    for group_fmt in {d.format for d in detected.values()}:
+        group = [s for s in sources if detected[s].format is group_fmt and s.stat().st_size]
+        auto_schema[group_fmt] = _auto_schema(con, group, group_fmt, detected, fail)
+    hints = {n: schema.parse(t) for n, t in (kind.columns or {}).items()}
 
     paths: list[Path] = []
     total = 0
     taken: set[str] = set()
+    missing: set[str] = set()
+    drifted: dict[str, str] = {}
     for src in sources:
         info = detected[src]
         target = out_dir / f"{_output_stem(src, taken)}.parquet"
         partial = target.with_name(target.name + ".part")
-        if src.stat().st_size == 0 or (kind.columns is None and not auto_schema[info.format]):
+        empty = src.stat().st_size == 0 or not auto_schema[info.format]
+        if empty:
             if kind.columns is None:
                 continue
-            select = _empty_select(kind.columns)
+            plans = (_empty_select(kind.columns)[0], None)
         elif info.format is FileFormat.CSV:
-            select = _csv_select(con, src, info.gzip, kind, auto_schema.get(info.format), fail)
+            plans = _csv_selects(
+                con, src, info.gzip, kind, hints, dict(auto_schema[info.format]), fail, missing
+            )
         else:
-            columns = kind.columns if kind.columns is not None else dict(auto_schema[info.format])
-            select = f"SELECT * FROM {_json_reader(src, info.format, info.gzip, columns)}"
-        sql = (
-            f"COPY (SELECT src.*, CAST($1 AS VARCHAR) AS _export_id, "
-            f"CAST($2 AS VARCHAR) AS _source_file, CAST($3 AS TIMESTAMPTZ) AS _loaded_at "
-            f"FROM ({select}) AS src) TO {_lit(str(partial))} "
-            f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {_ROW_GROUP_ROWS})"
-        )
+            plans = _json_selects(con, src, info, hints, auto_schema[info.format], missing)
         one_thread = sequential_arrays and info.format is FileFormat.JSON_ARRAY
-        try:
-            if one_thread:
-                con.execute("SET threads = 1")
-            row = con.execute(sql, [export_id, src.name, loaded_at]).fetchone()
-        except duckdb.Error as exc:
-            with contextlib.suppress(FileNotFoundError):
-                partial.unlink()
-            if info.format is FileFormat.CSV and kind.columns is not None:
-                exc = _csv_conversion_error(con, src, info.gzip, kind.columns, exc)
-            raise fail(exc, src) from exc
-        finally:
-            if one_thread:
-                con.execute("RESET threads")
+        row = None
+        select, on_drift = plans
+        fallback: dict[str, str] = {}
+        for attempt in range(2):
+            sql = (
+                f"COPY (SELECT src.*, CAST($1 AS VARCHAR) AS _export_id, "
+                f"CAST($2 AS VARCHAR) AS _source_file, CAST($3 AS TIMESTAMPTZ) AS _loaded_at "
+                f"FROM ({select}) AS src) TO {_lit(str(partial))} "
+                f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {_ROW_GROUP_ROWS})"
+            )
+            try:
+                if one_thread:
+                    con.execute("SET threads = 1")
+                row = con.execute(sql, [export_id, src.name, loaded_at]).fetchone()
+                drifted.update(fallback)
+                break
+            except duckdb.Error as exc:
+                with contextlib.suppress(FileNotFoundError):
+                    partial.unlink()
+                # A value that does not fit its declared type: find the columns that hold such
+                # values (one more pass, only now) and read them as the data's own type instead,
+                # rather than fail the export over one drifting column.
+                if attempt == 0 and on_drift is not None and _is_conversion_error(exc):
+                    try:
+                        found = on_drift()
+                    except duckdb.Error:
+                        found = None
+                    if found is not None:
+                        select, fallback = found
+                        continue
+                if info.format is FileFormat.CSV and kind.columns is not None:
+                    exc = _csv_conversion_error(con, src, info.gzip, kind.columns, exc)
+                raise fail(exc, src) from exc
+            finally:
+                if one_thread:
+                    con.execute("RESET threads")
         rows = int(row[0]) if row else 0
         if rows == 0 and kind.columns is None:
             partial.unlink()
             continue
+        if rows == 0 and not empty:
+            # No records (an empty array, only a header): the declared schema, not whatever
+            # DuckDB makes of nothing (``[]`` reads as one column named "json").
+            select, _ = _empty_select(kind.columns)
+            con.execute(
+                f"COPY (SELECT src.*, CAST($1 AS VARCHAR) AS _export_id, "
+                f"CAST($2 AS VARCHAR) AS _source_file, CAST($3 AS TIMESTAMPTZ) AS _loaded_at "
+                f"FROM ({select}) AS src) TO {_lit(str(partial))} (FORMAT parquet)",
+                [export_id, src.name, loaded_at],
+            )
         os.replace(partial, target)
         paths.append(target)
         total += rows
@@ -444,7 +491,103 @@ def _to_parquet(
         columns = [*kind.columns.items(), *LINEAGE_COLUMNS]
     else:
         columns = []
-    return NormaliseResult(parquet_paths=paths, rows=total, columns=columns)
+    present = {n for n, _ in columns}
+    return NormaliseResult(
+        parquet_paths=paths,
+        rows=total,
+        columns=columns,
+        missing_columns=sorted(n for n in missing if n not in present),
+        drifted_columns=drifted,
+    )
+
+
+_DUCKDB_LINE = re.compile(
+    r"(?:,?\s*at byte \d+ in (?:line|record/value) \d+|,?\s*in line \d+|"
+    r"CSV Error on Line:\s*\d+\s*)",
+    re.I,
+)
+_CONVERSION = re.compile(
+    r"Conversion Error|Failed to cast|Could not convert|Could not parse|"
+    r"JSON transform error|out of range",
+    re.I,
+)
+
+
+def _is_conversion_error(exc: BaseException) -> bool:
+    text = str(exc)
+    return bool(_CONVERSION.search(text)) and "Malformed JSON" not in text
+
+
+# (SELECT, {column: type it was read as instead of the declared one})
+_Plan = tuple[str, dict[str, str]]
+# The SELECT, and what to read instead when a value does not fit its declared type.
+_Plans = tuple[str, Callable[[], _Plan | None] | None]
+
+
+def _json_selects(
+    con: duckdb.DuckDBPyConnection,
+    src: Path,
+    info: DetectedFormat,
+    hints: Mapping[str, schema.Type],
+    detected: list[tuple[str, str]],
+    missing: set[str],
+) -> _Plans:
+    """Read every detected key, typed by its hint where declared. If a value does not fit a
+    declared type, the columns holding such values are read as the data's own type."""
+    typed: dict[str, str] = {}
+    plain: dict[str, str] = {}
+    for name, duck_type in detected:
+        found = schema.no_null(schema.parse(duck_type))
+        hint = hints.get(name)
+        chosen = found if hint is None else schema.apply_hint(hint, schema.parse(duck_type))
+        typed[name] = schema.render(chosen)
+        plain[name] = schema.render(found)
+    missing.update(n for n in hints if n not in typed)
+    differ = [n for n in typed if typed[n] != plain[n]]
+
+    def on_drift() -> _Plan | None:
+        if not differ:
+            return None
+        reader = _json_reader(src, info.format, info.gzip, plain)
+        bad = _drifting(con, reader, {n: typed[n] for n in differ})
+        if not bad:
+            return None
+        columns = {n: (plain[n] if n in bad else t) for n, t in typed.items()}
+        return (
+            f"SELECT * FROM {_json_reader(src, info.format, info.gzip, columns)}",
+            {n: plain[n] for n in bad},
+        )
+
+    return f"SELECT * FROM {_json_reader(src, info.format, info.gzip, typed)}", on_drift
+
+
+def _drifting(con: duckdb.DuckDBPyConnection, reader: str, wanted: Mapping[str, str]) -> list[str]:
+    """Columns of ``reader`` holding a non-NULL value that does not cast to its wanted type."""
+    counts = ", ".join(
+        f"count(*) FILTER (WHERE {_ident(n)} IS NOT NULL AND TRY_CAST({_ident(n)} AS {t}) IS NULL)"
+        for n, t in wanted.items()
+    )
+    row = con.execute(f"SELECT {counts} FROM {reader}").fetchone() or ()
+    return [n for n, bad in zip(wanted, row, strict=False) if bad]
+
+
+def _ragged_csv_line(path: Path, gz: bool) -> int | None:
+    """1-based line of the first CSV record whose field count differs from the header's (only
+    on the error path; DuckDB's sniffer reports a ragged file without a line)."""
+    with (
+        _open_text(path, gz) as raw,
+        io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as text,
+    ):
+        reader = csv.reader(text)
+        width = None
+        start = 1
+        for record in reader:
+            if width is None:
+                width = len(record)
+            elif record and len(record) != width:
+                return start
+            start = reader.line_num + 1
+    return None
 
 
 def _auto_schema(
@@ -455,7 +598,7 @@ def _auto_schema(
     fail: _Fail,
 ) -> list[tuple[str, str]]:
     """Types guessed per file and widened across the files of one format (union by name)."""
-    schema: dict[str, str] = {}
+    found: dict[str, schema.Type] = {}
     readers: list[tuple[Path, str]] = []
     if group_fmt is FileFormat.CSV:
         readers = [
@@ -479,71 +622,104 @@ def _auto_schema(
             )
             raise fail(exc, bad) from exc
         for name, duck_type in described:
-            if name not in schema:
-                schema[name] = duck_type
-            elif schema[name] != duck_type:
-                try:
-                    schema[name] = _widen(con, schema[name], duck_type)
-                except duckdb.Error:
-                    schema[name] = "VARCHAR"
-    return list(schema.items())
+            t = schema.parse(duck_type)
+            found[name] = t if name not in found else schema.widen(found[name], t)
+    return [(n, schema.render(t)) for n, t in found.items()]
 
 
-def _widen(con: duckdb.DuckDBPyConnection, a: str, b: str) -> str:
-    """The type DuckDB would give a UNION of two columns (e.g. BIGINT + DOUBLE -> DOUBLE)."""
-    row = con.execute(
-        f"SELECT typeof(x) FROM (SELECT CAST(NULL AS {a}) AS x UNION ALL "
-        f"SELECT CAST(NULL AS {b}) AS x) LIMIT 1"
-    ).fetchone()
-    return str(row[0]) if row else "VARCHAR"
-
-
-def _empty_select(columns: Mapping[str, str]) -> str:
+def _empty_select(columns: Mapping[str, str]) -> _Plan:
     cols = ", ".join(f"CAST(NULL AS {t}) AS {_ident(n)}" for n, t in columns.items())
-    return f"SELECT {cols} LIMIT 0"
+    return f"SELECT {cols} LIMIT 0", {}
 
 
-def _csv_select(
+def _csv_selects(
     con: duckdb.DuckDBPyConnection,
     src: Path,
     gz: bool,
     kind: ExportKind,
-    auto: list[tuple[str, str]] | None,
+    hints: Mapping[str, schema.Type],
+    auto: Mapping[str, str],
     fail: _Fail,
-) -> str:
-    """SELECT over a CSV read as text, each column cast to its declared (or guessed) type.
+    missing: set[str],
+) -> _Plans:
+    """SELECT over a CSV read as text: the header decides the columns, declared types apply to
+    those present, others get the type DuckDB's sniffer guessed.
 
-    Reading as VARCHAR first means an empty cell is NULL whatever the type, and nested columns
-    (JSON text in the cell) go through ``CAST(col::JSON AS type)`` to the same STRUCT/LIST the
-    JSON reader produces.
+    Reading as VARCHAR first means an empty cell is NULL whatever the type. A nested column
+    (JSON text in the cell) is read leniently, like the JSON reader reads it: its structure is
+    taken from every cell (``json_group_structure``), merged with the declared type, and applied
+    with ``json_transform`` (a missing key is NULL, an extra key is a new struct field). A
+    second plan reads scalar columns whose values do not fit the declared type as VARCHAR.
     """
     reader = _csv_reader(src, gz, all_varchar=True)
     try:
         header = [name for name, _ in _describe(con, f"SELECT * FROM {reader}")]
     except duckdb.Error as exc:
         raise fail(exc, src) from exc
-    wanted: Mapping[str, str] = kind.columns if kind.columns is not None else dict(auto or [])
-    if kind.columns is not None:
-        missing_keys = [k for k in kind.primary_key if k not in header]
-        if missing_keys:
-            raise fail(
-                ValueError(""),
-                src,
-                f"CSV header {header[:20]} lacks primary key column(s) {missing_keys}",
-            )
-    exprs = []
-    for name, duck_type in wanted.items():
-        if name not in header:
-            exprs.append(f"CAST(NULL AS {duck_type}) AS {_ident(name)}")
+    missing_keys = [k for k in kind.primary_key if k not in header]
+    if kind.columns is not None and missing_keys:
+        raise fail(
+            ValueError(""),
+            src,
+            f"CSV header {header[:20]} lacks primary key column(s) {missing_keys}",
+        )
+    missing.update(n for n in hints if n not in header)
+    nested = [n for n in header if n in hints and schema.is_nested(hints[n])]
+    structures: dict[str, schema.Type] = {}
+    if nested:
+        aggs = ", ".join(
+            f"json_group_structure(CAST(NULLIF({_ident(n)}, '') AS JSON))" for n in nested
+        )
+        try:
+            row = con.execute(f"SELECT {aggs} FROM {reader}").fetchone()
+        except duckdb.Error as exc:
+            raise fail(exc, src, _first_bad_json_cell(con, reader, nested)) from exc
+        for name, found in zip(nested, row or (), strict=False):
+            if found is not None:
+                structures[name] = schema.from_structure(json.loads(found))
+    exprs: dict[str, str] = {}
+    scalars: dict[str, str] = {}
+    for name in header:
+        col = _ident(name)
+        hint = hints.get(name)
+        if hint is not None and name in nested:
+            merged = hint if name not in structures else schema.apply_hint(hint, structures[name])
+            if isinstance(merged, schema.Scalar):
+                expr = f"CAST(NULLIF({col}, '') AS {schema.render(merged)})"
+            else:
+                expr = f"json_transform(NULLIF({col}, ''), {_lit(schema.structure(merged))})"
+            exprs[name] = f"{expr} AS {col}"
             continue
-        if _is_nested(duck_type):
-            cell = f"NULLIF({_ident(name)}, '')"
-            exprs.append(f"CAST(CAST({cell} AS JSON) AS {duck_type}) AS {_ident(name)}")
-        else:
-            # A plain CAST is pushed into the CSV scan, so DuckDB's error names the line.
-            # Empty cells are already NULL there (the reader's default null string is '').
-            exprs.append(f"CAST({_ident(name)} AS {duck_type}) AS {_ident(name)}")
-    return f"SELECT {', '.join(exprs)} FROM {reader}"
+        duck_type = schema.render(
+            hint if hint is not None else schema.no_null(schema.parse(auto.get(name, "VARCHAR")))
+        )
+        # A plain CAST is pushed into the CSV scan. Empty cells are already NULL there.
+        exprs[name] = f"CAST({col} AS {duck_type}) AS {col}"
+        if duck_type != "VARCHAR":
+            scalars[name] = duck_type
+
+    def on_drift() -> _Plan | None:
+        bad = _drifting(con, reader, scalars) if scalars else []
+        if not bad:
+            return None
+        kept = {**exprs, **{n: _ident(n) for n in bad}}
+        return f"SELECT {', '.join(kept.values())} FROM {reader}", dict.fromkeys(bad, "VARCHAR")
+
+    return f"SELECT {', '.join(exprs.values())} FROM {reader}", on_drift
+
+
+def _first_bad_json_cell(
+    con: duckdb.DuckDBPyConnection, reader: str, nested: list[str]
+) -> str | None:
+    """Which nested column holds text that is not JSON (error path only)."""
+    for name in nested:
+        try:
+            con.execute(
+                f"SELECT count(CAST(NULLIF({_ident(name)}, '') AS JSON)) FROM {reader}"
+            ).fetchone()
+        except duckdb.Error as exc:
+            return f"column {name!r} is not valid JSON: {str(exc).splitlines()[0][:300]}"
+    return None
 
 
 def _csv_conversion_error(

@@ -238,6 +238,16 @@ def build_export_asset(kind: ExportKind, binding: ProviderBinding) -> dg.AssetsD
                 runner.provider.close()
         if result.skipped:
             context.log.info(f"export {result.export_id} was already loaded; nothing changed")
+        if result.missing_columns:
+            context.log.warning(
+                f"declared column(s) not in the export's files, not loaded: "
+                f"{', '.join(result.missing_columns)}"
+            )
+        if result.drifted_columns:
+            context.log.warning(
+                "value(s) did not fit the declared type, kept as: "
+                + ", ".join(f"{n} {t}" for n, t in result.drifted_columns)
+            )
         table_rows = result.load.table_rows if result.load is not None else None
         if table_rows is None:
             table_rows = count_table_rows(runner, kind)
@@ -341,8 +351,15 @@ def result_metadata(
                 "rows_updated": dg.MetadataValue.int(result.load.rows_updated),
                 "rows_deleted": dg.MetadataValue.int(result.load.rows_deleted),
                 "table_rows": dg.MetadataValue.int(result.load.table_rows),
+                # Schema evolution of this load (docs/schema.md): always present, maybe empty.
+                "columns_added": ", ".join(result.load.columns_added),
+                "columns_changed": "; ".join(result.load.columns_changed),
             }
         )
+    if result.missing_columns:
+        md["columns_missing"] = ", ".join(result.missing_columns)
+    if result.drifted_columns:
+        md["columns_drifted"] = ", ".join(f"{n} as {t}" for n, t in result.drifted_columns)
     if result.columns:
         md["dagster/column_schema"] = dg.TableSchema(
             columns=[dg.TableColumn(name=n, type=t[:200]) for n, t in result.columns]

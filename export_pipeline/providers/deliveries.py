@@ -105,6 +105,8 @@ _S3_EXPIRED = re.compile(rb"<Code>AccessDenied</Code>.*expired", re.IGNORECASE |
 
 
 def _columns(direction: str) -> dict[str, str]:
+    """Type hints for the columns the API documents; the CSV header decides which columns land
+    (an extra one lands with a guessed type, a missing one is reported, never invented)."""
     return {**_COMMON_HEAD, **_DIRECTION_COLUMNS[direction], **_COMMON_TAIL}
 
 

@@ -187,19 +187,6 @@ def test_malformed_json_array_line_is_reported(tmp_path: Path) -> None:
     assert (info.value.file, info.value.line) == ("bad.json", 4)
 
 
-def test_bad_csv_value_names_the_file(tmp_path: Path) -> None:
-    good = write_csv(tmp_path / "good.csv")
-    bad = tmp_path / "bad.csv"
-    bad.write_text("id,name,capacity,evses,last_updated\nA,x,1,[],\nB,y,lots,[],\n")
-    out = tmp_path / "out"
-    with pytest.raises(ParseError) as info:
-        to_parquet([good, bad], out, kind=KIND, export_id="X1", loaded_at=LOADED_AT)
-    assert info.value.file == "bad.csv"
-    assert info.value.line == 3
-    assert "lots" in info.value.message
-    assert not (out / "bad.parquet").exists()
-
-
 def test_bad_nested_json_in_csv_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text('id,name,capacity,evses,last_updated\nA,x,1,"[{""uid"": ",\n')

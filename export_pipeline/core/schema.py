@@ -1,0 +1,367 @@
+"""Column types as trees: declared hints merged with what the data holds, and widening.
+
+The schema-evolution policy (docs/schema.md) lives here as pure functions over DuckDB type
+strings, so normalise (files -> Parquet) and load (Parquet -> table) apply the same rules:
+
+- a declared type is a *hint*: it types the keys it names; every other key the data holds, at
+  any depth (struct fields, list elements), is kept with the type DuckDB detected;
+- numbers widen (BIGINT + DOUBLE -> DOUBLE), structs gain fields, lists widen their elements;
+  anything else that disagrees becomes VARCHAR, or JSON when one side is nested, so a value is
+  never rounded, dropped or turned NULL;
+- nothing is ever typed NULL: an all-null value takes its declared type, else VARCHAR.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+NUMERIC_ORDER = (
+    "BOOLEAN",
+    "TINYINT",
+    "SMALLINT",
+    "INTEGER",
+    "BIGINT",
+    "HUGEINT",
+    "FLOAT",
+    "DOUBLE",
+)
+_NUMERIC_RANK = {t: i for i, t in enumerate(NUMERIC_ORDER)}
+_ALIASES = {
+    "INT": "INTEGER",
+    "INT4": "INTEGER",
+    "INT8": "BIGINT",
+    "LONG": "BIGINT",
+    "INT2": "SMALLINT",
+    "SHORT": "SMALLINT",
+    "INT1": "TINYINT",
+    "REAL": "FLOAT",
+    "FLOAT4": "FLOAT",
+    "FLOAT8": "DOUBLE",
+    "DOUBLE PRECISION": "DOUBLE",
+    "BOOL": "BOOLEAN",
+    "STRING": "VARCHAR",
+    "TEXT": "VARCHAR",
+    "TIMESTAMPTZ": "TIMESTAMP WITH TIME ZONE",
+}
+# Unsigned integers widen like the signed ones one size up.
+_UNSIGNED = {
+    "UTINYINT": "SMALLINT",
+    "USMALLINT": "INTEGER",
+    "UINTEGER": "BIGINT",
+    "UBIGINT": "HUGEINT",
+}
+# DuckDB's JSON reader stores these from strings; any string value fits them only if it parses,
+# so a declared one of these over detected VARCHAR is trusted (a failing value widens later).
+STRINGLY = {
+    "VARCHAR",
+    "UUID",
+    "DATE",
+    "TIME",
+    "TIMESTAMP",
+    "TIMESTAMP WITH TIME ZONE",
+    "INTERVAL",
+    "BLOB",
+}
+
+
+@dataclass(frozen=True)
+class Struct:
+    fields: tuple[tuple[str, Type], ...]
+
+    def get(self, name: str) -> Type | None:
+        for n, t in self.fields:
+            if n == name:
+                return t
+        return None
+
+
+@dataclass(frozen=True)
+class List:
+    element: Type
+
+
+@dataclass(frozen=True)
+class Scalar:
+    text: str  # normalised upper-case DuckDB spelling (MAP/UNION/DECIMAL kept verbatim)
+
+
+Type = Struct | List | Scalar
+
+_TOKEN = re.compile(r'\s*(?:("(?:[^"]|"")*")|([(),\[\]])|([^\s(),\[\]"]+))')
+
+
+def _tokens(text: str) -> list[str]:
+    out: list[str] = []
+    pos = 0
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            if text[pos:].strip():
+                raise ValueError(f"cannot parse type {text!r}")
+            break
+        out.append(m.group(0).strip())
+        pos = m.end()
+    return [t for t in out if t]
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.toks = _tokens(text)
+        self.i = 0
+
+    def peek(self) -> str | None:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def take(self) -> str:
+        tok = self.toks[self.i]
+        self.i += 1
+        return tok
+
+    def parse(self) -> Type:
+        t = self.type_()
+        if self.peek() is not None:
+            raise ValueError(f"cannot parse type {self.text!r}")
+        return t
+
+    def type_(self) -> Type:
+        head = self.take()
+        if head.upper() == "STRUCT" and self.peek() == "(":
+            self.take()
+            fields: list[tuple[str, Type]] = []
+            while self.peek() != ")":
+                name = self.take()
+                if name.startswith('"'):
+                    name = name[1:-1].replace('""', '"')
+                fields.append((name, self.type_()))
+                if self.peek() == ",":
+                    self.take()
+            self.take()
+            base: Type = Struct(tuple(fields))
+        else:
+            words = [head]
+            # multi-word names (TIMESTAMP WITH TIME ZONE) and parameters (DECIMAL(18,3), MAP(..))
+            while (nxt := self.peek()) is not None and nxt not in (",", ")", "[", "]", "("):
+                words.append(self.take())
+            text = " ".join(words).upper()
+            if self.peek() == "(":
+                depth = 0
+                raw = []
+                while True:
+                    tok = self.take()
+                    raw.append(tok)
+                    depth += tok == "("
+                    depth -= tok == ")"
+                    if depth == 0:
+                        break
+                text += _join_raw(raw)
+            base = Scalar(_ALIASES.get(text, text))
+        while self.peek() == "[":
+            self.take()
+            if self.peek() != "]":  # fixed-size ARRAY[n]: treat as a list
+                self.take()
+            self.take()
+            base = List(base)
+        return base
+
+
+def _join_raw(raw: list[str]) -> str:
+    out = ""
+    for tok in raw:
+        if tok in ("(", ")", ",", "[", "]") or out.endswith(("(", "[")):
+            out += tok
+        else:
+            out += (" " if out and not out.endswith(",") else "") + tok
+    return out.replace(",", ", ")
+
+
+def parse(text: str) -> Type:
+    return _Parser(text).parse()
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def render(t: Type) -> str:
+    if isinstance(t, Struct):
+        return "STRUCT(" + ", ".join(f"{_quote(n)} {render(f)}" for n, f in t.fields) + ")"
+    if isinstance(t, List):
+        return render(t.element) + "[]"
+    return t.text
+
+
+def structure(t: Type) -> str:
+    """The ``json_transform`` structure (JSON text) for a type."""
+
+    def walk(node: Type) -> object:
+        if isinstance(node, Struct):
+            return {n: walk(f) for n, f in node.fields}
+        if isinstance(node, List):
+            return [walk(node.element)]
+        return node.text
+
+    return json.dumps(walk(t))
+
+
+def from_structure(value: object) -> Type:
+    """A type from ``json_group_structure`` output (objects, arrays, type names)."""
+    if isinstance(value, dict):
+        return Struct(tuple((k, from_structure(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return List(from_structure(value[0]) if value else Scalar("NULL"))
+    return Scalar(_ALIASES.get(str(value).upper(), str(value).upper()))
+
+
+def is_nested(t: Type) -> bool:
+    if isinstance(t, (Struct, List)):
+        return True
+    return t.text == "JSON" or t.text.startswith(("MAP", "UNION"))
+
+
+def _numeric(text: str) -> str | None:
+    text = _UNSIGNED.get(text, text)
+    return text if text in _NUMERIC_RANK else None
+
+
+def no_null(t: Type) -> Type:
+    """Replace every NULL type (all values null) by VARCHAR, at any depth."""
+    if isinstance(t, Struct):
+        return Struct(tuple((n, no_null(f)) for n, f in t.fields))
+    if isinstance(t, List):
+        return List(no_null(t.element))
+    return Scalar("VARCHAR") if t.text in ("NULL", '"NULL"') else t
+
+
+def _is_null(t: Type) -> bool:
+    return isinstance(t, Scalar) and t.text in ("NULL", '"NULL"')
+
+
+def _all_null_json(t: Type) -> bool:
+    return isinstance(t, Scalar) and t.text == "JSON"
+
+
+def apply_hint(hint: Type, detected: Type) -> Type:
+    """The type to read a value as: the declared ``hint`` where the data fits it, extended by
+    every field the data has and the hint lacks, widened where the data does not fit."""
+    if _is_null(detected):
+        return hint
+    if isinstance(hint, Struct) and isinstance(detected, Struct):
+        fields = []
+        for name, h in hint.fields:
+            d = detected.get(name)
+            fields.append((name, h if d is None else apply_hint(h, d)))
+        known = {n for n, _ in hint.fields}
+        fields += [(n, no_null(d)) for n, d in detected.fields if n not in known]
+        return Struct(tuple(fields))
+    if isinstance(hint, List) and isinstance(detected, List):
+        return List(apply_hint(hint.element, detected.element))
+    if isinstance(hint, Scalar) and isinstance(detected, Scalar):
+        if hint.text == detected.text:
+            return hint
+        h, d = _numeric(hint.text), _numeric(detected.text)
+        if h and d:
+            return hint if _NUMERIC_RANK[h] >= _NUMERIC_RANK[d] else Scalar(d)
+        if detected.text in STRINGLY or (d and hint.text.startswith("DECIMAL")):
+            # strings that should parse into the declared type (a failing one widens the
+            # column to VARCHAR on read), integers into a declared DECIMAL
+            return hint
+        if detected.text == "JSON":
+            # JSON from the full scan is either all-null (the hint fits) or mixed types
+            # (then keep JSON: the hint would fail or round). Mixed is rare and costs a read.
+            return hint if hint.text in ("VARCHAR", "JSON") else detected
+        if hint.text == "VARCHAR":
+            return hint
+        return widen(hint, detected)
+    # nested data where a scalar was declared, or the reverse: keep every value as JSON
+    if isinstance(hint, Scalar) and hint.text in ("VARCHAR", "JSON"):
+        return hint
+    if _all_null_json(detected):
+        return hint
+    return Scalar("JSON")
+
+
+def widen(a: Type, b: Type) -> Type:
+    """The narrowest type holding every value of ``a`` and of ``b`` (table + new export)."""
+    if a == b:
+        return a
+    if _is_null(a):
+        return no_null(b)
+    if _is_null(b):
+        return no_null(a)
+    if isinstance(a, Struct) and isinstance(b, Struct):
+        fields = []
+        for name, fa in a.fields:
+            fb = b.get(name)
+            fields.append((name, fa if fb is None else widen(fa, fb)))
+        known = {n for n, _ in a.fields}
+        fields += [(n, no_null(fb)) for n, fb in b.fields if n not in known]
+        return Struct(tuple(fields))
+    if isinstance(a, List) and isinstance(b, List):
+        return List(widen(a.element, b.element))
+    if isinstance(a, Scalar) and isinstance(b, Scalar):
+        na, nb = _numeric(a.text), _numeric(b.text)
+        if na and nb:
+            if "BOOLEAN" in (na, nb) and na != nb:
+                return Scalar("VARCHAR")
+            return Scalar(na if _NUMERIC_RANK[na] >= _NUMERIC_RANK[nb] else nb)
+        pair = {a.text, b.text}
+        if pair == {"TIMESTAMP", "TIMESTAMP WITH TIME ZONE"}:
+            return Scalar("TIMESTAMP WITH TIME ZONE")
+        if pair == {"DATE", "TIMESTAMP"}:
+            return Scalar("TIMESTAMP")
+        if pair == {"DATE", "TIMESTAMP WITH TIME ZONE"}:
+            return Scalar("TIMESTAMP WITH TIME ZONE")
+        if "JSON" in pair:
+            return Scalar("JSON")
+        if is_nested(a) or is_nested(b):
+            return Scalar("JSON")
+        return Scalar("VARCHAR")
+    return Scalar("JSON")
+
+
+def added_fields(
+    old: Type, new: Type, path: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], Type]] | None:
+    """The struct fields ``new`` adds to ``old`` as (path, type), if that is *all* it changes.
+
+    ``None`` when any existing type changes (then the column is retyped as a whole). A path
+    steps into list elements with ``element``, as ``ALTER TABLE ... ADD COLUMN`` spells it.
+    """
+    if old == new:
+        return []
+    if isinstance(old, Struct) and isinstance(new, Struct):
+        out: list[tuple[tuple[str, ...], Type]] = []
+        names = [n for n, _ in old.fields]
+        if [n for n, _ in new.fields[: len(names)]] != names:
+            return None
+        for name, fo in old.fields:
+            fn = new.get(name)
+            assert fn is not None
+            sub = added_fields(fo, fn, (*path, name))
+            if sub is None:
+                return None
+            out += sub
+        out += [((*path, n), f) for n, f in new.fields[len(names) :]]
+        return out
+    if isinstance(old, List) and isinstance(new, List):
+        return added_fields(old.element, new.element, (*path, "element"))
+    return None
+
+
+def changes(old: Type, new: Type, path: str) -> list[str]:
+    """Human-readable differences, e.g. ``evses[].floor_level added`` (for metadata)."""
+    if old == new:
+        return []
+    if isinstance(old, Struct) and isinstance(new, Struct):
+        out: list[str] = []
+        for name, fn in new.fields:
+            fo = old.get(name)
+            sub = f"{path}.{name}"
+            out += [f"{sub} added ({render(fn)})"] if fo is None else changes(fo, fn, sub)
+        return out
+    if isinstance(old, List) and isinstance(new, List):
+        return changes(old.element, new.element, f"{path}[]")
+    return [f"{path} widened {render(old)} -> {render(new)}"]

@@ -1,0 +1,254 @@
+"""Every key lands (declared columns are hints, not a filter), the table evolves, and errors
+point at the right line. Files -> Parquet -> DuckDB on disk, through the real code."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from export_pipeline.core.checks import values_in_range
+from export_pipeline.core.errors import IntegrityError, ParseError
+from export_pipeline.core.load import SCHEMA_FROZEN, LoadResult, load_parquet
+from export_pipeline.core.model import ExportKind, LoadMode, SchemaContract
+from export_pipeline.core.normalise import to_parquet
+from export_pipeline_tests.core.test_normalise import KIND
+
+LOADED_AT = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def _ingest(
+    tmp_path: Path, kind: ExportKind, files: list[Path], export_id: str
+) -> tuple[LoadResult, Any]:
+    normalised = to_parquet(
+        files, tmp_path / f"pq-{export_id}", kind=kind, export_id=export_id, loaded_at=LOADED_AT
+    )
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
+        con.execute("BEGIN")
+        result = load_parquet(con, kind, normalised.parquet_paths)
+        con.execute("COMMIT")
+    return result, normalised
+
+
+def _query(tmp_path: Path, sql: str) -> list[tuple]:
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
+        return con.execute(sql).fetchall()
+
+
+def _types(tmp_path: Path, table: str = "locations.locations") -> dict[str, str]:
+    return {r[0]: r[1] for r in _query(tmp_path, f"DESCRIBE {table}")}
+
+
+def test_keys_first_seen_after_200000_records_land_top_level_and_nested(tmp_path: Path) -> None:
+    src = tmp_path / "big.jsonl"
+    line = (
+        '{"id": "L%d", "name": "n", "capacity": 1, "last_updated": "2024-04-30T10:00:00Z", '
+        '"evses": [{"uid": "E", "connectors": [{"id": "C", "max_power": 22.0}]}]}\n'
+    )
+    with src.open("w") as fh:
+        fh.writelines(line % i for i in range(200_000))
+        late = {
+            "id": "LATE",
+            "capacity": 2,
+            "parking_type": "ON_STREET",
+            "evses": [
+                {
+                    "uid": "E9",
+                    "floor_level": "-1",
+                    "connectors": [{"id": "C9", "max_power": 11, "tariff_ids": ["T1"]}],
+                }
+            ],
+        }
+        fh.write(json.dumps(late) + "\n")
+    _, normalised = _ingest(tmp_path, KIND, [src], "E1")
+    assert normalised.rows == 200_001
+    assert normalised.missing_columns == []
+    row = _query(
+        tmp_path,
+        "SELECT parking_type, evses[1].floor_level, evses[1].connectors[1].tariff_ids, "
+        "capacity, evses[1].connectors[1].max_power FROM locations.locations WHERE id = 'LATE'",
+    )
+    assert row == [("ON_STREET", "-1", ["T1"], 2, 11.0)]
+    types = _types(tmp_path)
+    assert types["capacity"] == "BIGINT"  # the declared hint still types the declared columns
+    assert types["last_updated"] == "TIMESTAMP WITH TIME ZONE"
+
+
+def _location(i: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": f"L{i}",
+        "name": f"n{i}",
+        "capacity": i,
+        "evses": [{"uid": f"E{i}", "connectors": [{"id": f"C{i}", "max_power": 7.5}]}],
+        "last_updated": "2024-04-30T10:00:00+00:00",
+        **extra,
+    }
+
+
+def test_csv_with_missing_and_extra_nested_keys_gives_the_json_table(tmp_path: Path) -> None:
+    records = [
+        _location(1),
+        # an extra nested key and a missing one (no connectors), and an operator object
+        {**_location(2), "evses": [{"uid": "E2", "floor_level": "2"}]},
+        {**_location(3), "operator": {"name": "Op"}},
+        {**_location(4), "operator": {"name": "Op2", "website": "https://x"}},
+    ]
+    as_json = tmp_path / "json" / "export.json"
+    as_json.parent.mkdir()
+    as_json.write_text(json.dumps(records))
+    as_csv = tmp_path / "csv" / "export.csv"
+    as_csv.parent.mkdir()
+    header = ["id", "name", "capacity", "evses", "last_updated", "operator"]
+    with as_csv.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for r in records:
+            writer.writerow(
+                [
+                    json.dumps(r[c]) if isinstance(r.get(c), (dict, list)) else r.get(c, "")
+                    for c in header
+                ]
+            )
+    kind = replace(KIND, columns={**(KIND.columns or {}), "operator": "STRUCT(name VARCHAR)"})
+    tables = []
+    for name, src in (("j", as_json), ("c", as_csv)):
+        out = to_parquet([src], tmp_path / name, kind=kind, export_id="X", loaded_at=LOADED_AT)
+        with duckdb.connect() as con:
+            path = str(out.parquet_paths[0])
+            tables.append(
+                (
+                    con.execute(
+                        f"DESCRIBE SELECT * EXCLUDE (_source_file) FROM read_parquet('{path}')"
+                    ).fetchall(),
+                    con.execute(
+                        f"SELECT * EXCLUDE (_source_file) FROM read_parquet('{path}') ORDER BY id"
+                    ).fetchall(),
+                )
+            )
+    assert tables[0] == tables[1]
+    types = {r[0]: r[1] for r in tables[0][0]}
+    assert "floor_level" in types["evses"] and "website" in types["operator"]
+
+
+def test_deliveries_header_decides_the_columns(tmp_path: Path) -> None:
+    """A declared column the file lacks is reported, not invented; an extra one lands; the range
+    check does not count NULLs of an optional column as out of range."""
+    kind = ExportKind(
+        provider="deliveries",
+        name="outbound_messages",
+        primary_key=("id",),
+        columns={"id": "VARCHAR", "attempt_count": "INTEGER", "endpoint_url": "VARCHAR"},
+        value_ranges={"attempt_count": (0, 1000)},
+    )
+    src = tmp_path / "export.csv"
+    src.write_text("id,attempt_count,region\nm1,3,eu\nm2,,us\n")
+    _, normalised = _ingest(tmp_path, kind, [src], "D1")
+    assert normalised.missing_columns == ["endpoint_url"]
+    types = _types(tmp_path, "deliveries.outbound_messages")
+    assert "endpoint_url" not in types and types["region"] == "VARCHAR"
+    assert types["attempt_count"] == "INTEGER"
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
+        outcome = values_in_range(con, kind)
+        assert outcome.passed, outcome.description
+        strict = values_in_range(con, replace(kind, not_null=("attempt_count",)))
+        assert not strict.passed and strict.metadata["out_of_range_attempt_count"] == 1
+
+
+def test_all_null_column_is_typed_then_widened_by_the_next_export(tmp_path: Path) -> None:
+    kind = ExportKind(provider="mews", name="bill", primary_key=("Id",), load_mode=LoadMode.MERGE)
+    first = tmp_path / "a.jsonl"
+    first.write_text('{"Id": "1", "PaidUtc": null, "Note": null}\n{"Id": "2", "Note": null}\n')
+    _ingest(tmp_path, kind, [first], "A")
+    types = _types(tmp_path, "mews.bill")
+    assert types["PaidUtc"] == "VARCHAR" and types["Note"] == "VARCHAR"  # never NULL
+    assert all(t != "NULL" and '"NULL"' not in t for t in types.values())
+    second = tmp_path / "b.jsonl"
+    second.write_text('{"Id": "3", "PaidUtc": "2024-01-02T03:04:05Z", "Note": {"x": 1}}\n')
+    result, _ = _ingest(tmp_path, kind, [second], "B")
+    types = _types(tmp_path, "mews.bill")
+    assert types["PaidUtc"].startswith("TIMESTAMP")
+    assert types["Note"] == "STRUCT(x BIGINT)"
+    assert any(c.startswith("PaidUtc widened VARCHAR -> TIMESTAMP") for c in result.columns_changed)
+    assert _query(tmp_path, "SELECT Note.x FROM mews.bill WHERE Id = '3'") == [(1,)]
+
+
+def test_type_change_across_two_exports_widens_and_keeps_every_value(tmp_path: Path) -> None:
+    kind = ExportKind(provider="p", name="t", primary_key=("id",), columns={"n": "BIGINT"})
+    a = tmp_path / "a.jsonl"
+    a.write_text('{"id": 1, "n": 5, "s": {"k": 1}}\n')
+    _ingest(tmp_path, kind, [a], "A")
+    assert _types(tmp_path, "p.t")["n"] == "BIGINT"
+    b = tmp_path / "b.jsonl"
+    b.write_text('{"id": 2, "n": 2.5, "s": {"k": 2, "new": true}, "extra": "e"}\n')
+    result, _ = _ingest(tmp_path, kind, [b], "B")
+    assert result.columns_added == ("extra",)
+    assert "n widened BIGINT -> DOUBLE" in result.columns_changed
+    assert "s.new added (BOOLEAN)" in result.columns_changed
+    c = tmp_path / "c.jsonl"
+    c.write_text('{"id": 3, "n": "lots"}\n')
+    _ingest(tmp_path, kind, [c], "C")
+    assert _types(tmp_path, "p.t")["n"] == "VARCHAR"
+    assert _query(tmp_path, "SELECT id, n, s.new FROM p.t ORDER BY id") == [
+        (1, "5.0", None),
+        (2, "2.5", True),
+        (3, "lots", None),
+    ]
+
+
+def test_csv_value_that_does_not_fit_its_declared_type_is_kept_as_text(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,name,capacity,evses,last_updated\nA,x,1,[],\nB,y,lots,[],\n")
+    out = to_parquet([bad], tmp_path / "o", kind=KIND, export_id="X", loaded_at=LOADED_AT)
+    assert out.drifted_columns == {"capacity": "VARCHAR"}
+    with duckdb.connect() as con:
+        got = con.execute(
+            f"SELECT capacity FROM read_parquet('{out.parquet_paths[0]}') ORDER BY id"
+        ).fetchall()
+    assert got == [("1",), ("lots",)]
+
+
+def test_frozen_schema_fails_clearly_and_changes_nothing(tmp_path: Path) -> None:
+    kind = ExportKind(
+        provider="p",
+        name="f",
+        primary_key=("id",),
+        columns={"id": "BIGINT", "v": "VARCHAR"},
+        schema_contract=SchemaContract.FREEZE,
+    )
+    a = tmp_path / "a.jsonl"
+    a.write_text('{"id": 1, "v": "x"}\n')
+    _ingest(tmp_path, kind, [a], "A")
+    b = tmp_path / "b.jsonl"
+    b.write_text('{"id": 2, "v": "y", "surprise": 1}\n')
+    with pytest.raises(IntegrityError) as info:
+        _ingest(tmp_path, kind, [b], "B")
+    assert info.value.code == SCHEMA_FROZEN and "surprise" in str(info.value)
+    assert _query(tmp_path, "SELECT id FROM p.f") == [(1,)]
+    assert "surprise" not in _types(tmp_path, "p.f")
+
+
+def test_line_numbers_one_per_message(tmp_path: Path) -> None:
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_text('{"id": "A"}\n\n{"id": "B"}\n{"id": "C", "name": }\n{"id": "D"}\n')
+    array = tmp_path / "bad.json"
+    array.write_text('[\n  {"id": "A"},\n  {"id": "B"},\n  {"id": "C",\n   "name": }\n]\n')
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text('id,name\nA,x\nB,"multi\nline"\nC,y,z\nD,w\n')
+    for src, line in ((jsonl, 4), (array, 5), (ragged, 5)):
+        with pytest.raises(ParseError) as info:
+            to_parquet([src], tmp_path / "o", kind=KIND, export_id="X1", loaded_at=LOADED_AT)
+        err = info.value
+        assert (err.file, err.line, err.provider, err.export_id) == (
+            src.name,
+            line,
+            "locations",
+            "X1",
+        )
+        numbers = {int(n) for n in __import__("re").findall(r"line\D{0,3}(\d+)", str(err))}
+        assert numbers == {line}, str(err)
