@@ -179,8 +179,32 @@ def _tree_rss_mb(process: psutil.Process) -> float:
     return total / _MB
 
 
+def stream_export(provider: Any, export_id: str) -> dict[str, Any]:
+    """The download floor: a plain streamed GET of the export's files from the same server,
+    bytes discarded, one file after another. Returns seconds and bytes.
+
+    The file list comes from the provider's status answer (the links are secrets, so they are
+    fetched here, never passed on a command line or printed).
+    """
+    import httpx
+
+    status = provider.get_statuses([export_id])[export_id]
+    total = 0
+    start = time.perf_counter()
+    with httpx.Client(timeout=300.0, follow_redirects=True) as client:
+        for remote in status.files:
+            with client.stream("GET", remote.url, headers=provider.file_headers(remote)) as r:
+                r.raise_for_status()
+                for chunk in r.iter_raw(1 << 20):
+                    total += len(chunk)
+    return {"seconds": time.perf_counter() - start, "bytes": total}
+
+
 def compare_summary(
-    ingests: Sequence[ChildRun], baselines: Sequence[ChildRun], phase_keys: Sequence[str]
+    ingests: Sequence[ChildRun],
+    baselines: Sequence[ChildRun],
+    phase_keys: Sequence[str],
+    floors: Sequence[ChildRun] = (),
 ) -> dict[str, Any]:
     """The figures every benchmark reports: medians over runs, ratios against the baseline
     measured in the same run, peak RSS of each side, and the ingest's phase timings."""
@@ -209,6 +233,12 @@ def compare_summary(
         "peak_rss_mb_after": ingests[-1].result["peak_rss_mb_after"],
         "duckdb_memory_limit": ingests[0].result["duckdb_memory_limit"],
     }
+    if floors:
+        # The whole sync over what any loader must pay: fetching the bytes from the same server
+        # (a plain streamed GET, same run) plus DuckDB's own read_json of them.
+        floor = med(floors, "seconds")
+        summary["download_floor_seconds"] = rounded(floor)
+        summary["ratio_end_to_end"] = rounded(seconds / (floor + baseline_seconds))
     for key in phase_keys:
         summary[key] = rounded(med(ingests, key))
     if len(ingests) > 1:

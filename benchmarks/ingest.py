@@ -17,10 +17,15 @@ What runs where:
   Ledger(Warehouse(warehouse.duckdb)), LocalStorage(data), IngestSettings(...)).sync(LOCATIONS,
   ExportRequest(params={"format": ...}))``: request, poll, streaming download, Parquet, merge
   into DuckDB, ledger and cursor committed in one transaction.
-* The **baseline child** loads the very file the ingest downloaded with DuckDB's plain
-  ``CREATE TABLE locations AS SELECT * FROM read_json(file, format := 'array', columns :=
-  LOCATION_COLUMNS)`` into a fresh DuckDB file (``read_csv`` with auto-detection for
-  ``--format csv``).
+* The **download-floor child** fetches the same export's file from the same server with a
+  plain streamed GET (bytes discarded): what any loader pays to get the bytes.
+* The **baseline child** loads the very file the ingest downloaded with DuckDB's default
+  ``CREATE TABLE locations AS SELECT * FROM read_json(file, format := 'array')`` into a fresh
+  DuckDB file (``read_csv`` with auto-detection for ``--format csv``); it also times the same
+  read with a full type scan (``sample_size := -1``) as context.
+
+``ratio_end_to_end`` = ``seconds`` / (download floor + baseline); ``ratio_without_download`` =
+(``seconds`` - the pipeline's download) / baseline.
 
 Each child reports its own peak RSS (``ru_maxrss``); the parent also polls it every 20 ms.
 The last line of output is one JSON object with the figures. ``seconds`` excludes only the
@@ -49,8 +54,11 @@ from benchmarks._common import (
     compare_summary,
     current_rss_mb,
     emit_json,
+    median,
+    rounded,
     run_child,
     self_peak_rss_mb,
+    stream_export,
 )
 
 MODULE = "benchmarks.ingest"
@@ -65,6 +73,9 @@ REQUIRED_KEYS = (
     "ratio_vs_duckdb",
     "peak_rss_mb",
     "baseline_peak_rss_mb",
+    "ratio_without_download",
+    "download_floor_seconds",
+    "ratio_end_to_end",
 )
 
 
@@ -152,16 +163,6 @@ def _child_ingest(
     }
 
 
-def _columns_literal() -> str:
-    """LOCATION_COLUMNS as a DuckDB struct literal for read_json's ``columns``."""
-    from export_pipeline.providers.locations import LOCATION_COLUMNS
-
-    def lit(text: str) -> str:
-        return "'" + text.replace("'", "''") + "'"
-
-    return "{" + ", ".join(f"{lit(n)}: {lit(t)}" for n, t in LOCATION_COLUMNS.items()) + "}"
-
-
 def _child_baseline(source: Path, db_path: Path, fmt: str) -> dict[str, Any]:
     """DuckDB on its own: the same file into a table of a fresh DuckDB file, default settings.
 
@@ -175,7 +176,7 @@ def _child_baseline(source: Path, db_path: Path, fmt: str) -> dict[str, Any]:
         stale.unlink(missing_ok=True)
     path = "'" + str(source).replace("'", "''") + "'"
     if fmt == "json":
-        reader = f"read_json({path}, format := 'array', columns := {_columns_literal()})"
+        reader = f"read_json({path}, format := 'array')"
     else:
         reader = f"read_csv({path}, header := true)"
     start = time.perf_counter()
@@ -184,11 +185,23 @@ def _child_baseline(source: Path, db_path: Path, fmt: str) -> dict[str, Any]:
     con.close()
     seconds = time.perf_counter() - start
     peak = self_peak_rss_mb()
+    full_scan_seconds = None
+    if fmt == "json":
+        # Context, not the baseline: a full type scan, which keeps keys first seen after the
+        # default 20,480-record sample (what the pipeline must do).
+        start = time.perf_counter()
+        with duckdb.connect(str(db_path)) as con:
+            con.execute(
+                "CREATE TABLE locations_full_scan AS SELECT * FROM "
+                f"read_json({path}, format := 'array', sample_size := -1)"
+            )
+        full_scan_seconds = time.perf_counter() - start
     with duckdb.connect(str(db_path), read_only=True) as con:
         row = con.execute("SELECT count(*) FROM locations").fetchone()
     return {
         "rows": int(row[0]) if row else 0,
         "seconds": seconds,
+        "full_scan_seconds": full_scan_seconds,
         "peak_rss_mb": round(peak, 1),
         "rss_at_start_mb": round(rss_at_start, 1),
     }
@@ -245,6 +258,7 @@ def _run_size(
     assert root is not None
     ingests: list[ChildRun] = []
     baselines: list[ChildRun] = []
+    floors: list[ChildRun] = []
     try:
         state = State(
             n_locations=rows, ready_after_seconds=86_400, directory=root / "sandbox", seed=1
@@ -285,6 +299,21 @@ def _run_size(
                     f"peak RSS {r['peak_rss_mb']:.0f} MB",
                     flush=True,
                 )
+                floor = run_child(
+                    MODULE,
+                    [
+                        "--child",
+                        "download",
+                        "--base-url",
+                        server.base_url,
+                        "--export-id",
+                        r["export_id"],
+                    ],
+                    env={TOKEN_ENV_VAR: state.token},
+                )
+                if floor.result["bytes"] != r["bytes"]:
+                    raise RuntimeError(f"download floor got {floor.result['bytes']} bytes")
+                floors.append(floor)
                 baseline = run_child(
                     MODULE,
                     [
@@ -315,11 +344,15 @@ def _run_size(
     finally:
         if tmp_ctx is not None:
             tmp_ctx.cleanup()
-    return _summary(rows, fmt, ingests, baselines)
+    return _summary(rows, fmt, ingests, baselines, floors)
 
 
 def _summary(
-    rows: int, fmt: str, ingests: list[ChildRun], baselines: list[ChildRun]
+    rows: int,
+    fmt: str,
+    ingests: list[ChildRun],
+    baselines: list[ChildRun],
+    floors: list[ChildRun],
 ) -> dict[str, Any]:
     phases = (
         "request_seconds",
@@ -330,7 +363,16 @@ def _summary(
         "wait_seconds",
         "sync_seconds",
     )
-    return {"rows": rows, "format": fmt, **compare_summary(ingests, baselines, phases)}
+    summary = {
+        "rows": rows,
+        "format": fmt,
+        **compare_summary(ingests, baselines, phases, floors),
+    }
+    if fmt == "json":
+        full_scan = median([run.result["full_scan_seconds"] for run in baselines])
+        summary["baseline_full_scan_seconds"] = rounded(full_scan)
+        summary["ratio_vs_duckdb_full_scan"] = rounded(summary["seconds"] / full_scan)
+    return summary
 
 
 def _sizes(text: str) -> list[int]:
@@ -368,7 +410,10 @@ def _parser() -> argparse.ArgumentParser:
         "--keep", type=Path, help="work in this directory and keep the files (default: temp)"
     )
     # Hidden: how the parent starts the measured children.
-    parser.add_argument("--child", choices=("ingest", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=("ingest", "baseline", "download"), help=argparse.SUPPRESS
+    )
+    parser.add_argument("--export-id", help=argparse.SUPPRESS)
     parser.add_argument("--base-url", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--file", type=Path, help=argparse.SUPPRESS)
@@ -383,6 +428,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.child == "baseline":
         emit_json(_child_baseline(args.file, args.db, args.format))
+        return 0
+    if args.child == "download":
+        from export_pipeline.providers.locations import TOKEN_ENV_VAR, LocationsProvider
+
+        provider = LocationsProvider.from_settings(
+            base_url=args.base_url, token=os.environ[TOKEN_ENV_VAR], timeout=120.0
+        )
+        emit_json(stream_export(provider, args.export_id))
         return 0
     if args.repeat < 1:
         raise SystemExit("--repeat must be at least 1")

@@ -57,6 +57,7 @@ from benchmarks._common import (
     rounded,
     run_child,
     self_peak_rss_mb,
+    stream_export,
 )
 
 MODULE = "benchmarks.mews_multipart"
@@ -79,6 +80,9 @@ REQUIRED_KEYS = (
     "download_seconds",
     "normalise_seconds",
     "load_seconds",
+    "ratio_without_download",
+    "download_floor_seconds",
+    "ratio_end_to_end",
 )
 TOKEN_ENV = ("MEWS_CLIENT_TOKEN", "MEWS_ACCESS_TOKEN")
 
@@ -234,6 +238,7 @@ def _run(
     _check_disk(root, rows)
     ingests: list[ChildRun] = []
     baselines: list[ChildRun] = []
+    floors: list[ChildRun] = []
     try:
         state = State(
             counts={ENTITY_TYPE: rows},
@@ -282,6 +287,21 @@ def _run(
                     f"{r['wait_seconds']:.2f}s), peak RSS {r['peak_rss_mb']:.0f} MB",
                     flush=True,
                 )
+                floor = run_child(
+                    MODULE,
+                    [
+                        "--child",
+                        "download",
+                        "--base-url",
+                        server.base_url,
+                        "--export-id",
+                        r["export_id"],
+                    ],
+                    env=env,
+                )
+                if floor.result["bytes"] != r["bytes"]:
+                    raise RuntimeError(f"download floor got {floor.result['bytes']} bytes")
+                floors.append(floor)
                 baseline = run_child(
                     MODULE,
                     [
@@ -310,11 +330,15 @@ def _run(
     finally:
         if tmp_ctx is not None:
             tmp_ctx.cleanup()
-    return _summary(rows, parts, ingests, baselines)
+    return _summary(rows, parts, ingests, baselines, floors)
 
 
 def _summary(
-    rows: int, parts: int, ingests: list[ChildRun], baselines: list[ChildRun]
+    rows: int,
+    parts: int,
+    ingests: list[ChildRun],
+    baselines: list[ChildRun],
+    floors: list[ChildRun] = (),  # type: ignore[assignment]
 ) -> dict[str, Any]:
     phases = (
         "request_seconds",
@@ -325,7 +349,11 @@ def _summary(
         "wait_seconds",
         "sync_seconds",
     )
-    summary = {"rows": rows, "parts": parts, **compare_summary(ingests, baselines, phases)}
+    summary = {
+        "rows": rows,
+        "parts": parts,
+        **compare_summary(ingests, baselines, phases, floors),
+    }
     full_scan = median([run.result["full_scan_seconds"] for run in baselines])
     summary["baseline_full_scan_seconds"] = rounded(full_scan)
     summary["ratio_vs_duckdb_full_scan"] = rounded(
@@ -354,7 +382,10 @@ def _parser() -> argparse.ArgumentParser:
         "--keep", type=Path, help="work in this directory and keep the files (default: temp)"
     )
     # Hidden: how the parent starts the measured children.
-    parser.add_argument("--child", choices=("ingest", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=("ingest", "baseline", "download"), help=argparse.SUPPRESS
+    )
+    parser.add_argument("--export-id", help=argparse.SUPPRESS)
     parser.add_argument("--base-url", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--db", type=Path, help=argparse.SUPPRESS)
@@ -369,6 +400,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.child == "baseline":
         emit_json(_child_baseline(args.files, args.db))
+        return 0
+    if args.child == "download":
+        from export_pipeline.providers.mews import MewsProvider
+
+        provider = MewsProvider.from_settings(
+            platform_address=args.base_url,
+            client_token=os.environ[TOKEN_ENV[0]],
+            access_token=os.environ[TOKEN_ENV[1]],
+            timeout=120.0,
+        )
+        emit_json(stream_export(provider, args.export_id))
         return 0
     if args.rows < args.parts or args.parts < 1:
         raise SystemExit("--rows must be at least --parts, and --parts at least 1")

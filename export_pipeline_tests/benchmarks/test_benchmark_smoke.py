@@ -27,6 +27,10 @@ def test_ingest_benchmark_reports_json_last_line(capsys: pytest.CaptureFixture[s
         result["seconds"] / result["baseline_seconds"], rel=0.01
     )
     assert result["peak_rss_mb"] > 0 and result["baseline_peak_rss_mb"] > 0
+    assert result["ratio_end_to_end"] == pytest.approx(
+        result["seconds"] / (result["download_floor_seconds"] + result["baseline_seconds"]),
+        rel=0.01,
+    )
     for phase in ("download_seconds", "normalise_seconds", "load_seconds"):
         assert result[phase] >= 0, phase
     # Progress lines come before the JSON.
@@ -58,6 +62,7 @@ def test_mews_multipart_benchmark_reports_json_last_line(
         result["seconds"] / result["baseline_seconds"], rel=0.01
     )
     assert result["ratio_vs_duckdb_full_scan"] > 0
+    assert result["ratio_end_to_end"] > 0 and result["download_floor_seconds"] > 0
     assert result["peak_rss_mb"] > 0 and result["baseline_peak_rss_mb"] > 0
 
 
