@@ -28,6 +28,7 @@ NUMERIC_ORDER = (
     "DOUBLE",
 )
 _NUMERIC_RANK = {t: i for i, t in enumerate(NUMERIC_ORDER)}
+_INTEGERS = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT"}
 _ALIASES = {
     "INT": "INTEGER",
     "INT4": "INTEGER",
@@ -207,12 +208,14 @@ def structure(t: Type) -> str:
 
 
 def from_structure(value: object) -> Type:
-    """A type from ``json_group_structure`` output (objects, arrays, type names)."""
+    """A type from ``json_group_structure`` output (objects, arrays, type names), spelled as
+    DuckDB's JSON reader would type the same values (UBIGINT -> BIGINT)."""
     if isinstance(value, dict):
         return Struct(tuple((k, from_structure(v)) for k, v in value.items()))
     if isinstance(value, list):
         return List(from_structure(value[0]) if value else Scalar("NULL"))
-    return Scalar(_ALIASES.get(str(value).upper(), str(value).upper()))
+    text = _ALIASES.get(str(value).upper(), str(value).upper())
+    return Scalar("BIGINT" if text == "UBIGINT" else text)
 
 
 def is_nested(t: Type) -> bool:
@@ -263,6 +266,11 @@ def apply_hint(hint: Type, detected: Type) -> Type:
             return hint
         h, d = _numeric(hint.text), _numeric(detected.text)
         if h and d:
+            # DuckDB's JSON detection calls every integer BIGINT (json_group_structure: UBIGINT),
+            # so a declared integer type is kept (a value too big for it drifts to the detected
+            # type on read); a fraction where an integer is declared widens to the float.
+            if h in _INTEGERS and d in _INTEGERS:
+                return hint
             return hint if _NUMERIC_RANK[h] >= _NUMERIC_RANK[d] else Scalar(d)
         if detected.text in STRINGLY or (d and hint.text.startswith("DECIMAL")):
             # strings that should parse into the declared type (a failing one widens the
