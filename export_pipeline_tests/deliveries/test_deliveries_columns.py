@@ -15,7 +15,11 @@ from export_pipeline.core.ledger import Ledger, Warehouse
 from export_pipeline.core.storage import LocalStorage
 from export_pipeline.sandbox import deliveries as sandbox_module
 from export_pipeline_tests.deliveries.conftest import FAST_RETRY, DeliveriesSandbox
-from export_pipeline_tests.deliveries.test_deliveries_provider import DAY, window
+from export_pipeline_tests.deliveries.test_deliveries_provider import (
+    DAY,
+    SANDBOX_POLICY,
+    window,
+)
 
 
 def test_extra_and_missing_header_columns(
@@ -33,7 +37,7 @@ def test_extra_and_missing_header_columns(
         sandbox.provider,
         Ledger(Warehouse(tmp_path / "w.duckdb")),
         LocalStorage(tmp_path / "data"),
-        IngestSettings(poll_initial_seconds=0.02, retry=FAST_RETRY),
+        IngestSettings(poll_initial_seconds=0.02, retry=FAST_RETRY, url_policy=SANDBOX_POLICY),
     )
     result = runner.sync(kind, window(DAY, DAY + timedelta(days=1)))
     assert result.rows == len(expected) > 5
