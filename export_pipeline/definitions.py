@@ -19,6 +19,7 @@ from export_pipeline.defs.resources import (
 )
 from export_pipeline.defs.schedules import build_schedule, build_sync_job
 from export_pipeline.defs.sensors import build_export_sensor
+from export_pipeline.defs.spec_resources import spec_resources
 from export_pipeline.providers.registry import PROVIDERS
 
 BINDINGS = tuple(
@@ -71,6 +72,8 @@ def default_resources() -> dict[str, object]:
         "mapping_api": MappingApiResource(
             base_url=dg.EnvVar("MAPPING_API_URL"), token=dg.EnvVar("MAPPING_API_TOKEN")
         ),
+        # Providers run from a spec (stripe): one generic resource class, secret named by the spec.
+        **spec_resources(PROVIDERS),
     }
 
 

@@ -43,17 +43,19 @@ def test_definitions_list_every_export_kind(live_instance: dg.DagsterInstance) -
         "deliveries/outbound_messages",
         "deliveries/inbound_messages",
         "mapping/results",
+        "stripe/balance_change_from_activity",
         *(f"mews/{t}" for t in MEWS_TYPES),
     }
     assert {s.name for s in repo.sensor_defs} == {
-        f"{p}_exports_sensor" for p in ("locations", "mews", "deliveries", "mapping")
+        f"{p}_exports_sensor" for p in ("locations", "mews", "deliveries", "mapping", "stripe")
     }
     assert {s.name for s in repo.schedule_defs} == {
         "locations_schedule",
         "mews_schedule",
         "deliveries_schedule",
+        "stripe_schedule",
     }
-    assert {"locations_sync", "mews_sync", "deliveries_sync"} <= {
+    assert {"locations_sync", "mews_sync", "deliveries_sync", "stripe_sync"} <= {
         j.name for j in repo.get_all_jobs()
     }
     check_names = {
@@ -86,5 +88,5 @@ def test_definitions_load_offline_without_secrets(tmp_path: Path) -> None:
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
-    assert int(out.stdout.strip()) == 13
+    assert int(out.stdout.strip()) == 14
     assert list(tmp_path.iterdir()) == []  # nothing written where it was imported

@@ -1,4 +1,5 @@
-"""Every provider the project ships. Adding an API = one module + one line here."""
+"""Every provider the project ships. Adding an API = one module (a spec run by
+``providers/http_engine.py``, see docs/adding-a-provider.md) + one line here."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ from export_pipeline.providers.deliveries import DeliveriesProvider
 from export_pipeline.providers.locations import LocationsProvider
 from export_pipeline.providers.mapping import MappingProvider
 from export_pipeline.providers.mews import MewsProvider
+from export_pipeline.providers.stripe import StripeProvider
 
 PROVIDERS: tuple[type[ExportProvider], ...] = (
     LocationsProvider,
     MewsProvider,
     DeliveriesProvider,
     MappingProvider,
+    StripeProvider,
 )
 
 

@@ -74,7 +74,6 @@ class Auth(_Spec):
         "header: the token in `header`; body: `body_fields` in every JSON body (no header).",
     )
     token_env: str = Field(description="Environment variable holding the token/secret key.")
-    url_env: str | None = Field(None, description="Environment variable overriding base_url.")
     header: str = Field("Authorization", description="Header name for style=header.")
     body_fields: dict[str, str] = Field(
         default_factory=dict,
@@ -98,13 +97,15 @@ class Call(_Spec):
 
 
 class StatusCall(Call):
-    batch_size: int = Field(1, ge=1, description="Ids per call; >1 needs {ids} in the body.")
+    batch_size: int = Field(1, description="Ids per call; >1 needs {ids} in the body.")
     records: str | None = Field(
         None, description="Batched calls: dotted path of the list of export objects."
     )
 
     @model_validator(mode="after")
     def _batched(self) -> StatusCall:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
         if self.batch_size > 1 and (self.records is None or "{ids}" not in repr(self.body)):
             raise ValueError("a batched status call needs `records` and an {ids} placeholder")
         if self.batch_size == 1 and "{export_id}" not in self.path + repr(self.body):
@@ -230,12 +231,19 @@ class Column(_Spec):
 
 
 class KindSpec(_Spec):
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    primary_key: list[str] = Field(min_length=1)
+    name: str
+    primary_key: list[str]
     description: str = ""
     params: dict[str, Any] = Field(default_factory=dict, description="Values for {kind.<x>}.")
     columns: dict[str, Column] = Field(default_factory=dict, description="Type hints.")
     load_mode: Literal["merge", "snapshot"] | None = None
+
+    @model_validator(mode="after")
+    def _named(self) -> KindSpec:
+        _identifier("kind name", self.name)
+        if not self.primary_key:
+            raise ValueError(f"kind {self.name}: primary_key needs at least one column")
+        return self
 
 
 class Event(_Spec):
@@ -247,7 +255,7 @@ class Event(_Spec):
 
 
 class ExportApiSpec(_Spec):
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="Provider name (DuckDB schema).")
+    name: str = Field(description="Provider name: the DuckDB schema and asset key prefix.")
     description: str = ""
     base_url: str = Field(description="Production API origin, e.g. https://api.stripe.com.")
     auth: Auth
@@ -258,11 +266,14 @@ class ExportApiSpec(_Spec):
     errors: Errors = Field(default_factory=Errors)
     download: Download = Field(default_factory=Download)
     incremental: IncrementalSpec = Field(default_factory=IncrementalSpec)
-    kinds: list[KindSpec] = Field(min_length=1)
+    kinds: list[KindSpec]
     events: Event | None = None
 
     @model_validator(mode="after")
     def _coherent(self) -> ExportApiSpec:
+        _identifier("provider name", self.name)
+        if not self.kinds:
+            raise ValueError("a spec needs at least one kind")
         inc = self.incremental
         if inc.style == "provider_window" and (inc.bounds is None or not self.fields.timestamp):
             raise ValueError("provider_window needs incremental.bounds and fields.timestamp")
@@ -292,6 +303,12 @@ class ExportApiSpec(_Spec):
             )
             for k in self.kinds
         )
+
+
+def _identifier(what: str, value: str) -> None:
+    # Names become DuckDB schemas/tables and Dagster asset keys: keep them plain.
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", value):
+        raise ValueError(f"{what} {value!r} must match [a-z][a-z0-9_]* (names tables, assets)")
 
 
 # -- helpers ---------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_kinds_follow_the_incremental_style() -> None:
         ({"status": {"path": "/s", "batch_size": 50}}, "needs `records`"),
         ({"incremental": {"style": "provider_window"}}, "needs incremental.bounds"),
         ({"download": {"credentials": "files_host"}}, "needs download.files_base_url"),
-        ({"kinds": [{"name": "Bad Name", "primary_key": ["id"]}]}, "pattern"),
+        ({"kinds": [{"name": "Bad Name", "primary_key": ["id"]}]}, "must match"),
         ({"colour": "blue"}, "Extra inputs"),
     ],
 )
