@@ -18,12 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
 from export_pipeline.defs.assets import ProviderBinding, build_export_asset
 from export_pipeline.defs.checks import build_checks
 from export_pipeline.defs.resources import (
+    LazyS3Resource,
     SyncSettingsResource,
     WarehouseResource,
     WebhookEventsResource,
@@ -93,7 +93,7 @@ class ExportApiComponent(dg.Component, dg.Model, dg.Resolvable):
                 "webhook_events": WebhookEventsResource(
                     path=f"{self.data_dir}/webhook_events.sqlite3"
                 ),
-                "s3": S3Resource(),
+                "s3": LazyS3Resource(),  # no boto3 client unless storage is s3://
             }
         return dg.Definitions(
             assets=assets,
