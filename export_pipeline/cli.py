@@ -12,8 +12,12 @@ import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from export_pipeline.defs.resources import SANDBOX_PORTS
+
+if TYPE_CHECKING:
+    from export_pipeline.sandbox.bundle import Sandbox
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -116,14 +120,51 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sandbox(args: argparse.Namespace) -> int:
+def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
+    """``NAME=VALUE`` (or bare ``NAME``) options as a dict, in order."""
+    out: dict[str, str] = {}
+    for item in values or []:
+        name, _, value = item.partition("=")
+        if not name:
+            raise SystemExit(f"export-pipeline: bad {what} {item!r} (NAME=VALUE)")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def _mapping_jobs(values: list[str] | None) -> dict[str, int]:
+    jobs = _pairs(values, "--mapping-job")
+    try:
+        return {job: int(n or 20) for job, n in jobs.items()}
+    except ValueError as exc:
+        raise SystemExit(
+            f"export-pipeline: --mapping-job ID=RESULTS needs a number ({exc})"
+        ) from None
+
+
+def _start_sandbox(args: argparse.Namespace, ports: dict[str, int] | None = None) -> Sandbox:
     from export_pipeline.sandbox.bundle import start_sandbox
 
+    sandbox = start_sandbox(
+        ports,
+        n_locations=args.rows,
+        mews_options={"default_count": args.mews_rows},
+        mapping_jobs=_mapping_jobs(args.mapping_job) or {"sandbox-job-1": 20},
+    )
+    try:
+        sandbox.apply_faults(_pairs(args.fault, "--fault"))
+    except ValueError as exc:
+        sandbox.stop()
+        raise SystemExit(f"export-pipeline: {exc}") from None
+    return sandbox
+
+
+def _sandbox(args: argparse.Namespace) -> int:
     ports = dict(SANDBOX_PORTS) if args.fixed_ports else {}
-    with start_sandbox(ports, n_locations=args.rows) as sandbox:
+    with _start_sandbox(args, ports) as sandbox:
         print("sandbox providers are up; export these to point the project at them:")
         for key, value in sandbox.env().items():
             print(f"export {key}={value}")
+        print(f"mapping jobs: {', '.join(sandbox.mapping.jobs)}")
         sys.stdout.flush()
         try:
             threading.Event().wait()  # serve until interrupted
@@ -132,14 +173,41 @@ def _sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dev(args: argparse.Namespace) -> int:
-    """The sandbox plus ``dagster dev`` in one command, wired together by environment."""
-    from export_pipeline.sandbox.bundle import start_sandbox
+def instance_home(path: str) -> Path:
+    """A persistent ``DAGSTER_HOME`` using the repo's ``dagster.yaml`` (run history survives
+    restarts). The file is copied when it changed, so edits to the repo's copy apply."""
+    home = Path(path).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    source = Path("dagster.yaml")
+    target = home / "dagster.yaml"
+    if source.is_file() and (not target.exists() or target.read_text() != source.read_text()):
+        shutil.copyfile(source, target)
+    return home
 
-    with start_sandbox(n_locations=args.rows) as sandbox:
-        env = {**os.environ, **sandbox.env()}
-        cmd = [sys.executable, "-m", "dagster", "dev", "-w", "workspace.yaml", "-p", str(args.port)]
-        print("sandbox up; starting:", " ".join(cmd), flush=True)
+
+def _dev(args: argparse.Namespace) -> int:
+    """The sandbox plus the Dagster UI and daemon in one command, wired together by environment.
+
+    The sandbox starts from its seed, then simulates activity (``--changes`` locations updated,
+    half as many added, "now"), so the first Materialize after ``export-pipeline demo`` loads
+    those rows incrementally; its mapping jobs are registered as ``mapping_jobs`` partitions.
+    """
+    import dagster as dg
+
+    home = instance_home(args.dagster_home)
+    with _start_sandbox(args) as sandbox:
+        if args.changes:
+            sandbox.locations.mutate(updated=args.changes, added=args.changes // 2)
+        env = {**os.environ, **sandbox.env(), "DAGSTER_HOME": str(home)}
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            instance.add_dynamic_partitions("mapping_jobs", list(sandbox.mapping.jobs))
+        cmd = [sys.executable, "-m", "dagster", "dev", "-w", "workspace.yaml"]
+        cmd += ["-h", args.host, "-p", str(args.port)]
+        print(
+            f"sandbox up (mapping jobs: {', '.join(sandbox.mapping.jobs)}); "
+            f"DAGSTER_HOME={home}; starting: {' '.join(cmd)}",
+            flush=True,
+        )
         return subprocess.call(cmd, env=env)
 
 
@@ -170,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox = sub.add_parser("sandbox", help="the bundled provider simulators")
     sandbox_sub = sandbox.add_subparsers(dest="sandbox_command", required=True)
     serve = sandbox_sub.add_parser("serve", help="run every simulator until interrupted")
-    serve.add_argument("--rows", type=int, default=2000)
+    _sandbox_options(serve)
     serve.add_argument(
         "--random-ports",
         dest="fixed_ports",
@@ -179,9 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_sandbox)
 
-    dev = sub.add_parser("dev", help="sandbox + `dagster dev` (the UI) wired together")
+    dev = sub.add_parser("dev", help="sandbox + `dagster dev` (the UI and daemon) wired together")
+    dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=3000)
-    dev.add_argument("--rows", type=int, default=2000)
+    dev.add_argument(
+        "--dagster-home",
+        default="data/dagster_home",
+        help="persistent instance directory (run history); gets the repo's dagster.yaml",
+    )
+    dev.add_argument(
+        "--changes",
+        type=int,
+        default=100,
+        help="locations the sandbox changes at start (half as many are added)",
+    )
+    _sandbox_options(dev)
     dev.set_defaults(func=_dev)
 
     webhooks = sub.add_parser("webhooks", help="the push receiver for export events")
@@ -192,6 +272,23 @@ def build_parser() -> argparse.ArgumentParser:
     wserve.add_argument("--store", default="data/webhook_events.sqlite3")
     wserve.set_defaults(func=_webhooks)
     return parser
+
+
+def _sandbox_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rows", type=int, default=2000, help="locations in the sandbox")
+    parser.add_argument("--mews-rows", type=int, default=50, help="records per Mews entity type")
+    parser.add_argument(
+        "--mapping-job",
+        action="append",
+        metavar="ID=RESULTS",
+        help="a mapping job the sandbox serves (repeatable; default sandbox-job-1=20)",
+    )
+    parser.add_argument(
+        "--fault",
+        action="append",
+        metavar="NAME[=VALUE]",
+        help="rate_limit=N, slow=SECONDS, fail_next_export, truncate_next_download (repeatable)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,28 @@ class Sandbox:
         origins = [*self.urls.values(), self.s3.endpoint_url]
         return ",".join(sorted({httpx.URL(u).netloc.decode("ascii") for u in origins}))
 
+    def apply_faults(self, faults: Mapping[str, Any]) -> None:
+        """Switch on the sandbox's ugly cases by name (``sandbox serve --fault NAME[=VALUE]``).
+
+        ``rate_limit=N`` (the next N calls of every API answer 429), ``slow=SECONDS`` (exports
+        take that long to become ready), ``fail_next_export`` (the next locations export
+        fails), ``truncate_next_download`` (the next locations file is cut short).
+        """
+        for name, value in faults.items():
+            if name == "rate_limit":
+                self.locations.rate_limit_next = int(value)
+                self.deliveries.rate_limit_next = int(value)
+            elif name == "slow":
+                self.locations.ready_after_seconds = float(value)
+                self.mews.processing_seconds = float(value)
+                self.mapping.ready_after_seconds = float(value)
+            elif name == "fail_next_export":
+                self.locations.fail_next_export = ("EXPORT_FAILED", str(value or "sandbox fault"))
+            elif name == "truncate_next_download":
+                self.locations.truncate_next_download = True
+            else:
+                raise ValueError(f"unknown sandbox fault {name!r} (one of {', '.join(FAULTS)})")
+
     def stop(self) -> None:
         self._stack.close()
 
@@ -64,6 +86,9 @@ class Sandbox:
         self.stop()
 
 
+FAULTS = ("rate_limit", "slow", "fail_next_export", "truncate_next_download")
+
+
 def start_sandbox(
     ports: Mapping[str, int] | None = None,
     *,
@@ -71,8 +96,13 @@ def start_sandbox(
     locations_options: Mapping[str, Any] | None = None,
     mews_options: Mapping[str, Any] | None = None,
     s3: S3Server | None = None,
+    mapping_jobs: Mapping[str, int] | None = None,
 ) -> Sandbox:
-    """Start every simulator; ``ports`` maps provider -> port (0 or missing = any free port)."""
+    """Start every simulator; ``ports`` maps provider -> port (0 or missing = any free port).
+
+    ``mapping_jobs`` (job id -> results) are mapping jobs the mapping.travel simulator serves
+    from the start, so the ``mapping/results`` partitions have something to export.
+    """
     ports = dict(ports or {})
     stack = ExitStack()
     try:
@@ -89,6 +119,8 @@ def start_sandbox(
             ),
             "mapping": mapping.State(),
         }
+        for job_id, n_results in (mapping_jobs or {}).items():
+            states["mapping"].add_job(n_results, job_id=job_id)
         apps = {
             "locations": locations.create_app,
             "mews": mews.create_app,
