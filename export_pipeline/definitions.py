@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from export_pipeline.defs.assets import ProviderBinding, build_export_asset
+from export_pipeline.defs.assets import ProviderBinding, build_export_asset, build_view_asset
 from export_pipeline.defs.checks import build_checks
 from export_pipeline.defs.resources import (
     DeliveriesApiResource,
@@ -33,6 +33,7 @@ def build_defs(resources: dict[str, object] | None = None) -> dg.Definitions:
     for binding in BINDINGS:
         for kind in binding.kinds:
             assets.append(build_export_asset(kind, binding))
+            assets.extend(build_view_asset(kind, view) for view in kind.views)
             checks.extend(build_checks(kind))
         sensors.append(build_export_sensor(binding))
         job = build_sync_job(binding)

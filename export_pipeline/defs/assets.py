@@ -16,9 +16,11 @@ from pydantic import Field
 from export_pipeline.core.errors import ExportPipelineError, ExportTimeoutError
 from export_pipeline.core.http import RetryPolicy
 from export_pipeline.core.ingest import ExportRunner, IngestResult
+from export_pipeline.core.load import ensure_views
 from export_pipeline.core.model import ExportKind, ExportRequest, Incremental, LoadMode
 from export_pipeline.core.windows import next_request, parse_iso
 from export_pipeline.providers.base import ExportProvider
+from export_pipeline.providers.column_docs import apply_comments, column_docs, view_docs
 
 # Dynamic partitions for kinds whose rows belong to user-named units (mapping jobs).
 PARTITIONS: dict[str, dg.DynamicPartitionsDefinition] = {
@@ -195,6 +197,7 @@ def build_export_asset(kind: ExportKind, binding: ProviderBinding) -> dg.AssetsD
             "primary_key": ", ".join(kind.primary_key),
             "load_mode": kind.load_mode.value,
             "incremental": kind.incremental.value,
+            "dagster/column_schema": declared_schema(column_docs(kind)),
         },
         tags={"provider": kind.provider},
         op_tags={"export_pipeline/kind": kind.key},
@@ -248,6 +251,8 @@ def build_export_asset(kind: ExportKind, binding: ProviderBinding) -> dg.AssetsD
                 "value(s) did not fit the declared type, kept as: "
                 + ", ".join(f"{n} {t}" for n, t in result.drifted_columns)
             )
+        if result.load is not None:
+            write_comments(runner, kind, context.log)
         table_rows = result.load.table_rows if result.load is not None else None
         if table_rows is None:
             table_rows = count_table_rows(runner, kind)
@@ -301,6 +306,54 @@ def request_run_siblings(
         except ExportPipelineError as exc:
             context.log.warning(f"{other.key}: not requested ahead ({exc}); its own step will")
             return
+
+
+def declared_schema(columns: list[tuple[str, str, str]]) -> dg.TableSchema:
+    """The column schema shown before the first run: the providers' declarations in words."""
+    return dg.TableSchema(
+        columns=[
+            dg.TableColumn(name=n, type=(t or "view column")[:200], description=d or None)
+            for n, t, d in columns
+        ]
+    )
+
+
+def write_comments(runner: ExportRunner, kind: ExportKind, log: logging.Logger) -> None:
+    """Descriptions as DuckDB COMMENTs after a load (kept out of the load transaction: they are
+    documentation, and a busy warehouse must not fail a load that already committed)."""
+    try:
+        with runner.ledger.warehouse.connect() as con:
+            apply_comments(con, kind)
+    except (duckdb.Error, ExportPipelineError) as exc:
+        log.warning(f"column comments on {kind.table} not written ({exc}); the next load will")
+
+
+def build_view_asset(kind: ExportKind, view: str) -> dg.AssetsDefinition:
+    """An analyst view (e.g. ``locations.evses``) as an asset downstream of its table: the
+    graph shows the lineage, and materializing it (re)creates the view and reports its rows."""
+
+    @dg.asset(
+        key=dg.AssetKey([kind.provider, view]),
+        group_name=kind.provider,
+        description=f"View {kind.schema}.{view} over {kind.table}:\n\n```sql\n"
+        f"{kind.views[view]}\n```",
+        kinds={"duckdb"},
+        deps=[asset_key(kind)],
+        required_resource_keys={"warehouse"},
+        metadata={
+            "dagster/table_name": f"warehouse.{kind.schema}.{view}",
+            "dagster/column_schema": declared_schema(view_docs(kind, view)),
+        },
+        tags={"provider": kind.provider},
+    )
+    def _view_asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        with context.resources.warehouse.warehouse().connect() as con:
+            ensure_views(con, kind)
+            apply_comments(con, kind)
+            rows = con.execute(f"SELECT count(*) FROM {kind.schema}.{view}").fetchone()[0]
+        return dg.MaterializeResult(metadata={"dagster/row_count": dg.MetadataValue.int(rows)})
+
+    return _view_asset
 
 
 def count_table_rows(runner: ExportRunner, kind: ExportKind) -> int | None:

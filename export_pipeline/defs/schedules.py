@@ -28,13 +28,18 @@ def scheduled_kinds(binding: ProviderBinding) -> list[ExportKind]:
     return [k for k in binding.kinds if k.key not in PARTITIONS]
 
 
+def with_views(kind: ExportKind) -> list[dg.AssetKey]:
+    """The kind's asset and its views' assets (refreshed in the same run, after the table)."""
+    return [asset_key(kind), *(dg.AssetKey([kind.provider, v]) for v in kind.views)]
+
+
 def build_sync_job(binding: ProviderBinding) -> Any:
     kinds = scheduled_kinds(binding)
     if not kinds:
         return None
     return dg.define_asset_job(
         name=f"{binding.name}_sync",
-        selection=dg.AssetSelection.assets(*[asset_key(k) for k in kinds]),
+        selection=dg.AssetSelection.assets(*[k for kind in kinds for k in with_views(kind)]),
         description=f"Request, wait for and load every {binding.name} export kind.",
         tags={"provider": binding.name},
         # One process for all steps: a step is seconds of work, a process per step (Dagster's
@@ -93,7 +98,7 @@ def build_schedule(binding: ProviderBinding, job: Any) -> dg.ScheduleDefinition:
         return dg.RunRequest(
             run_key=f"{binding.name}:{now.isoformat()}",
             run_config=dg.RunConfig(ops=ops),
-            asset_selection=[asset_key(k) for k in kinds if op_name(k) in ops],
+            asset_selection=[k for kind in kinds if op_name(kind) in ops for k in with_views(kind)],
             tags={TRIGGER_TAG: "schedule", "export_pipeline/windows": ",".join(windows)[:250]},
         )
 
