@@ -73,5 +73,5 @@ def test_small_syncs_benchmark_reports_json_last_line(capsys: pytest.CaptureFixt
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     result = json.loads(lines[-1])
     assert result["benchmark"] == "small_syncs" and result["job"] == "locations_sync"
-    assert result["rows"] == 50 and result["steps"] == 3  # the asset and its two checks
+    assert result["rows"] == 50 and result["steps"] == 5  # asset, its 2 checks, 2 views
     assert result["seconds"] > 0
