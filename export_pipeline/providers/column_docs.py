@@ -3,13 +3,15 @@ words. Assets show them as their column schema before the first run, the load wr
 DuckDB ``COMMENT``s, and ``docs/tables.md`` is generated from them (``python -m
 export_pipeline.providers.column_docs > docs/tables.md``; a test keeps it current).
 
-Every column a kind declares (``ExportKind.columns``) must be described here (a test checks).
+Every column a kind declares (``ExportKind.columns``) must be described here, or in its spec
+for providers run from a spec (``columns: {name: {type, description}}``); a test checks.
 Kinds without declared columns (Mews snapshots: types detected from the data) list the columns
 the provider documents; the rest arrive as the provider sends them.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -117,9 +119,26 @@ DOCS: Mapping[str, Mapping[str, str]] = {
 }
 
 
+@functools.cache
+def _spec_docs() -> dict[str, dict[str, str]]:
+    """Descriptions declared in the specs of spec-run providers (``columns: {c: {...}}``)."""
+    from export_pipeline.providers.registry import PROVIDERS
+
+    out: dict[str, dict[str, str]] = {}
+    for cls in PROVIDERS:
+        spec = getattr(cls, "spec", None)
+        for k in getattr(spec, "kinds", ()):
+            out[f"{spec.name}/{k.name}"] = {c: col.description for c, col in k.columns.items()}
+    return out
+
+
 def column_docs(kind: ExportKind) -> list[tuple[str, str, str]]:
     """``(name, type, description)`` of the kind's table, lineage columns last."""
-    docs = DOCS.get(kind.key) or (_MEWS if kind.provider == "mews" else {})
+    docs = (
+        DOCS.get(kind.key)
+        or _spec_docs().get(kind.key)
+        or (_MEWS if kind.provider == "mews" else {})
+    )
     names = list(kind.columns or docs)
     cols = [
         (n, (kind.columns or {}).get(n, "detected from the data"), docs.get(n, "")) for n in names
