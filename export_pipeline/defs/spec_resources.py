@@ -42,9 +42,13 @@ class SpecApiResource(ProviderResource):
     )
 
     def build(self, retry: RetryPolicy | None = None) -> ExportProvider:
-        token = self.token or os.environ.get(self.provider_class.spec.auth.token_env, "")
+        auth = self.provider_class.spec.auth
+        token = self.token or os.environ.get(auth.token_env, "")
+        # style=body (Mews): each body field's value from its own variable, read the same way.
+        body = {field: os.environ.get(env, "") for field, env in auth.body_fields.items()}
         return self.provider_class.from_settings(
             token=token,
+            body_credentials=body,
             base_url=self.base_url,
             files_base_url=self.files_base_url,
             timeout=self.timeout_seconds,

@@ -112,11 +112,15 @@ class SpecProvider(ExportProvider):
     ) -> SpecProvider:
         """Build from the values of the spec's environment variables (read by the caller)."""
         auth = cls.spec.auth
-        if not token and auth.style != "body":
+        missing = [] if token or auth.style == "body" else [auth.token_env]
+        missing += [
+            env for f, env in auth.body_fields.items() if not (body_credentials or {}).get(f)
+        ]
+        if missing:
             raise ConfigurationError(
                 f"no credentials for the {cls.spec.name} API",
                 provider=cls.spec.name,
-                hint=f"set {auth.token_env}",
+                hint=f"set {', '.join(missing)}",
             )
         headers = {}
         if auth.style == "bearer":
