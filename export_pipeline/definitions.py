@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dagster as dg
 
+from export_pipeline.core.model import ExportKind
 from export_pipeline.defs.assets import ProviderBinding, build_export_asset, build_view_asset
-from export_pipeline.defs.checks import build_checks
+from export_pipeline.defs.checks import build_checks, build_freshness
 from export_pipeline.defs.resources import (
     DeliveriesApiResource,
     LazyS3Resource,
@@ -17,8 +18,19 @@ from export_pipeline.defs.resources import (
     WarehouseResource,
     WebhookEventsResource,
 )
-from export_pipeline.defs.schedules import build_schedule, build_sync_job
-from export_pipeline.defs.sensors import build_export_sensor
+from export_pipeline.defs.schedules import (
+    RetentionResource,
+    build_schedule,
+    build_sync_job,
+    retention_job,
+    retention_schedule,
+    scheduled_kinds,
+)
+from export_pipeline.defs.sensors import (
+    FailureAlertsResource,
+    build_export_sensor,
+    run_failure_alerts,
+)
 from export_pipeline.defs.spec_resources import spec_resources
 from export_pipeline.providers.registry import PROVIDERS
 
@@ -30,7 +42,10 @@ BINDINGS = tuple(
 
 def build_defs(resources: dict[str, object] | None = None) -> dg.Definitions:
     assets, checks, sensors, schedules, jobs = [], [], [], [], []
+    fresh: list[tuple[ExportKind, bool]] = []
     for binding in BINDINGS:
+        scheduled = {k.key for k in scheduled_kinds(binding)}
+        fresh.extend((k, k.key in scheduled) for k in binding.kinds)
         for kind in binding.kinds:
             assets.append(build_export_asset(kind, binding))
             assets.extend(build_view_asset(kind, view) for view in kind.views)
@@ -40,6 +55,11 @@ def build_defs(resources: dict[str, object] | None = None) -> dg.Definitions:
         if job is not None:
             jobs.append(job)
             schedules.append(build_schedule(binding, job))
+    freshness_checks, freshness_sensor = build_freshness(fresh)
+    checks.extend(freshness_checks)
+    sensors += [freshness_sensor, run_failure_alerts]
+    jobs.append(retention_job)
+    schedules.append(retention_schedule)
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
@@ -53,11 +73,15 @@ def build_defs(resources: dict[str, object] | None = None) -> dg.Definitions:
 
 
 def default_resources() -> dict[str, object]:
-    """Provider URLs default to the bundled sandbox; every secret comes from the environment."""
+    """Provider URLs and secrets come from the environment (``dg.EnvVar``, read when a run
+    starts). Without them the definitions still load; a run fails naming the missing variable.
+    ``export-pipeline dev`` and ``demo`` set them for the bundled sandbox."""
     return {
         "warehouse": WarehouseResource(),
         "sync_settings": SyncSettingsResource(),
         "webhook_events": WebhookEventsResource(),
+        "failure_alerts": FailureAlertsResource(),
+        "retention": RetentionResource(),
         "s3": LazyS3Resource(),
         "locations_api": LocationsApiResource(
             base_url=dg.EnvVar("LOCATIONS_API_URL"), token=dg.EnvVar("LOCATIONS_API_TOKEN")

@@ -50,13 +50,16 @@ def test_definitions_list_every_export_kind(live_instance: dg.DagsterInstance) -
         *(f"mews/{t}" for t in MEWS_TYPES),
     }
     assert {s.name for s in repo.sensor_defs} == {
-        f"{p}_exports_sensor" for p in ("locations", "mews", "deliveries", "mapping", "stripe")
+        *(f"{p}_exports_sensor" for p in ("locations", "mews", "deliveries", "mapping", "stripe")),
+        "freshness_checks_sensor",
+        "run_failure_alerts",
     }
     assert {s.name for s in repo.schedule_defs} == {
         "locations_schedule",
         "mews_schedule",
         "deliveries_schedule",
         "stripe_schedule",
+        "retention_schedule",
     }
     assert {"locations_sync", "mews_sync", "deliveries_sync", "stripe_sync"} <= {
         j.name for j in repo.get_all_jobs()

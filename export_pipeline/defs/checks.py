@@ -1,12 +1,28 @@
 """Asset checks per export kind, built from the same list as the assets."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import timedelta
 
 import dagster as dg
 
 from export_pipeline.core import checks
-from export_pipeline.core.model import ExportKind, LoadMode
+from export_pipeline.core.errors import WarehouseBusyError
+from export_pipeline.core.model import ExportKind, Incremental, LoadMode
 from export_pipeline.defs.assets import asset_key
+
+# A check waits this long for another process's load, then reports itself skipped.
+CHECK_LOCK_TIMEOUT = 60.0
+
+
+def skipped(reason: str, severity: dg.AssetCheckSeverity) -> dg.AssetCheckResult:
+    """A check that could not look at data: not a failure (it would turn the asset red for a
+    reason that says nothing about the data). Shown as passed with ``skipped`` = the reason."""
+    return dg.AssetCheckResult(
+        passed=True,
+        description=f"skipped: {reason}",
+        metadata={"skipped": reason},
+        severity=severity,
+    )
 
 
 def _check(
@@ -26,13 +42,16 @@ def _check(
         required_resource_keys={"warehouse"},
     )
     def _fn(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        ledger = context.resources.warehouse.ledger()
-        with ledger.warehouse.connect() as con:
-            if not checks.table_exists(con, kind):
-                return dg.AssetCheckResult(
-                    passed=True, description="table not created yet", severity=severity
-                )
-            outcome = evaluate(con, ledger)
+        ledger = context.resources.warehouse.ledger(lock_timeout=CHECK_LOCK_TIMEOUT)
+        try:
+            with ledger.warehouse.connect() as con:
+                if not checks.table_exists(con, kind):
+                    return skipped("the table does not exist yet (nothing loaded)", severity)
+                outcome = evaluate(con, ledger)
+        except WarehouseBusyError:
+            return skipped("the warehouse was busy with a load; the next run checks", severity)
+        if outcome.description == "nothing loaded yet":
+            return skipped(outcome.description, severity)
         return dg.AssetCheckResult(
             passed=outcome.passed,
             description=outcome.description,
@@ -89,3 +108,39 @@ def build_checks(kind: ExportKind) -> list[dg.AssetChecksDefinition]:
             )
         )
     return defs
+
+
+# Freshness defaults from each kind's schedule: one missed tick is tolerated, two are not.
+FRESHNESS_BY_CRON = {"hourly": timedelta(hours=2), "daily": timedelta(hours=26)}
+# Kinds without a schedule (mapping jobs, run on demand): flag a month without any load.
+UNSCHEDULED_FRESHNESS = timedelta(days=30)
+
+
+def freshness_window(kind: ExportKind, scheduled: bool) -> timedelta:
+    if not scheduled:
+        return UNSCHEDULED_FRESHNESS
+    daily = kind.incremental is Incremental.NONE
+    return FRESHNESS_BY_CRON["daily" if daily else "hourly"]
+
+
+def build_freshness(
+    kinds: Sequence[tuple[ExportKind, bool]],
+) -> tuple[list[dg.AssetChecksDefinition], dg.SensorDefinition]:
+    """A last-update freshness check on every asset (the kind's table and its views), with the
+    window derived from its schedule, and the sensor that evaluates them. The sensor is on by
+    default: it only reads the event log, never a provider or the warehouse."""
+    by_window: dict[timedelta, list[dg.AssetKey]] = {}
+    for kind, scheduled in kinds:
+        keys = [asset_key(kind), *(dg.AssetKey([kind.provider, v]) for v in kind.views)]
+        by_window.setdefault(freshness_window(kind, scheduled), []).extend(keys)
+    checks_ = [
+        check
+        for window, keys in by_window.items()
+        for check in dg.build_last_update_freshness_checks(assets=keys, lower_bound_delta=window)
+    ]
+    sensor = dg.build_sensor_for_freshness_checks(
+        freshness_checks=checks_,
+        name="freshness_checks_sensor",
+        default_status=dg.DefaultSensorStatus.RUNNING,
+    )
+    return checks_, sensor

@@ -2,12 +2,15 @@
 the ledger's cursor (the provider's own timestamp of the last *loaded* export) and put in the
 run config, so a user can see in the run exactly what was requested."""
 
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from pydantic import Field
 
 from export_pipeline.core.errors import WarehouseBusyError
 from export_pipeline.core.model import ExportKind, Incremental
+from export_pipeline.core.retention import RetentionSettings, clean
 from export_pipeline.core.windows import next_request
 from export_pipeline.defs.assets import (
     PARTITIONS,
@@ -103,3 +106,70 @@ def build_schedule(binding: ProviderBinding, job: Any) -> dg.ScheduleDefinition:
         )
 
     return _schedule
+
+
+class RetentionResource(dg.ConfigurableResource):
+    """How long the local file tiers are kept (``None``/null = forever). See docs/retention.md."""
+
+    raw_days: float | None = Field(14.0, description="Raw files of loaded exports.")
+    failed_days: float | None = Field(
+        30.0, description="Raw files and Parquet of failed, expired or lost exports (evidence)."
+    )
+    cache_hours: float | None = Field(
+        24.0, description="S3 read-back copies (and local copies when storage is s3://)."
+    )
+    dry_run: bool = Field(False, description="Report what would go; remove nothing.")
+
+    def settings(self) -> RetentionSettings:
+        return RetentionSettings(
+            raw_days=self.raw_days,
+            failed_days=self.failed_days,
+            cache_hours=self.cache_hours,
+            dry_run=self.dry_run,
+        )
+
+
+@dg.op(
+    name="retention_cleanup",
+    description="Remove raw files, failed-export evidence and cached copies past their "
+    "retention; never what an open export still needs.",
+    required_resource_keys={"warehouse", "retention"},
+)
+def retention_cleanup(context: dg.OpExecutionContext) -> dg.Output[None]:
+    warehouse = context.resources.warehouse
+    remote = warehouse.storage.startswith("s3://")
+    root = Path(warehouse.data_dir) / "cache" if remote else Path(warehouse.data_dir)
+    report = clean(
+        root, warehouse.ledger(), context.resources.retention.settings(), remote_storage=remote
+    )
+    for label in report.removed:
+        context.log.info(f"removed {label}")
+    context.log.info(
+        f"retention: removed {len(report.removed)} export directories "
+        f"({report.bytes_freed:,} bytes); kept {len(report.kept_open)} of open exports"
+    )
+    return dg.Output(
+        None,
+        metadata={
+            "removed": dg.MetadataValue.int(len(report.removed)),
+            "bytes_freed": dg.MetadataValue.int(report.bytes_freed),
+            "kept_open": dg.MetadataValue.int(len(report.kept_open)),
+            "dry_run": context.resources.retention.dry_run,
+        },
+    )
+
+
+@dg.job(name="retention_job", description="Apply the retention settings to data/ (see docs).")
+def retention_job() -> None:
+    retention_cleanup()
+
+
+retention_schedule = dg.ScheduleDefinition(
+    name="retention_schedule",
+    job=retention_job,
+    cron_schedule="30 4 * * *",
+    execution_timezone="UTC",
+    description="Daily cleanup of raw files, failed-export evidence and the S3 read-back cache.",
+    # Off until turned on: deleting files is a decision (defaults: docs/retention.md).
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+)

@@ -5,12 +5,17 @@ ceil(n / status_batch_size) status calls within a time budget, and launches one 
 export with ``run_key = provider:export_id`` so an export is never launched twice.
 """
 
+import json
+import os
 import time
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import httpx
+from pydantic import Field
 
 from export_pipeline.core.errors import ExportPipelineError, WarehouseBusyError
 from export_pipeline.core.http import RetryPolicy
@@ -267,3 +272,54 @@ def _event_store(path: str):
     from export_pipeline.webhooks.store import EventStore
 
     return EventStore(Path(path))
+
+
+class FailureAlertsResource(dg.ConfigurableResource):
+    """Where the run-failure sensor records failures, and where it may post them."""
+
+    path: str = Field("data/run_failures.jsonl", description="One JSON line per failed run.")
+    url_env: str = Field(
+        "EXPORT_PIPELINE_ALERT_URL",
+        description="Environment variable holding the URL to POST each failure to (JSON); "
+        "unset = record only. Read when the sensor runs (URLs with tokens are secrets).",
+    )
+    timeout_seconds: float = 10.0
+
+    def record(self, failure: Mapping[str, Any]) -> bool:
+        """Append the failure; post it when a URL is configured. True when it was posted."""
+        path = Path(self.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as out:
+            out.write(json.dumps(failure, default=str) + "\n")
+        url = os.environ.get(self.url_env, "").strip()
+        if not url:
+            return False
+        response = httpx.post(url, json=failure, timeout=self.timeout_seconds)
+        response.raise_for_status()
+        return True
+
+
+@dg.run_failure_sensor(
+    name="run_failure_alerts",
+    description="Records every failed run (data/run_failures.jsonl) and posts it to "
+    "$EXPORT_PIPELINE_ALERT_URL when set. On by default: it only reads the run.",
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    monitor_all_code_locations=False,
+)
+def run_failure_alerts(
+    context: dg.RunFailureSensorContext, failure_alerts: FailureAlertsResource
+) -> None:
+    run = context.dagster_run
+    failure = {
+        "run_id": run.run_id,
+        "job": run.job_name,
+        "status": str(run.status.value),
+        "message": context.failure_event.message,
+        "steps_failed": sorted(
+            {e.step_key for e in context.get_step_failure_events() if e.step_key}
+        ),
+        "tags": {k: v for k, v in run.tags.items() if not k.startswith("dagster/")},
+        "at": datetime.now(UTC).isoformat(),
+    }
+    posted = failure_alerts.record(failure)
+    context.log.info(f"recorded failure of run {run.run_id}{' and posted it' if posted else ''}")

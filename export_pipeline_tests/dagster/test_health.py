@@ -1,0 +1,134 @@
+"""Health and retention (issue 14): freshness on every asset, the run-failure sensor, checks
+that could not run are skipped, and a cleanup that never touches an open export."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from export_pipeline.core.model import ExportRequest, ExportState
+from export_pipeline.definitions import BINDINGS, build_defs
+from export_pipeline.defs.assets import make_runner
+from export_pipeline.defs.checks import build_checks
+from export_pipeline.defs.schedules import RetentionResource, retention_job
+from export_pipeline.defs.sensors import FailureAlertsResource, run_failure_alerts
+from export_pipeline.sandbox.server import RunningServer
+from export_pipeline_tests.conftest import DagsterSetup
+
+LOCATIONS = next(b for b in BINDINGS if b.name == "locations")
+KIND = LOCATIONS.kinds[0]
+
+
+def test_every_asset_has_a_freshness_check_from_its_schedule() -> None:
+    repo = build_defs().get_repository_def()
+    fresh = {
+        k.asset_key.to_user_string()
+        for k in repo.asset_graph.asset_check_keys
+        if "freshness" in k.name
+    }
+    assert fresh == {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
+    sensor = repo.get_sensor_def("freshness_checks_sensor")
+    assert sensor.default_status is dg.DefaultSensorStatus.RUNNING
+
+
+def test_failure_sensor_records_and_posts(dagster_setup: DagsterSetup, tmp_path: Path) -> None:
+    setup = dagster_setup
+    received: list[dict] = []
+
+    async def collect(request: Request) -> JSONResponse:
+        received.append(await request.json())
+        return JSONResponse({"ok": True})
+
+    os.environ["DELIVERIES_API_KEY"] = "sk_wrong"  # monkeypatched by the fixture; restored
+    result = setup.job("deliveries_sync").execute_in_process(
+        instance=setup.instance, raise_on_error=False
+    )
+    assert not result.success
+    alerts = FailureAlertsResource(path=str(tmp_path / "failures.jsonl"), url_env="TEST_ALERT_URL")
+    with RunningServer(Starlette(routes=[Route("/alert", collect, methods=["POST"])])) as server:
+        os.environ["TEST_ALERT_URL"] = f"{server.base_url}/alert"
+        try:
+            context = dg.build_run_status_sensor_context(
+                sensor_name="run_failure_alerts",
+                dagster_instance=setup.instance,
+                dagster_run=result.dagster_run,
+                dagster_event=result.get_run_failure_event(),
+                resources={"failure_alerts": alerts},
+            ).for_run_failure()
+            run_failure_alerts(context, failure_alerts=alerts)
+        finally:
+            del os.environ["TEST_ALERT_URL"]
+    (line,) = (tmp_path / "failures.jsonl").read_text().splitlines()
+    recorded = json.loads(line)
+    assert recorded["run_id"] == result.run_id and recorded["job"] == "deliveries_sync"
+    assert "deliveries__inbound_messages" in recorded["steps_failed"]
+    assert received == [recorded]
+    assert "sk_wrong" not in line
+
+
+def test_a_check_that_cannot_look_is_skipped_not_failed(dagster_setup: DagsterSetup) -> None:
+    setup = dagster_setup
+    # The checks alone, before anything was loaded: they cannot look at a table.
+    for check in build_checks(KIND):
+        context = dg.build_asset_check_context(
+            resources={"warehouse": setup.resources["warehouse"]}
+        )
+        result = check(context)
+        assert result.passed, check.check_key
+        assert result.metadata["skipped"].value.startswith("the table does not exist")
+
+
+def test_retention_never_removes_what_an_open_export_needs(
+    dagster_setup: DagsterSetup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup = dagster_setup
+    assert setup.job("locations_sync").execute_in_process(instance=setup.instance).success
+    runner = make_runner(
+        dg.build_resources(
+            {k: setup.resources[k] for k in ("warehouse", "sync_settings", "locations_api")}
+        ).__enter__(),
+        LOCATIONS,
+    )
+    open_record, _ = runner.start(KIND, ExportRequest(), adopt=False)
+    failed_record, _ = runner.start(KIND, ExportRequest(), adopt=False)
+    runner.ledger.record_error(
+        "locations", failed_record.export_id, code="X", message="bad", state=ExportState.FAILED
+    )
+    base = setup.data_dir
+    tier = "parquet/locations/locations"
+    loaded_id = runner.ledger.last_loaded("locations", "locations").export_id
+    dirs = {
+        "loaded_raw": base / "raw/locations/locations" / loaded_id,
+        "loaded_parquet": base / "parquet/locations/locations" / loaded_id,
+        "open_raw": base / "raw/locations/locations" / open_record.export_id,
+        "open_readback": base / tier / f"{open_record.export_id}.published",
+        "failed_raw": base / "raw/locations/locations" / failed_record.export_id,
+        "loaded_readback": base / "parquet/locations/locations" / f"{loaded_id}.published",
+    }
+    for path in dirs.values():
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "f.bin").write_bytes(b"x" * 10)
+    old = time.time() - 3600
+    for path in dirs.values():
+        for f in [path, *path.iterdir()]:
+            os.utime(f, (old, old))
+    result = retention_job.execute_in_process(
+        instance=setup.instance,
+        resources={
+            "warehouse": setup.resources["warehouse"],
+            "retention": RetentionResource(raw_days=0, failed_days=0, cache_hours=0),
+        },
+    )
+    assert result.success
+    kept = {name for name, path in dirs.items() if path.exists()}
+    assert kept == {"loaded_parquet", "open_raw", "open_readback"}
+    runner.provider.close()
