@@ -223,6 +223,30 @@ def _webhooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exports(args: argparse.Namespace) -> int:
+    from export_pipeline.core.errors import ExportPipelineError
+    from export_pipeline.core.ledger import Ledger, Warehouse
+
+    ledger = Ledger(Warehouse(args.warehouse, lock_timeout=args.lock_timeout))
+    try:
+        if args.exports_command == "abandon":
+            record = ledger.abandon(args.provider, args.export_id, reason=args.reason)
+            print(
+                f"{record.provider} export {record.export_id} ({record.kind}) abandoned: "
+                "no run adopts it again; the next sync requests a new export. Its raw files "
+                "stay for inspection under the retention setting."
+            )
+            return 0
+        rows = ledger.open_exports(args.provider)
+        for r in rows:
+            holder = f" claimed by {r.lease_owner}" if r.lease_owner else ""
+            print(f"{r.export_id}\t{r.kind}\t{r.state}\tfailures={r.permanent_failures}{holder}")
+        return 0
+    except (KeyError, ValueError, ExportPipelineError) as exc:
+        print(f"export-pipeline exports: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="export-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -271,6 +295,21 @@ def build_parser() -> argparse.ArgumentParser:
     wserve.add_argument("--port", type=int, default=8787)
     wserve.add_argument("--store", default="data/webhook_events.sqlite3")
     wserve.set_defaults(func=_webhooks)
+
+    exports = sub.add_parser("exports", help="inspect open exports, abandon a bad one")
+    exports.add_argument("--warehouse", default="data/warehouse.duckdb")
+    exports.add_argument("--lock-timeout", type=float, default=60.0)
+    exports_sub = exports.add_subparsers(dest="exports_command", required=True)
+    eopen = exports_sub.add_parser("open", help="open exports of a provider, with their claims")
+    eopen.add_argument("provider")
+    eopen.set_defaults(func=_exports)
+    abandon = exports_sub.add_parser(
+        "abandon", help="give up an export on purpose: the next run requests a new one"
+    )
+    abandon.add_argument("provider")
+    abandon.add_argument("export_id")
+    abandon.add_argument("--reason", default="", help="recorded in the ledger")
+    abandon.set_defaults(func=_exports)
     return parser
 
 

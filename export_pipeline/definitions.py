@@ -29,6 +29,7 @@ from export_pipeline.defs.schedules import (
 from export_pipeline.defs.sensors import (
     FailureAlertsResource,
     build_export_sensor,
+    build_release_claims_sensor,
     run_failure_alerts,
 )
 from export_pipeline.defs.spec_resources import spec_resources
@@ -60,6 +61,7 @@ def build_defs(resources: dict[str, object] | None = None) -> dg.Definitions:
     sensors += [freshness_sensor, run_failure_alerts]
     jobs.append(retention_job)
     schedules.append(retention_schedule)
+    sensors.append(build_release_claims_sensor())
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,

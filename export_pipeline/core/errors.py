@@ -96,6 +96,10 @@ class ExportInFlightError(ExportPipelineError):
     retryable = True
 
 
+class ExportClaimedError(ExportPipelineError):
+    """Another live run holds the export's lease (it is downloading or loading it now)."""
+
+
 class ExportFailedError(ExportPipelineError):
     """The provider reports the export as failed; `code`/`message` are the provider's."""
 

@@ -6,17 +6,26 @@ the ledger, so a crash at any point leaves a record that the next run or sensor 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import shutil
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import duckdb
+import psutil
 
 from export_pipeline.core.errors import (
     ConfigurationError,
+    ExportClaimedError,
     ExportExpiredError,
     ExportFailedError,
     ExportInFlightError,
@@ -26,7 +35,10 @@ from export_pipeline.core.errors import (
     ExportTimeoutError,
     IntegrityError,
     LinkExpiredError,
+    ParseError,
+    ProviderRejectedError,
 )
+from export_pipeline.core.faults import fault_point
 from export_pipeline.core.http import RetryPolicy
 from export_pipeline.core.ledger import ExportRecord, Ledger
 from export_pipeline.core.load import PARTITION_MISMATCH, LoadResult, ensure_views, load_parquet
@@ -40,6 +52,52 @@ from export_pipeline.core.windows import next_cursor
 from export_pipeline.providers.base import ExportProvider
 
 log = get_logger(__name__)  # redacts secrets from every message
+
+POISON_BUDGET = 3
+# Failures another attempt at the same export cannot fix by itself: they count against the
+# export's poison budget. (LinkExpiredError reaches here only once fresh links were fetched and
+# still failed.)
+PERMANENT_FAILURES: tuple[type[ExportPipelineError], ...] = (
+    ParseError,
+    IntegrityError,
+    LinkExpiredError,
+    ProviderRejectedError,
+)
+# Attempts currently running in this process: their work dirs are not leftovers.
+_ACTIVE_ATTEMPTS: set[str] = set()
+_HOST = socket.gethostname()
+
+
+def new_owner(run_id: str | None = None) -> str:
+    """``<run id>@<host>:<pid>``: who holds a lease, and how to tell it died on this host."""
+    return f"{run_id or 'local-' + uuid.uuid4().hex[:8]}@{_HOST}:{os.getpid()}"
+
+
+def owner_is_dead(owner: str) -> bool:
+    """True only when certain: the owner ran on this host and its process is gone."""
+    _, _, where = owner.rpartition("@")
+    host, _, pid = where.rpartition(":")
+    if host != _HOST or not pid.isdigit():
+        return False  # another machine: only the lease expiry can tell
+    if int(pid) == os.getpid():
+        return False
+    try:
+        return psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _attempt_owner_dead(attempt: str) -> bool:
+    """Attempt ids are ``<stamp>-<pid>-<random>`` made on this host (work dirs are local)."""
+    if attempt in _ACTIVE_ATTEMPTS:
+        return False
+    parts = attempt.split("-")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return True  # this process, but not a running attempt: a failed one's leftovers
+    return owner_is_dead(f"x@{_HOST}:{pid}")
 
 
 @dataclass(frozen=True)
@@ -63,6 +121,20 @@ class IngestSettings:
     # file may be; see core.netpolicy and transfer.DownloadLimits.
     url_policy: UrlPolicy = field(default_factory=UrlPolicy)
     download_limits: DownloadLimits = field(default_factory=DownloadLimits)
+    # Permanent failures (parse, integrity, a link still dead after fresh ones) an export may
+    # cause before it is retired (FAILED) and the next run requests a new one. The sensor
+    # relaunches a failed ingest at most this many times too (defs/sensors.py).
+    poison_budget: int = POISON_BUDGET
+    # One run at a time works on an export: the lease it takes in the ledger lasts this long
+    # and is renewed at every step; a run that died loses it at expiry (at once on this host,
+    # where a dead process id is seen).
+    lease_seconds: float = 1200.0
+    # A run meeting an export another live run holds waits this long for it (it is usually
+    # loaded meanwhile, and then this run has nothing to do), then stops naming the holder.
+    claim_wait_seconds: float = 300.0
+    claim_poll_seconds: float = 2.0
+    # Raw files of a retired (FAILED) export are kept this long for inspection.
+    failed_raw_retention_days: float = 7.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +162,8 @@ class IngestResult:
     parquet_uri: str | None = None
     adopted: bool = False
     requested: ExportRequest | None = None
+    reused_files: tuple[str, ...] = ()  # verified raw files re-read instead of downloaded
+    waited_for: str | None = None  # the run that held the export while this one waited
 
 
 class ExportRunner:
@@ -104,8 +178,11 @@ class ExportRunner:
         *,
         logger: logging.Logger | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        owner: str | None = None,
     ) -> None:
         self.provider = provider
+        # Who this runner is in the ledger's leases: the Dagster run id, host and process.
+        self.owner = owner if owner and "@" in owner else new_owner(owner)
         self.ledger = ledger
         self.storage = storage
         self.settings = settings or IngestSettings()
@@ -127,6 +204,7 @@ class ExportRunner:
         run or sensor carry on with an export instead of asking (and paying) again.
         """
         if adopt:
+            wanted = _params(request.params)
             open_ = [
                 r
                 for r in self.ledger.open_exports(
@@ -135,6 +213,8 @@ class ExportRunner:
                 # Its rows were seen to belong to another partition (a wrong export id given
                 # for this one): adopting it again could only fail the same way.
                 if r.error_code != PARTITION_MISMATCH
+                # Another format (say) was asked for: that export is not what this run wants.
+                and _params(r.request_params) == wanted
             ]
             if open_:
                 record = open_[-1]
@@ -156,6 +236,7 @@ class ExportRunner:
                 hint="it will be retried later; nothing was changed",
             ) from exc
         record = self.ledger.record_request(kind, request, status, source=source)
+        fault_point("request")
         self.log.info(
             "requested %s export %s (%s), window %s",
             kind.key,
@@ -201,6 +282,7 @@ class ExportRunner:
                     f" ({status.provider_status})" if status.provider_status else "",
                     time.monotonic() - started,
                 )
+            fault_point("poll")
             if status.state is ExportState.READY:
                 return status
             self._raise_for_terminal(kind, status)
@@ -302,35 +384,162 @@ class ExportRunner:
                 code=record.error_code,
                 hint="request a new export (run without export_id)",
             )
+        waited = self._claim(kind, record)
+        if isinstance(waited, IngestResult):
+            return waited
         try:
-            return self._ingest(kind, record, t0)
+            return replace(self._ingest(kind, record, t0), waited_for=waited)
+        except ExportClaimedError:
+            raise  # the holder's record is its own: nothing to note here
         except ExportPipelineError as exc:
             if exc.export_id is None:  # e.g. load errors, which do not know the export id
                 exc.export_id = export_id
             self._note_failure(exc, export_id)
+            raise
+        except (duckdb.ConversionException, duckdb.InvalidInputException) as exc:
+            # A value the table's types cannot take: the same files fail the same way.
+            self.ledger.record_permanent_failure(
+                self.name,
+                export_id,
+                code=type(exc).__name__,
+                message=str(exc),
+                budget=self.settings.poison_budget,
+                owner=self.owner,
+            )
             raise
         except Exception as exc:
             self.ledger.record_error(
                 self.name, export_id, code=type(exc).__name__, message=str(exc)
             )
             raise
+        finally:
+            self.ledger.release(self.name, export_id, self.owner)
+
+    def _claim(self, kind: ExportKind, record: ExportRecord) -> str | IngestResult | None:
+        """Take the export's lease before touching its files.
+
+        Another live run holding it is waited for (``claim_wait_seconds``): it usually loads
+        the export meanwhile, and then there is nothing left to do here (a skipped result).
+        Returns the holder waited for (None if none), or that skipped result. A holder whose
+        lease expired, or whose process is gone, is taken over.
+        """
+        deadline = time.monotonic() + self.settings.claim_wait_seconds
+        waited: str | None = None
+        while True:
+            lease = self.ledger.claim(
+                self.name,
+                record.export_id,
+                self.owner,
+                ttl_seconds=self.settings.lease_seconds,
+                is_dead=owner_is_dead,
+            )
+            if lease.granted:
+                if lease.taken_over_from:
+                    self.log.warning(
+                        "%s export %s: took over the claim of run %s (its lease expired or "
+                        "its process is gone)",
+                        kind.key,
+                        record.export_id,
+                        lease.taken_over_from,
+                    )
+                return waited
+            current = self.ledger.get(self.name, record.export_id)
+            if current is not None and current.state is ExportState.LOADED:
+                self.log.info(
+                    "%s export %s was loaded by run %s while this run waited",
+                    kind.key,
+                    record.export_id,
+                    lease.owner,
+                )
+                return replace(self._skipped(kind, current), waited_for=lease.owner)
+            if current is not None and current.state.is_terminal:
+                raise ExportFailedError(
+                    f"export was given up while this run waited ({current.error_code}: "
+                    f"{current.error_message})",
+                    provider=self.name,
+                    kind=kind.name,
+                    export_id=record.export_id,
+                    code=current.error_code,
+                    hint="request a new export (run without export_id)",
+                )
+            remaining = deadline - time.monotonic()
+            holder = _describe_owner(lease.owner)
+            if remaining <= 0:
+                raise ExportClaimedError(
+                    f"export is being ingested by {holder} (its claim lasts until "
+                    f"{lease.expires_at:%Y-%m-%d %H:%M:%S} UTC); this run stopped after "
+                    f"waiting {self.settings.claim_wait_seconds:.0f}s",
+                    provider=self.name,
+                    kind=kind.name,
+                    export_id=record.export_id,
+                    code="EXPORT_CLAIMED",
+                    hint="nothing to do: that run loads it. If that run is dead, its claim "
+                    "lapses at the time above (or run `export-pipeline exports abandon`)",
+                )
+            if waited is None:
+                self.log.info(
+                    "%s export %s is being ingested by %s; waiting up to %.0fs for it",
+                    kind.key,
+                    record.export_id,
+                    holder,
+                    remaining,
+                )
+            waited = lease.owner
+            self._sleep(min(self.settings.claim_poll_seconds, remaining))
+
+    def _renew(self, kind: ExportKind, export_id: str) -> None:
+        """Extend the lease at each step; losing it (expired and taken over) stops this run
+        before it publishes anything over the new holder's work."""
+        lease = self.ledger.claim(
+            self.name, export_id, self.owner, ttl_seconds=self.settings.lease_seconds
+        )
+        if not lease.granted:
+            raise ExportClaimedError(
+                f"this run's claim lapsed and {_describe_owner(lease.owner)} took the export "
+                "over; stopping without publishing",
+                provider=self.name,
+                kind=kind.name,
+                export_id=export_id,
+                code="EXPORT_CLAIMED",
+                hint=f"raise lease_seconds (now {self.settings.lease_seconds:.0f}s) if steps "
+                "take longer than that",
+            )
 
     def status_unrecorded(self, export_id: str) -> ExportStatus:
         statuses = self.provider.get_statuses([export_id])
         return statuses.get(export_id) or ExportStatus(export_id=export_id, state=ExportState.LOST)
 
     def _note_failure(self, exc: ExportPipelineError, export_id: str) -> None:
-        # An export whose files contradict the provider's announcement (size, row count) will
-        # not get better on a second download; leaving it open would make every later run
-        # adopt it and fail the same way. Giving it up (FAILED) lets the next run ask anew.
+        # An export whose files cannot be read or contradict the provider's announcement
+        # rarely gets better on another attempt; leaving it open for good would make every
+        # later run adopt it and fail the same way. Past its poison budget it is given up
+        # (FAILED) and the next run asks anew; before that a fixed cause (a new release of
+        # this pipeline, a provider that repaired its file) still gets a chance.
         state = {
             ExportFailedError: ExportState.FAILED,
             ExportExpiredError: ExportState.EXPIRED,
             ExportLostError: ExportState.LOST,
-            IntegrityError: ExportState.FAILED,
         }.get(type(exc))
         if exc.code == PARTITION_MISMATCH:
             state = None  # the run named the wrong partition; the export itself is fine
+        elif isinstance(exc, PERMANENT_FAILURES):
+            record = self.ledger.record_permanent_failure(
+                self.name,
+                export_id,
+                code=exc.code or type(exc).__name__,
+                message=str(exc),
+                budget=self.settings.poison_budget,
+                owner=self.owner,
+            )
+            if record is not None and record.state is ExportState.FAILED:
+                self.log.error(
+                    "export %s retired after %d permanent failure(s); the next run requests "
+                    "a new export (raw files kept for inspection for %.0f days)",
+                    export_id,
+                    record.permanent_failures,
+                    self.settings.failed_raw_retention_days,
+                )
+            return
         self.ledger.record_error(
             self.name,
             export_id,
@@ -376,15 +585,42 @@ class ExportRunner:
             raise not_ready
         self._raise_for_terminal(kind, status)
 
-        raw_dir = self.storage.local_dir("raw", kind, export_id)
-        parquet_dir = self.storage.local_dir("parquet", kind, export_id)
-        readback_dir = parquet_dir.with_name(f"{export_id}.published")
-        shutil.rmtree(readback_dir, ignore_errors=True)
-        for stale in (raw_dir, parquet_dir):  # leftovers of an earlier failed attempt
-            shutil.rmtree(stale, ignore_errors=True)
-            stale.mkdir(parents=True, exist_ok=True)
+        attempt = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        _ACTIVE_ATTEMPTS.add(attempt)
+        work = self.storage.work_dir(kind, export_id, attempt)
+        try:
+            return self._ingest_attempt(kind, record, status, work, t0)
+        finally:
+            _ACTIVE_ATTEMPTS.discard(attempt)
+            # Only this attempt's own directory; verified raw files were moved out of it, and
+            # an unfinished .part of a resumable download stays for the next attempt.
+            self._discard_work(work)
 
-        downloaded, status = self._download(kind, status, raw_dir)
+    def _discard_work(self, work: Path) -> None:
+        keep = [p for p in (work / "raw").glob("*.part*")] if (work / "raw").is_dir() else []
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+            return
+        shutil.rmtree(work / "parquet", ignore_errors=True)
+
+    def _ingest_attempt(
+        self,
+        kind: ExportKind,
+        record: ExportRecord,
+        status: ExportStatus,
+        work: Path,
+        t0: float,
+    ) -> IngestResult:
+        export_id = record.export_id
+        raw_dir = self.storage.local_dir("raw", kind, export_id)  # verified files only
+        work_raw = work / "raw"
+        parquet_dir = work / "parquet"
+        work_raw.mkdir(parents=True, exist_ok=True)
+        parquet_dir.mkdir(parents=True, exist_ok=True)
+        self._adopt_partials(work, work_raw)
+
+        downloaded, status, reused = self._download(kind, status, raw_dir, work_raw)
+        self._renew(kind, export_id)
         loaded_at = datetime.now(UTC)
         normalised = to_parquet(
             [f.path for f in downloaded],
@@ -401,6 +637,7 @@ class ExportRunner:
             normalised.rows,
             len(downloaded),
         )
+        fault_point("parquet")
         if (
             self.settings.verify_row_count
             and status.expected_rows is not None
@@ -413,11 +650,14 @@ class ExportRunner:
                 export_id=export_id,
                 hint="the export is incomplete or the provider miscounted; nothing was loaded",
             )
+        readback_dir = work / "published"
+        self._renew(kind, export_id)
         raw_uri = self.storage.publish("raw", kind, export_id, raw_dir)
         parquet_uri = self.storage.publish("parquet", kind, export_id, parquet_dir)
-        load_paths = self._published_parquet(
-            kind, export_id, parquet_uri, normalised.parquet_paths, readback_dir
-        )
+        written = [Path(parquet_uri) / p.name for p in normalised.parquet_paths]
+        if not isinstance(self.storage, LocalStorage):
+            written = list(normalised.parquet_paths)
+        load_paths = self._published_parquet(kind, export_id, parquet_uri, written, readback_dir)
         cursor = next_cursor(kind, record.request, status.provider_timestamp)
         files = [
             {
@@ -441,6 +681,7 @@ class ExportRunner:
                 partition_value=record.partition_key or None,
             )
             ensure_views(con, kind)
+            fault_point("merge")
             self.ledger.mark_loaded(
                 con,
                 kind,
@@ -453,7 +694,15 @@ class ExportRunner:
                 cursor_value=cursor,
                 partition_key=record.partition_key,
             )
-        shutil.rmtree(readback_dir, ignore_errors=True)
+        fault_point("commit")
+        if not isinstance(self.storage, LocalStorage):
+            # Remote tiers: keep this worker's copy of the loaded Parquet in the local cache
+            # (previews, a rebuild on this machine); the work dir goes away.
+            cache = self.storage.local_dir("parquet", kind, export_id)
+            for path in written:
+                os.replace(path, cache / path.name)
+            written = [cache / path.name for path in written]
+        self._prune_failed(kind)
         self.log.info(
             "%s export %s: loaded %d rows into %s (%d inserted, %d updated, %d deleted; "
             "table has %d rows)",
@@ -478,7 +727,7 @@ class ExportRunner:
             formats=tuple(
                 sorted({_format_label(detect_format(f.path, f.content_type)) for f in downloaded})
             ),
-            parquet_paths=tuple(normalised.parquet_paths),
+            parquet_paths=tuple(written),
             columns=tuple(normalised.columns),
             missing_columns=tuple(normalised.missing_columns),
             drifted_columns=tuple(normalised.drifted_columns.items()),
@@ -489,7 +738,43 @@ class ExportRunner:
             raw_uri=raw_uri,
             parquet_uri=parquet_uri,
             requested=record.request,
+            reused_files=tuple(reused),
         )
+
+    def _adopt_partials(self, work: Path, work_raw: Path) -> None:
+        """Move the unfinished downloads of dead attempts at this export into this attempt, so
+        the download resumes from the bytes on disk instead of byte 0. Only attempts whose
+        process is gone (or finished in this one) are touched: a live run's files are its own."""
+        for sibling in sorted(work.parent.iterdir()):
+            if sibling == work or not sibling.is_dir() or not _attempt_owner_dead(sibling.name):
+                continue
+            for part in (sibling / "raw").glob("*.part"):
+                meta = part.with_name(part.name + ".json")
+                target = work_raw / part.name
+                if meta.exists() and (
+                    not target.exists() or part.stat().st_size > target.stat().st_size
+                ):
+                    os.replace(part, target)
+                    os.replace(meta, work_raw / meta.name)
+            shutil.rmtree(sibling, ignore_errors=True)
+
+    def _prune_failed(self, kind: ExportKind) -> None:
+        """Raw and Parquet files of retired exports, once past the retention setting."""
+        days = self.settings.failed_raw_retention_days
+        if days < 0:
+            return  # keep forever
+        before = datetime.now(UTC) - timedelta(days=days)
+        try:
+            retired = self.ledger.failed_exports(self.name, before=before)
+        except ExportPipelineError:
+            return  # housekeeping must never fail a load that committed
+        for r in retired:
+            if r.kind != kind.name:
+                continue
+            for tier in ("raw", "parquet"):
+                path = self.storage.local_dir(tier, kind, r.export_id)
+                shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(self.storage.work_dir(kind, r.export_id, "x").parent, True)
 
     def _published_parquet(
         self,
@@ -528,17 +813,22 @@ class ExportRunner:
         return fetched
 
     def _download(
-        self, kind: ExportKind, status: ExportStatus, raw_dir: Path
-    ) -> tuple[list[DownloadedFile], ExportStatus]:
-        """Download every file; a dead signed link is replaced by asking for the status again."""
+        self, kind: ExportKind, status: ExportStatus, raw_dir: Path, work_raw: Path
+    ) -> tuple[list[DownloadedFile], ExportStatus, list[str]]:
+        """Every file of the export in ``raw_dir``: files an earlier attempt verified are
+        re-read, the rest downloaded into this attempt's ``work_raw`` and, once verified,
+        moved into ``raw_dir`` (one rename each). A dead signed link is replaced by asking for
+        the status again."""
+        reused = self._verified(status, raw_dir)
         for attempt in range(self.settings.link_refreshes + 1):
+            missing = [f for f in status.files if f.name not in reused]
             headers = (
-                self.provider.api.auth_headers if any(f.authenticated for f in status.files) else {}
+                self.provider.api.auth_headers if any(f.authenticated for f in missing) else {}
             )
             try:
-                files = download_files(
-                    list(status.files),
-                    raw_dir,
+                fetched = download_files(
+                    missing,
+                    work_raw,
                     provider=self.name,
                     export_id=status.export_id,
                     headers=headers,
@@ -551,8 +841,9 @@ class ExportRunner:
                     limits=self.settings.download_limits,
                     # Connect, read (stall) and write timeouts: the provider's own setting.
                     timeout=getattr(self.provider.api, "timeout", 60.0),
+                    resume=True,
                 )
-                return files, status
+                break
             except LinkExpiredError:
                 if attempt == self.settings.link_refreshes:
                     raise
@@ -563,7 +854,44 @@ class ExportRunner:
                 )
                 status = self.status(status.export_id)
                 self._raise_for_terminal(kind, status)
-        raise AssertionError("unreachable")
+        by_name = dict(reused)
+        for f in fetched:
+            target = raw_dir / f.name
+            os.replace(f.path, target)
+            by_name[f.name] = replace(f, path=target)
+        if reused:
+            self.log.info(
+                "%s export %s: re-reading %d verified file(s) instead of downloading them",
+                kind.key,
+                status.export_id,
+                len(reused),
+            )
+        return [by_name[f.name] for f in status.files], status, sorted(reused)
+
+    def _verified(self, status: ExportStatus, raw_dir: Path) -> dict[str, DownloadedFile]:
+        """Files already in ``raw_dir`` (with the announced size, where one was announced).
+        Only a download that passed its checks is ever moved there (one rename), so what is
+        there is complete."""
+        found: dict[str, DownloadedFile] = {}
+        for f in status.files:
+            path = raw_dir / f.name
+            if not path.is_file():
+                continue
+            size = path.stat().st_size
+            if f.size_bytes is not None and size != f.size_bytes:
+                continue
+            hasher = hashlib.sha256()
+            with open(path, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    hasher.update(chunk)
+            found[f.name] = DownloadedFile(
+                name=f.name,
+                path=path,
+                size_bytes=size,
+                sha256=hasher.hexdigest(),
+                content_type=None,
+            )
+        return found
 
     # -- the whole dance ------------------------------------------------------------------
 
@@ -665,3 +993,17 @@ def _format_label(detected: object) -> str:
     gz = getattr(detected, "gzip", False)
     label = str(getattr(fmt, "value", fmt))
     return f"{label}+gzip" if gz else label
+
+
+def _params(params: object) -> str:
+    """Request parameters in a comparable form (the ledger stores them as JSON)."""
+    return json.dumps(dict(params or {}), sort_keys=True, default=str)  # type: ignore[call-overload]
+
+
+def _describe_owner(owner: str | None) -> str:
+    """``run 1a2b… (pid 123 on host, a load)`` for messages."""
+    if not owner:
+        return "another run"
+    run, _, where = owner.rpartition("@")
+    host, _, pid = where.rpartition(":")
+    return f"run {run} (pid {pid} on {host})" if run else f"run {owner}"

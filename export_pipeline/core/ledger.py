@@ -13,14 +13,15 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import psutil
 import pyarrow as pa
 
 from export_pipeline.core.errors import WarehouseBusyError
@@ -34,6 +35,7 @@ from export_pipeline.core.model import (
 )
 
 LEDGER_SCHEMA = "pipeline"
+log = logging.getLogger(__name__)
 
 _DDL = f"""
 CREATE SCHEMA IF NOT EXISTS {LEDGER_SCHEMA};
@@ -64,6 +66,9 @@ CREATE TABLE IF NOT EXISTS {LEDGER_SCHEMA}.exports (
     error_message VARCHAR,
     replaced_by VARCHAR,
     detail JSON,
+    permanent_failures INTEGER NOT NULL DEFAULT 0,
+    lease_owner VARCHAR,
+    lease_expires_at TIMESTAMPTZ,
     PRIMARY KEY (provider, export_id)
 );
 CREATE TABLE IF NOT EXISTS {LEDGER_SCHEMA}.export_files (
@@ -87,8 +92,27 @@ CREATE TABLE IF NOT EXISTS {LEDGER_SCHEMA}.cursors (
 );
 """
 
-log = logging.getLogger(__name__)
-_LOCK_HOLDER = re.compile(r"held in (.+?\(PID \d+\))")
+
+# Columns added after the first release: warehouses made before gain them in place.
+_ADDED_COLUMNS = {
+    "permanent_failures": "INTEGER DEFAULT 0",
+    "lease_owner": "VARCHAR",
+    "lease_expires_at": "TIMESTAMPTZ",
+}
+
+
+def _migrate(con: duckdb.DuckDBPyConnection) -> None:
+    have = {
+        row[0]
+        for row in con.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = ? AND table_name = 'exports'",
+            [LEDGER_SCHEMA],
+        ).fetchall()
+    }
+    for name, ddl in _ADDED_COLUMNS.items():
+        if name not in have:
+            con.execute(f"ALTER TABLE {LEDGER_SCHEMA}.exports ADD COLUMN {name} {ddl}")
 
 
 def utcnow() -> datetime:
@@ -125,6 +149,9 @@ class ExportRecord:
     error_message: str | None
     replaced_by: str | None
     detail: dict[str, Any]
+    permanent_failures: int = 0
+    lease_owner: str | None = None
+    lease_expires_at: datetime | None = None
 
     @property
     def request(self) -> ExportRequest:
@@ -139,18 +166,55 @@ class ExportRecord:
 _COLUMNS = [f for f in ExportRecord.__dataclass_fields__]
 
 
+@dataclass(frozen=True)
+class Lease:
+    """The answer to :meth:`Ledger.claim`: granted, or who holds the export until when."""
+
+    granted: bool
+    owner: str | None
+    expires_at: datetime | None
+    taken_over_from: str | None = None  # an expired or dead holder this claim replaced
+
+
 def _record(row: tuple[Any, ...]) -> ExportRecord:
     values = dict(zip(_COLUMNS, row, strict=True))
     values["state"] = ExportState(values["state"])
     values["request_params"] = json.loads(values["request_params"] or "{}")
     values["detail"] = json.loads(values["detail"] or "{}")
+    values["permanent_failures"] = values["permanent_failures"] or 0
     return ExportRecord(**values)
 
 
-def lock_holder(message: str) -> str:
-    """Who holds the DuckDB file lock, from DuckDB's error ("... held in <exe> (PID n) ...")."""
-    match = _LOCK_HOLDER.search(message)
-    return match.group(1).strip() if match else "another process"
+_LOCK_PID = re.compile(r"PID (\d+)")
+# Command lines of processes that write the warehouse: a Dagster run, the CLI, the demo.
+_WRITERS = ("dagster", "export-pipeline", "export_pipeline")
+
+
+def lock_holder(error: str) -> tuple[str, str]:
+    """Who holds the warehouse, from DuckDB's lock error (it names the PID), and what to do.
+
+    A pipeline process is a load; anything else (the duckdb CLI, a notebook, a BI tool) is
+    taken for a reader, which blocks loads as long as it keeps the file open.
+    """
+    match = _LOCK_PID.search(error)
+    if not match:
+        return "another process", "try again when it ends"
+    pid = int(match.group(1))
+    try:
+        cmdline = " ".join(psutil.Process(pid).cmdline())
+    except (psutil.Error, OSError):
+        cmdline = ""
+    shown = f" (PID {pid}: {cmdline[:120]})" if cmdline else f" (PID {pid})"
+    if any(w in cmdline for w in _WRITERS):
+        return (
+            f"a pipeline process{shown}, a load or another run",
+            "it ends by itself; runs take turns on the warehouse",
+        )
+    return (
+        f"a reader or another program{shown}",
+        "DuckDB lets no load in while another process has the file open: close that "
+        "session, or query a copy of the file (see README, Where data lands)",
+    )
 
 
 class Warehouse:
@@ -180,20 +244,30 @@ class Warehouse:
             try:
                 con = duckdb.connect(str(self.path), read_only=read_only)
                 break
-            except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
-                    if "lock" in str(exc).lower():
-                        raise WarehouseBusyError(
-                            f"warehouse {self.path} is locked by another process",
-                            hint="a load is running; try again when it ends",
-                        ) from exc
+            except duckdb.BinderException as exc:
+                # Another thread of this process is closing the file's last connection just
+                # now (DuckDB's per-process instance cache); a moment later it opens cleanly.
+                if "file handle conflict" not in str(exc) or time.monotonic() > deadline:
                     raise
+                time.sleep(delay)
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower():
+                    raise
+                holder, hint = lock_holder(str(exc))
+                if time.monotonic() > deadline:
+                    raise WarehouseBusyError(
+                        f"warehouse {self.path} is locked by {holder}; gave up after "
+                        f"{self.lock_timeout:.0f}s (warehouse.lock_timeout_seconds)",
+                        hint=hint,
+                    ) from exc
                 if time.monotonic() >= next_note:
                     log.info(
-                        "waiting for the warehouse write lock on %s, held by %s (up to %.0fs)",
+                        "waiting for the warehouse write lock on %s, held by %s (up to %.0fs "
+                        "more, warehouse.lock_timeout_seconds). %s",
                         self.path,
-                        lock_holder(str(exc)),
+                        holder,
                         max(0.0, deadline - time.monotonic()),
+                        hint,
                     )
                     next_note = time.monotonic() + 10.0
                 time.sleep(delay)
@@ -202,6 +276,7 @@ class Warehouse:
             con.execute("SET TimeZone = 'UTC'")
             if not read_only and not self._initialised:
                 con.execute(_DDL)
+                _migrate(con)
                 self._initialised = True
             yield con
         finally:
@@ -512,6 +587,169 @@ class Ledger:
                 ],
             )
 
+    # -- poison budget, abandon ----------------------------------------------------------
+
+    def record_permanent_failure(
+        self,
+        provider: str,
+        export_id: str,
+        *,
+        code: str,
+        message: str,
+        budget: int,
+        owner: str | None = None,
+    ) -> ExportRecord | None:
+        """Count a failure that another attempt at the same export cannot fix by itself (parse,
+        integrity, a link still dead after fresh ones). At ``budget`` such failures the export
+        is retired (FAILED, with the reason), so the next run requests a new one instead of
+        adopting it again. Releases ``owner``'s lease in the same transaction."""
+        with self.warehouse.transaction() as con:
+            current = self._get(con, provider, export_id)
+            if current is None:
+                return None
+            failures = current.permanent_failures + 1
+            retire = failures >= budget and can_transition(current.state, ExportState.FAILED)
+            text = message[:2000]
+            if retire:
+                text = f"retired after {failures} permanent failure(s) (budget {budget}): {text}"
+            con.execute(
+                f"UPDATE {LEDGER_SCHEMA}.exports SET attempts = attempts + 1, "
+                "permanent_failures = ?, error_code = ?, error_message = ?, state = ?, "
+                "lease_owner = CASE WHEN lease_owner = ? THEN NULL ELSE lease_owner END, "
+                "lease_expires_at = CASE WHEN lease_owner = ? THEN NULL "
+                "ELSE lease_expires_at END, updated_at = ? WHERE provider = ? AND export_id = ?",
+                [
+                    failures,
+                    code,
+                    text[:2000],
+                    (ExportState.FAILED if retire else current.state).value,
+                    owner,
+                    owner,
+                    utcnow(),
+                    provider,
+                    export_id,
+                ],
+            )
+            return self._get(con, provider, export_id)
+
+    def abandon(self, provider: str, export_id: str, *, reason: str = "") -> ExportRecord:
+        """An operator gives up on an export on purpose: it becomes FAILED (``ABANDONED``) and
+        its lease is released, so no run adopts it again and the next one requests anew."""
+        with self.warehouse.transaction() as con:
+            current = self._get(con, provider, export_id)
+            if current is None:
+                raise KeyError(f"no {provider} export {export_id!r} in the ledger")
+            if current.state is ExportState.LOADED:
+                raise ValueError(
+                    f"{provider} export {export_id} is already loaded; there is nothing to abandon"
+                )
+            con.execute(
+                f"UPDATE {LEDGER_SCHEMA}.exports SET state = 'failed', error_code = 'ABANDONED', "
+                "error_message = ?, lease_owner = NULL, lease_expires_at = NULL, updated_at = ? "
+                "WHERE provider = ? AND export_id = ?",
+                [
+                    f"abandoned by an operator{': ' + reason if reason else ''}"[:2000],
+                    utcnow(),
+                    provider,
+                    export_id,
+                ],
+            )
+            record = self._get(con, provider, export_id)
+        assert record is not None
+        return record
+
+    def failed_exports(self, provider: str, *, before: datetime) -> list[ExportRecord]:
+        """Exports given up (FAILED) whose last change is older than ``before``."""
+        with self.warehouse.connect() as con:
+            rows = con.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM {LEDGER_SCHEMA}.exports "
+                "WHERE provider = ? AND state = 'failed' AND updated_at < ? ORDER BY updated_at",
+                [provider, before],
+            ).fetchall()
+        return [_record(r) for r in rows]
+
+    # -- lease: one run at a time works on an export ----------------------------------
+
+    def claim(
+        self,
+        provider: str,
+        export_id: str,
+        owner: str,
+        *,
+        ttl_seconds: float,
+        is_dead: Callable[[str], bool] | None = None,
+    ) -> Lease:
+        """Take (or renew) the lease on an export for ``owner``, unless another owner holds it.
+
+        A lease whose expiry has passed, or whose owner ``is_dead`` says died, is taken over.
+        The check and the write are one transaction: DuckDB lets one process write at a time,
+        so two runs never both get the lease.
+        """
+        for attempt in range(20):
+            try:
+                with self.warehouse.transaction() as con:
+                    return self._claim(con, provider, export_id, owner, ttl_seconds, is_dead)
+            except duckdb.TransactionException:
+                # Two threads of one process claimed at once; the loser asks again.
+                time.sleep(0.01 * (attempt + 1))
+        raise RuntimeError(f"could not claim {provider} export {export_id}: write conflicts")
+
+    def _claim(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        provider: str,
+        export_id: str,
+        owner: str,
+        ttl_seconds: float,
+        is_dead: Callable[[str], bool] | None,
+    ) -> Lease:
+        row = con.execute(
+            f"SELECT lease_owner, lease_expires_at FROM {LEDGER_SCHEMA}.exports "
+            "WHERE provider = ? AND export_id = ?",
+            [provider, export_id],
+        ).fetchone()
+        if row is None:
+            raise KeyError(f"no {provider} export {export_id!r} in the ledger")
+        holder, expires = row[0], _aware(row[1])
+        now = utcnow()
+        previous = None
+        if holder and holder != owner:
+            expired = expires is None or expires <= now
+            if not expired and not (is_dead is not None and is_dead(holder)):
+                return Lease(granted=False, owner=holder, expires_at=expires)
+            previous = holder
+        until = now + timedelta(seconds=ttl_seconds)
+        con.execute(
+            f"UPDATE {LEDGER_SCHEMA}.exports SET lease_owner = ?, lease_expires_at = ? "
+            "WHERE provider = ? AND export_id = ?",
+            [owner, until, provider, export_id],
+        )
+        return Lease(granted=True, owner=owner, expires_at=until, taken_over_from=previous)
+
+    def release(self, provider: str, export_id: str, owner: str) -> None:
+        """Give the lease back (only ``owner``'s own lease; someone else's is left alone)."""
+        with self.warehouse.transaction() as con:
+            con.execute(
+                f"UPDATE {LEDGER_SCHEMA}.exports SET lease_owner = NULL, lease_expires_at = NULL "
+                "WHERE provider = ? AND export_id = ? AND lease_owner = ?",
+                [provider, export_id, owner],
+            )
+
+    def release_run(self, run_id: str) -> list[tuple[str, str]]:
+        """Release every lease a (dead) run holds; returns the (provider, export_id) freed."""
+        with self.warehouse.transaction() as con:
+            freed = con.execute(
+                f"SELECT provider, export_id FROM {LEDGER_SCHEMA}.exports "
+                "WHERE lease_owner = ? OR starts_with(lease_owner, ?)",
+                [run_id, f"{run_id}@"],
+            ).fetchall()
+            con.execute(
+                f"UPDATE {LEDGER_SCHEMA}.exports SET lease_owner = NULL, lease_expires_at = NULL "
+                "WHERE lease_owner = ? OR starts_with(lease_owner, ?)",
+                [run_id, f"{run_id}@"],
+            )
+        return [(p, e) for p, e in freed]
+
     def is_loaded(self, con: duckdb.DuckDBPyConnection, provider: str, export_id: str) -> bool:
         row = con.execute(
             f"SELECT state FROM {LEDGER_SCHEMA}.exports WHERE provider = ? AND export_id = ?",
@@ -544,7 +782,8 @@ class Ledger:
             f"UPDATE {LEDGER_SCHEMA}.exports SET state = 'loaded', rows_loaded = ?, "
             "bytes_downloaded = ?, loaded_at = ?, raw_uri = ?, parquet_uri = ?, "
             "partition_key = ?, attempts = attempts + 1, error_code = NULL, "
-            "error_message = NULL, updated_at = ? WHERE provider = ? AND export_id = ?",
+            "error_message = NULL, lease_owner = NULL, lease_expires_at = NULL, "
+            "updated_at = ? WHERE provider = ? AND export_id = ?",
             [
                 rows,
                 bytes_downloaded,

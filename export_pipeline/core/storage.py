@@ -7,15 +7,23 @@ is not the one that loads it; the files then have to be *published* somewhere du
 
     <root>/<tier>/<provider>/<kind>/<export_id>/<file>
 
-``LocalStorage`` roots it in the data dir and publishing is a no-op; ``S3Storage`` works in a
-local cache dir and uploads on publish (``upload_file``: streamed, multipart for big files, never
-read into memory). The boto3 client comes from a factory, typically dagster-aws's
-``S3Resource.get_client``, so credentials and endpoint follow the deployment's resource config.
+Each attempt at an export works in its own directory (:meth:`work_dir`,
+``<root>/work/<provider>/<kind>/<export_id>/<attempt>/``), so two runs never write, or delete,
+each other's files; only what an attempt *publishes* lands in the shared layout above, and a
+publish is atomic (a directory rename) for the local tier.
+
+``LocalStorage`` roots it in the data dir and publishing is a rename into place;
+``S3Storage`` works in a local cache dir and uploads on publish (``upload_file``: streamed,
+multipart for big files, never read into memory). The boto3 client comes from a factory,
+typically dagster-aws's ``S3Resource.get_client``, so credentials and endpoint follow the
+deployment's resource config.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,8 +47,17 @@ def _relative(tier: str, kind: ExportKind, export_id: str) -> Path:
     return Path(tier) / kind.provider / kind.name / export_id
 
 
+def _check_attempt(attempt: str) -> None:
+    if not attempt or "/" in attempt or attempt in {".", ".."}:
+        raise ValueError(f"unsafe attempt id for a path: {attempt!r}")
+
+
 class Storage(Protocol):
     """Working directories per (tier, kind, export) and a way to make them durable."""
+
+    def work_dir(self, kind: ExportKind, export_id: str, attempt: str) -> Path:
+        """This attempt's own scratch directory (created); nobody else writes or deletes it."""
+        ...
 
     def local_dir(self, tier: str, kind: ExportKind, export_id: str) -> Path:
         """A local working directory for that tier ("raw" | "parquet"), created."""
@@ -66,13 +83,31 @@ class LocalStorage:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def work_dir(self, kind: ExportKind, export_id: str, attempt: str) -> Path:
+        return _work_dir(self.data_dir, kind, export_id, attempt)
+
     def publish(self, tier: str, kind: ExportKind, export_id: str, local_dir: Path) -> str:
-        """No upload: the directory is already durable. Files written elsewhere are copied in."""
-        target = self.local_dir(tier, kind, export_id)
+        """No upload: the directory is already durable. A directory written elsewhere (an
+        attempt's work dir) replaces the published one in one rename, so a reader sees the
+        old set of files or the new one, never a mix or a half-written file."""
+        target = self.data_dir / _relative(tier, kind, export_id)
         source = Path(local_dir)
-        if source.resolve() != target.resolve():
-            for path in sorted(p for p in source.iterdir() if p.is_file()):
-                shutil.copy2(path, target / path.name)
+        if target.exists() and source.resolve() == target.resolve():
+            return str(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tag = uuid.uuid4().hex[:12]
+        staging = target.with_name(f".{export_id}.{tag}.new")
+        try:
+            os.rename(source, staging)  # same file system: the work dir is under data_dir
+        except OSError:
+            shutil.copytree(source, staging)
+        old = target.with_name(f".{export_id}.{tag}.old")
+        if target.exists():
+            # What stands there was published by an earlier attempt that never committed (a
+            # committed export is never re-published); the caller holds the export's lease.
+            os.rename(target, old)
+        os.rename(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
         return str(target)
 
     def fetch(self, uri: str, dest_dir: Path) -> list[Path]:
@@ -89,6 +124,13 @@ class LocalStorage:
             shutil.copy2(path, dest / path.name)
             copied.append(dest / path.name)
         return copied
+
+
+def _work_dir(root: Path, kind: ExportKind, export_id: str, attempt: str) -> Path:
+    _check_attempt(attempt)
+    path = root / "work" / _relative("raw", kind, export_id).relative_to("raw") / attempt
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -116,6 +158,9 @@ class S3Storage:
         path = self.cache_dir / _relative(tier, kind, export_id)
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def work_dir(self, kind: ExportKind, export_id: str, attempt: str) -> Path:
+        return _work_dir(self.cache_dir, kind, export_id, attempt)
 
     def publish(self, tier: str, kind: ExportKind, export_id: str, local_dir: Path) -> str:
         """Upload every file of ``local_dir`` (streamed by ``upload_file``); return the URI.

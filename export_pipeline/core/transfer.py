@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import threading
@@ -55,6 +56,7 @@ from export_pipeline.core.errors import (
     TransientProviderError,
     UnsafeUrlError,
 )
+from export_pipeline.core.faults import fault_point
 from export_pipeline.core.http import RETRYABLE_STATUS, RetryPolicy, retry_after_seconds
 from export_pipeline.core.model import RemoteFile
 from export_pipeline.core.netpolicy import UrlPolicy, UrlRefused, UrlUnresolvable
@@ -68,6 +70,7 @@ _CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie
 # How much of an error body we read: enough to classify it, bounded against a huge error page.
 _ERROR_BODY_LIMIT = 64 * 1024
 _EXCERPT_CHARS = 300
+_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 
 Classifier = Callable[[httpx.Response], ExportPipelineError | None]
@@ -244,12 +247,18 @@ def download_files(
     progress: Progress | None = None,
     url_policy: UrlPolicy | None = None,
     limits: DownloadLimits | None = None,
+    resume: bool = False,
 ) -> list[DownloadedFile]:
     """Download several files with at most ``max_concurrency`` at a time, results in input order.
 
     An export is only useful complete, so the first failure stops the rest: queued downloads are
     cancelled, running ones abort at their next chunk (and delete their partial file), and that
     first error is raised. Already finished files stay on disk (the caller owns ``dest_dir``).
+
+    ``resume=True``: a ``<name>.part`` already in ``dest_dir`` (left by a killed or failed
+    attempt) is continued with ``Range`` from its last byte when the server honours it, and
+    started over when it does not; a download that fails with retries exhausted keeps its
+    ``.part`` for the next attempt.
     """
     if max_concurrency < 1:
         raise ValueError("max_concurrency must be >= 1")
@@ -301,6 +310,7 @@ def download_files(
                         progress=progress,
                         url_policy=url_policy,
                         limits=limits,
+                        resume=resume,
                     ).run
                 )
                 for f in files
@@ -372,6 +382,7 @@ class _Downloader:
         progress: Progress | None = None,
         url_policy: UrlPolicy | None = None,
         limits: DownloadLimits | None = None,
+        resume: bool = False,
     ) -> None:
         self.file = file
         self.progress = progress
@@ -395,6 +406,9 @@ class _Downloader:
         self.head = b""  # first bytes of the body, to recognise gzip
         self.final_path = dest_dir / file.name
         self.part_path = dest_dir / f"{file.name}.part"
+        # What a later attempt needs to resume this .part safely: the validator for If-Range.
+        self.meta_path = dest_dir / f"{file.name}.part.json"
+        self.resume = resume
         # Resume state: bytes on disk in .part, their running hash, and whether a Range is safe.
         self.offset = 0
         self.hasher = hashlib.sha256()
@@ -422,8 +436,38 @@ class _Downloader:
             pass
 
     def _cleanup(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.part_path.unlink()
+        for path in (self.part_path, self.meta_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def _continue_partial(self) -> bool:
+        """Take up the bytes an earlier attempt left in .part, if it said the host resumes."""
+        try:
+            meta = json.loads(self.meta_path.read_text())
+            size = self.part_path.stat().st_size
+        except (OSError, ValueError):
+            return False
+        if not meta.get("accept_ranges") or size == 0:
+            return False
+        self.offset, self.hasher, self.meter, self.head = 0, hashlib.sha256(), None, b""
+        with open(self.part_path, "rb") as f:
+            # The bytes on disk go through the same hash and the same size and gzip caps as
+            # bytes off the wire: the resumed body continues their stream.
+            while chunk := f.read(self.chunk_size):
+                self.hasher.update(chunk)
+                self.offset += len(chunk)
+                self._meter(chunk)
+        self.can_resume = True
+        self.validator = meta.get("validator")
+        log.info("resuming %s at byte %d left by an earlier attempt", self.file.name, size)
+        return True
+
+    def _save_meta(self) -> None:
+        if not self.resume:
+            return
+        tmp = self.meta_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"accept_ranges": self.can_resume, "validator": self.validator}))
+        os.replace(tmp, self.meta_path)
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -436,13 +480,18 @@ class _Downloader:
         own_client = self.client is None
         client = self.client or _new_client(self.timeout)
         try:
-            self._restart()
+            if not (self.resume and self._continue_partial()):
+                self._restart()
             return self._attempts(client)
         except _Cancelled:
             self._cleanup()
             raise ExportPipelineError(
                 "download cancelled after a sibling failed", **self._ctx()
             ) from None
+        except TransientProviderError:
+            if not (self.resume and self.can_resume):
+                self._cleanup()
+            raise
         except BaseException:
             self._cleanup()
             raise
@@ -563,6 +612,14 @@ class _Downloader:
         status = response.status_code
         if status in RETRYABLE_STATUS or status >= 500:
             raise _Retry(f"HTTP {status}", retry_after_seconds(response))
+        if status == 416 and self.offset:
+            # Asked to resume at or past the end: the .part may hold the whole file already.
+            match = _UNSATISFIED_RANGE.match(response.headers.get("content-range", ""))
+            if match and int(match.group(1)) == self.offset:
+                self.total = self.offset
+                return
+            self.can_resume = False
+            raise _Retry(f"range from byte {self.offset} not satisfiable; starting over")
         if status >= 300:
             raise self._error_for(response)
         if status == 206:
@@ -590,8 +647,11 @@ class _Downloader:
         if self.validator and self.validator.startswith("W/"):
             self.validator = None  # weak ETags are not allowed in If-Range
         self.content_type = response.headers.get("content-type")
+        self._save_meta()
         with open(self.part_path, "ab") as out:
-            for chunk in response.iter_raw(self.chunk_size):
+            # As the bytes arrive, not re-chunked: httpx would hold back up to chunk_size bytes
+            # that a cut connection then loses, and the resume would start before them.
+            for chunk in response.iter_raw():
                 self._check_cancel()
                 out.write(chunk)
                 self.hasher.update(chunk)
@@ -599,6 +659,8 @@ class _Downloader:
                 if self.progress is not None:
                     self.progress(self.file.name, self.offset, self.total)
                 self._meter(chunk)
+                out.flush()
+                fault_point("download")
         if self.total is not None and self.offset < self.total:
             raise _Retry(f"body ended at byte {self.offset} of {self.total}")
 
@@ -691,6 +753,8 @@ class _Downloader:
         os.replace(self.part_path, self.final_path)
         if self.progress is not None:
             self.progress(self.file.name, self.offset, self.total, finished=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.meta_path.unlink()
         return DownloadedFile(
             name=self.file.name,
             path=self.final_path,

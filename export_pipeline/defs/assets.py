@@ -16,8 +16,9 @@ from pydantic import Field
 from export_pipeline.core.errors import ExportPipelineError, ExportTimeoutError
 from export_pipeline.core.http import RetryPolicy
 from export_pipeline.core.ingest import ExportRunner, IngestResult
+from export_pipeline.core.ledger import Ledger
 from export_pipeline.core.load import ensure_views
-from export_pipeline.core.model import ExportKind, ExportRequest, Incremental, LoadMode
+from export_pipeline.core.model import ExportKind, ExportRequest, ExportState, Incremental, LoadMode
 from export_pipeline.core.windows import next_request, parse_iso
 from export_pipeline.providers.base import ExportProvider
 from export_pipeline.providers.column_docs import apply_comments, column_docs, view_docs
@@ -74,6 +75,7 @@ def make_runner(
     lock_timeout: float | None = None,
     retry: RetryPolicy | None = None,
     logger: logging.Logger | None = None,
+    owner: str | None = None,
 ) -> ExportRunner:
     """Provider client + ledger + storage from the resources of a run, sensor or schedule."""
     settings = resources.sync_settings
@@ -87,6 +89,7 @@ def make_runner(
         warehouse.storage_backend(getattr(resources, "s3", None)),
         settings.ingest(),
         logger=logger,
+        owner=owner,
     )
     return runner
 
@@ -154,7 +157,11 @@ def request_from_config(
 
 
 def to_dagster_error(
-    exc: ExportPipelineError, *, retry_seconds: float = 30.0, max_retries: int = 3
+    exc: ExportPipelineError,
+    *,
+    retry_seconds: float = 30.0,
+    max_retries: int = 3,
+    ledger: Ledger | None = None,
 ) -> Exception:
     """Typed errors become a clear Failure; transient ones ask Dagster to retry the step.
 
@@ -176,9 +183,29 @@ def to_dagster_error(
         }.items()
         if v is not None
     }
+    if ledger is not None and exc.provider and exc.export_id:
+        metadata.update(_ledger_facts(ledger, exc.provider, exc.export_id))
     if exc.retryable and not isinstance(exc, ExportTimeoutError):
         return dg.RetryRequested(max_retries=max_retries, seconds_to_wait=retry_seconds)
     return dg.Failure(description=str(exc), metadata=metadata, allow_retries=False)
+
+
+def _ledger_facts(ledger: Ledger, provider: str, export_id: str) -> dict[str, Any]:
+    """What the ledger now says of a failed export: shown on the failed step in the UI."""
+    try:
+        record = ledger.get(provider, export_id)
+    except ExportPipelineError:
+        return {}  # the warehouse is busy: the error itself still says what happened
+    if record is None:
+        return {}
+    facts: dict[str, Any] = {
+        "export_state": record.state.value,
+        "permanent_failures": record.permanent_failures,
+    }
+    if record.state is ExportState.FAILED:
+        facts["failure_reason"] = f"{record.error_code}: {record.error_message}"
+        facts["next_run"] = "requests a new export"
+    return facts
 
 
 def build_export_asset(kind: ExportKind, binding: ProviderBinding) -> dg.AssetsDefinition:
@@ -206,7 +233,9 @@ def build_export_asset(kind: ExportKind, binding: ProviderBinding) -> dg.AssetsD
         context: dg.AssetExecutionContext, config: ExportConfig
     ) -> dg.MaterializeResult:
         partition_key = context.partition_key if context.has_partition_key else None
-        runner = make_runner(context.resources, binding, logger=context.log)
+        runner = make_runner(
+            context.resources, binding, logger=context.log, owner=context.run.run_id
+        )
         settings = context.resources.sync_settings
         with run_log_bridge(context.log):
             try:
@@ -224,7 +253,10 @@ def build_export_asset(kind: ExportKind, binding: ProviderBinding) -> dg.AssetsD
                     source = context.run.tags.get(TRIGGER_TAG, "run")
                     # Ask for (or adopt) this kind's export first: an error is reported by this
                     # step, before the run's other exports are asked for.
-                    _, adopted = runner.start(kind, request, source=source)
+                    # A full refresh never adopts an open export (it may be the bad one).
+                    _, adopted = runner.start(
+                        kind, request, source=source, adopt=not config.full_refresh
+                    )
                     request_run_siblings(context, binding, kind, runner)
                     result = runner.sync(
                         kind, request, source=source, timeout=config.wait_timeout_seconds
@@ -236,6 +268,7 @@ def build_export_asset(kind: ExportKind, binding: ProviderBinding) -> dg.AssetsD
                     exc,
                     retry_seconds=settings.step_retry_seconds,
                     max_retries=settings.step_max_retries,
+                    ledger=runner.ledger,
                 ) from exc
             finally:
                 runner.provider.close()
@@ -379,6 +412,8 @@ def result_metadata(
     }
     if table_rows is not None:
         md["dagster/row_count"] = dg.MetadataValue.int(table_rows)
+    if result.waited_for:
+        md["waited_for_run"] = result.waited_for
     if result.skipped:
         return md
     md.update(
@@ -391,6 +426,7 @@ def result_metadata(
             "parquet_path": dg.MetadataValue.path(result.parquet_uri or ""),
             "raw_path": dg.MetadataValue.path(result.raw_uri or ""),
             "cursor": result.cursor.isoformat() if result.cursor else None,
+            "reused_raw_files": ", ".join(result.reused_files) or None,
         }
     )
     if result.requested is not None and result.requested.modified_since is not None:

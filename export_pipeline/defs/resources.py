@@ -13,7 +13,7 @@ from pydantic import Field
 
 from export_pipeline.core.errors import ConfigurationError
 from export_pipeline.core.http import RetryPolicy
-from export_pipeline.core.ingest import IngestSettings
+from export_pipeline.core.ingest import POISON_BUDGET, IngestSettings
 from export_pipeline.core.ledger import Ledger, Warehouse
 from export_pipeline.core.netpolicy import UrlPolicy, parse_allow
 from export_pipeline.core.storage import Storage, storage_from_setting
@@ -133,6 +133,26 @@ class SyncSettingsResource(dg.ConfigurableResource):
     max_expansion_ratio: float = Field(
         200.0, description="Largest inflated/compressed ratio of a gzip file (bomb guard)."
     )
+    poison_budget: int = Field(
+        POISON_BUDGET,
+        description="Permanent failures (parse, integrity, a link dead after fresh ones) an "
+        "export may cause before it is given up and the next run requests a new one.",
+    )
+    lease_seconds: float = Field(
+        1200.0,
+        description="How long a run's claim on an export lasts between renewals; a dead run's "
+        "claim lapses after this (at once when its process is seen gone on this host).",
+    )
+    claim_wait_seconds: float = Field(
+        300.0,
+        description="How long a run waits for an export another run is ingesting before it "
+        "stops with a message naming that run.",
+    )
+    failed_raw_retention_days: float = Field(
+        7.0,
+        description="Raw files of a given-up export are kept this long for inspection "
+        "(negative: forever).",
+    )
 
     def incremental(self) -> IncrementalSettings:
         return IncrementalSettings(
@@ -161,6 +181,10 @@ class SyncSettingsResource(dg.ConfigurableResource):
                 max_decompressed_bytes=self.max_decompressed_bytes,
                 max_expansion_ratio=self.max_expansion_ratio,
             ),
+            poison_budget=self.poison_budget,
+            lease_seconds=self.lease_seconds,
+            claim_wait_seconds=self.claim_wait_seconds,
+            failed_raw_retention_days=self.failed_raw_retention_days,
         )
 
     def url_policy(self) -> UrlPolicy:

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from export_pipeline.core.errors import ExportPipelineError, WarehouseBusyError
 from export_pipeline.core.http import RetryPolicy
-from export_pipeline.core.ingest import ExportRunner
+from export_pipeline.core.ingest import POISON_BUDGET, ExportRunner
 from export_pipeline.core.model import ExportKind, ExportRequest, ExportState, ExportStatus
 from export_pipeline.defs.assets import (
     EXPORT_TAG,
@@ -37,7 +37,9 @@ from export_pipeline.providers.base import batched
 TICK_BUDGET_SECONDS = 30.0
 MAX_EXPORTS_PER_TICK = 5000
 # Failed ingests of a ready export are relaunched by the sensor up to this many attempts.
-MAX_INGEST_ATTEMPTS = 3
+# The same number as the poison budget: an export that used it up is retired (FAILED) and
+# never relaunched, so the sensor's last attempt is the one that retires it.
+MAX_INGEST_ATTEMPTS = POISON_BUDGET
 # A run may hold the warehouse while it loads; a sensor tick waits only briefly, then skips.
 SENSOR_LOCK_TIMEOUT = 5.0
 # A tick must not spend its budget backing off: one quick retry, then the next tick.
@@ -323,3 +325,29 @@ def run_failure_alerts(
     }
     posted = failure_alerts.record(failure)
     context.log.info(f"recorded failure of run {run.run_id}{' and posted it' if posted else ''}")
+
+
+RELEASE_CLAIMS_SENSOR = "release_claims_of_failed_runs"
+
+
+def build_release_claims_sensor() -> dg.SensorDefinition:
+    """Free the exports a failed run held (its ledger leases), as soon as Dagster marks it
+    failed: also a run whose process was killed, which run monitoring fails (dagster.yaml).
+    The lease would lapse by itself; this only makes the export available at once."""
+
+    from export_pipeline.defs.resources import WarehouseResource
+
+    @dg.run_failure_sensor(
+        name=RELEASE_CLAIMS_SENSOR,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=30,
+    )
+    def _release(context: dg.RunFailureSensorContext, warehouse: WarehouseResource) -> None:
+        ledger = warehouse.ledger(lock_timeout=SENSOR_LOCK_TIMEOUT)
+        for provider, export_id in ledger.release_run(context.dagster_run.run_id):
+            context.log.info(
+                f"released {provider} export {export_id} held by failed run "
+                f"{context.dagster_run.run_id}"
+            )
+
+    return _release

@@ -261,9 +261,13 @@ class State:
       ready_after_seconds, processing_after_seconds, processing_status, rate_limit_next,
       retry_after_seconds,
       fail_next_export, reject_next_request, max_export_rows, link_ttl_seconds,
-      expire_exports_after_seconds, truncate_next_download, download_base_url.
+      expire_exports_after_seconds, truncate_next_download, download_base_url,
+      ignore_range (the file host answers every GET with the whole file, 200, although it
+      advertises ``Accept-Ranges``), corrupt_next_export (bytes written over the next export's
+      file once it is complete).
     Counters: calls (list of (method, path)), call_counts (Counter of paths' route names),
-      downloads (successful 200/206 answers), requests_by_id (id -> modifiedSince or None).
+      downloads (successful 200/206 answers), bytes_sent (body bytes of every download answer,
+      cut or not), requests_by_id (id -> modifiedSince or None).
     """
 
     def __init__(
@@ -293,6 +297,10 @@ class State:
         self.expire_exports_after_seconds = expire_exports_after_seconds
         self.truncate_next_download = False
         self.download_base_url: str | None = None  # serve links from another host
+        self.ignore_range = False
+        self.corrupt_next_export: bytes | None = None
+
+        self.bytes_sent = 0
 
         self.calls: list[tuple[str, str]] = []
         self.downloads = 0
@@ -513,6 +521,10 @@ class State:
                 for row in rows:
                     writer.writerow(row.csv_cells())
                     written += 1
+        with self._lock:
+            corrupt, self.corrupt_next_export = self.corrupt_next_export, None
+        if corrupt is not None:
+            partial.write_bytes(corrupt)
         partial.replace(path)
         with self._lock:
             export.path = path
@@ -623,6 +635,10 @@ class State:
         with self._lock:
             self.downloads += 1
 
+    def _count_bytes(self, n: int) -> None:
+        with self._lock:
+            self.bytes_sent += n
+
     def close(self) -> None:
         """Remove the export files (when the simulator owns its directory)."""
         if self._tmp is not None:
@@ -659,19 +675,46 @@ def _denied(message: str) -> Response:
     return Response(body, status_code=403, media_type="application/xml")
 
 
-class _TruncatedFileResponse(Response):
-    """Announces the full Content-Length, sends half, then drops the connection."""
+class _Counted:
+    """Counts the body bytes a response really sent (``State.bytes_sent``)."""
 
-    def __init__(self, path: Path, headers: dict[str, str]) -> None:
-        super().__init__(status_code=200, headers=headers)
-        self.path = path
+    def __init__(self, inner: Response, state: State, *, drop_range: bool = False) -> None:
+        self.inner = inner
+        self.state = state
+        self.drop_range = drop_range
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        size = self.path.stat().st_size
+        async def counting(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                self.state._count_bytes(len(message.get("body", b"")))
+            await send(message)
+
+        if self.drop_range:  # a host that ignores Range: it never sees the header
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"range"]
+            scope = dict(scope, headers=headers)
+        await self.inner(scope, receive, counting)
+
+
+class _TruncatedFileResponse(Response):
+    """Announces the full Content-Length (or the rest of it, for a Range), sends half of it,
+    then drops the connection. Like a real object store it says ``Accept-Ranges: bytes``."""
+
+    def __init__(self, path: Path, headers: dict[str, str], start: int = 0) -> None:
+        super().__init__(status_code=200 if start == 0 else 206, headers=headers)
+        self.path = path
+        self.start = start
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        total = self.path.stat().st_size
+        size = total - self.start
         self.headers["content-length"] = str(size)
+        self.headers["accept-ranges"] = "bytes"
+        if self.start:
+            self.headers["content-range"] = f"bytes {self.start}-{total - 1}/{total}"
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         remaining = size // 2
         with self.path.open("rb") as f:
+            f.seek(self.start)
             while remaining > 0:
                 chunk = f.read(min(65536, remaining))
                 remaining -= len(chunk)
@@ -774,10 +817,16 @@ def create_app(state: State) -> Starlette:
         if request.method == "GET" and state._take_truncation():
             state._count_download()
             headers["Content-Type"] = media_type
-            return _TruncatedFileResponse(export.path, headers)
+            match = re.fullmatch(r"bytes=(\d+)-", request.headers.get("range", ""))
+            start = int(match.group(1)) if match and not state.ignore_range else 0
+            return _Counted(_TruncatedFileResponse(export.path, headers, start), state)
         if request.method == "GET":
             state._count_download()
-        return FileResponse(export.path, media_type=media_type, headers=headers)
+        return _Counted(  # type: ignore[return-value]
+            FileResponse(export.path, media_type=media_type, headers=headers),
+            state,
+            drop_range=state.ignore_range,
+        )
 
     return Starlette(
         routes=[

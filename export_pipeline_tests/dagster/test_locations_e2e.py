@@ -308,4 +308,10 @@ def test_sensor_relaunches_a_failed_ingest_a_bounded_number_of_times(
                 else [f"locations:{export_id}:attempt-{attempt + 1}"]
             )
             assert tick() == expected
-        assert r.ledger.get("locations", export_id).state is ExportState.READY
+        # The sensor's attempts and the poison budget end together: a link still dead after
+        # fresh ones is a permanent failure, so the last attempt retired the export and the
+        # next run requests a new one instead of adopting it.
+        record = r.ledger.get("locations", export_id)
+        assert record.state is ExportState.FAILED
+        assert record.permanent_failures == MAX_INGEST_ATTEMPTS
+        assert record.error_message.startswith(f"retired after {MAX_INGEST_ATTEMPTS}")

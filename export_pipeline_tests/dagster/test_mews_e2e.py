@@ -22,7 +22,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from export_pipeline.core.ingest import ExportRunner
+from export_pipeline.core.ingest import POISON_BUDGET, ExportRunner
 from export_pipeline.core.model import ExportKind, ExportRequest, ExportState, ExportStatus
 from export_pipeline.definitions import BINDINGS, build_defs
 from export_pipeline.defs.assets import asset_key, make_runner
@@ -503,7 +503,18 @@ def test_size_mismatch_fails_and_the_previous_snapshot_stays(setup: DagsterSetup
     assert query(
         setup, "SELECT count(*) FROM pipeline.export_files WHERE export_id = ?", [bad_id]
     ) == [(0,)]
-    # The broken export is given up, so the next run asks for a fresh one and recovers.
+    # Each later run adopts it again (a repaired file could still load) until its poison
+    # budget is spent; then it is given up, with the reason on the failed step.
+    for _ in range(2, POISON_BUDGET + 1):
+        again = run_sync(setup, ["Customer"], raise_on_error=False)
+        assert not again.success
+        assert exports(setup, "Customer")[1][0] == bad_id  # adopted, not requested anew
+    failure = next(e for e in again.all_events if e.is_step_failure)
+    facts = failure.step_failure_data.user_failure_data.metadata
+    assert facts["export_state"].value == "failed"
+    assert facts["permanent_failures"].value == POISON_BUDGET
+    assert "size mismatch" in facts["failure_reason"].value
+    # The next run asks for a fresh one and recovers.
     assert run_sync(setup, ["Customer"]).success
     assert_table_is_the_sandbox(setup, "Customer")
     states = [e[1] for e in exports(setup, "Customer")]
