@@ -4,6 +4,7 @@ finishes, a byte-order mark."""
 
 from __future__ import annotations
 
+import functools
 import socket
 import struct
 import threading
@@ -23,8 +24,9 @@ from starlette.routing import Route
 from export_pipeline.core.errors import ExportTimeoutError
 from export_pipeline.core.http import RetryPolicy
 from export_pipeline.core.model import ExportKind, ExportRequest, RemoteFile
+from export_pipeline.core.netpolicy import UrlPolicy
 from export_pipeline.core.normalise import to_parquet
-from export_pipeline.core.transfer import download_file
+from export_pipeline.core.transfer import download_file as _download_file
 from export_pipeline.providers.locations import LOCATIONS
 from export_pipeline.sandbox.server import RunningServer
 from export_pipeline_tests.locations.conftest import LocationsSandbox
@@ -32,6 +34,8 @@ from export_pipeline_tests.reliability.conftest import MakeRunner, exports
 
 BODY = b'{"id": 1}\n{"id": 2}\n'
 FAST = RetryPolicy(max_attempts=5, base_delay=0.01, max_delay=0.05, jitter=0.0)
+# These file hosts are on loopback, which the download URL policy refuses unless allowed.
+download_file = functools.partial(_download_file, url_policy=UrlPolicy.from_setting("loopback"))
 
 
 class Host:
