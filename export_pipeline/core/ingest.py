@@ -6,6 +6,7 @@ the ledger, so a crash at any point leaves a record that the next run or sensor 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -600,6 +601,8 @@ class ExportRunner:
         keep = [p for p in (work / "raw").glob("*.part*")] if (work / "raw").is_dir() else []
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                work.parent.rmdir()  # the export's work dir, once no attempt is left in it
             return
         shutil.rmtree(work / "parquet", ignore_errors=True)
 
