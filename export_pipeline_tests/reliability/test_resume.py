@@ -3,17 +3,30 @@ it does not; the simulator counts every body byte it sends, so bytes sent twice 
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-from export_pipeline.core.model import ExportRequest
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import FileResponse
+from starlette.routing import Route
+
+from export_pipeline.core.errors import LimitExceededError
+from export_pipeline.core.model import ExportRequest, RemoteFile
+from export_pipeline.core.netpolicy import UrlPolicy
+from export_pipeline.core.transfer import DownloadLimits, download_files
 from export_pipeline.providers.locations import LOCATIONS
+from export_pipeline.sandbox.server import RunningServer
 from export_pipeline_tests.locations.conftest import N_LOCATIONS, LocationsSandbox
 from export_pipeline_tests.reliability.conftest import MakeRunner, table_rows
 
 JSON = ExportRequest(params={"format": "json"})
+LOOPBACK = UrlPolicy.from_setting("loopback")
 
 
 def _served_file(sandbox: LocationsSandbox, export_id: str) -> bytes:
@@ -95,3 +108,53 @@ def test_a_live_runs_partial_file_is_left_alone(
     finally:
         live.kill()
         live.wait()
+
+
+@pytest.fixture
+def gzip_host(tmp_path: Path) -> Iterator[tuple[str, bytes]]:
+    """A file host serving one gzip file with Range support (Starlette's FileResponse)."""
+    text = b"".join(b'{"id": %d, "pad": "%s"}\n' % (i, b"x" * 40) for i in range(20000))
+    body = gzip.compress(text, compresslevel=1)
+    served = tmp_path / "served.jsonl.gz"
+    served.write_bytes(body)
+    app = Starlette(routes=[Route("/f.jsonl.gz", lambda request: FileResponse(served))])
+    with RunningServer(app) as server:
+        yield f"{server.base_url}/f.jsonl.gz", body
+
+
+def _leave_partial(dest: Path, body: bytes, size: int) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "f.jsonl.gz.part").write_bytes(body[:size])
+    (dest / "f.jsonl.gz.part.json").write_text(json.dumps({"accept_ranges": True}))
+
+
+def test_a_resumed_gzip_file_is_byte_identical(gzip_host: tuple[str, bytes], tmp_path: Path):
+    url, body = gzip_host
+    _leave_partial(tmp_path / "dl", body, len(body) // 3)
+    file = RemoteFile(url=url, name="f.jsonl.gz", size_bytes=len(body))
+    [got] = download_files(
+        [file], tmp_path / "dl", provider="p", export_id="e", url_policy=LOOPBACK, resume=True
+    )
+    assert got.path.read_bytes() == body
+    assert got.sha256 == hashlib.sha256(body).hexdigest()  # the bytes on disk were hashed too
+
+
+def test_the_gzip_guard_counts_the_bytes_on_disk_of_a_resumed_file(
+    gzip_host: tuple[str, bytes], tmp_path: Path
+) -> None:
+    url, body = gzip_host
+    _leave_partial(tmp_path / "dl", body, len(body) // 2)
+    file = RemoteFile(url=url, name="f.jsonl.gz", size_bytes=len(body))
+    # The half on disk already inflates past this cap: the resume must not reset the count.
+    limits = DownloadLimits(max_decompressed_bytes=len(body), max_expansion_ratio=None)
+    with pytest.raises(LimitExceededError, match="gzip"):
+        download_files(
+            [file],
+            tmp_path / "dl",
+            provider="p",
+            export_id="e",
+            url_policy=LOOPBACK,
+            resume=True,
+            limits=limits,
+        )
+    assert not list((tmp_path / "dl").iterdir())  # refused: nothing left to resume
