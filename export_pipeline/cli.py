@@ -32,7 +32,7 @@ def _demo(args: argparse.Namespace) -> int:
     warehouse_path = data_dir / "warehouse.duckdb"
     if not args.keep and data_dir.exists():
         # The sandbox starts from scratch each time, so the demo's warehouse does too.
-        for name in ("warehouse.duckdb", "warehouse.duckdb.wal", "raw", "parquet"):
+        for name in ("warehouse.duckdb", "warehouse.duckdb.wal", "raw", "parquet", "work"):
             target = data_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
