@@ -204,7 +204,7 @@ def lock_holder(error: str) -> tuple[str, str]:
         cmdline = " ".join(psutil.Process(pid).cmdline())
     except (psutil.Error, OSError):
         cmdline = ""
-    shown = f" (PID {pid}: {cmdline[:120]})" if cmdline else f" (PID {pid})"
+    shown = f" (PID {pid})" + (f" `{cmdline[:120]}`" if cmdline else "")
     if any(w in cmdline for w in _WRITERS):
         return (
             f"a pipeline process{shown}, a load or another run",

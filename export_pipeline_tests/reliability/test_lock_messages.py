@@ -62,16 +62,16 @@ def test_a_reader_holding_the_file_is_named_as_a_reader(warehouse_file: Path, ca
     with holding(READER, warehouse_file) as reader, pytest.raises(WarehouseBusyError) as info:
         connect(warehouse_file, 0.3)
     message = str(info.value)
-    assert f"a reader or another program (PID {reader.pid}: " in message
+    assert f"a reader or another program (PID {reader.pid}) `" in message
     assert "close that session" in message  # what to do
     assert "gave up after 0s (warehouse.lock_timeout_seconds)" in message
     assert "a load is running" not in message
-    assert f"(PID {reader.pid}: " in caplog.text  # the wait itself was announced
+    assert f"(PID {reader.pid}) `" in caplog.text  # the wait itself was announced
 
 
 def test_a_pipeline_process_holding_the_file_is_named_as_a_load(warehouse_file: Path) -> None:
     with holding(LOADER, warehouse_file) as loader, pytest.raises(WarehouseBusyError) as info:
         connect(warehouse_file, 0.2)
     message = str(info.value)
-    assert f"a pipeline process (PID {loader.pid}: " in message
+    assert f"a pipeline process (PID {loader.pid}) `" in message
     assert "a load or another run" in message and "ends by itself" in message
