@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -134,8 +134,6 @@ class IngestSettings:
     # loaded meanwhile, and then this run has nothing to do), then stops naming the holder.
     claim_wait_seconds: float = 300.0
     claim_poll_seconds: float = 2.0
-    # Raw files of a retired (FAILED) export are kept this long for inspection.
-    failed_raw_retention_days: float = 7.0
 
 
 @dataclass(frozen=True)
@@ -535,10 +533,9 @@ class ExportRunner:
             if record is not None and record.state is ExportState.FAILED:
                 self.log.error(
                     "export %s retired after %d permanent failure(s); the next run requests "
-                    "a new export (raw files kept for inspection for %.0f days)",
+                    "a new export (its files stay for inspection: retention.failed_days)",
                     export_id,
                     record.permanent_failures,
-                    self.settings.failed_raw_retention_days,
                 )
             return
         self.ledger.record_error(
@@ -705,7 +702,6 @@ class ExportRunner:
             for path in written:
                 os.replace(path, cache / path.name)
             written = [cache / path.name for path in written]
-        self._prune_failed(kind)
         self.log.info(
             "%s export %s: loaded %d rows into %s (%d inserted, %d updated, %d deleted; "
             "table has %d rows)",
@@ -760,24 +756,6 @@ class ExportRunner:
                     os.replace(part, target)
                     os.replace(meta, work_raw / meta.name)
             shutil.rmtree(sibling, ignore_errors=True)
-
-    def _prune_failed(self, kind: ExportKind) -> None:
-        """Raw and Parquet files of retired exports, once past the retention setting."""
-        days = self.settings.failed_raw_retention_days
-        if days < 0:
-            return  # keep forever
-        before = datetime.now(UTC) - timedelta(days=days)
-        try:
-            retired = self.ledger.failed_exports(self.name, before=before)
-        except ExportPipelineError:
-            return  # housekeeping must never fail a load that committed
-        for r in retired:
-            if r.kind != kind.name:
-                continue
-            for tier in ("raw", "parquet"):
-                path = self.storage.local_dir(tier, kind, r.export_id)
-                shutil.rmtree(path, ignore_errors=True)
-            shutil.rmtree(self.storage.work_dir(kind, r.export_id, "x").parent, True)
 
     def _published_parquet(
         self,

@@ -658,16 +658,6 @@ class Ledger:
         assert record is not None
         return record
 
-    def failed_exports(self, provider: str, *, before: datetime) -> list[ExportRecord]:
-        """Exports given up (FAILED) whose last change is older than ``before``."""
-        with self.warehouse.connect() as con:
-            rows = con.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM {LEDGER_SCHEMA}.exports "
-                "WHERE provider = ? AND state = 'failed' AND updated_at < ? ORDER BY updated_at",
-                [provider, before],
-            ).fetchall()
-        return [_record(r) for r in rows]
-
     # -- lease: one run at a time works on an export ----------------------------------
 
     def claim(

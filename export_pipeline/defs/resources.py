@@ -148,11 +148,6 @@ class SyncSettingsResource(dg.ConfigurableResource):
         description="How long a run waits for an export another run is ingesting before it "
         "stops with a message naming that run.",
     )
-    failed_raw_retention_days: float = Field(
-        7.0,
-        description="Raw files of a given-up export are kept this long for inspection "
-        "(negative: forever).",
-    )
 
     def incremental(self) -> IncrementalSettings:
         return IncrementalSettings(
@@ -184,7 +179,6 @@ class SyncSettingsResource(dg.ConfigurableResource):
             poison_budget=self.poison_budget,
             lease_seconds=self.lease_seconds,
             claim_wait_seconds=self.claim_wait_seconds,
-            failed_raw_retention_days=self.failed_raw_retention_days,
         )
 
     def url_policy(self) -> UrlPolicy:
