@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import PurePosixPath
 from typing import Any, ClassVar
 
@@ -161,23 +161,23 @@ class SpecProvider(ExportProvider):
         for chunk in batched(list(export_ids), call.batch_size):
             variables = {"ids": chunk, "export_id": chunk[0]}
             try:
-                answer = self._call(
-                    call, variables, export_id=chunk[0] if len(chunk) == 1 else None
+                answer, http = self._call(
+                    call, variables, export_id=chunk[0] if len(chunk) == 1 else None, http=True
                 )
-            except ExportLostError as exc:
+            except (ExportLostError, ExportExpiredError) as exc:
                 if len(chunk) > 1:
                     raise
-                statuses[chunk[0]] = self._lost(chunk[0], exc.code, exc.message, exc.request_id)
+                gone = ExportState.LOST if isinstance(exc, ExportLostError) else ExportState.EXPIRED
+                statuses[chunk[0]] = self._gone(chunk[0], gone, exc)
                 continue
             if call.batch_size == 1:
-                records = [dig(answer, call.record, answer)]
-            else:
-                records = dig(answer, call.records, [])
-            for record in records:
+                status = self._status(dig(answer, call.record, answer), chunk[0], http)
+                statuses[status.export_id] = status
+            for record in dig(answer, call.records, []) if call.batch_size > 1 else []:
                 status = self._status(record)
                 statuses[status.export_id] = status
             for export_id in chunk:  # a batch answer that leaves an id out does not know it
-                statuses.setdefault(export_id, self._lost(export_id, "NOT_FOUND", None, None))
+                statuses.setdefault(export_id, self._gone(export_id, ExportState.LOST, None))
         return statuses
 
     def parse_event(self, body: Mapping[str, Any]) -> tuple[str | None, ExportStatus]:
@@ -189,7 +189,8 @@ class SpecProvider(ExportProvider):
         record = dig(body, events.record)
         if kind not in events.types or not isinstance(record, Mapping):
             raise ValueError(f"invalid {self.spec.name} event: type {kind!r}")
-        return None, self._status(record)
+        partition = dig(body, events.partition) if events.partition else None
+        return (None if partition is None else str(partition)), self._status(record)
 
     def classify_download_error(self, response: httpx.Response) -> ExportPipelineError | None:
         """Typed error for an error answer met while downloading (called by core/transfer)."""
@@ -270,7 +271,9 @@ class SpecProvider(ExportProvider):
         *,
         export_id: str | None = None,
         kind: str | None = None,
+        http: bool = False,
     ) -> Any:
+        """The answer's JSON (and its HTTP status when ``http``); error answers raise."""
         payload = render(call.body, variables)
         if self.spec.auth.style == "body" and call.encoding == "json":
             payload = {**self.body_credentials, **payload}
@@ -285,7 +288,7 @@ class SpecProvider(ExportProvider):
         flag = self.spec.errors.success_flag
         if flag is not None and dig(answer, flag) is not True:
             raise self.error_for(response, export_id=export_id, kind=kind)
-        return answer
+        return (answer, response.status_code) if http else answer
 
     def _bounded(
         self, kind: ExportKind, start: datetime | None, end: datetime | None
@@ -324,26 +327,36 @@ class SpecProvider(ExportProvider):
         variables.update({f"param.{k}": v for k, v in request.params.items()})
         return variables
 
-    def _lost(
-        self, export_id: str, code: str | None, message: str | None, request_id: str | None
+    def _gone(
+        self, export_id: str, state: ExportState, error: ExportPipelineError | None
     ) -> ExportStatus:
+        """A per-id answer 404/410 (or an id a batch left out): LOST/EXPIRED, not an error."""
+        request_id = error.request_id if error else None
         return ExportStatus(
             export_id=export_id,
-            state=ExportState.LOST,
-            error_code=code or "NOT_FOUND",
-            error_message=message or "export not found",
+            state=state,
+            error_code=(error.code if error else None) or "NOT_FOUND",
+            error_message=error.message if error else "export not found",
             detail={"request_id": request_id} if request_id else {},
         )
 
-    def _status(self, record: Any) -> ExportStatus:
+    def _status(
+        self, record: Any, export_id: str | None = None, http: int | None = None
+    ) -> ExportStatus:
+        """One export object -> ExportStatus. ``export_id``/``http``: what a per-id call knows
+        when the answer does not say (mapping's link call has no id and no status word)."""
         f = self.spec.fields
-        if not isinstance(record, Mapping) or dig(record, f.id) is None:
+        found = dig(record, f.id) if isinstance(record, Mapping) else None
+        if not isinstance(record, Mapping) or (found is None and export_id is None):
             raise ProviderRejectedError(
                 f"answer has no export object with {f.id!r}", provider=self.name
             )
-        export_id = str(dig(record, f.id))
+        export_id = str(found if found is not None else export_id)
         word = str(dig(record, f.state, ""))
         state = self.spec.states.state_of(word)
+        if not word and http in self.spec.states.http:
+            word = f"HTTP {http}"
+            state = ExportState(self.spec.states.http[http])
         detail: dict[str, Any] = {}
         if state is None:
             # The one policy for unknown words (see providers/spec.py): still open, never loaded.
@@ -356,7 +369,7 @@ class SpecProvider(ExportProvider):
             export_id=export_id,
             state=state,
             files=files,
-            expires_at=parse_time(dig(record, f.expires_at), f.time_format),
+            expires_at=self._expiry(record),
             provider_timestamp=parse_time(dig(record, f.timestamp), f.time_format),
             expected_rows=dig(record, f.rows),
             error_code=str(code) if code is not None else ("EXPORT_FAILED" if failed else None),
@@ -365,9 +378,16 @@ class SpecProvider(ExportProvider):
             detail=detail,
         )
 
+    def _expiry(self, record: Mapping[str, Any]) -> datetime | None:
+        f = self.spec.fields
+        seconds = dig(record, f.expires_in) if f.expires_in else None
+        if seconds is not None:  # a lifetime from now (the link call just answered)
+            return datetime.now(UTC) + timedelta(seconds=float(seconds))
+        return parse_time(dig(record, f.expires_at), f.time_format)
+
     def _files(self, record: Mapping[str, Any], export_id: str) -> tuple[RemoteFile, ...]:
         f = self.spec.fields
-        found = dig(record, f.files) if f.files else None
+        found = dig(record, f.files) if f.files is not None else None  # "" = the record
         if found is None and f.file_url_template:
             found = [{}]
         items = found if isinstance(found, list) else [found] if found is not None else []

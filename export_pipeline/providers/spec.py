@@ -118,7 +118,9 @@ class Fields(_Spec):
 
     id: str = "id"
     state: str = "status"
-    files: str | None = Field(None, description="A list of file objects, or one file object.")
+    files: str | None = Field(
+        None, description="A list of file objects, or one file object ('': the record itself)."
+    )
     file_url: str = Field("url", description="Inside a file object ('' = the value itself).")
     file_size: str | None = None
     file_name: str | None = None
@@ -126,6 +128,7 @@ class Fields(_Spec):
         None, description="When the answer has no URL: e.g. '{base_url}/v1/exports/{export_id}'."
     )
     expires_at: str | None = None
+    expires_in: str | None = Field(None, description="Seconds the files live from now.")
     timestamp: str | None = Field(None, description="The provider's export time (the cursor).")
     rows: str | None = None
     error_code: str | None = None
@@ -142,6 +145,11 @@ class StatusMap(_Spec):
     failed: list[str] = Field(default_factory=list)
     expired: list[str] = Field(default_factory=list)
     lost: list[str] = Field(default_factory=list)
+    http: dict[int, Literal["pending", "processing", "ready", "failed", "expired", "lost"]] = Field(
+        default_factory=dict,
+        description="HTTP status -> state, for answers without a status word (mapping's "
+        "link call: 202 processing, 200 ready).",
+    )
 
     @model_validator(mode="after")
     def _disjoint(self) -> StatusMap:
@@ -236,11 +244,16 @@ class KindSpec(_Spec):
     description: str = ""
     params: dict[str, Any] = Field(default_factory=dict, description="Values for {kind.<x>}.")
     columns: dict[str, Column] = Field(default_factory=dict, description="Type hints.")
-    load_mode: Literal["merge", "snapshot"] | None = None
+    load_mode: Literal["merge", "snapshot", "replace_partition"] | None = None
+    partition_column: str | None = Field(
+        None, description="replace_partition: the column whose value is the partition key."
+    )
 
     @model_validator(mode="after")
     def _named(self) -> KindSpec:
         _identifier("kind name", self.name)
+        if (self.load_mode == "replace_partition") != (self.partition_column is not None):
+            raise ValueError(f"kind {self.name}: replace_partition goes with partition_column")
         if not self.primary_key:
             raise ValueError(f"kind {self.name}: primary_key needs at least one column")
         return self
@@ -252,6 +265,7 @@ class Event(_Spec):
     type_path: str = "type"
     types: list[str]
     record: str = Field(description="Dotted path of the export object inside the event.")
+    partition: str | None = Field(None, description="Dotted path of the partition key.")
 
 
 class ExportApiSpec(_Spec):
@@ -300,6 +314,7 @@ class ExportApiSpec(_Spec):
                 description=k.description,
                 params=dict(k.params),
                 columns={c: col.type for c, col in k.columns.items()} or None,
+                partition_column=k.partition_column,
             )
             for k in self.kinds
         )

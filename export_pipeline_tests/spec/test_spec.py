@@ -4,6 +4,7 @@ classification on real ``httpx.Response`` objects, then the batched shape over l
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -90,6 +91,10 @@ def test_kinds_follow_the_incremental_style() -> None:
         ({"download": {"credentials": "files_host"}}, "needs download.files_base_url"),
         ({"kinds": [{"name": "Bad Name", "primary_key": ["id"]}]}, "must match"),
         ({"colour": "blue"}, "Extra inputs"),
+        (
+            {"kinds": [{"name": "k", "primary_key": ["id"], "load_mode": "replace_partition"}]},
+            "goes with partition_column",
+        ),
     ],
 )
 def test_an_incoherent_spec_is_refused_with_a_reason(change: dict, message: str) -> None:
@@ -235,10 +240,58 @@ def test_request_sends_the_window_in_the_declared_format(acme: SpecProvider) -> 
     with RunningServer(app) as server:
         provider = provider_for(spec_dict(), server.base_url)
         status = provider.request_export(provider.kinds[0], ExportRequest())
-        from datetime import UTC, datetime
-
         since = datetime(2025, 1, 2, 3, 4, 5, 600000, tzinfo=UTC)
         provider.request_export(provider.kinds[0], ExportRequest(modified_since=since))
         provider.close()
     assert status.state is ExportState.PENDING
     assert seen == [{}, {"since": "2025-01-02T03:04:05Z"}]  # a full export sends no `since`
+
+
+# -- mapping's shape: the status is a link call without id or word; partitions ----------------
+
+
+def _link_app() -> Starlette:
+    async def link(request: Request) -> JSONResponse:
+        file_id = request.path_params["file_id"]
+        if file_id == "busy":
+            return JSONResponse({"status": "processing"}, status_code=202)
+        if file_id == "purged":
+            return JSONResponse({"error": {"code": "GONE", "message": "purged"}}, status_code=410)
+        return JSONResponse({"downloadUrl": f"https://s3/{file_id}", "expiresInSeconds": 60})
+
+    return Starlette(routes=[Route("/exports/{file_id}/download", link, methods=["GET"])])
+
+
+def test_state_from_the_http_status_and_a_relative_expiry() -> None:
+    data = spec_dict(
+        status={"path": "/exports/{export_id}/download"},
+        fields={"state": "state", "files": "", "file_url": "downloadUrl",
+                "expires_in": "expiresInSeconds"},
+        states={"ready": ["done"], "http": {202: "processing", 200: "ready"}},
+        incremental={"style": "snapshot"},
+        kinds=[{"name": "results", "primary_key": ["id"], "load_mode": "replace_partition",
+                "partition_column": "jobId"}],
+        events={"types": ["export.ready"], "record": "data", "partition": "data.jobId"},
+    )  # fmt: skip
+    with RunningServer(_link_app()) as server:
+        provider = provider_for(data, server.base_url)
+        before = datetime.now(UTC)
+        statuses = provider.get_statuses(["f1", "busy", "purged"])
+        provider.close()
+    ready = statuses["f1"]
+    assert ready.state is ExportState.READY and ready.files[0].url == "https://s3/f1"
+    assert ready.expires_at is not None
+    assert timedelta(seconds=59) <= ready.expires_at - before <= timedelta(seconds=120)
+    assert statuses["busy"].state is ExportState.PROCESSING
+    assert (
+        statuses["purged"].state is ExportState.EXPIRED and statuses["purged"].error_code == "GONE"
+    )
+    (kind,) = provider.kinds
+    assert (kind.load_mode, kind.partition_column) == (LoadMode.REPLACE_PARTITION, "jobId")
+    partition, _ = provider.parse_event(
+        {
+            "type": "export.ready",
+            "data": {"id": "f2", "state": "done", "jobId": 42, "downloadUrl": "u"},
+        }
+    )
+    assert partition == "42"
