@@ -29,7 +29,8 @@ KIND = LOCATIONS.kinds[0]
 
 
 def test_every_asset_has_a_freshness_check_from_its_schedule() -> None:
-    repo = build_defs().get_repository_def()
+    with dg.instance_for_test():  # Definitions load under a live instance (test_definitions)
+        repo = build_defs().get_repository_def()
     fresh = {
         k.asset_key.to_user_string()
         for k in repo.asset_graph.asset_check_keys
@@ -92,14 +93,12 @@ def test_retention_never_removes_what_an_open_export_needs(
 ) -> None:
     setup = dagster_setup
     assert setup.job("locations_sync").execute_in_process(instance=setup.instance).success
-    runner = make_runner(
-        dg.build_resources(
-            {k: setup.resources[k] for k in ("warehouse", "sync_settings", "locations_api")}
-        ).__enter__(),
-        LOCATIONS,
-    )
-    open_record, _ = runner.start(KIND, ExportRequest(), adopt=False)
-    failed_record, _ = runner.start(KIND, ExportRequest(), adopt=False)
+    keys = ("warehouse", "sync_settings", "locations_api", "s3")
+    with dg.build_resources({k: setup.resources[k] for k in keys}) as built:
+        runner = make_runner(built, LOCATIONS)
+        open_record, _ = runner.start(KIND, ExportRequest(), adopt=False)
+        failed_record, _ = runner.start(KIND, ExportRequest(), adopt=False)
+        runner.provider.close()
     runner.ledger.record_error(
         "locations", failed_record.export_id, code="X", message="bad", state=ExportState.FAILED
     )
@@ -131,4 +130,3 @@ def test_retention_never_removes_what_an_open_export_needs(
     assert result.success
     kept = {name for name, path in dirs.items() if path.exists()}
     assert kept == {"loaded_parquet", "open_raw", "open_readback"}
-    runner.provider.close()

@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_asset_has_a_described_column_schema_before_any_run() -> None:
-    defs = build_defs()
-    specs = {s.key.to_user_string(): s for s in defs.resolve_all_asset_specs()}
+    with dg.instance_for_test():  # Definitions load under a live instance (test_definitions)
+        specs = {s.key.to_user_string(): s for s in build_defs().resolve_all_asset_specs()}
     for binding in BINDINGS:
         for kind in binding.kinds:
             schema = specs[kind.key].metadata["dagster/column_schema"]
