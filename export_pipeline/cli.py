@@ -1,4 +1,5 @@
-"""``export-pipeline``: the demo, the sandbox, the webhook receiver and ``dev`` (sandbox + UI)."""
+"""``export-pipeline``: the demo, the sandbox, the webhook receiver, ``dev`` (sandbox + UI) and
+``sql`` (read-only queries on the warehouse's read path)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _demo(args: argparse.Namespace) -> int:
     warehouse_path = data_dir / "warehouse.duckdb"
     if not args.keep and data_dir.exists():
         # The sandbox starts from scratch each time, so the demo's warehouse does too.
-        for name in ("warehouse.duckdb", "warehouse.duckdb.wal", "raw", "parquet", "work"):
+        for name in ("warehouse.duckdb", "warehouse.duckdb.wal", "read", "raw", "parquet", "work"):
             target = data_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -247,6 +248,137 @@ def _exports(args: argparse.Namespace) -> int:
         return 2
 
 
+# Statement types `sql` runs: queries only (SELECT covers SHOW, DESCRIBE, SUMMARIZE, PRAGMA).
+_READ_STATEMENTS = ("SELECT", "EXPLAIN")
+
+
+def _sql_connection(args: argparse.Namespace):
+    """A read-only connection on the read path: the published replica (backend duckdb) or the
+    lake attached READ_ONLY (backend ducklake). Returns (connection, {name: kind})."""
+    import duckdb
+
+    if args.backend == "ducklake":
+        from export_pipeline.core.warehouse import DuckLakeWarehouse, extension_directory
+
+        catalog = args.lake_catalog or os.environ.get("EXPORT_PIPELINE_LAKE_CATALOG")
+        lake = DuckLakeWarehouse(catalog or "data/lake/catalog.sqlite", args.lake_data_path)
+        if lake.catalog_kind == "sqlite" and not Path(lake.catalog_target).exists():
+            raise FileNotFoundError(f"no lake catalog at {lake.catalog_target}")
+        con = duckdb.connect(
+            config={
+                "extension_directory": str(extension_directory()),
+                "autoinstall_known_extensions": False,
+            }
+        )
+        con.execute(lake.attach_sql(read_only=True))
+        con.execute("USE lake")
+        con.execute("SET lock_configuration = true")
+        rows = con.execute(
+            "SELECT schema_name || '.' || table_name, 'table' FROM duckdb_tables() "
+            "WHERE database_name = 'lake' UNION ALL "
+            "SELECT schema_name || '.' || view_name, 'view' FROM duckdb_views() "
+            "WHERE database_name = 'lake' AND NOT internal"
+        ).fetchall()
+        return con, dict(rows)
+
+    from export_pipeline.core.replica import open_replica, read_manifest
+
+    read_dir = Path(args.read_dir) if args.read_dir else Path(args.data_dir) / "read"
+    try:
+        con = open_replica(read_dir)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no read replica in {read_dir}: it is published after each load "
+            "(run a sync first, e.g. `export-pipeline demo`)"
+        ) from None
+    published = set(read_manifest(read_dir).get("tables", {}))
+    rows = con.execute(
+        "SELECT schema_name || '.' || view_name FROM duckdb_views() "
+        "WHERE NOT internal AND database_name = current_database()"
+    ).fetchall()
+    return con, {r[0]: ("table" if r[0] in published else "view") for r in rows}
+
+
+def _print_rows(columns: list[str], rows, fmt: str) -> None:
+    """Write ``rows`` (an iterator of batches) to stdout as CSV, JSON (an array) or a table."""
+    import csv
+
+    out = sys.stdout
+    if fmt == "csv":
+        writer = csv.writer(out)
+        writer.writerow(columns)
+        for batch in rows:
+            writer.writerows(batch)
+    elif fmt == "json":
+        out.write("[")
+        first = True
+        for batch in rows:
+            for row in batch:
+                out.write(
+                    ("\n" if first else ",\n")
+                    + json.dumps(dict(zip(columns, row, strict=True)), default=str)
+                )
+                first = False
+        out.write("\n]\n")
+    else:
+        table = [
+            [("NULL" if v is None else str(v)) for v in row] for batch in rows for row in batch
+        ]
+        widths = [len(c) for c in columns]
+        for row in table:
+            widths = [max(w, min(len(v), 60)) for w, v in zip(widths, row, strict=True)]
+
+        def line(values: list[str]) -> str:
+            cells = [v if len(v) <= 60 else v[:59] + "…" for v in values]
+            return " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+        out.write(line(columns) + "\n")
+        out.write("-+-".join("-" * w for w in widths) + "\n")
+        for row in table:
+            out.write(line(row) + "\n")
+        out.write(f"({len(table)} row{'s' if len(table) != 1 else ''})\n")
+
+
+def _sql(args: argparse.Namespace) -> int:
+    """Query the warehouse on its read path: never blocks a load, never blocked by one."""
+    import duckdb
+
+    try:
+        con, objects = _sql_connection(args)
+    except FileNotFoundError as exc:
+        print(f"export-pipeline sql: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if not args.query:
+            listing = sorted(objects.items())
+            _print_rows(["name", "type"], [listing], args.format)
+            return 0
+        statements = con.extract_statements(args.query)
+        refused = [st.type.name for st in statements if st.type.name not in _READ_STATEMENTS]
+        if refused:
+            print(
+                f"export-pipeline sql: read-only; refused statement type(s) {', '.join(refused)}",
+                file=sys.stderr,
+            )
+            return 2
+        for statement in statements[:-1]:
+            con.execute(statement)
+        cursor = con.execute(statements[-1])
+        columns = [d[0] for d in cursor.description or []]
+
+        def batches():
+            while batch := cursor.fetchmany(10_000):
+                yield batch
+
+        _print_rows(columns, batches(), args.format)
+        return 0
+    except duckdb.Error as exc:
+        print(f"export-pipeline sql: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        con.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="export-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -287,6 +419,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _sandbox_options(dev)
     dev.set_defaults(func=_dev)
+
+    sql = sub.add_parser(
+        "sql",
+        help="query the warehouse read-only on its read path (works while loads run)",
+        description="Run a read-only query on the warehouse's read path: the replica published "
+        "after each load (backend duckdb) or the lake attached READ_ONLY (backend ducklake). "
+        "Without a query, list the tables and views.",
+    )
+    sql.add_argument("query", nargs="?", help="SQL (SELECT, SHOW, DESCRIBE, SUMMARIZE …)")
+    sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    sql.add_argument("--data-dir", default="data", help="the warehouse's data dir")
+    sql.add_argument("--read-dir", help="the published replica's folder (default DATA_DIR/read)")
+    sql.add_argument("--backend", choices=("duckdb", "ducklake"), default="duckdb")
+    sql.add_argument(
+        "--lake-catalog",
+        help="ducklake: SQLite path or postgres:<DSN> (default $EXPORT_PIPELINE_LAKE_CATALOG, "
+        "else data/lake/catalog.sqlite)",
+    )
+    sql.add_argument("--lake-data-path", default="data/lake/files")
+    sql.set_defaults(func=_sql)
 
     webhooks = sub.add_parser("webhooks", help="the push receiver for export events")
     webhooks_sub = webhooks.add_subparsers(dest="webhooks_command", required=True)

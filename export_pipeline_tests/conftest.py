@@ -11,6 +11,13 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from export_pipeline.core.warehouse import (
+    BACKENDS,
+    DuckDBWarehouse,
+    DuckLakeWarehouse,
+    Warehouse,
+    close_lakes,
+)
 from export_pipeline.definitions import build_defs, default_resources
 from export_pipeline.defs.resources import SyncSettingsResource, WarehouseResource
 from export_pipeline.sandbox.bundle import Sandbox, start_sandbox
@@ -66,6 +73,26 @@ def _loopback_only() -> Iterator[None]:
         )
 
 
+def open_warehouse(backend: str, root: Path, *, lock_timeout: float = 30.0) -> Warehouse:
+    """A warehouse of that backend under ``root``: the DuckDB file, or a lake (SQLite catalog,
+    local data files) as ``WarehouseResource(backend="ducklake")`` lays it out."""
+    if backend == "duckdb":
+        return DuckDBWarehouse(root / "warehouse.duckdb", lock_timeout=lock_timeout)
+    return DuckLakeWarehouse(
+        str(root / "lake" / "catalog.sqlite"),
+        str(root / "lake" / "files"),
+        lock_timeout=lock_timeout,
+    )
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each backend in turn: the embedded DuckDB file and a DuckLake lake. Tests that take
+    this fixture (directly or through ``dagster_setup``) run against both."""
+    yield request.param
+    close_lakes()  # detach the test's lakes (each process otherwise keeps them attached)
+
+
 @pytest.fixture(scope="session")
 def shared_s3() -> Iterator[S3Server]:
     with S3Server() as server:
@@ -97,8 +124,15 @@ class DagsterSetup:
 
 
 @pytest.fixture
+def warehouse_backend() -> str:
+    """The backend ``dagster_setup`` uses: the default file; a test that parametrizes
+    ``warehouse_backend`` (or asks for ``backend``-driven setups) runs on the lake too."""
+    return "duckdb"
+
+
+@pytest.fixture
 def dagster_setup(
-    sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, warehouse_backend: str
 ) -> Iterator[DagsterSetup]:
     """The project's real Definitions, pointed at the sandbox through environment variables,
     with the warehouse on disk under tmp_path and a real (temporary) Dagster instance."""
@@ -108,7 +142,12 @@ def dagster_setup(
     warehouse_path = data_dir / "warehouse.duckdb"
     resources = default_resources()
     resources["warehouse"] = WarehouseResource(
-        path=str(warehouse_path), data_dir=str(data_dir), lock_timeout_seconds=30
+        backend=warehouse_backend,
+        path=str(warehouse_path),
+        lake_catalog=str(data_dir / "lake" / "catalog.sqlite"),
+        lake_data_path=str(data_dir / "lake" / "files"),
+        data_dir=str(data_dir),
+        lock_timeout_seconds=30,
     )
     resources["sync_settings"] = SyncSettingsResource(
         poll_initial_seconds=0.05,
@@ -129,3 +168,4 @@ def dagster_setup(
             data_dir=data_dir,
             instance=instance,
         )
+    close_lakes()

@@ -30,6 +30,24 @@ def test_demo_runs_a_full_then_an_incremental_sync(tmp_path: Path) -> None:
         assert (
             con.execute("SELECT count(DISTINCT export_id) FROM pipeline.exports").fetchone()[0] == 2
         )
+    # README's analyst command, on the read replica the demo's loads published.
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export_pipeline.cli",
+            "sql",
+            "--format",
+            "csv",
+            "SELECT count(*) AS n FROM locations.locations",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["n", "310"]
 
 
 def test_webhooks_serve_without_credentials_is_a_clean_error(tmp_path: Path) -> None:

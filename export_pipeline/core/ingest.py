@@ -163,6 +163,7 @@ class IngestResult:
     requested: ExportRequest | None = None
     reused_files: tuple[str, ...] = ()  # verified raw files re-read instead of downloaded
     waited_for: str | None = None  # the run that held the export while this one waited
+    snapshot_id: int | None = None  # the DuckLake snapshot of this load (time travel)
 
 
 class ExportRunner:
@@ -668,32 +669,45 @@ class ExportRunner:
             }
             for f, remote in zip(downloaded, status.files, strict=True)
         ]
-        with self.ledger.warehouse.transaction() as con:
-            limit = self.settings.duckdb_memory_limit.replace("'", "''")
-            con.execute(f"SET memory_limit = '{limit}'")
-            if self.ledger.is_loaded(con, self.name, export_id):
-                # Another run (a webhook-triggered one, say) committed it while we downloaded.
-                return self._skipped(kind, record)
-            load = load_parquet(
-                con,
-                kind,
-                load_paths,
-                partition_value=record.partition_key or None,
-            )
-            ensure_views(con, kind)
-            fault_point("merge")
-            self.ledger.mark_loaded(
-                con,
-                kind,
-                export_id,
-                rows=normalised.rows,
-                bytes_downloaded=sum(f.size_bytes for f in downloaded),
-                raw_uri=raw_uri,
-                parquet_uri=parquet_uri,
-                files=files,
-                cursor_value=cursor,
-                partition_key=record.partition_key,
-            )
+        warehouse = self.ledger.warehouse
+        # One transaction: data, ledger and cursor (on DuckLake: one snapshot). A commit that
+        # collides with another writer's runs again whole, re-checking is_loaded first.
+        for attempt in warehouse.transactions():
+            with attempt as con:
+                limit = self.settings.duckdb_memory_limit.replace("'", "''")
+                con.execute(f"SET memory_limit = '{limit}'")
+                if self.ledger.is_loaded(con, self.name, export_id):
+                    # Another run (a webhook-triggered one, say) committed it while we downloaded.
+                    return self._skipped(kind, record)
+                load = load_parquet(
+                    con,
+                    kind,
+                    load_paths,
+                    partition_value=record.partition_key or None,
+                )
+                ensure_views(con, kind)
+                fault_point("merge")
+                self.ledger.mark_loaded(
+                    con,
+                    kind,
+                    export_id,
+                    rows=normalised.rows,
+                    bytes_downloaded=sum(f.size_bytes for f in downloaded),
+                    raw_uri=raw_uri,
+                    parquet_uri=parquet_uri,
+                    files=files,
+                    cursor_value=cursor,
+                    partition_key=record.partition_key,
+                )
+                warehouse.label_commit(
+                    con,
+                    f"load {kind.key} export {export_id}",
+                    schema=kind.schema,
+                    provider=self.name,
+                    kind=kind.name,
+                    export_id=export_id,
+                    partition_key=record.partition_key,
+                )
         fault_point("commit")
         if not isinstance(self.storage, LocalStorage):
             # Remote tiers: keep this worker's copy of the loaded Parquet in the local cache
@@ -734,6 +748,7 @@ class ExportRunner:
             expected_rows=status.expected_rows,
             cursor=cursor,
             load=load,
+            snapshot_id=warehouse.last_committed_snapshot(),
             raw_uri=raw_uri,
             parquet_uri=parquet_uri,
             requested=record.request,

@@ -17,14 +17,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import duckdb
 import psutil
 import pyarrow as pa
 
-from export_pipeline.core.errors import WarehouseBusyError
 from export_pipeline.core.model import (
     ALLOWED_TRANSITIONS,
     ExportKind,
@@ -33,6 +31,10 @@ from export_pipeline.core.model import (
     ExportStatus,
     can_transition,
 )
+from export_pipeline.core.warehouse import DuckDBWarehouse as Warehouse
+from export_pipeline.core.warehouse import Warehouse as WarehouseBackend
+
+__all__ = ["LEDGER_SCHEMA", "ExportRecord", "Ledger", "Warehouse", "WarehouseBackend"]
 
 LEDGER_SCHEMA = "pipeline"
 log = logging.getLogger(__name__)
@@ -113,6 +115,14 @@ def _migrate(con: duckdb.DuckDBPyConnection) -> None:
     for name, ddl in _ADDED_COLUMNS.items():
         if name not in have:
             con.execute(f"ALTER TABLE {LEDGER_SCHEMA}.exports ADD COLUMN {name} {ddl}")
+
+
+def ensure_ledger(con: duckdb.DuckDBPyConnection, *, constraints: bool = True) -> None:
+    """Create the ledger tables and add columns added since. ``constraints=False`` for a
+    DuckLake warehouse, which has no PRIMARY KEY / UNIQUE: the ledger's writes keep keys
+    unique themselves (insert-if-absent, MERGE) and lake commits are serialised or re-run."""
+    con.execute(_DDL if constraints else re.sub(r",\s*PRIMARY KEY \([^)]*\)", "", _DDL))
+    _migrate(con)
 
 
 def utcnow() -> datetime:
@@ -213,92 +223,14 @@ def lock_holder(error: str) -> tuple[str, str]:
     return (
         f"a reader or another program{shown}",
         "DuckDB lets no load in while another process has the file open: close that "
-        "session, or query a copy of the file (see README, Where data lands)",
+        "session; readers query the read replica instead (`export-pipeline sql`, README: Analysts)",
     )
-
-
-class Warehouse:
-    """The DuckDB file: short-lived connections, retried while another process writes."""
-
-    def __init__(self, path: Path | str, *, lock_timeout: float = 60.0) -> None:
-        self.path = Path(path)
-        self.lock_timeout = lock_timeout
-        self._initialised = False
-
-    @contextmanager
-    def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        if read_only and not self.path.exists():
-            # A read-only open of a missing file fails; an empty in-memory ledger answers the same.
-            con = duckdb.connect()
-            con.execute(_DDL)
-            try:
-                yield con
-            finally:
-                con.close()
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + self.lock_timeout
-        delay = 0.05
-        next_note = 0.0  # when to say again that we are still waiting
-        while True:
-            try:
-                con = duckdb.connect(str(self.path), read_only=read_only)
-                break
-            except duckdb.BinderException as exc:
-                # Another thread of this process is closing the file's last connection just
-                # now (DuckDB's per-process instance cache); a moment later it opens cleanly.
-                if "file handle conflict" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(delay)
-            except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower():
-                    raise
-                holder, hint = lock_holder(str(exc))
-                if time.monotonic() > deadline:
-                    raise WarehouseBusyError(
-                        f"warehouse {self.path} is locked by {holder}; gave up after "
-                        f"{self.lock_timeout:.0f}s (warehouse.lock_timeout_seconds)",
-                        hint=hint,
-                    ) from exc
-                if time.monotonic() >= next_note:
-                    log.info(
-                        "waiting for the warehouse write lock on %s, held by %s (up to %.0fs "
-                        "more, warehouse.lock_timeout_seconds). %s",
-                        self.path,
-                        holder,
-                        max(0.0, deadline - time.monotonic()),
-                        hint,
-                    )
-                    next_note = time.monotonic() + 10.0
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
-        try:
-            con.execute("SET TimeZone = 'UTC'")
-            if not read_only and not self._initialised:
-                con.execute(_DDL)
-                _migrate(con)
-                self._initialised = True
-            yield con
-        finally:
-            con.close()
-
-    @contextmanager
-    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """BEGIN ... COMMIT, or ROLLBACK on any error: the old state or the new, never half."""
-        with self.connect() as con:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                yield con
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            con.execute("COMMIT")
 
 
 class Ledger:
     """Reads and writes ``pipeline.*``. Methods taking ``con`` join the caller's transaction."""
 
-    def __init__(self, warehouse: Warehouse) -> None:
+    def __init__(self, warehouse: WarehouseBackend) -> None:
         self.warehouse = warehouse
 
     # -- reads ---------------------------------------------------------------------------
@@ -413,9 +345,19 @@ class Ledger:
                 "partition_key, state, modified_since, window_end, request_params, source, "
                 "requested_at, updated_at) "
                 f"SELECT ?, ?, export_id, partition_key, ?, modified_since, window_end, "
-                f"CAST(request_params AS JSON), ?, ?, ? FROM {view} "
-                "ON CONFLICT DO NOTHING",
-                [kind.provider, kind.name, ExportState.PENDING.value, source, now, now],
+                f"CAST(request_params AS JSON), ?, ?, ? FROM {view} AS v "
+                # Insert-if-absent, not ON CONFLICT: a DuckLake ledger has no primary key.
+                f"WHERE NOT EXISTS (SELECT 1 FROM {LEDGER_SCHEMA}.exports AS e "
+                "WHERE e.provider = ? AND e.export_id = v.export_id)",
+                [
+                    kind.provider,
+                    kind.name,
+                    ExportState.PENDING.value,
+                    source,
+                    now,
+                    now,
+                    kind.provider,
+                ],
             )
             self._apply_statuses(
                 con, kind.provider, [s for _, s in latest.values()], count_poll=False
@@ -804,16 +746,25 @@ class Ledger:
                 ],
             )
         # The cursor never moves backwards: an older export loaded late must not rewind it.
+        # MERGE, not ON CONFLICT: a DuckLake ledger has no primary key.
         con.execute(
-            f"INSERT INTO {LEDGER_SCHEMA}.cursors VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (provider, kind, partition_key) DO UPDATE SET "
+            f"MERGE INTO {LEDGER_SCHEMA}.cursors AS cursors USING (SELECT ? AS provider, "
+            "? AS kind, ? AS partition_key, CAST(? AS TIMESTAMPTZ) AS cursor_value, "
+            "? AS export_id, CAST(? AS TIMESTAMPTZ) AS updated_at) AS excluded "
+            "ON cursors.provider = excluded.provider AND cursors.kind = excluded.kind "
+            "AND cursors.partition_key = excluded.partition_key "
+            "WHEN MATCHED THEN UPDATE SET "
             "cursor_value = CASE WHEN excluded.cursor_value IS NULL THEN cursors.cursor_value "
             "WHEN cursors.cursor_value IS NULL OR excluded.cursor_value > cursors.cursor_value "
             "THEN excluded.cursor_value ELSE cursors.cursor_value END, "
             "export_id = CASE WHEN excluded.cursor_value IS NULL "
             "OR cursors.cursor_value IS NULL OR excluded.cursor_value >= cursors.cursor_value "
             "THEN excluded.export_id ELSE cursors.export_id END, "
-            "updated_at = excluded.updated_at",
+            "updated_at = excluded.updated_at "
+            "WHEN NOT MATCHED THEN INSERT (provider, kind, partition_key, cursor_value, "
+            "export_id, updated_at) VALUES (excluded.provider, excluded.kind, "
+            "excluded.partition_key, excluded.cursor_value, excluded.export_id, "
+            "excluded.updated_at)",
             [kind.provider, kind.name, partition_key, cursor_value, export_id, now],
         )
 

@@ -355,7 +355,8 @@ def write_comments(runner: ExportRunner, kind: ExportKind, log: logging.Logger) 
     """Descriptions as DuckDB COMMENTs after a load (kept out of the load transaction: they are
     documentation, and a busy warehouse must not fail a load that already committed)."""
     try:
-        with runner.ledger.warehouse.connect() as con:
+        # One transaction: on DuckLake one snapshot, taken in turn with other writers.
+        with runner.ledger.warehouse.transaction() as con:
             apply_comments(con, kind)
     except (duckdb.Error, ExportPipelineError) as exc:
         log.warning(f"column comments on {kind.table} not written ({exc}); the next load will")
@@ -380,7 +381,8 @@ def build_view_asset(kind: ExportKind, view: str) -> dg.AssetsDefinition:
         tags={"provider": kind.provider},
     )
     def _view_asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        with context.resources.warehouse.warehouse().connect() as con:
+        # One transaction: on DuckLake one snapshot, taken in turn with other writers.
+        with context.resources.warehouse.warehouse().transaction() as con:
             ensure_views(con, kind)
             apply_comments(con, kind)
             rows = con.execute(f"SELECT count(*) FROM {kind.schema}.{view}").fetchone()[0]
@@ -427,6 +429,8 @@ def result_metadata(
             "raw_path": dg.MetadataValue.path(result.raw_uri or ""),
             "cursor": result.cursor.isoformat() if result.cursor else None,
             "reused_raw_files": ", ".join(result.reused_files) or None,
+            # DuckLake: the snapshot of this load; `AT (VERSION => n)` reads the table as of it.
+            "lake_snapshot_id": result.snapshot_id,
         }
     )
     if result.requested is not None and result.requested.modified_since is not None:

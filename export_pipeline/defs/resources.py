@@ -14,10 +14,12 @@ from pydantic import Field
 from export_pipeline.core.errors import ConfigurationError
 from export_pipeline.core.http import RetryPolicy
 from export_pipeline.core.ingest import POISON_BUDGET, IngestSettings
-from export_pipeline.core.ledger import Ledger, Warehouse
+from export_pipeline.core.ledger import Ledger
 from export_pipeline.core.netpolicy import UrlPolicy, parse_allow
 from export_pipeline.core.storage import Storage, storage_from_setting
 from export_pipeline.core.transfer import DownloadLimits
+from export_pipeline.core.warehouse import Warehouse as WarehouseBackend
+from export_pipeline.core.warehouse import warehouse_from_settings
 from export_pipeline.core.windows import IncrementalSettings
 from export_pipeline.providers.base import ExportProvider
 
@@ -48,9 +50,32 @@ class LazyS3Resource(S3Resource):
 
 
 class WarehouseResource(dg.ConfigurableResource):
-    """The DuckDB warehouse (which also holds the ledger) and where files land."""
+    """The warehouse (tables and the ledger) and where files land. See docs/warehouse.md."""
 
-    path: str = Field("data/warehouse.duckdb", description="DuckDB file analysts query.")
+    backend: str = Field(
+        "duckdb",
+        description="'duckdb' (the embedded file at `path`, default) or 'ducklake' (a lake: "
+        "`lake_catalog` + `lake_data_path`; needs the `lake` extra).",
+    )
+    path: str = Field("data/warehouse.duckdb", description="DuckDB file (backend duckdb).")
+    lake_catalog: str = Field(
+        "data/lake/catalog.sqlite",
+        description="DuckLake catalog: a SQLite path (one machine) or 'postgres:<libpq DSN>' "
+        "(many machines; pass it as dg.EnvVar, it holds a password).",
+    )
+    lake_data_path: str = Field(
+        "data/lake/files",
+        description="Where the lake's Parquet data files go: a local folder or s3://bucket/prefix "
+        "(AWS_* variables; AWS_ENDPOINT_URL for an S3-compatible server).",
+    )
+    read_replica: bool = Field(
+        True,
+        description="Backend duckdb: after each load, publish the read replica analysts query "
+        "(`export-pipeline sql`) while loads run.",
+    )
+    read_dir: str = Field(
+        "", description="Where the read replica goes (default: read/ beside `path`)."
+    )
     data_dir: str = Field("data", description="Local root of data/raw and data/parquet.")
     storage: str = Field(
         "local",
@@ -60,10 +85,15 @@ class WarehouseResource(dg.ConfigurableResource):
         600.0, description="How long to wait for another process's write lock on the DuckDB file."
     )
 
-    def warehouse(self, *, lock_timeout: float | None = None) -> Warehouse:
-        return Warehouse(
-            Path(self.path),
+    def warehouse(self, *, lock_timeout: float | None = None) -> WarehouseBackend:
+        return warehouse_from_settings(
+            backend=self.backend,
+            path=Path(self.path),
+            lake_catalog=self.lake_catalog,
+            lake_data_path=self.lake_data_path,
             lock_timeout=self.lock_timeout_seconds if lock_timeout is None else lock_timeout,
+            read_dir=self.read_dir or None,
+            publish_reads=self.read_replica,
         )
 
     def ledger(self, *, lock_timeout: float | None = None) -> Ledger:

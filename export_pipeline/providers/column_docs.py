@@ -160,13 +160,31 @@ def _literal(text: str) -> str:
 def apply_comments(con: Any, kind: ExportKind) -> int:
     """Write the descriptions as DuckDB ``COMMENT``s on the kind's table, its views and their
     columns (those that exist). Returns how many were written."""
+    # Only what differs is written: on DuckLake every COMMENT is catalog change (a snapshot).
+    database = con.execute("SELECT current_database()").fetchone()[0]
     existing = {
-        (t, c)
-        for t, c in con.execute(
-            "SELECT table_name, column_name FROM duckdb_columns() WHERE schema_name = ?",
-            [kind.schema],
+        (t, c): comment
+        for t, c, comment in con.execute(
+            "SELECT table_name, column_name, comment FROM duckdb_columns() "
+            "WHERE schema_name = ? AND database_name = ?",
+            [kind.schema, database],
         ).fetchall()
     }
+    described = dict(
+        con.execute(
+            "SELECT table_name, comment FROM duckdb_tables() WHERE schema_name = ? "
+            "AND database_name = ? UNION ALL SELECT view_name, comment FROM duckdb_views() "
+            "WHERE schema_name = ? AND database_name = ?",
+            [kind.schema, database, kind.schema, database],
+        ).fetchall()
+    )
+    # DuckLake (1.4) keeps no comments on a view's columns ("it is not a table").
+    lake = (
+        con.execute(
+            "SELECT type FROM duckdb_databases() WHERE database_name = ?", [database]
+        ).fetchone()[0]
+        == "ducklake"
+    )
     done = 0
     targets = [(kind.name, "TABLE", kind.description, column_docs(kind))]
     targets += [
@@ -176,10 +194,13 @@ def apply_comments(con: Any, kind: ExportKind) -> int:
         if not any(t == name for t, _ in existing):
             continue
         qualified = f'"{kind.schema}"."{name}"'
-        con.execute(f"COMMENT ON {what} {qualified} IS {_literal(description)}")
-        done += 1
+        if (described.get(name) or "") != (description or ""):
+            con.execute(f"COMMENT ON {what} {qualified} IS {_literal(description)}")
+            done += 1
+        if what == "VIEW" and lake:
+            continue
         for column, _, text in columns:
-            if text and (name, column) in existing:
+            if text and (name, column) in existing and existing[(name, column)] != text:
                 con.execute(f'COMMENT ON COLUMN {qualified}."{column}" IS {_literal(text)}')
                 done += 1
     return done

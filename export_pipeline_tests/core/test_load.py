@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +13,8 @@ import pytest
 from export_pipeline.core.errors import IntegrityError
 from export_pipeline.core.load import ensure_views, load_parquet, quote_ident
 from export_pipeline.core.model import ExportKind, LoadMode
+from export_pipeline.core.warehouse import close_lakes
+from export_pipeline_tests.conftest import open_warehouse
 
 KIND = ExportKind(provider="shop", name="orders", primary_key=("id",))
 
@@ -29,10 +33,18 @@ def rows(values: str, source: str = "part-1.jsonl") -> str:
 
 
 @pytest.fixture
-def con(tmp_path: Path) -> duckdb.DuckDBPyConnection:
-    connection = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
-    yield connection
-    connection.close()
+def con(backend: str, tmp_path: Path) -> duckdb.DuckDBPyConnection:
+    """A connection to a warehouse on disk: the DuckDB file, then a DuckLake lake."""
+    with open_warehouse(backend, tmp_path / "wh").connect() as connection:
+        yield connection
+
+
+@contextlib.contextmanager
+def reopened(backend: str, tmp_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    """What another process sees: a new DuckDB instance on the same files."""
+    close_lakes()
+    with open_warehouse(backend, tmp_path / "wh").connect() as connection:
+        yield connection
 
 
 def load(con: duckdb.DuckDBPyConnection, kind: ExportKind, paths: list[Path], **kw: str):
@@ -128,7 +140,9 @@ def test_partition_replace_touches_only_its_partition(
     assert len(table(con)) == 2
 
 
-def test_caller_rollback_undoes_everything(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+def test_caller_rollback_undoes_everything(
+    con: duckdb.DuckDBPyConnection, tmp_path: Path, backend: str
+) -> None:
     load(con, KIND, [parquet(tmp_path, "a", rows("(1, 10)"))])
     con.execute("BEGIN")
     result = load_parquet(con, KIND, [parquet(tmp_path, "b", rows("(1, 99), (2, 20)"))])
@@ -137,9 +151,8 @@ def test_caller_rollback_undoes_everything(con: duckdb.DuckDBPyConnection, tmp_p
     con.execute("ROLLBACK")
     assert table(con) == [(1, 10)]
     con.close()
-    reopened = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
-    assert reopened.execute("SELECT id, amount FROM shop.orders").fetchall() == [(1, 10)]
-    reopened.close()
+    with reopened(backend, tmp_path) as fresh:
+        assert fresh.execute("SELECT id, amount FROM shop.orders").fetchall() == [(1, 10)]
 
 
 def test_rollback_also_undoes_table_creation(

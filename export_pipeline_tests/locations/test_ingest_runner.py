@@ -5,15 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import duckdb
 import pytest
 
 from export_pipeline.core.errors import ExportFailedError
 from export_pipeline.core.ingest import ExportRunner, IngestSettings
-from export_pipeline.core.ledger import Ledger, Warehouse
+from export_pipeline.core.ledger import Ledger
 from export_pipeline.core.model import ExportRequest, ExportState
 from export_pipeline.core.storage import LocalStorage
+from export_pipeline.core.warehouse import close_lakes
 from export_pipeline.providers.locations import LOCATIONS
+from export_pipeline_tests.conftest import open_warehouse
 from export_pipeline_tests.locations.conftest import FAST_RETRY, N_LOCATIONS, LocationsSandbox
 
 
@@ -27,12 +28,15 @@ class CrashAfterLoadLedger(Ledger):
 
 
 @pytest.fixture
-def runner(locations_sandbox: LocationsSandbox, tmp_path: Path) -> Iterator[ExportRunner]:
+def runner(
+    locations_sandbox: LocationsSandbox, tmp_path: Path, backend: str
+) -> Iterator[ExportRunner]:
+    """A runner on each backend in turn: the DuckDB file, then a DuckLake lake."""
     locations_sandbox.state.ready_after_seconds = 0
     provider = locations_sandbox.provider_with()
     yield ExportRunner(
         provider,
-        Ledger(Warehouse(tmp_path / "w.duckdb")),
+        Ledger(open_warehouse(backend, tmp_path / "wh")),
         LocalStorage(tmp_path / "data"),
         IngestSettings(poll_initial_seconds=0.02, retry=FAST_RETRY),
     )
@@ -99,10 +103,11 @@ def test_an_open_export_is_adopted_not_requested_again(
     assert locations_sandbox.state.call_counts["request"] == creates
 
 
-def test_ledger_survives_a_new_process(runner: ExportRunner, tmp_path: Path) -> None:
+def test_ledger_survives_a_new_process(runner: ExportRunner, tmp_path: Path, backend: str) -> None:
     result = runner.sync(LOCATIONS, ExportRequest())
     # A brand-new connection (as another process would open) sees the committed ledger.
-    with duckdb.connect(str(tmp_path / "w.duckdb"), read_only=True) as con:
+    close_lakes()
+    with open_warehouse(backend, tmp_path / "wh").connect(read_only=True) as con:
         row = con.execute(
             "SELECT state, rows_loaded, expected_rows FROM pipeline.exports WHERE export_id = ?",
             [result.export_id],

@@ -1,0 +1,636 @@
+"""Where the tables and the ledger live: the embedded DuckDB file (default) or a DuckLake lake.
+
+Both backends hand out plain DuckDB connections on which the same SQL runs unqualified
+(``pipeline.exports``, ``locations.locations``): the DuckLake backend attaches the lake and
+``USE``\\s it, so load, ledger and checks need not know which backend they write to.
+
+- :class:`DuckDBWarehouse`: one DuckDB file. DuckDB allows one writing process, so connections
+  are short and retried while another process holds the lock.
+- :class:`DuckLakeWarehouse`: a DuckLake lakehouse. The catalog is a SQLite file (one machine)
+  or a PostgreSQL database (many), the data files are Parquet on local disk or S3. The ledger
+  tables live in the lake too, so one export load (data, ledger, cursor) is ONE lake snapshot.
+  Several processes write at once; a commit that collides with another's is re-run whole
+  (:meth:`Warehouse.transactions`).
+
+The DuckLake, SQLite, PostgreSQL and httpfs extensions come from PyPI's ``duckdb-ext-*`` wheels
+(the ``lake`` extra), which carry DuckDB 1.4.4's binaries: nothing is downloaded at run time
+(``autoinstall_known_extensions`` is off). See docs/warehouse.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from export_pipeline.core.errors import ConfigurationError, WarehouseBusyError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("duckdb", "ducklake")
+LAKE_ALIAS = "lake"
+# Extensions the lake may need, by the name of their file in the duckdb-ext-* wheels.
+LAKE_EXTENSIONS = ("ducklake", "sqlite_scanner", "postgres_scanner", "httpfs")
+
+
+def _ensure_ledger(con: duckdb.DuckDBPyConnection, *, constraints: bool) -> None:
+    # Imported late: the ledger module imports this one.
+    from export_pipeline.core.ledger import ensure_ledger
+
+    ensure_ledger(con, constraints=constraints)
+
+
+class Warehouse:
+    """The interface both backends offer (see the module docstring)."""
+
+    backend: str = "duckdb"
+    lock_timeout: float
+
+    def connect(self, *, read_only: bool = False) -> contextlib.AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """BEGIN ... COMMIT, or ROLLBACK on any error: the old state or the new, never half."""
+        with self.connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+            except BaseException:
+                self._discard(con)
+                with contextlib.suppress(duckdb.Error):
+                    con.execute("ROLLBACK")
+                raise
+            self._commit(con)
+
+    def _discard(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Forget what the rolled-back transaction on ``con`` asked for after its commit."""
+
+    def _commit(self, con: duckdb.DuckDBPyConnection) -> None:
+        con.execute("COMMIT")
+
+    def transactions(self, *, attempts: int = 8) -> Iterator[_Attempt]:
+        """Attempts at one transaction, each run whole; stop at the first that commits::
+
+            for attempt in warehouse.transactions():
+                with attempt as con:
+                    ...  # everything the transaction does, reads included
+
+        A commit that collides with another writer's (DuckLake: ``database is locked`` from a
+        SQLite catalog, a snapshot conflict) is rolled back and the whole block runs again,
+        after a growing pause with jitter, at most ``attempts`` times; then the error is raised
+        as :class:`WarehouseBusyError` (retryable). Any other error is raised at once. The
+        DuckDB file has one writer at a time, so there a block runs once.
+        """
+        delay = 0.1
+        for number in range(1, attempts + 1):
+            attempt = _Attempt(self, last=number == attempts)
+            yield attempt
+            if attempt.committed:
+                return
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 5.0)
+
+    def is_retryable(self, exc: BaseException) -> bool:
+        return False
+
+    def label_commit(self, con: duckdb.DuckDBPyConnection, message: str, **extra: Any) -> None:
+        """Describe the commit being prepared (DuckLake: the snapshot's commit message)."""
+
+    def last_committed_snapshot(self) -> int | None:
+        """The snapshot this thread's last commit made (DuckLake), else None."""
+        return None
+
+    def describe(self) -> str:
+        """Where the warehouse is, for messages (never a password)."""
+        raise NotImplementedError
+
+
+class _Attempt:
+    """One try of :meth:`Warehouse.transactions`: a context manager yielding the connection."""
+
+    def __init__(self, warehouse: Warehouse, *, last: bool) -> None:
+        self.warehouse = warehouse
+        self.last = last
+        self.committed = False
+        self._cm: contextlib.AbstractContextManager[duckdb.DuckDBPyConnection] | None = None
+
+    def __enter__(self) -> duckdb.DuckDBPyConnection:
+        self._cm = self.warehouse.transaction()
+        return self._cm.__enter__()
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        assert self._cm is not None
+        failure = exc
+        try:
+            self._cm.__exit__(exc_type, exc, tb)  # COMMIT, or ROLLBACK (the body failed)
+        except BaseException as error:
+            failure = error  # the COMMIT failed
+        if failure is None:
+            self.committed = True
+            return False
+        if not self.warehouse.is_retryable(failure):
+            if failure is exc:
+                return False
+            raise failure
+        if self.last:
+            raise WarehouseBusyError(
+                f"warehouse {self.warehouse.describe()}: the commit collided with other "
+                f"writers on every attempt ({failure})",
+                hint="other loads are committing; the run can be retried",
+            ) from failure
+        return True  # swallowed: the loop runs the block again
+
+
+class DuckDBWarehouse(Warehouse):
+    """The DuckDB file: short-lived connections, retried while another process writes.
+
+    After each committed load (a transaction that called :meth:`label_commit`) the tables of
+    the loaded schema are published to the read replica in ``read_dir`` (default: ``read/``
+    beside the file), which readers open instead of this file (see ``core/replica.py``).
+    """
+
+    backend = "duckdb"
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        lock_timeout: float = 60.0,
+        read_dir: Path | str | None = None,
+        publish_reads: bool = True,
+        read_retain_seconds: float = 600.0,
+    ) -> None:
+        self.path = Path(path)
+        self.lock_timeout = lock_timeout
+        self.read_dir = Path(read_dir) if read_dir else self.path.parent / "read"
+        self.publish_reads = publish_reads
+        self.read_retain_seconds = read_retain_seconds
+        self._initialised = False
+        self._to_publish: dict[int, set[str]] = {}
+
+    def describe(self) -> str:
+        return str(self.path)
+
+    def label_commit(self, con: duckdb.DuckDBPyConnection, message: str, **extra: Any) -> None:
+        """A load: publish its schema's tables to the read replica once it has committed."""
+        if self.publish_reads:
+            schema = extra.get("schema") or extra.get("provider")
+            self._to_publish.setdefault(id(con), set()).update([schema] if schema else [])
+
+    def _discard(self, con: duckdb.DuckDBPyConnection) -> None:
+        self._to_publish.pop(id(con), None)
+
+    def _commit(self, con: duckdb.DuckDBPyConnection) -> None:
+        schemas = self._to_publish.pop(id(con), None)
+        con.execute("COMMIT")
+        if schemas is None:
+            return
+        from export_pipeline.core import replica
+
+        try:
+            # Still on the writer's connection: the tables read are exactly what was committed,
+            # and publishers in other processes wait for the file lock.
+            replica.publish(
+                con,
+                self.read_dir,
+                schemas=schemas | {"pipeline"},
+                retain_seconds=self.read_retain_seconds,
+            )
+        except (OSError, duckdb.Error) as exc:
+            # The load is committed; the replica stays at its previous (consistent) state.
+            log.warning("read replica in %s not refreshed: %s", self.read_dir, exc)
+
+    @contextmanager
+    def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        if read_only and not self.path.exists():
+            # A read-only open of a missing file fails; an empty in-memory ledger answers the same.
+            con = duckdb.connect()
+            _ensure_ledger(con, constraints=True)
+            try:
+                yield con
+            finally:
+                con.close()
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.05
+        next_note = 0.0  # when to say again that we are still waiting
+        while True:
+            try:
+                con = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except duckdb.BinderException as exc:
+                # Another thread of this process is closing the file's last connection just
+                # now (DuckDB's per-process instance cache); a moment later it opens cleanly.
+                if "file handle conflict" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower():
+                    raise
+                from export_pipeline.core.ledger import lock_holder
+
+                holder, hint = lock_holder(str(exc))
+                if time.monotonic() > deadline:
+                    raise WarehouseBusyError(
+                        f"warehouse {self.path} is locked by {holder}; gave up after "
+                        f"{self.lock_timeout:.0f}s (warehouse.lock_timeout_seconds)",
+                        hint=hint,
+                    ) from exc
+                if time.monotonic() >= next_note:
+                    log.info(
+                        "waiting for the warehouse write lock on %s, held by %s (up to %.0fs "
+                        "more, warehouse.lock_timeout_seconds). %s",
+                        self.path,
+                        holder,
+                        max(0.0, deadline - time.monotonic()),
+                        hint,
+                    )
+                    next_note = time.monotonic() + 10.0
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        try:
+            con.execute("SET TimeZone = 'UTC'")
+            if not read_only and not self._initialised:
+                _ensure_ledger(con, constraints=True)
+                self._initialised = True
+            yield con
+        finally:
+            con.close()
+
+
+def extension_directory() -> Path:
+    """The ``extensions`` folder of the installed duckdb-ext-* wheels (the ``lake`` extra).
+
+    Their layout is DuckDB's own (``<dir>/v1.4.4/linux_amd64/<name>.duckdb_extension``), so
+    ``SET extension_directory`` to it makes ``LOAD ducklake`` and autoloading find them.
+    """
+    spec = importlib.util.find_spec("duckdb_ext")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    version = duckdb.__version__
+    for location in locations:
+        folder = Path(location) / "extensions"
+        if any(folder.glob(f"v{version}/*/ducklake.duckdb_extension")):
+            return folder
+    raise ConfigurationError(
+        f"backend 'ducklake' needs the DuckLake extension for DuckDB {version}, "
+        "which is not installed",
+        hint="pip install 'export_pipeline[lake]' (it brings duckdb-ext-ducklake, -sqlite, "
+        "-postgres and -httpfs, built for DuckDB 1.4.4; see docs/warehouse.md)",
+    )
+
+
+def parse_catalog(catalog: str) -> tuple[str, str]:
+    """``"sqlite:<path>"``, a bare path (SQLite) or ``"postgres:<libpq DSN>"`` ->
+    (kind, target). The DSN may hold a password: never put the result in a message."""
+    value = catalog.strip()
+    if value.startswith("ducklake:"):
+        value = value.removeprefix("ducklake:")
+    for prefix, kind in (
+        ("sqlite:", "sqlite"),
+        ("postgres:", "postgres"),
+        ("postgresql:", "postgres"),
+    ):
+        if value.startswith(prefix):
+            return kind, value.removeprefix(prefix)
+    if value.startswith("postgres://") or value.startswith("postgresql://"):
+        return "postgres", value
+    if not value:
+        raise ConfigurationError(
+            "warehouse.lake_catalog is empty", hint="e.g. data/lake/catalog.sqlite"
+        )
+    return "sqlite", value
+
+
+def _sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+# One attached lake per (catalog, data path) and process: loading the extensions and attaching
+# costs about half a second, and a sensor or a run opens many short connections.
+_LAKES: dict[tuple[str, str], duckdb.DuckDBPyConnection] = {}
+_LAKES_LOCK = threading.Lock()
+
+
+class DuckLakeWarehouse(Warehouse):
+    """A DuckLake lake: catalog in SQLite or PostgreSQL, Parquet data files local or on S3."""
+
+    backend = "ducklake"
+
+    def __init__(
+        self,
+        catalog: str,
+        data_path: str,
+        *,
+        lock_timeout: float = 60.0,
+        s3_endpoint: str | None = None,
+        s3_region: str | None = None,
+    ) -> None:
+        self.catalog_kind, self.catalog_target = parse_catalog(catalog)
+        if self.catalog_kind == "sqlite":
+            self.catalog_target = str(Path(self.catalog_target).resolve())
+        remote = data_path.startswith(("s3://", "gs://", "http://", "https://"))
+        self.data_path = data_path if remote else str(Path(data_path).resolve())
+        if not self.data_path.endswith("/"):
+            self.data_path += "/"
+        self.lock_timeout = lock_timeout
+        self.s3_endpoint = s3_endpoint
+        self.s3_region = s3_region
+        self._local = threading.local()
+
+    # Kept for code that names the warehouse by a path (logs, the CLI).
+    @property
+    def path(self) -> Path:
+        return Path(self.catalog_target) if self.catalog_kind == "sqlite" else Path(self.data_path)
+
+    def describe(self) -> str:
+        where = self.catalog_target if self.catalog_kind == "sqlite" else "postgres catalog"
+        return f"ducklake ({where}, data {self.data_path})"
+
+    def attach_sql(self, *, alias: str = LAKE_ALIAS, read_only: bool = False) -> str:
+        """The ATTACH statement an analyst (or this class) runs. Holds the DSN: never log it."""
+        options = [f"DATA_PATH {_sql_literal(self.data_path)}"]
+        if read_only:
+            options.append("READ_ONLY")
+        target = f"ducklake:{self.catalog_kind}:{self.catalog_target}"
+        return f"ATTACH {_sql_literal(target)} AS {alias} ({', '.join(options)})"
+
+    def _database(self) -> duckdb.DuckDBPyConnection:
+        key = (f"{self.catalog_kind}:{self.catalog_target}", self.data_path)
+        with _LAKES_LOCK:
+            db = _LAKES.get(key)
+            if db is None:
+                db = self._open()
+                _LAKES[key] = db
+            return db
+
+    def _open(self) -> duckdb.DuckDBPyConnection:
+        db = duckdb.connect(
+            config={
+                "extension_directory": str(extension_directory()),
+                # Loopback only: never fetch an extension from the internet.
+                "autoinstall_known_extensions": False,
+            }
+        )
+        try:
+            db.execute("LOAD ducklake")
+            if self.catalog_kind == "sqlite":
+                self._prepare_sqlite_catalog()
+                db.execute("LOAD sqlite_scanner")
+            else:
+                db.execute("LOAD postgres_scanner")
+            if self.data_path.startswith("s3://"):
+                db.execute("LOAD httpfs")
+                db.execute(self._s3_secret_sql())
+            else:
+                Path(self.data_path).mkdir(parents=True, exist_ok=True)
+            with self._writer_lock():
+                db.execute(self.attach_sql())
+                db.execute(f"USE {LAKE_ALIAS}")
+                db.execute("SET TimeZone = 'UTC'")
+                # Creating the ledger is a commit like any other (a PostgreSQL catalog may
+                # see another process do the same at once: then it runs again).
+                for number in range(1, 9):
+                    try:
+                        db.execute("BEGIN TRANSACTION")
+                        _ensure_ledger(db, constraints=False)
+                        db.execute("COMMIT")
+                        break
+                    except duckdb.Error as exc:
+                        with contextlib.suppress(duckdb.Error):
+                            db.execute("ROLLBACK")
+                        if number == 8 or not self.is_retryable(exc):
+                            raise
+                        time.sleep(0.05 * number)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _prepare_sqlite_catalog(self) -> None:
+        """Create the SQLite catalog in WAL mode: readers (analysts, sensors) then never block
+        a committing writer, nor it them. The mode is stored in the file, so it holds for every
+        later connection, ours or an analyst's."""
+        path = Path(self.catalog_target)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            return
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(path)) as sq:
+            sq.execute("PRAGMA journal_mode=WAL")
+
+    def _s3_secret_sql(self) -> str:
+        """An S3 secret from the usual AWS_* variables (read now, at run time; never logged)."""
+        key = os.environ.get("AWS_ACCESS_KEY_ID")
+        secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if not key or not secret:
+            raise ConfigurationError(
+                f"lake data path {self.data_path} needs S3 credentials",
+                hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+            )
+        parts = [
+            "TYPE s3",
+            f"KEY_ID {_sql_literal(key)}",
+            f"SECRET {_sql_literal(secret)}",
+        ]
+        token = os.environ.get("AWS_SESSION_TOKEN")
+        if token:
+            parts.append(f"SESSION_TOKEN {_sql_literal(token)}")
+        region = (
+            self.s3_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        )
+        if region:
+            parts.append(f"REGION {_sql_literal(region)}")
+        endpoint = (
+            self.s3_endpoint
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            parts += [
+                f"ENDPOINT {_sql_literal(host.rstrip('/') if host else endpoint)}",
+                "URL_STYLE 'path'",
+                f"USE_SSL {'true' if scheme == 'https' else 'false'}",
+            ]
+        return f"CREATE OR REPLACE SECRET export_pipeline_lake_s3 ({', '.join(parts)})"
+
+    @contextmanager
+    def _writer_lock(self) -> Iterator[None]:
+        """One writer at a time per SQLite catalog, across processes (a sidecar ``.lock``).
+
+        A DuckLake transaction keeps a SQLite read transaction open from its first catalog
+        read; if another writer commits meanwhile, its own commit fails with ``database is
+        locked`` (measured: two writers, about one commit in three). Taking turns makes that
+        impossible among our own processes, so a long load is never starved by short ledger
+        writes; the retry in :meth:`transactions` stays for anyone else. A PostgreSQL catalog
+        (several machines) relies on DuckLake's conflict checks and that retry alone.
+        """
+        if self.catalog_kind != "sqlite":
+            yield
+            return
+        lock_path = Path(self.catalog_target + ".lock")
+        with open(lock_path, "a+") as handle:
+            deadline = time.monotonic() + self.lock_timeout
+            delay = 0.02
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise WarehouseBusyError(
+                            f"warehouse {self.describe()}: another process has been writing "
+                            f"for more than {self.lock_timeout:.0f}s",
+                            hint="a load is running; try again when it ends",
+                        ) from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextmanager
+    def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        cursor = self._database().cursor()
+        try:
+            cursor.execute(f"USE {LAKE_ALIAS}")
+            cursor.execute("SET TimeZone = 'UTC'")
+            yield cursor
+        finally:
+            cursor.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        self._database()  # attach first: attaching takes the writer lock itself
+        with self._writer_lock(), super().transaction() as con:
+            yield con
+
+    def _commit(self, con: duckdb.DuckDBPyConnection) -> None:
+        try:
+            con.execute("COMMIT")
+        except duckdb.Error:
+            # A failed DuckLake commit can leave the connection's transaction open.
+            with contextlib.suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            raise
+        row = con.execute(f"SELECT id FROM {LAKE_ALIAS}.last_committed_snapshot()").fetchone()
+        self._local.snapshot = int(row[0]) if row and row[0] is not None else None
+
+    def is_retryable(self, exc: BaseException) -> bool:
+        if isinstance(exc, WarehouseBusyError):
+            return False  # already waited for the writer lock as long as allowed
+        if not isinstance(exc, duckdb.Error):
+            return False
+        text = str(exc).lower()
+        return any(
+            marker in text
+            for marker in (
+                "database is locked",
+                "failed to commit ducklake transaction",
+                "transaction conflict",
+                "could not serialize",
+                "deadlock detected",
+            )
+        )
+
+    def label_commit(self, con: duckdb.DuckDBPyConnection, message: str, **extra: Any) -> None:
+        con.execute(
+            f"CALL {LAKE_ALIAS}.set_commit_message('export_pipeline', ?, extra_info => ?)",
+            [message, json.dumps(extra, default=str, sort_keys=True)],
+        )
+
+    def last_committed_snapshot(self) -> int | None:
+        return getattr(self._local, "snapshot", None)
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        """Every snapshot of the lake with its commit message and extra info (newest last)."""
+        with self.connect(read_only=True) as con:
+            rows = con.execute(
+                f"SELECT snapshot_id, snapshot_time, commit_message, commit_extra_info "
+                f"FROM {LAKE_ALIAS}.snapshots() ORDER BY snapshot_id"
+            ).fetchall()
+        return [
+            {
+                "snapshot_id": r[0],
+                "snapshot_time": r[1],
+                "message": r[2],
+                "extra": json.loads(r[3]) if r[3] else {},
+            }
+            for r in rows
+        ]
+
+    def snapshot_of_export(self, provider: str, export_id: str) -> int | None:
+        """The snapshot that loaded ``export_id`` (time travel: ``AT (VERSION => id)``)."""
+        with self.connect(read_only=True) as con:
+            row = con.execute(
+                f"SELECT max(snapshot_id) FROM {LAKE_ALIAS}.snapshots() "
+                "WHERE json_extract_string(commit_extra_info, '$.provider') = ? "
+                "AND json_extract_string(commit_extra_info, '$.export_id') = ?",
+                [provider, export_id],
+            ).fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
+    def close(self) -> None:
+        """Detach this lake from the process (tests; a process normally keeps it)."""
+        key = (f"{self.catalog_kind}:{self.catalog_target}", self.data_path)
+        with _LAKES_LOCK:
+            db = _LAKES.pop(key, None)
+        if db is not None:
+            db.close()
+
+
+def close_lakes() -> None:
+    """Detach every lake this process attached (tests, and a clean shutdown)."""
+    with _LAKES_LOCK:
+        databases = list(_LAKES.values())
+        _LAKES.clear()
+    for db in databases:
+        with contextlib.suppress(duckdb.Error):
+            db.close()
+
+
+def warehouse_from_settings(
+    *,
+    backend: str = "duckdb",
+    path: str | Path = "data/warehouse.duckdb",
+    lake_catalog: str = "data/lake/catalog.sqlite",
+    lake_data_path: str = "data/lake/files",
+    lock_timeout: float = 60.0,
+    s3_endpoint: str | None = None,
+    s3_region: str | None = None,
+    read_dir: str | Path | None = None,
+    publish_reads: bool = True,
+) -> Warehouse:
+    """The warehouse the settings describe (``backend`` = ``duckdb`` | ``ducklake``)."""
+    value = (backend or "duckdb").strip().lower()
+    if value == "duckdb":
+        return DuckDBWarehouse(
+            path, lock_timeout=lock_timeout, read_dir=read_dir, publish_reads=publish_reads
+        )
+    if value == "ducklake":
+        return DuckLakeWarehouse(
+            lake_catalog,
+            lake_data_path,
+            lock_timeout=lock_timeout,
+            s3_endpoint=s3_endpoint,
+            s3_region=s3_region,
+        )
+    raise ConfigurationError(
+        f"unknown warehouse backend {backend!r}", hint=f"one of {', '.join(BACKENDS)}"
+    )

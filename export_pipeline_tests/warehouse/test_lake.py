@@ -1,0 +1,269 @@
+"""The DuckLake backend for real: snapshots per load, time travel, concurrent writer processes,
+a commit that collides and runs again, analysts attaching read-only, other tools reading files."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from export_pipeline.core.errors import ConfigurationError
+from export_pipeline.core.warehouse import (
+    DuckLakeWarehouse,
+    close_lakes,
+    extension_directory,
+    parse_catalog,
+    warehouse_from_settings,
+)
+from export_pipeline_tests.warehouse.lake_workers import (
+    load_export,
+    reader,
+    write_parquet,
+    writer,
+)
+
+
+@pytest.fixture
+def lake(tmp_path: Path):
+    warehouse = DuckLakeWarehouse(
+        str(tmp_path / "lake" / "catalog.sqlite"), str(tmp_path / "lake" / "files")
+    )
+    yield warehouse
+    close_lakes()
+
+
+def analyst(lake: DuckLakeWarehouse, *, read_only: bool = True) -> duckdb.DuckDBPyConnection:
+    """A separate DuckDB, as another process or tool would open, with the lake attached."""
+    con = duckdb.connect(
+        config={
+            "extension_directory": str(extension_directory()),
+            "autoinstall_known_extensions": False,
+        }
+    )
+    con.execute(lake.attach_sql(read_only=read_only))
+    return con
+
+
+def test_each_load_is_one_snapshot_and_time_travel_reaches_every_export(
+    lake: DuckLakeWarehouse, tmp_path: Path
+) -> None:
+    snapshots = []
+    for n in range(3):
+        parquet = write_parquet(tmp_path / f"{n}.parquet", "alpha", f"e{n}", first=n * 10, rows=15)
+        snapshots.append(load_export(lake, "alpha", f"e{n}", parquet, body_runs=[]))
+    assert all(s is not None for s in snapshots) and snapshots == sorted(set(snapshots))
+    # The ledger names the snapshot of each export (commit message + extra info).
+    assert [lake.snapshot_of_export("alpha", f"e{n}") for n in range(3)] == snapshots
+
+    con = analyst(lake)
+    for n, version in enumerate(snapshots):
+        # As of export n: rows 0 .. n*10+14, the ledger shows exactly exports 0..n loaded.
+        rows = con.execute(
+            f"SELECT count(*), max(id) FROM lake.alpha.items AT (VERSION => {version})"
+        ).fetchone()
+        assert rows == (n * 10 + 15, n * 10 + 14)
+        loaded = con.execute(
+            "SELECT export_id FROM lake.pipeline.exports AT (VERSION => ?) "
+            "WHERE state = 'loaded' ORDER BY export_id",
+            [version],
+        ).fetchall()
+        assert loaded == [(f"e{i}",) for i in range(n + 1)]
+
+    # Atomic: in no snapshot is an export's data visible without its ledger mark, or the reverse.
+    def as_of(sql: str, version: int) -> set[str]:
+        try:
+            return {
+                r[0] for r in con.execute(sql.format(at=f"AT (VERSION => {version})")).fetchall()
+            }
+        except duckdb.CatalogException:
+            return set()  # the table did not exist yet at that version
+
+    for version in range(snapshots[-1] + 1):
+        data = as_of("SELECT DISTINCT _export_id FROM lake.alpha.items {at}", version)
+        marks = as_of(
+            "SELECT export_id FROM lake.pipeline.exports {at} WHERE state = 'loaded'", version
+        )
+        # Later exports overwrite earlier keys, so: every export with rows is marked loaded,
+        # and the newest marked export has rows.
+        assert data <= marks, version
+        assert max(marks, default="") == max(data, default=""), version
+    con.close()
+
+
+def test_a_commit_that_collides_runs_again_whole(lake: DuckLakeWarehouse, tmp_path: Path) -> None:
+    """Another writer (its own DuckDB, not our process's lock) commits while our load is open:
+    our COMMIT fails with SQLite's 'database is locked' and the whole block runs again."""
+    parquet = write_parquet(tmp_path / "a.parquet", "alpha", "e1", first=0, rows=10)
+    with lake.connect():  # our process attaches (and creates) the lake first
+        pass
+    foreign = analyst(lake, read_only=False)
+    body_runs: list[int] = []
+
+    def another_writer_commits(run: int) -> None:
+        if run == 1:  # during our first attempt only
+            foreign.execute("CREATE TABLE lake.main.elsewhere AS SELECT 1 AS x")
+
+    snapshot = load_export(
+        lake, "alpha", "e1", parquet, body_runs=body_runs, during=another_writer_commits
+    )
+    foreign.close()
+    assert len(body_runs) == 2  # the first attempt collided, the second committed
+    assert snapshot == lake.snapshot_of_export("alpha", "e1")
+    with lake.connect() as con:
+        assert con.execute("SELECT count(*) FROM alpha.items").fetchone() == (10,)
+        assert con.execute(
+            "SELECT count(*) FROM pipeline.exports WHERE export_id = 'e1' AND state = 'loaded'"
+        ).fetchone() == (1,)
+
+
+def test_writers_in_several_processes_load_while_an_analyst_reads(tmp_path: Path) -> None:
+    """Two runs (processes) load different providers into one lake at once; a third process
+    attached read-only queries throughout. Every load commits once; the reader sees no error."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    stop = ctx.Event()
+    lake = DuckLakeWarehouse(
+        str(tmp_path / "lake" / "catalog.sqlite"), str(tmp_path / "lake" / "files")
+    )
+    with lake.connect():  # create the catalog (and ledger) first, as a deployment's first run
+        pass
+    reading = ctx.Process(
+        target=reader,
+        args=(
+            str(tmp_path),
+            lake.attach_sql(read_only=True),
+            str(extension_directory()),
+            stop,
+            out,
+        ),
+    )
+    reading.start()
+    writers = [
+        ctx.Process(target=writer, args=(str(tmp_path), provider, 4, 5000, out))
+        for provider in ("alpha", "beta")
+    ]
+    for process in writers:
+        process.start()
+    results = [out.get(timeout=240) for _ in writers]
+    stop.set()
+    reader_result = out.get(timeout=60)
+    for process in [*writers, reading]:
+        process.join(timeout=60)
+    close_lakes()
+
+    assert all(r[0] == "ok" for r in results), results
+    snapshots = [s for r in results for s in r[2]]
+    assert len(set(snapshots)) == 8 and None not in snapshots  # one snapshot per load
+    _, queries, errors, messages = reader_result
+    assert errors == 0, messages
+    assert queries > 0
+    with lake.connect(read_only=True) as con:
+        for provider in ("alpha", "beta"):
+            # Loads n = 0..3 of 5000 rows starting at n: keys 0..5002.
+            assert con.execute(f"SELECT count(*) FROM {provider}.items").fetchone() == (5003,)
+        assert con.execute(
+            "SELECT count(*), count(DISTINCT export_id) FROM pipeline.exports "
+            "WHERE state = 'loaded'"
+        ).fetchone() == (8, 8)
+    close_lakes()
+
+
+def test_other_tools_read_the_lake_data_files(lake: DuckLakeWarehouse, tmp_path: Path) -> None:
+    """The data files are plain Parquet: a tool without DuckDB (pyarrow here) reads the files
+    the catalog lists and applies the listed delete files (positions of replaced rows)."""
+    for n in range(2):
+        parquet = write_parquet(tmp_path / f"{n}.parquet", "alpha", f"e{n}", first=n * 5, rows=10)
+        load_export(lake, "alpha", f"e{n}", parquet, body_runs=[])
+    con = analyst(lake)
+    files = con.execute(
+        "SELECT data_file, delete_file FROM ducklake_list_files('lake', 'items', schema => 'alpha')"
+    ).fetchall()
+    expected = con.execute("SELECT count(*) FROM lake.alpha.items").fetchone()[0]
+    con.close()
+    total = 0
+    for data_file, delete_file in files:
+        rows = pq.read_table(data_file).num_rows
+        deleted = pq.read_table(delete_file).num_rows if delete_file else 0
+        total += rows - deleted
+    assert any(delete for _, delete in files)  # the merge replaced rows of the first file
+    assert total == expected == 15
+
+
+def test_settings_choose_the_backend(tmp_path: Path) -> None:
+    assert warehouse_from_settings(path=tmp_path / "w.duckdb").backend == "duckdb"
+    lake = warehouse_from_settings(
+        backend="ducklake",
+        lake_catalog=str(tmp_path / "c.sqlite"),
+        lake_data_path=str(tmp_path / "files"),
+    )
+    assert lake.backend == "ducklake"
+    with pytest.raises(ConfigurationError, match="unknown warehouse backend"):
+        warehouse_from_settings(backend="iceberg")
+    assert parse_catalog("postgres:dbname=lake host=127.0.0.1") == (
+        "postgres",
+        "dbname=lake host=127.0.0.1",
+    )
+    assert parse_catalog("data/lake/catalog.sqlite") == ("sqlite", "data/lake/catalog.sqlite")
+    assert parse_catalog("sqlite:x.sqlite") == ("sqlite", "x.sqlite")
+    # The DSN may hold a password: describe() (used in messages) never shows it.
+    secret = DuckLakeWarehouse("postgres:dbname=lake password=hunter2", str(tmp_path / "f"))
+    assert "hunter2" not in secret.describe()
+
+
+def test_lake_data_files_on_s3(shared_s3, tmp_path: Path, monkeypatch) -> None:
+    """data_path s3://…: the Parquet data files go to the (loopback) S3 server."""
+    shared_s3.ensure_bucket("lake-files")
+    client = shared_s3.client()
+    creds = client._request_signer._credentials
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", creds.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", creds.secret_key)
+    monkeypatch.setenv("AWS_REGION", shared_s3.region)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", shared_s3.endpoint_url)
+    lake = DuckLakeWarehouse(str(tmp_path / "catalog.sqlite"), "s3://lake-files/warehouse")
+    parquet = write_parquet(tmp_path / "a.parquet", "alpha", "e1", first=0, rows=10)
+    try:
+        load_export(lake, "alpha", "e1", parquet, body_runs=[])
+        with lake.connect() as con:
+            assert con.execute("SELECT count(*) FROM alpha.items").fetchone() == (10,)
+    finally:
+        close_lakes()
+    keys = [
+        o["Key"]
+        for o in client.list_objects_v2(Bucket="lake-files", Prefix="warehouse/").get(
+            "Contents", []
+        )
+    ]
+    assert any(k.startswith("warehouse/alpha/items/") and k.endswith(".parquet") for k in keys)
+
+
+def test_sql_command_on_the_lake(lake: DuckLakeWarehouse, tmp_path: Path) -> None:
+    parquet = write_parquet(tmp_path / "a.parquet", "alpha", "e1", first=0, rows=12)
+    load_export(lake, "alpha", "e1", parquet, body_runs=[])
+    base = [sys.executable, "-m", "export_pipeline.cli", "sql", "--backend", "ducklake"]
+    where = [
+        "--lake-catalog",
+        str(tmp_path / "lake" / "catalog.sqlite"),
+        "--lake-data-path",
+        str(tmp_path / "lake" / "files"),
+    ]
+    listing = subprocess.run([*base, *where], capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    assert "alpha.items" in listing.stdout and "pipeline.exports" in listing.stdout
+    count = subprocess.run(
+        [*base, *where, "SELECT count(*) AS n FROM alpha.items", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert count.returncode == 0, count.stderr
+    assert json.loads(count.stdout) == [{"n": 12}]
+    refused = subprocess.run(
+        [*base, *where, "DELETE FROM alpha.items"], capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2
