@@ -53,11 +53,7 @@ def test_full_then_incremental_sync(dagster_setup: DagsterSetup, warehouse_backe
     first = ledger_rows(setup)
     assert len(first) == 1 and first[0][1] == "loaded" and first[0][2] is None  # full export
     checks = result.get_asset_check_evaluations()
-    assert {c.check_name for c in checks} == {
-        "rows_match_provider",
-        "primary_key_unique",
-        "freshness_check",
-    }
+    assert {c.check_name for c in checks} == {"rows_match_provider", "primary_key_unique"}
     assert all(c.passed for c in checks)
 
     # Metadata a user wants to see on the materialization.
