@@ -16,9 +16,10 @@ from typing import Any, TypeVar
 import httpx
 
 from export_pipeline.core.errors import ConfigurationError, TransientProviderError
-from export_pipeline.core.redact import get_logger
+from export_pipeline.core.redact import get_logger, protect_library_loggers
 
 log = get_logger(__name__)  # redacts secrets from every message
+protect_library_loggers()  # httpx/httpcore log full (signed) URLs at INFO/DEBUG
 
 T = TypeVar("T")
 

@@ -80,6 +80,8 @@ _JSON_PAIR = re.compile(
 )
 _USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@'\"<>]+@", re.IGNORECASE)
 _AUTH_SCHEME = re.compile(r"\b(Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=-]{6,}", re.IGNORECASE)
+# An AWS SigV4 Authorization header value (botocore's debug log prints request headers).
+_SIGV4 = re.compile(r"(AWS4-HMAC-SHA256)\s+[^'\"\n]*", re.IGNORECASE)
 
 
 def redact_text(text: str) -> str:
@@ -89,6 +91,7 @@ def redact_text(text: str) -> str:
     text = _QUERY_PARAM.sub(lambda m: m.group(1) + REDACTED, text)
     text = _JSON_PAIR.sub(lambda m: f"{m.group(1)}{m.group(3)}{REDACTED}{m.group(3)}", text)
     text = _USERINFO.sub(lambda m: m.group(1) + REDACTED + "@", text)
+    text = _SIGV4.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     return _AUTH_SCHEME.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
 
 
@@ -133,6 +136,32 @@ class RedactingFilter(logging.Filter):
 
 
 _FILTER = RedactingFilter()
+
+
+# Libraries whose INFO/DEBUG lines carry full request URLs or headers (httpx logs every
+# "HTTP Request: GET <signed url>"; botocore prints signed headers). Logger filters do not
+# apply to child loggers, so each logger that emits is listed.
+LIBRARY_LOGGERS = (
+    "httpx",
+    "httpcore",
+    "httpcore.connection",
+    "httpcore.http11",
+    "httpcore.http2",
+    "httpcore.proxy",
+    "urllib3.connectionpool",
+    "botocore.endpoint",
+    "botocore.auth",
+    "botocore.hooks",
+    "botocore.parsers",
+    "uvicorn.access",
+    "uvicorn.error",
+)
+
+
+def protect_library_loggers() -> None:
+    """Attach the redacting filter to the HTTP libraries' loggers (idempotent)."""
+    for name in LIBRARY_LOGGERS:
+        get_logger(name)
 
 
 def get_logger(name: str) -> logging.Logger:

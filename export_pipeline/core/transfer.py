@@ -60,9 +60,10 @@ from export_pipeline.core.faults import fault_point
 from export_pipeline.core.http import RETRYABLE_STATUS, RetryPolicy, retry_after_seconds
 from export_pipeline.core.model import RemoteFile
 from export_pipeline.core.netpolicy import UrlPolicy, UrlRefused, UrlUnresolvable
-from export_pipeline.core.redact import get_logger
+from export_pipeline.core.redact import get_logger, protect_library_loggers
 
 log = get_logger(__name__)  # redacts secrets from every message
+protect_library_loggers()  # httpx/httpcore log full (signed) URLs at INFO/DEBUG
 
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 # Headers that must never leave for a host other than the API host, whoever set them.
