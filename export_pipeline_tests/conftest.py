@@ -44,6 +44,7 @@ def pytest_configure(config: pytest.Config) -> None:
     log.write_text("")
     os.environ[netguard.ENV_FLAG] = "1"
     os.environ[netguard.ENV_LOG] = str(log)
+    os.environ[netguard.ENV_PARENT] = str(os.getpid())
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(_GUARD_DIR), os.environ.get("PYTHONPATH", "")) if p
     )

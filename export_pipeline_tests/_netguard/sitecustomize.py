@@ -23,6 +23,9 @@ import traceback
 
 ENV_FLAG = "EXPORT_PIPELINE_NETGUARD"
 ENV_LOG = "EXPORT_PIPELINE_NETGUARD_LOG"
+# The pytest process's pid: it keeps its own record (ATTEMPTS); any other process, spawned or
+# forked, appends to the log file instead.
+ENV_PARENT = "EXPORT_PIPELINE_NETGUARD_PARENT"
 
 ATTEMPTS: list[str] = []
 _LOCK = threading.Lock()
@@ -63,7 +66,7 @@ def _record(what: str) -> None:
     with _LOCK:
         ATTEMPTS.append(entry)
     path = os.environ.get(ENV_LOG)
-    if path:
+    if path and os.environ.get(ENV_PARENT) != str(os.getpid()):
         try:
             with open(path, "a", encoding="utf-8") as out:
                 out.write(what.replace("\n", " ") + f" (pid {os.getpid()})\n")
