@@ -46,7 +46,8 @@ _MAX_PARAMS = 500
 @dataclass(frozen=True)
 class StoredEvent:
     """One recorded event. ``status`` is our ``ExportState`` value (e.g. ``"ready"``,
-    ``"failed"``) as the provider parser mapped it; ``body`` is the sender's JSON unchanged."""
+    ``"failed"``) as the provider parser mapped it; ``body`` is the sender's JSON with its
+    secrets redacted by the receiver (``core.redact``)."""
 
     seq: int
     source: str
