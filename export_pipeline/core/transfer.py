@@ -574,11 +574,17 @@ class _Downloader:
                 ) from None
             except UrlUnresolvable as exc:
                 raise httpx.ConnectError(str(exc)) from None
-            # Connect to the checked address; the name stays in Host and in TLS SNI.
+            # Connect to the checked address; the name stays in Host and in TLS SNI. The
+            # connection pool is keyed by address, so an https connection is not kept for
+            # reuse: another name on the same address must get its own TLS handshake (SNI and
+            # certificate check for *that* name).
+            pinned_headers = {**extra, "Host": url.netloc.decode("ascii")}
+            if url.scheme == "https":
+                pinned_headers["Connection"] = "close"
             request = client.build_request(
                 "GET",
                 target.pinned_url(),
-                headers={**extra, "Host": url.netloc.decode("ascii")},
+                headers=pinned_headers,
                 timeout=self.timeout,
                 extensions={"sni_hostname": url.host} if url.scheme == "https" else None,
             )
