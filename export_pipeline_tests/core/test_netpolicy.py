@@ -328,3 +328,98 @@ def test_stalled_download_fails_within_its_configured_timeout(
     # Two attempts of a 0.5 s read timeout; the server would have stalled until teardown. The
     # bound is loose on purpose (a busy machine), yet far below the old fixed 60 s per attempt.
     assert elapsed < 30, elapsed
+
+
+# -- TLS through the pinned address ----------------------------------------------------------
+
+
+def _tls_files(tmp_path: Path, name: str) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for ``name`` (DNS SAN only, no IP SAN)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "export-pipeline test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_path, cert_path, key_path = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return ca_path, cert_path, key_path
+
+
+@pytest.mark.parametrize("cert_name", ["localhost", "elsewhere.example"])
+def test_https_through_the_pinned_address_verifies_the_name(cert_name: str, tmp_path: Path) -> None:
+    """We connect to 127.0.0.1 but TLS is for the URL's name: SNI and the certificate check
+    use ``localhost`` (the certificate has no IP entry, so checking the address would fail),
+    and a certificate for another name is refused."""
+    import ssl
+
+    import httpx
+
+    ca, cert, key = _tls_files(tmp_path, cert_name)
+    seen: list[str] = []
+
+    async def file(request: Request) -> Response:
+        seen.append(request.headers["host"])
+        return Response(PAYLOAD, media_type="application/octet-stream")
+
+    app = Starlette(routes=[Route("/files/{name}", file)])
+    options = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    verify = ssl.create_default_context(cafile=str(ca))
+    with (
+        RunningServer(app, options=options) as server,
+        httpx.Client(verify=verify, follow_redirects=False, trust_env=False) as client,
+    ):
+        url = f"https://localhost:{server.port}/files/a.bin"
+        remote = RemoteFile(url=url, name="a.bin")
+        fetch = functools.partial(
+            download_file,
+            remote,
+            tmp_path / "out",
+            provider="p",
+            export_id="e",
+            client=client,
+            policy=RetryPolicy(max_attempts=1),
+            url_policy=UrlPolicy.from_setting(f"loopback:{server.port}"),
+        )
+        if cert_name == "localhost":
+            assert fetch().size_bytes == len(PAYLOAD)
+            assert seen == [f"localhost:{server.port}"]
+        else:
+            with pytest.raises(TransientProviderError, match=r"(?i)certificate"):
+                fetch()
+            assert seen == []
