@@ -43,6 +43,7 @@ def _demo(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         sandbox = stack.enter_context(start_sandbox(n_locations=args.rows))
         os.environ.update(sandbox.env())
+        os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")  # loopback only
         resources = default_resources()
         resources["warehouse"] = WarehouseResource(path=str(warehouse_path), data_dir=str(data_dir))
         resources["sync_settings"] = SyncSettingsResource(
@@ -199,7 +200,13 @@ def _dev(args: argparse.Namespace) -> int:
     with _start_sandbox(args) as sandbox:
         if args.changes:
             sandbox.locations.mutate(updated=args.changes, added=args.changes // 2)
-        env = {**os.environ, **sandbox.env(), "DAGSTER_HOME": str(home)}
+        # Loopback only: Dagster's telemetry would otherwise upload to telemetry.dagster.io.
+        env = {
+            "DAGSTER_DISABLE_TELEMETRY": "1",
+            **os.environ,
+            **sandbox.env(),
+            "DAGSTER_HOME": str(home),
+        }
         with dg.DagsterInstance.from_config(str(home)) as instance:
             instance.add_dynamic_partitions("mapping_jobs", list(sandbox.mapping.jobs))
         cmd = [sys.executable, "-m", "dagster", "dev", "-w", "workspace.yaml"]
