@@ -259,6 +259,7 @@ def _ensure_table(
 
 
 LINEAGE = ("_export_id", "_source_file", "_loaded_at")
+_GUESSES = {"NULL", '"NULL"', "VARCHAR", "JSON"}
 
 
 def _frozen(kind: ExportKind, what: str) -> IntegrityError:
@@ -286,12 +287,17 @@ def _settle(con: duckdb.DuckDBPyConnection, source: str, name: str, t: schema.Ty
     paths: list[tuple[str, ...]] = []
 
     def walk(node: schema.Type, path: tuple[str, ...]) -> None:
-        paths.append(path)
+        # Only a type that can be a guess is checked (NULL, or VARCHAR/JSON that all-null keys
+        # become), so big nested columns are not read just to count them.
+        if isinstance(node, schema.Scalar) and node.text in _GUESSES:
+            paths.append(path)
         if isinstance(node, schema.Struct):
             for field_name, field_type in node.fields:
                 walk(field_type, (*path, field_name))
 
     walk(t, ())
+    if not paths:
+        return t
     exprs = []
     for path in paths:
         expr = quote_ident(name)
