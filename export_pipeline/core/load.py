@@ -205,22 +205,21 @@ def _ensure_table(
             unknown = [n for n, _ in staged if n not in allowed]
             if unknown:
                 raise _frozen(kind, f"the export has undeclared column(s) {unknown}")
-        cols = ", ".join(
-            f"{quote_ident(n)} {schema.render(_first_type(con, stage, n, t))}" for n, t in staged
-        )
+        first = _first_types(con, stage, staged)
+        cols = ", ".join(f"{quote_ident(n)} {schema.render(first[n])}" for n, _ in staged)
         con.execute(f"CREATE TABLE {target} ({cols})")
         return [], []
     have = {n: schema.parse(t) for n, t in _columns(con, kind.schema, kind.name).items()}
     added: list[str] = []
     changed: list[str] = []
     plan: list[str] = []
+    first = _first_types(con, stage, [(n, t) for n, t in staged if n not in have])
     for name, new in staged:
         col = quote_ident(name)
         old = have.get(name)
         if old is None:
-            first = _first_type(con, stage, name, new)
             added.append(name)
-            plan.append(f"ALTER TABLE {target} ADD COLUMN {col} {schema.render(first)}")
+            plan.append(f"ALTER TABLE {target} ADD COLUMN {col} {schema.render(first[name])}")
             continue
         if schema.no_null(new) == old:
             continue
@@ -259,7 +258,10 @@ def _ensure_table(
 
 
 LINEAGE = ("_export_id", "_source_file", "_loaded_at")
-_GUESSES = {"NULL", '"NULL"', "VARCHAR", "JSON"}
+# Types that may be a guess for a column null in every row: DuckDB's detection says JSON (or
+# NULL); a table column created from such a guess is VARCHAR.
+_CREATE_GUESSES = frozenset({"NULL", '"NULL"', "JSON"})
+_GUESSES = _CREATE_GUESSES | {"VARCHAR"}
 
 
 def _frozen(kind: ExportKind, what: str) -> IntegrityError:
@@ -273,48 +275,58 @@ def _frozen(kind: ExportKind, what: str) -> IntegrityError:
     )
 
 
-def _first_type(
-    con: duckdb.DuckDBPyConnection, stage: str, name: str, t: schema.Type
-) -> schema.Type:
-    """The type a column is created with: never NULL; a value or struct field that is null in
-    every row is VARCHAR (DuckDB's full-scan detection calls such a key JSON)."""
-    return schema.no_null(_settle(con, stage, name, t))
+def _first_types(
+    con: duckdb.DuckDBPyConnection, stage: str, columns: list[tuple[str, schema.Type]]
+) -> dict[str, schema.Type]:
+    """The types columns are created with: never NULL; a value or struct field null in every
+    row is VARCHAR (DuckDB's full-scan detection calls such a key JSON). One query."""
+    settled = _settle_all(con, stage, columns, _CREATE_GUESSES)
+    return {n: schema.no_null(t) for n, t in settled.items()}
 
 
 def _settle(con: duckdb.DuckDBPyConnection, source: str, name: str, t: schema.Type) -> schema.Type:
-    """``t`` with NULL for the column / struct fields (not inside lists) that hold only NULLs
-    in ``source``. One aggregate query over that column."""
-    paths: list[tuple[str, ...]] = []
+    return _settle_all(con, source, [(name, t)], _GUESSES)[name]
 
-    def walk(node: schema.Type, path: tuple[str, ...]) -> None:
-        # Only a type that can be a guess is checked (NULL, or VARCHAR/JSON that all-null keys
-        # become), so big nested columns are not read just to count them.
-        if isinstance(node, schema.Scalar) and node.text in _GUESSES:
-            paths.append(path)
+
+def _settle_all(
+    con: duckdb.DuckDBPyConnection,
+    source: str,
+    columns: list[tuple[str, schema.Type]],
+    guesses: frozenset[str],
+) -> dict[str, schema.Type]:
+    """Each type with NULL for the column / struct fields (not inside lists) that hold only
+    NULLs in ``source``. Only a type that can be a guess (``guesses``) is counted, so big
+    nested columns are not read; all counts in one aggregate query."""
+    paths: list[tuple[str, tuple[str, ...]]] = []
+
+    def walk(name: str, node: schema.Type, path: tuple[str, ...]) -> None:
+        if isinstance(node, schema.Scalar) and node.text in guesses:
+            paths.append((name, path))
         if isinstance(node, schema.Struct):
             for field_name, field_type in node.fields:
-                walk(field_type, (*path, field_name))
+                walk(name, field_type, (*path, field_name))
 
-    walk(t, ())
+    for name, t in columns:
+        walk(name, t, ())
     if not paths:
-        return t
+        return dict(columns)
     exprs = []
-    for path in paths:
+    for name, path in paths:
         expr = quote_ident(name)
         for step in path:
             expr = f"struct_extract({expr}, {_literal(step)})"
         exprs.append(f"count({expr})")
     row = con.execute(f"SELECT {', '.join(exprs)} FROM {source}").fetchone() or ()
-    empty = {path for path, n in zip(paths, row, strict=False) if not n}
+    empty = {p for p, n in zip(paths, row, strict=False) if not n}
 
-    def rebuild(node: schema.Type, path: tuple[str, ...]) -> schema.Type:
-        if path in empty:
+    def rebuild(name: str, node: schema.Type, path: tuple[str, ...]) -> schema.Type:
+        if (name, path) in empty:
             return schema.Scalar("NULL")
         if isinstance(node, schema.Struct):
-            return schema.Struct(tuple((n, rebuild(f, (*path, n))) for n, f in node.fields))
+            return schema.Struct(tuple((n, rebuild(name, f, (*path, n))) for n, f in node.fields))
         return node
 
-    return rebuild(t, ())
+    return {name: rebuild(name, t, ()) for name, t in columns}
 
 
 def _key_match(left: str, right: str, keys: Sequence[str]) -> str:
