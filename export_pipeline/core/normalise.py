@@ -5,9 +5,11 @@ rows is both slow and a memory trap. ``COPY (SELECT ... FROM read_json/read_csv)
 streams with bounded memory (spilling to ``out_dir/.tmp``), keeps nested objects as STRUCT/LIST,
 and gives one Parquet per source file that the load step reads back with ``read_parquet``.
 
-When the export kind declares ``columns``, every format is read into exactly those types, so a
-provider that offers CSV (nested values as JSON text) and JSON yields the same table either way.
-Errors become :class:`ParseError` naming the file and, where it can be found, the line.
+Every key of every record is read (JSON is type-detected over all records); the kind's declared
+``columns`` are type hints for the keys they name, never a filter (docs/schema.md). A CSV's
+header decides its columns and nested JSON text in cells is read leniently, so a provider that
+offers CSV and JSON yields the same table either way. Errors become :class:`ParseError` naming
+the file and the 1-based line.
 """
 
 from __future__ import annotations
@@ -34,10 +36,9 @@ from export_pipeline.core.model import ExportKind, FileFormat
 GZIP_MAGIC = b"\x1f\x8b"
 _PEEK_BYTES = 8192
 _BOM = b"\xef\xbb\xbf"
-# Rows DuckDB looks at to guess JSON types when the kind declares no columns: all of them.
-# The file is then read with the guessed columns, and DuckDB drops keys it never saw and
-# rounds values into a narrower guessed type, so a partial sample loses data silently.
-# The price is one more pass over the file for kinds without declared columns.
+# Rows DuckDB looks at to guess JSON types: all of them, declared columns or not. The file is
+# then read with the guessed columns, and DuckDB drops keys it never saw and rounds values into
+# a narrower guessed type, so a partial sample loses data silently. The price is one more pass.
 _AUTO_SAMPLE_SIZE = -1
 _MAX_RECORD_BYTES = 1 << 20  # how much of a bad JSON record is kept to find its line
 # The Parquet writer holds one row group in memory before flushing it. DuckDB's default is
