@@ -213,6 +213,7 @@ def _ensure_table(
     added: list[str] = []
     changed: list[str] = []
     plan: list[str] = []
+    retype: dict[str, tuple[str, str]] = {}  # column -> (new type, expression giving it)
     first = _first_types(con, stage, [(n, t) for n, t in staged if n not in have])
     for name, new in staged:
         col = quote_ident(name)
@@ -237,15 +238,18 @@ def _ensure_table(
             for path, field_type in fields:
                 dotted = ".".join(quote_ident(p) for p in (name, *path))
                 plan.append(f"ALTER TABLE {target} ADD COLUMN {dotted} {schema.render(field_type)}")
+        elif _is_promotion(old, merged):
+            # A wider integer: an in-place promotion (DuckLake allows only these in place).
+            plan.append(
+                f"ALTER TABLE {target} ALTER COLUMN {col} SET DATA TYPE {schema.render(merged)}"
+            )
         else:
             rendered = schema.render(merged)
-            using = (
+            retype[name] = (
+                rendered,
                 f"to_json({col})"
                 if merged == schema.Scalar("JSON")
-                else f"CAST({col} AS {rendered})"
-            )
-            plan.append(
-                f"ALTER TABLE {target} ALTER COLUMN {col} SET DATA TYPE {rendered} USING {using}"
+                else f"CAST({col} AS {rendered})",
             )
     if frozen and (added or changed):
         problems = [f"unknown column(s) {added}"] if added else []
@@ -254,7 +258,34 @@ def _ensure_table(
         raise _frozen(kind, "; ".join(problems))
     for statement in plan:
         con.execute(statement)
+    for statement in _rewrite(target, retype):
+        con.execute(statement)
     return added, changed
+
+
+def _is_promotion(old: schema.Type, new: schema.Type) -> bool:
+    ints = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT")
+    return (
+        isinstance(old, schema.Scalar)
+        and isinstance(new, schema.Scalar)
+        and old.text in ints
+        and new.text in ints
+        and ints.index(new.text) > ints.index(old.text)
+    )
+
+
+def _rewrite(target: str, retype: dict[str, tuple[str, str]]) -> list[str]:
+    """ALTER statements retyping columns in place (``SET DATA TYPE ... USING``).
+
+    DuckLake refuses these (it allows only integer promotions in place, which ``_is_promotion``
+    sends without USING); on a DuckLake catalog such a load fails and rolls back whole. A
+    rewrite of the table does not work there either (a table dropped and created, or a column
+    dropped, in one transaction). Rare: only when a column widens to DOUBLE, VARCHAR or JSON,
+    or a guessed (all-null) type takes the data's type."""
+    return [
+        f"ALTER TABLE {target} ALTER COLUMN {quote_ident(n)} SET DATA TYPE {t} USING {expr}"
+        for n, (t, expr) in retype.items()
+    ]
 
 
 LINEAGE = ("_export_id", "_source_file", "_loaded_at")
