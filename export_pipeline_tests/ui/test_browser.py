@@ -1,0 +1,184 @@
+"""README's path in a real browser: `export-pipeline demo`, then `export-pipeline dev` (webserver
+and daemon on loopback against the sandbox), driven by Debian's chromium through Playwright.
+
+Needs /usr/bin/chromium (`apt-get install -y chromium`, done by .ci/run) and the `playwright`
+package (dev extra); Playwright's own browser download is never used. Set
+EXPORT_PIPELINE_SCREENSHOTS=1 to refresh docs/screenshots/*.png from this run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import httpx
+import pytest
+
+from export_pipeline.sandbox.server import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ASSETS = {
+    "locations": ["locations", "evses", "connectors"],
+    "deliveries": ["outbound_messages", "inbound_messages"],
+    "mapping": ["results"],
+    "mews": [
+        "order_item",
+        "payment",
+        "reservation",
+        "customer",
+        "company",
+        "bill",
+        "availability_adjustment",
+        "availability_block",
+        "resource_block",
+    ],
+}
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "export_pipeline.cli", *args]
+
+
+@pytest.fixture
+def ui(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """README's two commands in a fresh directory: the demo, then `dev` on a free port."""
+    assert CHROMIUM.exists(), "apt-get install -y chromium (.ci/run does)"
+    for name in ("workspace.yaml", "dagster.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    demo = subprocess.run(
+        cli("demo", "--rows", "300", "--changes", "20"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    port = free_port()
+    log = (tmp_path / "dev.log").open("w")
+    dev = subprocess.Popen(
+        cli("dev", "--port", str(port), "--rows", "300", "--changes", "20"),
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the webserver and daemon stop with it
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert dev.poll() is None, (tmp_path / "dev.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{base}/server_info", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "dagster dev did not come up"
+            time.sleep(1)
+        yield base, tmp_path
+    finally:
+        os.killpg(dev.pid, signal.SIGTERM)
+        try:
+            dev.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(dev.pid, signal.SIGKILL)
+            dev.wait(timeout=30)
+        log.close()
+
+
+def shoot(page, tmp_path: Path, name: str) -> None:
+    page.screenshot(path=str(tmp_path / f"{name}.png"))
+    if os.environ.get("EXPORT_PIPELINE_SCREENSHOTS") == "1":
+        page.screenshot(path=str(REPO / "docs" / "screenshots" / f"{name}.png"))
+
+
+def test_readme_path_in_a_real_browser(ui: tuple[str, Path], tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    base, work = ui
+    warehouse = work / "data" / "warehouse.duckdb"
+    with sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"),  # a fresh --user-data-dir
+            executable_path=str(CHROMIUM),
+            args=CHROMIUM_ARGS,
+            headless=True,
+            viewport={"width": 1600, "height": 1000},
+        )
+        page = browser.new_page()
+        page.set_default_timeout(60_000)
+
+        # Every asset in the graph: expand each group, then pan through it.
+        page.goto(f"{base}/asset-groups", wait_until="networkidle")
+        skip = page.get_by_role("button", name="Skip")  # the community dialog, first visit only
+        if skip.count():
+            skip.click()
+        for group in reversed(ASSETS):  # bottom up: expanding one moves those below it
+            page.get_by_text(group, exact=True).filter(visible=True).last.click()
+            page.wait_for_timeout(300)
+        page.mouse.move(1000, 500)
+        for _ in range(10):
+            page.mouse.wheel(0, -800)
+        seen: set[str] = set()
+        for step in range(40):
+            page.wait_for_timeout(300)
+            html = page.content()
+            seen |= {n for names in ASSETS.values() for n in names if f">{n}<" in html}
+            if step == 0:
+                shoot(page, tmp_path, "asset-graph")
+            page.mouse.wheel(0, 500)
+        missing = {n for names in ASSETS.values() for n in names} - seen
+        assert not missing, f"not in the graph: {sorted(missing)}"
+
+        # Materialize locations/locations from its page and wait for the run to succeed.
+        page.goto(f"{base}/assets/locations/locations", wait_until="networkidle")
+        page.get_by_role("button", name="Materialize").first.click()
+        page.get_by_text("Launched run").wait_for()
+        toast = page.locator("a[href*='/runs/']").filter(has_text="View").first
+        run_url = toast.get_attribute("href")  # the "Launched run …  View" toast
+        assert run_url
+        page.goto(run_url if run_url.startswith("http") else f"{base}{run_url}")
+        page.get_by_text("Success", exact=True).first.wait_for(timeout=180_000)
+        shoot(page, tmp_path, "run")
+        run_log = page.inner_text("body")
+        assert "requested locations/locations export" in run_log
+
+        # The asset page: table rows, the export id, the schema, the checks.
+        with duckdb.connect(str(warehouse), read_only=True) as con:
+            export_id, rows = con.execute(
+                "SELECT export_id, rows_loaded FROM pipeline.exports "
+                "WHERE state = 'loaded' ORDER BY loaded_at DESC LIMIT 1"
+            ).fetchone()
+            table_rows = con.execute("SELECT count(*) FROM locations.locations").fetchone()[0]
+        assert rows == 30  # after the demo, dev's first Materialize loads the sandbox's changes
+        page.goto(f"{base}/assets/locations/locations", wait_until="networkidle")
+        page.get_by_text("Row count").wait_for()
+        overview = page.inner_text("body")
+        assert "Row count" in overview and f"{table_rows}" in overview
+        assert "Location id, unique within the operator" in overview  # the column schema
+        shoot(page, tmp_path, "asset-overview")
+        page.goto(f"{base}/assets/locations/locations?view=events", wait_until="networkidle")
+        page.get_by_text(export_id).first.wait_for()
+        page.goto(f"{base}/assets/locations/locations?view=checks", wait_until="networkidle")
+        page.get_by_text("rows_match_provider").first.wait_for()
+        checks = page.inner_text("body")
+        assert "primary_key_unique" in checks and "freshness_check" in checks
+        shoot(page, tmp_path, "asset-checks")
+        browser.close()
