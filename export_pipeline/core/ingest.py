@@ -623,14 +623,29 @@ class ExportRunner:
         downloaded, status, reused = self._download(kind, status, raw_dir, work_raw)
         self._renew(kind, export_id)
         loaded_at = datetime.now(UTC)
-        normalised = to_parquet(
-            [f.path for f in downloaded],
-            parquet_dir,
-            kind=kind,
-            export_id=export_id,
-            loaded_at=loaded_at,
-            memory_limit=self.settings.duckdb_memory_limit,
-        )
+        try:
+            normalised = to_parquet(
+                [f.path for f in downloaded],
+                parquet_dir,
+                kind=kind,
+                export_id=export_id,
+                loaded_at=loaded_at,
+                memory_limit=self.settings.duckdb_memory_limit,
+            )
+        except (ExportPipelineError, OSError, MemoryError):
+            raise
+        except Exception as exc:
+            # A file shape the reader does not handle: reading the same verified files again
+            # fails the same way, so it is a parse failure of this export (it counts against
+            # the poison budget) rather than an anonymous crash that keeps the export open.
+            raise ParseError(
+                f"cannot read the export's files ({type(exc).__name__}: {exc})",
+                provider=self.name,
+                kind=kind.name,
+                export_id=export_id,
+                file=downloaded[0].name if len(downloaded) == 1 else None,
+                hint="the files are kept in the raw tier for inspection; nothing was loaded",
+            ) from exc
         self.log.info(
             "%s export %s: parsed %d rows from %d file(s) into Parquet",
             kind.key,

@@ -102,3 +102,20 @@ def test_an_operator_abandons_an_export_from_the_command_line(
     )
     assert "already loaded" in capsys.readouterr().err
     assert main(["exports", "--warehouse", warehouse, "abandon", "locations", "nope"]) == 2
+
+
+def test_a_file_shape_the_reader_chokes_on_is_a_parse_failure_of_that_export(
+    locations_sandbox: LocationsSandbox, make_runner: MakeRunner
+) -> None:
+    """A ragged CSV (a row with a missing and a row with an extra field): whatever the reader
+    raises, the run fails naming the provider, export and file, and it counts against the
+    export's budget instead of leaving it open for good."""
+    sandbox = locations_sandbox.state
+    sandbox.corrupt_next_export = b"id,name,city\r\nL1,a,x\r\nL2,b\r\nL3,c,y,extra\r\n"
+    runner = make_runner(poison_budget=1)
+    with pytest.raises(ParseError) as info:
+        runner.sync(LOCATIONS, ExportRequest(params={"format": "csv"}))
+    assert info.value.provider == "locations" and info.value.export_id
+    assert info.value.file and info.value.file.endswith(".csv")
+    [(export_id, state, failures)] = exports(runner)
+    assert (export_id, state, failures) == (info.value.export_id, "failed", 1)
