@@ -107,9 +107,9 @@ def test_an_operator_abandons_an_export_from_the_command_line(
 def test_a_file_shape_the_reader_chokes_on_is_a_parse_failure_of_that_export(
     locations_sandbox: LocationsSandbox, make_runner: MakeRunner
 ) -> None:
-    """A ragged CSV (a row with a missing and a row with an extra field): whatever the reader
-    raises, the run fails naming the provider, export and file, and it counts against the
-    export's budget instead of leaving it open for good."""
+    """A ragged CSV (a row with a missing and a row with an extra field): the run fails naming
+    the provider, export and file, and it counts against the export's budget instead of
+    leaving it open for good."""
     sandbox = locations_sandbox.state
     sandbox.corrupt_next_export = b"id,name,city\r\nL1,a,x\r\nL2,b\r\nL3,c,y,extra\r\n"
     runner = make_runner(poison_budget=1)
