@@ -58,7 +58,7 @@ def warehouse_file(tmp_path: Path) -> Path:
 
 
 def test_a_reader_holding_the_file_is_named_as_a_reader(warehouse_file: Path, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="export_pipeline.core.ledger")
+    caplog.set_level(logging.INFO, logger="export_pipeline")
     with holding(READER, warehouse_file) as reader, pytest.raises(WarehouseBusyError) as info:
         connect(warehouse_file, 0.3)
     message = str(info.value)
