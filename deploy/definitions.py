@@ -18,8 +18,9 @@ import dagster as dg
 from export_pipeline.definitions import build_defs, default_resources
 from export_pipeline.defs.resources import WarehouseResource
 
-# Downloads and Parquet are staged here before they go to S3; a run container's own disk.
-SCRATCH_DIR = "/tmp/export_pipeline"
+# Downloads and Parquet are staged here (relative to the working directory, /opt/dagster/app in
+# the image) before they go to S3: the run container's own disk.
+SCRATCH_DIR = "data"
 
 
 def production_resources() -> dict[str, object]:

@@ -8,22 +8,24 @@ import importlib.util
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import dagster as dg
 
 DEFINITIONS = Path(__file__).resolve().parents[2] / "deploy" / "definitions.py"
 
 
-def load_defs() -> dg.Definitions:
+def load_module() -> ModuleType:
+    """deploy/definitions.py (a file, as the code server loads it, not a package module)."""
     spec = importlib.util.spec_from_file_location("deploy_definitions", DEFINITIONS)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.defs
+    return module
 
 
 def main(job_name: str, go_file: str) -> int:
-    job = load_defs().resolve_job_def(job_name)  # imports done before the start line
+    job = load_module().defs.resolve_job_def(job_name)  # imports done before the start line
     deadline = time.monotonic() + 300
     while not Path(go_file).exists():
         if time.monotonic() > deadline:

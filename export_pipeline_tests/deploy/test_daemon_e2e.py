@@ -2,9 +2,11 @@
 
 deploy/dagster.yaml with one change (runs start as processes of the code server instead of
 Docker containers: there is no Docker engine here) backs three real processes as in
-deploy/docker-compose.yaml: a code server (gRPC), `dagster-daemon run` and, launched by the
-daemon's run queue, the run worker. The sensor finds an export in the ledger, the daemon launches
-its ingest, the run loads it; Dagster's records land in PostgreSQL and the step logs in S3.
+deploy/docker-compose.yaml: a code server (gRPC) serving the production code location
+(deploy/definitions.py: DuckLake catalog in PostgreSQL, data files on S3), `dagster-daemon run`
+and, launched by the daemon's run queue, the run worker. The sensor finds an export in the
+ledger, the daemon launches its ingest, the run loads it into the lake; Dagster's records land in
+PostgreSQL and the step logs in S3.
 """
 
 from __future__ import annotations
@@ -18,18 +20,19 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import pytest
 import yaml
 
 from export_pipeline.core.model import ExportRequest
-from export_pipeline.definitions import BINDINGS, default_resources
+from export_pipeline.core.warehouse import close_lakes
+from export_pipeline.definitions import BINDINGS
 from export_pipeline.defs.assets import make_runner
-from export_pipeline.defs.resources import SyncSettingsResource, WarehouseResource
 from export_pipeline.sandbox.bundle import Sandbox
 from export_pipeline.sandbox.s3 import S3Server
 from export_pipeline.sandbox.server import free_port
+from export_pipeline_tests.deploy.lake_worker import DEFINITIONS, load_module
 from export_pipeline_tests.deploy.postgres import PostgresServer
+from export_pipeline_tests.deploy.test_lake_on_postgres import LAKE_BUCKET, lake_env
 from export_pipeline_tests.deploy.test_production_instance import LOG_BUCKET, instance_env
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -95,13 +98,15 @@ def test_sensor_triggered_sync_through_daemon_and_code_server_on_postgres(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    database = "dagster_daemon_e2e"
+    database, lake_db = "dagster_daemon_e2e", "ducklake_daemon_e2e"
     postgres.create_database(database)
+    postgres.create_database(lake_db)
     shared_s3.ensure_bucket(LOG_BUCKET)
+    shared_s3.ensure_bucket(LAKE_BUCKET)
     home = tmp_path / "dagster_home"
     write_home(home)
-    app = tmp_path / "app"  # the processes' working directory: data/ lands here
-    warehouse = app / "data" / "warehouse.duckdb"
+    app = tmp_path / "app"  # the processes' working directory (their scratch data/)
+    app.mkdir()
     port = free_port()
     (tmp_path / "workspace.yaml").write_text(
         yaml.safe_dump(
@@ -118,26 +123,25 @@ def test_sensor_triggered_sync_through_daemon_and_code_server_on_postgres(
             }
         )
     )
-    env = {
-        **os.environ,
+    settings = {
         **instance_env(postgres, database, shared_s3),
         **sandbox.env(),
+        **lake_env(postgres, lake_db, tmp_path.name),
         "DAGSTER_HOME": str(home),
     }
+    # This process's resources and instance read the same environment; the children inherit it.
+    for key, value in settings.items():
+        monkeypatch.setenv(key, value)
+    env = dict(os.environ)
 
     # An export requested elsewhere (another tool, a webhook): only the ledger knows it.
-    resources = default_resources()
-    resources["warehouse"] = WarehouseResource(
-        path=str(warehouse), data_dir=str(app / "data"), lock_timeout_seconds=30
-    )
-    resources["sync_settings"] = SyncSettingsResource(http_base_delay_seconds=0.01)
-    # The provider resources and the instance read their settings from the environment.
-    for key, value in {**sandbox.env(), **instance_env(postgres, database, shared_s3)}.items():
-        monkeypatch.setenv(key, value)
+    resources = load_module().production_resources()
     with dg.build_resources(resources) as res:
         record, _ = make_runner(res, LOCATIONS).start(
             LOCATIONS.kinds[0], ExportRequest(), source="elsewhere"
         )
+        lake = res.warehouse.warehouse()
+    close_lakes()
     export_id = record.export_id
     run_key = f"locations:{export_id}"
 
@@ -154,8 +158,8 @@ def test_sensor_triggered_sync_through_daemon_and_code_server_on_postgres(
                     "127.0.0.1",
                     "--port",
                     str(port),
-                    "--module-name",
-                    "export_pipeline.definitions",
+                    "--python-file",
+                    str(DEFINITIONS),
                     "--attribute",
                     "defs",
                     "--location-name",
@@ -226,9 +230,11 @@ def test_sensor_triggered_sync_through_daemon_and_code_server_on_postgres(
     ]
     assert any(run.run_id in key for key in keys), keys
 
-    # And the data landed: every location, the export marked loaded in the ledger.
-    with duckdb.connect(str(warehouse), read_only=True) as con:
+    # And the data landed in the lake: every location, the export loaded, in one snapshot.
+    with lake.connect(read_only=True) as con:
         assert con.execute("SELECT count(*) FROM locations.locations").fetchone()[0] == 300
         assert con.execute(
             "SELECT state FROM pipeline.exports WHERE export_id = ?", [export_id]
         ).fetchone() == ("loaded",)
+    assert lake.snapshot_of_export("locations", export_id) is not None
+    close_lakes()

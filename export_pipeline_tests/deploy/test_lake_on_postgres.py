@@ -28,6 +28,7 @@ from export_pipeline_tests.deploy.test_production_instance import (
 
 LAKE_BUCKET = "deploy-lake"
 JOBS = ("locations_sync", "deliveries_sync")
+WORKER = "export_pipeline_tests.deploy.lake_worker"
 
 
 def lake_env(postgres: PostgresServer, database: str, run_name: str) -> dict[str, str]:
@@ -140,7 +141,13 @@ def test_two_providers_load_into_the_lake_at_once_while_an_analyst_reads(
                 job,
                 log,
                 subprocess.Popen(
-                    [sys.executable, "-m", "export_pipeline_tests.deploy.lake_worker", job, str(go)],
+                    [
+                        sys.executable,
+                        "-m",
+                        "export_pipeline_tests.deploy.lake_worker",
+                        job,
+                        str(go),
+                    ],
                     cwd=tmp_path,
                     env=dict(os.environ),
                     stdout=log,
