@@ -12,6 +12,7 @@ import shlex
 import tomllib
 from pathlib import Path
 
+import dagster as dg
 import pytest
 import yaml
 from dagster._config import process_config
@@ -70,8 +71,40 @@ def test_compose_services_and_the_files_they_reference() -> None:
     for name in ("code_server", "webserver", "daemon"):
         assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert "healthcheck" in services["postgres"] and "healthcheck" in services["code_server"]
-    # The UI is published on loopback only.
+    # The UI and PostgreSQL are published on loopback only.
     assert services["webserver"]["ports"] == ["127.0.0.1:3000:3000"]
+    assert [p.split(":")[0] for p in services["postgres"]["ports"]] == ["127.0.0.1"]
+    assert [name for name, s in services.items() if "ports" in s] == ["postgres", "webserver"]
+
+
+def test_production_code_location_is_the_project_on_the_lake_and_loads_offline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """deploy/definitions.py: the same assets, jobs, sensors and schedules as the project, the
+    warehouse on DuckLake from environment variables, loaded with none of them set."""
+    from export_pipeline.definitions import defs as project_defs
+    from export_pipeline_tests.deploy.lake_worker import load_module
+
+    for name in ("EXPORT_PIPELINE_LAKE_CATALOG", "EXPORT_PIPELINE_LAKE_DATA_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    module = load_module()
+    defs = module.defs
+
+    def names(d: object) -> tuple:
+        repo = d.get_repository_def()  # type: ignore[attr-defined]
+        return (
+            sorted(a.key.to_user_string() for a in repo.asset_graph.assets_defs_by_key.values()),
+            sorted(j.name for j in repo.get_all_jobs()),
+            sorted(s.name for s in repo.sensor_defs),
+            sorted(s.name for s in repo.schedule_defs),
+        )
+
+    assert names(defs) == names(project_defs)
+    warehouse = module.production_resources()["warehouse"]
+    assert warehouse.backend == "ducklake"
+    # Every location of the lake and the files tiers is an environment variable.
+    fields = {k: v for k, v in warehouse.__dict__.items() if k.startswith(("lake_", "storage"))}
+    assert all(isinstance(v, dg.EnvVar) for v in fields.values()), fields
 
 
 def test_webserver_and_daemon_load_the_code_server_named_in_the_workspace() -> None:
@@ -86,10 +119,9 @@ def test_webserver_and_daemon_load_the_code_server_named_in_the_workspace() -> N
     assert command[command.index("--location-name") + 1] == grpc["location_name"]
 
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert (
-        command[command.index("--module-name") + 1] == (pyproject["tool"]["dagster"]["module_name"])
-    )
     assert grpc["location_name"] == pyproject["tool"]["dagster"]["code_location_name"]
+    # The code server serves deploy/definitions.py where the Dockerfile copies it.
+    assert command[command.index("--python-file") + 1] == copied_to("deploy/definitions.py")
 
     # The webserver and the daemon read the workspace where the Dockerfile puts it.
     copies = [args for word, args in dockerfile_instructions() if word == "COPY"]
@@ -98,6 +130,16 @@ def test_webserver_and_daemon_load_the_code_server_named_in_the_workspace() -> N
     for name in ("webserver", "daemon"):
         cmd = services[name]["command"]
         assert cmd[cmd.index("--workspace") + 1] == f"{home}/workspace.yaml"
+
+
+def copied_to(source: str) -> str:
+    """Where the Dockerfile's COPY puts ``source`` (a file destination, or a folder + name)."""
+    for word, args in dockerfile_instructions():
+        parts = shlex.split(args)
+        if word == "COPY" and source in parts[:-1]:
+            dest = parts[-1]
+            return dest + Path(source).name if dest.endswith("/") else dest
+    raise AssertionError(f"the Dockerfile does not copy {source}")
 
 
 def dockerfile_env() -> list[tuple[str, str]]:
@@ -126,7 +168,7 @@ def test_dockerfile_copies_paths_that_exist_and_starts_the_declared_location() -
     (cmd,) = [args for word, args in instructions if word == "CMD"]
     cmd = yaml.safe_load(cmd)  # the exec form is a JSON array
     assert cmd[:3] == ["dagster", "code-server", "start"]
-    assert cmd[cmd.index("--module-name") + 1] == pyproject["tool"]["dagster"]["module_name"]
+    assert cmd[cmd.index("--python-file") + 1] == copied_to("deploy/definitions.py")
     assert [w for w, _ in instructions if w == "USER"] == ["USER"]  # not root at run time
 
     # BuildKit's per-Dockerfile ignore file must not exclude anything the COPYs need.
