@@ -78,6 +78,13 @@ class PostgresServer:
             )
 
     def start(self) -> PostgresServer:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()  # nothing left behind: no server, no data directory
+            raise
+
+    def _start(self) -> PostgresServer:
         if os.geteuid() == 0:
             try:
                 import pwd
@@ -121,21 +128,24 @@ class PostgresServer:
                 "-c max_connections=200",  # daemon + code server + runs + lake clients
             ]
         )
-        self._run(
-            [
-                str(self.bin_dir / "pg_ctl"),
-                "start",
-                "-D",
-                str(self.data_dir),
-                "-w",
-                "-t",
-                "60",
-                "-l",
-                str(self.root / "server.log"),
-                "-o",
-                options,
-            ]
-        )
+        try:
+            self._run(
+                [
+                    str(self.bin_dir / "pg_ctl"),
+                    "start",
+                    "-D",
+                    str(self.data_dir),
+                    "-w",
+                    "-t",
+                    "60",
+                    "-l",
+                    str(self.root / "server.log"),
+                    "-o",
+                    options,
+                ]
+            )
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\nserver log:\n{self.log()[-3000:]}") from None
         return self
 
     def stop(self) -> None:
