@@ -16,11 +16,13 @@ Loaded with ``dagster code-server start --python-file deploy/definitions.py --at
 import dagster as dg
 
 from export_pipeline.definitions import build_defs, default_resources
-from export_pipeline.defs.resources import WarehouseResource
+from export_pipeline.defs.resources import WarehouseResource, WebhookEventsResource
 
 # Downloads and Parquet are staged here (relative to the working directory, /opt/dagster/app in
 # the image) before they go to S3: the run container's own disk.
 SCRATCH_DIR = "data"
+# The webhook receiver's event store, on the volume the code server shares with it.
+WEBHOOK_EVENTS = "data/webhooks/webhook_events.sqlite3"
 
 
 def production_resources() -> dict[str, object]:
@@ -32,6 +34,7 @@ def production_resources() -> dict[str, object]:
         storage=dg.EnvVar("EXPORT_PIPELINE_STORAGE"),
         data_dir=SCRATCH_DIR,
     )
+    resources["webhook_events"] = WebhookEventsResource(path=WEBHOOK_EVENTS)
     return resources
 
 

@@ -46,7 +46,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 def test_compose_services_and_the_files_they_reference() -> None:
     spec = compose()
     services = spec["services"]
-    assert set(services) == {"postgres", "code_server", "webserver", "daemon"}
+    assert set(services) == {"postgres", "code_server", "webserver", "daemon", "webhooks"}
 
     build = services["code_server"]["build"]
     context = (COMPOSE.parent / build["context"]).resolve()
@@ -74,7 +74,31 @@ def test_compose_services_and_the_files_they_reference() -> None:
     # The UI and PostgreSQL are published on loopback only.
     assert services["webserver"]["ports"] == ["127.0.0.1:3000:3000"]
     assert [p.split(":")[0] for p in services["postgres"]["ports"]] == ["127.0.0.1"]
-    assert [name for name, s in services.items() if "ports" in s] == ["postgres", "webserver"]
+    published = {name: s["ports"] for name, s in services.items() if "ports" in s}
+    assert set(published) == {"postgres", "webserver", "webhooks"}
+    assert all(p.startswith("127.0.0.1:") for ports in published.values() for p in ports)
+
+
+def test_the_webhook_receiver_and_the_sensors_share_one_event_store() -> None:
+    """The receiver writes events where the sensors (in the code server) read them."""
+    from export_pipeline_tests.deploy.lake_worker import load_module
+
+    services = compose()["services"]
+    command = services["webhooks"]["command"]
+    store = command[command.index("--store") + 1]
+    workdir = [args for word, args in dockerfile_instructions() if word == "WORKDIR"][-1]
+    assert store == f"{workdir}/{load_module().WEBHOOK_EVENTS}"
+
+    def mount_of(service: str) -> str | None:
+        for volume in services[service].get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if not source.startswith((".", "/")) and store.startswith(target + "/"):
+                return source
+        return None
+
+    assert mount_of("webhooks") is not None
+    assert mount_of("webhooks") == mount_of("code_server")
+    assert mount_of("webhooks") in compose()["volumes"]
 
 
 def test_production_code_location_is_the_project_on_the_lake_and_loads_offline(
