@@ -230,6 +230,26 @@ def test_run_launcher_config_validates_with_dagster_docker() -> None:
     assert not process_config(DockerRunLauncher.config_type(), bad).success
 
 
+def test_every_variable_the_code_location_reads_reaches_sensors_and_runs() -> None:
+    """Each ``dg.EnvVar`` of deploy/definitions.py's resources is set on the code server (where
+    sensors evaluate) and forwarded into run containers by the launcher (from the daemon). A
+    provider added to the project without its variables here fails this test."""
+    from export_pipeline_tests.deploy.lake_worker import load_module
+
+    wanted = {
+        value.env_var_name
+        for resource in load_module().production_resources().values()
+        for value in vars(resource).values()
+        if isinstance(value, dg.EnvVar)
+    }
+    assert {"LOCATIONS_API_TOKEN", "EXPORT_PIPELINE_LAKE_CATALOG"} <= wanted
+    services = compose()["services"]
+    launcher_env = set(instance_yaml()["run_launcher"]["config"]["env_vars"])
+    assert wanted - set(services["code_server"]["environment"]) == set()
+    assert wanted - set(services["daemon"]["environment"]) == set()
+    assert wanted - launcher_env == set()
+
+
 def test_every_compose_variable_is_documented_in_env_example() -> None:
     used = set(re.findall(r"\$\{([A-Z0-9_]+)", COMPOSE.read_text()))
     example = {
