@@ -1,7 +1,7 @@
 """One worker process of test_lake_on_postgres: runs one sync job of the production code location
 (deploy/definitions.py) on the Dagster instance of $DAGSTER_HOME, once the test says go.
 
-    python -m export_pipeline_tests.deploy.lake_worker <job name> <go file>
+    python export_pipeline_tests/deploy/lake_worker.py <job name> <go file>
 """
 
 import importlib.util

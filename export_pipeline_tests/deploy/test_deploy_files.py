@@ -235,9 +235,8 @@ def test_every_variable_the_code_location_reads_reaches_sensors_and_runs() -> No
     """Each ``dg.EnvVar`` of deploy/definitions.py's resources is set on the code server (where
     sensors evaluate) and forwarded into run containers by the launcher (from the daemon). A
     provider added to the project without its variables here fails this test."""
-    from export_pipeline_tests.deploy.lake_worker import load_module
-
     from export_pipeline.defs.spec_resources import SpecApiResource
+    from export_pipeline_tests.deploy.lake_worker import load_module
 
     resources = load_module().production_resources().values()
     wanted = {

@@ -28,7 +28,9 @@ from export_pipeline_tests.deploy.test_production_instance import (
 
 LAKE_BUCKET = "deploy-lake"
 JOBS = ("locations_sync", "deliveries_sync")
-WORKER = "export_pipeline_tests.deploy.lake_worker"
+# Run by path: the worker imports only dagster and deploy/definitions.py (the tests package is
+# not installed, and the worker's working directory is its own scratch folder).
+WORKER = str(Path(__file__).with_name("lake_worker.py"))
 
 
 def lake_env(postgres: PostgresServer, database: str, run_name: str) -> dict[str, str]:
@@ -141,13 +143,7 @@ def test_two_providers_load_into_the_lake_at_once_while_an_analyst_reads(
                 job,
                 log,
                 subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "export_pipeline_tests.deploy.lake_worker",
-                        job,
-                        str(go),
-                    ],
+                    [sys.executable, WORKER, job, str(go)],
                     cwd=tmp_path,
                     env=dict(os.environ),
                     stdout=log,
