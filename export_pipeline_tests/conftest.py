@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +39,7 @@ _spec.loader.exec_module(netguard)
 def pytest_configure(config: pytest.Config) -> None:
     netguard.install()
     # Children: the guard folder first on PYTHONPATH (as sitecustomize), refusals to a log file.
-    log = Path(config.cache.mkdir("netguard") if config.cache else _GUARD_DIR) / (
-        f"attempts-{os.getpid()}.log"
-    )
+    log = Path(tempfile.gettempdir()) / f"export-pipeline-netguard-{os.getpid()}.log"
     log.write_text("")
     os.environ[netguard.ENV_FLAG] = "1"
     os.environ[netguard.ENV_LOG] = str(log)
