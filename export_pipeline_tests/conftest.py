@@ -49,6 +49,12 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    log = os.environ.get(netguard.ENV_LOG)
+    if log and os.environ.get(netguard.ENV_PARENT) == str(os.getpid()):
+        Path(log).unlink(missing_ok=True)
+
+
 def guarded_pythonpath(*paths: str | Path) -> str:
     """A PYTHONPATH for a child process that keeps the network guard (put it in ``env``)."""
     return os.pathsep.join([str(_GUARD_DIR), *(str(p) for p in paths)])
