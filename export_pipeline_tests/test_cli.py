@@ -62,3 +62,51 @@ def test_webhooks_serve_without_credentials_is_a_clean_error(tmp_path: Path) -> 
     )
     assert out.returncode == 2
     assert "EXPORT_PIPELINE_WEBHOOK" in out.stderr and "Traceback" not in out.stderr
+
+
+SERVE = [sys.executable, "-m", "export_pipeline.cli", "sandbox", "serve", "--random-ports"]
+
+
+def test_sandbox_serve_options_add_mapping_jobs_and_faults(tmp_path: Path) -> None:
+    """`sandbox serve` can add mapping jobs and switch faults on; its printed env points at it."""
+    import httpx
+
+    proc = subprocess.Popen(
+        [*SERVE, "--rows", "10", "--mapping-job", "job-a=4", "--fault", "rate_limit=1"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        env: dict[str, str] = {}
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("export "):
+                key, _, value = line[len("export ") :].strip().partition("=")
+                env[key] = value
+            if line.startswith("mapping jobs:"):
+                assert line.strip() == "mapping jobs: job-a"
+                break
+        headers = {"Authorization": f"Bearer {env['MAPPING_API_TOKEN']}"}
+        answer = httpx.post(
+            f"{env['MAPPING_API_URL']}/api/v1/mapping/job-a/export", headers=headers
+        )
+        assert answer.status_code == 200 and answer.json().get("success") is True, answer.text
+        # rate_limit=1: the locations API answers the next call with 429.
+        auth = {"Authorization": f"Bearer {env['LOCATIONS_API_TOKEN']}"}
+        first = httpx.get(f"{env['LOCATIONS_API_URL']}/locations/exports/x", headers=auth)
+        assert first.status_code == 429
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_sandbox_serve_rejects_an_unknown_fault(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [*SERVE, "--rows", "10", "--fault", "gremlins"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0 and "unknown sandbox fault 'gremlins'" in out.stderr
