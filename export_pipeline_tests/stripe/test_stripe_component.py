@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -55,8 +56,19 @@ def make_project(root: Path, attributes: dict) -> str:
     return module
 
 
+@pytest.fixture
+def instance() -> Iterator[dg.DagsterInstance]:
+    """A live instance while the defs load: building freshness checks resolves the current
+    instance, and an earlier test's disposed one must not be what is found."""
+    with dg.instance_for_test() as live:
+        yield live
+
+
 def test_defs_yaml_builds_and_materializes_stripe(
-    stripe_sandbox: StripeSandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stripe_sandbox: StripeSandbox,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    instance: dg.DagsterInstance,
 ) -> None:
     project = tmp_path / "project"
     spec = yaml.safe_load(SPEC_PATH.read_text())
@@ -86,8 +98,7 @@ def test_defs_yaml_builds_and_materializes_stripe(
     # The secret is an EnvVar: read when the run starts, not when the defs load.
     assert "sk_test" not in repr(defs.resources["stripe_api"])
 
-    with dg.instance_for_test() as instance:
-        result = defs.resolve_job_def("stripe_sync").execute_in_process(instance=instance)
+    result = defs.resolve_job_def("stripe_sync").execute_in_process(instance=instance)
     assert result.success
     node = "stripe__balance_change_from_activity"
     (materialization,) = result.asset_materializations_for_node(node)
@@ -98,7 +109,7 @@ def test_defs_yaml_builds_and_materializes_stripe(
 
 
 def test_a_wrong_spec_in_defs_yaml_fails_to_load_naming_the_field(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, instance: dg.DagsterInstance
 ) -> None:
     spec = yaml.safe_load(SPEC_PATH.read_text())
     spec["states"]["failed"] = ["succeeded"]  # also "ready": ambiguous
