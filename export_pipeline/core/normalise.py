@@ -350,10 +350,11 @@ def to_parquet(
         if threads is not None:
             config["threads"] = threads
         con = duckdb.connect(":memory:", config=config)
+    unbom_dir = out_dir / ".unbom"
     try:
         return _to_parquet(
             con,
-            [Path(s) for s in sources],
+            [_without_jsonl_bom(Path(s), unbom_dir, fmt) for s in sources],
             out_dir,
             kind,
             export_id,
@@ -362,9 +363,29 @@ def to_parquet(
             sequential_arrays=own and threads is None,
         )
     finally:
+        shutil.rmtree(unbom_dir, ignore_errors=True)
         if own:
             con.close()
             shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _without_jsonl_bom(src: Path, scratch: Path, fmt: FileFormat | None) -> Path:
+    """``src``, or a copy of it without its UTF-8 byte-order mark when it is JSON Lines.
+
+    DuckDB 1.4's JSON Lines reader refuses a BOM (its CSV and JSON array readers skip it). The
+    raw file stays as downloaded (its size is verified and resumed against); the copy keeps the
+    name, so errors and ``_source_file`` still name the provider's file, and the lines, so line
+    numbers stay right. A BOM is rare, and then costs one streamed copy of that file.
+    """
+    head, is_gzip = _peek(src)
+    if not head.startswith(_BOM) or (fmt or detect_format(src).format) is not FileFormat.JSONL:
+        return src
+    scratch.mkdir(parents=True, exist_ok=True)
+    copy = scratch / src.name
+    with _open_text(src, is_gzip) as stream, open(copy, "wb") as out:
+        stream.read(len(_BOM))
+        shutil.copyfileobj(stream, out, 1 << 20)
+    return copy
 
 
 def _to_parquet(
