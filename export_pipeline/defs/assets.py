@@ -320,7 +320,7 @@ def request_run_siblings(
     started = {
         record.step_key
         for record in context.instance.all_logs(
-            context.run_id, of_type=dg.DagsterEventType.STEP_START
+            context.run.run_id, of_type=dg.DagsterEventType.STEP_START
         )
     }
     if started & {op_name(k) for k in siblings}:
