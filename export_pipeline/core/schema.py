@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 NUMERIC_ORDER = (
@@ -252,13 +253,7 @@ def apply_hint(hint: Type, detected: Type) -> Type:
     if _is_null(detected):
         return hint
     if isinstance(hint, Struct) and isinstance(detected, Struct):
-        fields = []
-        for name, h in hint.fields:
-            d = detected.get(name)
-            fields.append((name, h if d is None else apply_hint(h, d)))
-        known = {n for n, _ in hint.fields}
-        fields += [(n, no_null(d)) for n, d in detected.fields if n not in known]
-        return Struct(tuple(fields))
+        return _merge_structs(hint, detected, apply_hint)
     if isinstance(hint, List) and isinstance(detected, List):
         return List(apply_hint(hint.element, detected.element))
     if isinstance(hint, Scalar) and isinstance(detected, Scalar):
@@ -300,13 +295,7 @@ def widen(a: Type, b: Type) -> Type:
     if _is_null(b):
         return no_null(a)
     if isinstance(a, Struct) and isinstance(b, Struct):
-        fields = []
-        for name, fa in a.fields:
-            fb = b.get(name)
-            fields.append((name, fa if fb is None else widen(fa, fb)))
-        known = {n for n, _ in a.fields}
-        fields += [(n, no_null(fb)) for n, fb in b.fields if n not in known]
-        return Struct(tuple(fields))
+        return _merge_structs(a, b, widen)
     if isinstance(a, List) and isinstance(b, List):
         return List(widen(a.element, b.element))
     if isinstance(a, Scalar) and isinstance(b, Scalar):
@@ -373,3 +362,14 @@ def changes(old: Type, new: Type, path: str) -> list[str]:
     if isinstance(old, List) and isinstance(new, List):
         return changes(old.element, new.element, f"{path}[]")
     return [f"{path} widened {render(old)} -> {render(new)}"]
+
+
+def _merge_structs(a: Struct, b: Struct, combine: Callable[[Type, Type], Type]) -> Struct:
+    """``a``'s fields in order, each combined with ``b``'s field of that name, then the fields
+    only ``b`` has (never typed NULL): a struct never loses a field either side has."""
+    fields = [
+        (name, fa if (fb := b.get(name)) is None else combine(fa, fb)) for name, fa in a.fields
+    ]
+    known = {name for name, _ in a.fields}
+    fields += [(name, no_null(fb)) for name, fb in b.fields if name not in known]
+    return Struct(tuple(fields))
