@@ -15,8 +15,6 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from export_pipeline.defs.resources import SANDBOX_PORTS
-
 if TYPE_CHECKING:
     from export_pipeline.sandbox.bundle import Sandbox
 
@@ -161,7 +159,9 @@ def _start_sandbox(args: argparse.Namespace, ports: dict[str, int] | None = None
 
 
 def _sandbox(args: argparse.Namespace) -> int:
-    ports = dict(SANDBOX_PORTS) if args.fixed_ports else {}
+    from export_pipeline.sandbox.bundle import fixed_ports
+
+    ports = fixed_ports() if args.fixed_ports else {}
     with _start_sandbox(args, ports) as sandbox:
         print("sandbox providers are up; export these to point the project at them:")
         for key, value in sandbox.env().items():
@@ -406,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--random-ports",
         dest="fixed_ports",
         action="store_false",
-        help=f"use free ports instead of {SANDBOX_PORTS}",
+        help="use free ports instead of each simulator's declared one (ExportProvider.sandbox; "
+        "S3 on 8705)",
     )
     serve.set_defaults(func=_sandbox)
 

@@ -35,10 +35,7 @@ from export_pipeline.defs.sensors import (
 from export_pipeline.defs.spec_resources import spec_resources
 from export_pipeline.providers.registry import PROVIDERS
 
-BINDINGS = tuple(
-    ProviderBinding(name=cls.name, resource_key=f"{cls.name}_api", kinds=cls.kinds)
-    for cls in PROVIDERS
-)
+BINDINGS = tuple(ProviderBinding.of(cls) for cls in PROVIDERS)
 
 
 def build_defs(resources: dict[str, object] | None = None) -> dg.Definitions:

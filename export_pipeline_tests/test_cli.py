@@ -64,6 +64,32 @@ def test_webhooks_serve_without_credentials_is_a_clean_error(tmp_path: Path) -> 
     assert "EXPORT_PIPELINE_WEBHOOK" in out.stderr and "Traceback" not in out.stderr
 
 
+# What `webhooks serve` loads, in a fresh interpreter: the CLI, the command, the receiver app.
+_WEBHOOKS_IMPORTS = """
+import sys
+from pathlib import Path
+from export_pipeline import cli
+assert cli.main(["webhooks", "serve", "--store", "e.db"]) == 2  # no credentials: stops early
+from export_pipeline.webhooks.receiver import ReceiverSettings, create_app
+from export_pipeline.webhooks.store import EventStore
+create_app(EventStore(Path("e.db")), ReceiverSettings(bearer_token="t"))
+print(sorted(m for m in sys.modules if m.split(".")[0].startswith("dagster")))
+"""
+
+
+def test_webhooks_serve_imports_no_dagster(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _WEBHOOKS_IMPORTS],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 SERVE = [sys.executable, "-m", "export_pipeline.cli", "sandbox", "serve", "--random-ports"]
 
 

@@ -56,11 +56,7 @@ class ExportApiComponent(dg.Component, dg.Model, dg.Resolvable):
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         provider_class = SpecProvider.for_spec(self.spec)
-        binding = ProviderBinding(
-            name=self.spec.name,
-            resource_key=f"{self.spec.name}_api",
-            kinds=provider_class.kinds,
-        )
+        binding = ProviderBinding.of(provider_class)
         assets, checks = [], []
         for kind, kind_spec in zip(binding.kinds, self.spec.kinds, strict=True):
             schema = dg.TableSchema(

@@ -110,6 +110,9 @@ class ExportKind:
     # Extra analyst views: view name (unqualified, in the provider schema) -> SELECT over the table.
     views: Mapping[str, str] = field(default_factory=dict, hash=False)
     partition_column: str | None = None  # for REPLACE_PARTITION
+    # Rows belong to user-named units (mapping jobs): the name of that set of partition keys.
+    # Dagster makes it a dynamic partitions definition; None = not partitioned.
+    partitions: str | None = None
     # Column checked for >0 rows / value ranges by asset checks: name -> (min, max).
     value_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict, hash=False)
 

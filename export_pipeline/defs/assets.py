@@ -23,11 +23,6 @@ from export_pipeline.core.windows import next_request, parse_iso
 from export_pipeline.providers.base import ExportProvider
 from export_pipeline.providers.column_docs import apply_comments, column_docs, view_docs
 
-# Dynamic partitions for kinds whose rows belong to user-named units (mapping jobs).
-PARTITIONS: dict[str, dg.DynamicPartitionsDefinition] = {
-    "mapping/results": dg.DynamicPartitionsDefinition(name="mapping_jobs"),
-}
-
 EXPORT_TAG = "export_pipeline/export_id"
 TRIGGER_TAG = "export_pipeline/trigger"
 
@@ -53,11 +48,27 @@ class ExportConfig(dg.Config):
 
 @dataclass(frozen=True)
 class ProviderBinding:
-    """Dagster-side facts about one provider: its resource key."""
+    """Dagster-side facts about one provider: its class (what it declares) and resource key."""
 
-    name: str
+    provider: type[ExportProvider]
     resource_key: str
-    kinds: tuple[ExportKind, ...]
+
+    @classmethod
+    def of(cls, provider: type[ExportProvider]) -> "ProviderBinding":
+        return cls(provider=provider, resource_key=f"{provider.name}_api")
+
+    @property
+    def name(self) -> str:
+        return self.provider.name
+
+    @property
+    def kinds(self) -> tuple[ExportKind, ...]:
+        return self.provider.kinds
+
+
+def partitions_def(kind: ExportKind) -> dg.DynamicPartitionsDefinition | None:
+    """Kinds whose rows belong to user-named units (mapping jobs) get dynamic partitions."""
+    return dg.DynamicPartitionsDefinition(name=kind.partitions) if kind.partitions else None
 
 
 def asset_key(kind: ExportKind) -> dg.AssetKey:
@@ -209,7 +220,6 @@ def _ledger_facts(ledger: Ledger, provider: str, export_id: str) -> dict[str, An
 
 
 def build_export_asset(kind: ExportKind, binding: ProviderBinding) -> dg.AssetsDefinition:
-    partitions_def = PARTITIONS.get(kind.key)
 
     @dg.asset(
         key=asset_key(kind),
@@ -217,7 +227,7 @@ def build_export_asset(kind: ExportKind, binding: ProviderBinding) -> dg.AssetsD
         group_name=kind.provider,
         description=kind.description or f"{kind.key} export loaded into {kind.table}",
         kinds={"duckdb", "parquet"},
-        partitions_def=partitions_def,
+        partitions_def=partitions_def(kind),
         required_resource_keys={"warehouse", "sync_settings", "s3", binding.resource_key},
         metadata={
             "dagster/table_name": f"warehouse.{kind.table}",
@@ -313,7 +323,7 @@ def request_run_siblings(
     siblings = [
         k
         for k in binding.kinds
-        if asset_key(k) in selected and k.key not in PARTITIONS and asset_key(kind) != asset_key(k)
+        if asset_key(k) in selected and not k.partitions and asset_key(kind) != asset_key(k)
     ]
     if not siblings:
         return

@@ -27,12 +27,15 @@ from export_pipeline.providers.base import ExportProvider
 # sandbox's ``env()`` sets it to the sandbox's own loopback origins.
 ALLOWED_HOSTS_ENV = "EXPORT_PIPELINE_ALLOWED_DOWNLOAD_HOSTS"
 
-# Where `export-pipeline sandbox serve` listens; the defaults of every provider resource.
-SANDBOX_PORTS = {"locations": 8701, "mews": 8702, "deliveries": 8703, "mapping": 8704, "s3": 8705}
-
 
 def sandbox_url(provider: str) -> str:
-    return f"http://127.0.0.1:{SANDBOX_PORTS[provider]}"
+    """Where ``export-pipeline sandbox serve --fixed-ports`` serves ``provider``'s simulator."""
+    from export_pipeline.providers.registry import provider_class
+
+    sandbox = provider_class(provider).sandbox
+    if sandbox is None:
+        raise KeyError(f"{provider} has no sandbox simulator")
+    return f"http://127.0.0.1:{sandbox.port}"
 
 
 class LazyS3Resource(S3Resource):

@@ -13,7 +13,6 @@ from export_pipeline.core.model import ExportKind, Incremental
 from export_pipeline.core.retention import RetentionSettings, clean
 from export_pipeline.core.windows import next_request
 from export_pipeline.defs.assets import (
-    PARTITIONS,
     TRIGGER_TAG,
     ExportConfig,
     ProviderBinding,
@@ -28,7 +27,7 @@ INCREMENTAL_CRON = "15 * * * *"
 
 
 def scheduled_kinds(binding: ProviderBinding) -> list[ExportKind]:
-    return [k for k in binding.kinds if k.key not in PARTITIONS]
+    return [k for k in binding.kinds if not k.partitions]
 
 
 def with_views(kind: ExportKind) -> list[dg.AssetKey]:

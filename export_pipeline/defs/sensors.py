@@ -8,7 +8,7 @@ export with ``run_key = provider:export_id`` so an export is never launched twic
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,6 @@ from export_pipeline.core.ingest import POISON_BUDGET, ExportRunner
 from export_pipeline.core.model import ExportKind, ExportRequest, ExportState, ExportStatus
 from export_pipeline.defs.assets import (
     EXPORT_TAG,
-    PARTITIONS,
     TRIGGER_TAG,
     ExportConfig,
     ProviderBinding,
@@ -44,25 +43,6 @@ MAX_INGEST_ATTEMPTS = POISON_BUDGET
 SENSOR_LOCK_TIMEOUT = 5.0
 # A tick must not spend its budget backing off: one quick retry, then the next tick.
 SENSOR_RETRY = RetryPolicy(max_attempts=2, base_delay=0.5, max_delay=2.0, max_retry_after=5.0)
-
-
-def _locations_event(body: Mapping[str, Any]) -> tuple[str | None, ExportStatus]:
-    from export_pipeline.providers.locations import parse_event
-
-    return None, parse_event(body)
-
-
-def _mapping_event(body: Mapping[str, Any]) -> tuple[str | None, ExportStatus]:
-    from export_pipeline.providers.mapping import parse_event
-
-    return parse_event(body)
-
-
-# Providers that push events: body -> (partition key, status).
-EVENT_PARSERS: dict[str, Callable[[Mapping[str, Any]], tuple[str | None, ExportStatus]]] = {
-    "locations": _locations_event,
-    "mapping": _mapping_event,
-}
 
 
 def run_key_for(provider: str, export_id: str, attempts: int = 0) -> str:
@@ -110,9 +90,9 @@ def absorb_events(
     Events left when ``deadline`` (a ``time.monotonic()`` value) passes stay pending for the
     next tick; so do all events when the provider cannot be reached (the error propagates).
     """
-    parse = EVENT_PARSERS.get(binding.name)
-    if parse is None or store is None:
+    if not binding.provider.pushes_events or store is None:
         return [], set()
+    parse = binding.provider.parse_event
     events = store.pending(source=binding.name, limit=1000)
     kind = binding.kinds[0]
     consumed: list[int] = []
@@ -248,11 +228,11 @@ def build_export_sensor(binding: ProviderBinding) -> dg.SensorDefinition:
                     "by hand with config export_id once the cause is fixed"
                 )
         dynamic = []
-        partitioned = [PARTITIONS[k.key] for k in binding.kinds if k.key in PARTITIONS]
+        partitioned = [k.partitions for k in binding.kinds if k.partitions]
         if new_partitions and partitioned:
             dynamic.append(
                 dg.AddDynamicPartitionsRequest(
-                    partitions_def_name=partitioned[0].name,
+                    partitions_def_name=partitioned[0],
                     partition_keys=sorted(set(new_partitions)),
                 )
             )

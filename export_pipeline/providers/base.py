@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from itertools import islice
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from export_pipeline.core.http import ApiClient
 from export_pipeline.core.model import ExportKind, ExportRequest, ExportStatus, RemoteFile
+from export_pipeline.providers.spec import Sandbox
 
 
 def batched(items: Sequence[str], size: int) -> Iterator[list[str]]:
@@ -38,12 +39,22 @@ class ExportProvider(ABC):
     Subclasses declare ``name``, ``kinds`` and ``status_batch_size`` and implement the two calls.
     They only speak HTTP: mapping the provider's words to ExportState, its files to RemoteFile,
     its error codes to the typed errors in ``core.errors``.
+
+    Everything the Dagster definitions, the CLI and the webhook receiver need to know about a
+    provider is declared here (a spec provider takes it from its spec), so none of them names
+    a provider: partitioning is ``ExportKind.partitions``; pushed events are ``pushes_events``
+    + ``parse_event`` (the receiver's route is ``/<name>/exports/events``); the simulator is
+    ``sandbox``.
     """
 
     name: ClassVar[str]
     kinds: ClassVar[tuple[ExportKind, ...]]
     # How many export ids one status call can carry (Mews: 1000; most APIs: 1).
     status_batch_size: ClassVar[int] = 1
+    # The API pushes export events (webhooks): the receiver takes them, the sensor absorbs them.
+    pushes_events: ClassVar[bool] = False
+    # The API's simulator and its fixed port (``export-pipeline sandbox serve``, ``dev``).
+    sandbox: ClassVar[Sandbox | None] = None
 
     def __init__(self, api: ApiClient) -> None:
         self.api = api
@@ -57,6 +68,15 @@ class ExportProvider(ABC):
     @abstractmethod
     def request_export(self, kind: ExportKind, request: ExportRequest) -> ExportStatus:
         """Ask for a new export. Raises ExportInFlightError when the API allows only one."""
+
+    @classmethod
+    def parse_event(cls, body: Mapping[str, Any]) -> tuple[str | None, ExportStatus]:
+        """A pushed event's body -> (partition key or None, the status it announces).
+
+        Offline: no credentials, no call (the receiver has neither). ValueError, naming what
+        is wrong, for a body that is refused (the receiver answers 400 with it).
+        """
+        raise ValueError(f"{cls.name} does not push export events")
 
     @abstractmethod
     def get_statuses(self, export_ids: Sequence[str]) -> dict[str, ExportStatus]:

@@ -65,6 +65,7 @@ from export_pipeline.core.model import (
     RemoteFile,
 )
 from export_pipeline.providers.base import ExportProvider, format_utc, parse_utc
+from export_pipeline.providers.spec import Sandbox
 
 TOKEN_ENV_VAR = "DELIVERIES_API_KEY"
 URL_ENV_VAR = "DELIVERIES_API_URL"
@@ -135,6 +136,7 @@ class DeliveriesProvider(ExportProvider):
     """Message-log exports, one kind per direction, time-window increments, CSV via S3."""
 
     name = "deliveries"
+    sandbox = Sandbox(module="export_pipeline.sandbox.deliveries", port=8703)
     kinds = tuple(
         ExportKind(
             provider="deliveries",

@@ -95,6 +95,8 @@ class SpecProvider(ExportProvider):
             "name": spec.name,
             "kinds": spec.export_kinds(),
             "status_batch_size": spec.status.batch_size,
+            "pushes_events": spec.events is not None,
+            "sandbox": spec.sandbox,
             "__doc__": spec.description or f"{spec.name} exports, run from its spec.",
         }
         return type(name, (cls,), attrs)
@@ -180,17 +182,27 @@ class SpecProvider(ExportProvider):
                 statuses.setdefault(export_id, self._gone(export_id, ExportState.LOST, None))
         return statuses
 
-    def parse_event(self, body: Mapping[str, Any]) -> tuple[str | None, ExportStatus]:
+    @classmethod
+    def parse_event(cls, body: Mapping[str, Any]) -> tuple[str | None, ExportStatus]:
         """A pushed event -> ``(partition key, status)``; ValueError for a body we refuse."""
-        events = self.spec.events
+        events = cls.spec.events
         if events is None:
-            raise ValueError(f"{self.spec.name} does not push events")
+            raise ValueError(f"{cls.spec.name} does not push events")
         kind = dig(body, events.type_path)
         record = dig(body, events.record)
         if kind not in events.types or not isinstance(record, Mapping):
-            raise ValueError(f"invalid {self.spec.name} event: type {kind!r}")
+            raise ValueError(f"invalid {cls.spec.name} event: type {kind!r}")
         partition = dig(body, events.partition) if events.partition else None
-        return (None if partition is None else str(partition)), self._status(record)
+        # Offline (the receiver has no credentials): the client only lends its base URL to a
+        # file URL template; it is never used for a call.
+        reader = cls(ApiClient(provider=cls.spec.name, base_url=cls.spec.base_url))
+        try:
+            status = reader._status(record)
+        except ProviderRejectedError as exc:
+            raise ValueError(f"invalid {cls.spec.name} event: {exc.message}") from None
+        finally:
+            reader.close()
+        return (None if partition is None else str(partition)), status
 
     def classify_download_error(self, response: httpx.Response) -> ExportPipelineError | None:
         """Typed error for an error answer met while downloading (called by core/transfer)."""

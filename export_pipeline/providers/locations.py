@@ -62,6 +62,7 @@ from export_pipeline.core.model import (
 )
 from export_pipeline.core.redact import get_logger
 from export_pipeline.providers.base import ExportProvider, format_utc, parse_utc
+from export_pipeline.providers.spec import Sandbox
 
 log = get_logger(__name__)  # redacts secrets from every message
 
@@ -293,6 +294,12 @@ class LocationsProvider(ExportProvider):
     name = PROVIDER
     kinds = (LOCATIONS,)
     status_batch_size = 1
+    pushes_events = True
+    sandbox = Sandbox(module="export_pipeline.sandbox.locations", port=8701)
+
+    @classmethod
+    def parse_event(cls, body: Mapping[str, Any]) -> tuple[str | None, ExportStatus]:
+        return None, parse_event(body)
 
     def __init__(self, api: ApiClient, **settings: Any) -> None:
         super().__init__(api)

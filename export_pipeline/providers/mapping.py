@@ -59,6 +59,7 @@ from export_pipeline.core.model import (
     RemoteFile,
 )
 from export_pipeline.providers.base import ExportProvider, parse_utc
+from export_pipeline.providers.spec import Sandbox
 
 PROVIDER = "mapping"
 TOKEN_ENV_VAR = "MAPPING_API_TOKEN"
@@ -79,6 +80,7 @@ RESULTS = ExportKind(
     primary_key=("mappingJobId", "supplierHotelId"),
     load_mode=LoadMode.REPLACE_PARTITION,
     partition_column="mappingJobId",
+    partitions="mapping_jobs",  # one partition per mapping job
     incremental=Incremental.NONE,
     description=(
         "Hotel-mapping results of one mapping.travel mapping job: each supplier hotel of the "
@@ -124,6 +126,8 @@ class MappingProvider(ExportProvider):
     kinds: ClassVar[tuple[ExportKind, ...]] = (RESULTS,)
     # The download-link call takes one exportFileId.
     status_batch_size: ClassVar[int] = 1
+    pushes_events: ClassVar[bool] = True
+    sandbox: ClassVar[Sandbox | None] = Sandbox(module="export_pipeline.sandbox.mapping", port=8704)
 
     def __init__(self, api: ApiClient, *, download_path: str = DEFAULT_DOWNLOAD_PATH) -> None:
         if "{exportFileId}" not in download_path:
@@ -384,9 +388,9 @@ class MappingProvider(ExportProvider):
             hint="call get_statuses again for a fresh link and download at once",
         )
 
-    @staticmethod
-    def parse_event(body: bytes | str | Mapping[str, Any]) -> tuple[str, ExportStatus]:
-        """The webhook parser as a provider method, for receivers that only hold a provider."""
+    @classmethod
+    def parse_event(cls, body: Mapping[str, Any]) -> tuple[str | None, ExportStatus]:
+        """The webhook parser (:func:`parse_event`): the partition is the mapping job."""
         return parse_event(body)
 
 

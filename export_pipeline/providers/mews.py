@@ -66,6 +66,7 @@ from export_pipeline.core.model import (
 )
 from export_pipeline.core.redact import get_logger
 from export_pipeline.providers.base import ExportProvider, batched, parse_utc
+from export_pipeline.providers.spec import Sandbox
 
 log = get_logger(__name__)  # redacts secrets from every message
 
@@ -128,6 +129,7 @@ class MewsProvider(ExportProvider):
 
     name: ClassVar[str] = "mews"
     status_batch_size: ClassVar[int] = 1000
+    sandbox: ClassVar[Sandbox | None] = Sandbox(module="export_pipeline.sandbox.mews", port=8702)
     kinds: ClassVar[tuple[ExportKind, ...]] = tuple(
         ExportKind(
             provider="mews",

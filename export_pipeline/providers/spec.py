@@ -248,6 +248,11 @@ class KindSpec(_Spec):
     partition_column: str | None = Field(
         None, description="replace_partition: the column whose value is the partition key."
     )
+    partitions: str | None = Field(
+        None,
+        description="Rows belong to user-named units (one partition per unit): the name of that "
+        "set of partition keys (a Dagster dynamic partitions definition). None: unpartitioned.",
+    )
 
     @model_validator(mode="after")
     def _named(self) -> KindSpec:
@@ -268,6 +273,13 @@ class Event(_Spec):
     partition: str | None = Field(None, description="Dotted path of the partition key.")
 
 
+class Sandbox(_Spec):
+    """The API's simulator (``export-pipeline sandbox serve``, ``dev``, the tests)."""
+
+    module: str = Field(description="Module with the simulator's ``State`` and ``create_app``.")
+    port: int = Field(description="Its fixed port (`export-pipeline sandbox serve`).")
+
+
 class ExportApiSpec(_Spec):
     name: str = Field(description="Provider name: the DuckDB schema and asset key prefix.")
     description: str = ""
@@ -281,7 +293,10 @@ class ExportApiSpec(_Spec):
     download: Download = Field(default_factory=Download)
     incremental: IncrementalSpec = Field(default_factory=IncrementalSpec)
     kinds: list[KindSpec]
-    events: Event | None = None
+    events: Event | None = Field(
+        None, description="Pushed events: the webhook receiver gets a route /<name>/exports/events."
+    )
+    sandbox: Sandbox | None = None
 
     @model_validator(mode="after")
     def _coherent(self) -> ExportApiSpec:
@@ -315,6 +330,7 @@ class ExportApiSpec(_Spec):
                 params=dict(k.params),
                 columns={c: col.type for c, col in k.columns.items()} or None,
                 partition_column=k.partition_column,
+                partitions=k.partitions,
             )
             for k in self.kinds
         )

@@ -6,6 +6,7 @@ Used by ``export-pipeline sandbox serve``, ``export-pipeline demo`` and the Dags
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from export_pipeline.providers.spec import Sandbox as ProviderSandbox
 from export_pipeline.sandbox import deliveries, locations, mapping, mews
 from export_pipeline.sandbox.s3 import S3Server
 from export_pipeline.sandbox.server import RunningServer
@@ -86,7 +88,27 @@ class Sandbox:
         self.stop()
 
 
+def _declared(name: str) -> ProviderSandbox:
+    from export_pipeline.providers.registry import provider_class
+
+    sandbox = provider_class(name).sandbox
+    if sandbox is None:
+        raise KeyError(f"{name} declares no sandbox simulator")
+    return sandbox
+
+
 FAULTS = ("rate_limit", "slow", "fail_next_export", "truncate_next_download")
+
+# The S3 server behind the message-log API (not a provider: no declaration of its own).
+S3_PORT = 8705
+
+
+def fixed_ports() -> dict[str, int]:
+    """``sandbox serve --fixed-ports``: each provider's declared simulator port, and S3's."""
+    from export_pipeline.providers.registry import PROVIDERS
+
+    ports = {cls.name: cls.sandbox.port for cls in PROVIDERS if cls.sandbox is not None}
+    return {**ports, "s3": S3_PORT}
 
 
 def start_sandbox(
@@ -121,15 +143,11 @@ def start_sandbox(
         }
         for job_id, n_results in (mapping_jobs or {}).items():
             states["mapping"].add_job(n_results, job_id=job_id)
-        apps = {
-            "locations": locations.create_app,
-            "mews": mews.create_app,
-            "deliveries": deliveries.create_app,
-            "mapping": mapping.create_app,
-        }
         urls = {}
-        for name, create in apps.items():
-            server = RunningServer(create(states[name]), port=ports.get(name, 0)).start()
+        for name, state in states.items():
+            # The simulator module each provider declares (ExportProvider.sandbox).
+            create = importlib.import_module(_declared(name).module).create_app
+            server = RunningServer(create(state), port=ports.get(name, 0)).start()
             stack.callback(server.stop)
             urls[name] = server.base_url
         for state in states.values():

@@ -36,7 +36,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,8 +49,8 @@ from starlette.routing import Route
 from export_pipeline.core.errors import ConfigurationError
 from export_pipeline.core.model import ExportStatus
 from export_pipeline.core.redact import get_logger, redact_obj, redact_text
-from export_pipeline.providers import locations as locations_provider
-from export_pipeline.providers import mapping as mapping_provider
+from export_pipeline.providers.base import ExportProvider
+from export_pipeline.providers.registry import PROVIDERS
 from export_pipeline.webhooks.store import EventStore
 
 logger = get_logger(__name__)  # redacts secrets from every message
@@ -274,19 +274,9 @@ def _excerpt(body: bytes, limit: int = 200) -> str:
     return redact_text(body[:limit].decode("utf-8", errors="replace"))
 
 
-def _parse_locations(body: Mapping[str, Any]) -> ExportStatus:
-    return locations_provider.parse_event(body)
-
-
-def _parse_mapping(body: Mapping[str, Any]) -> ExportStatus:
-    _job_id, status = mapping_provider.parse_event(body)
-    return status
-
-
-PARSERS: Mapping[str, Callable[[Mapping[str, Any]], ExportStatus]] = {
-    "locations": _parse_locations,
-    "mapping": _parse_mapping,
-}
+def event_route(provider: type[ExportProvider]) -> str:
+    """Where a provider's events are posted (under ``ReceiverSettings.base_path``)."""
+    return f"/{provider.name}/exports/events"
 
 
 def _problem(status_code: int, reason: str, headers: Mapping[str, str] | None = None) -> Response:
@@ -302,8 +292,14 @@ def event_id_for(headers: Mapping[str, str], body: bytes) -> str:
     return msg_id or "sha256:" + hashlib.sha256(body).hexdigest()
 
 
-def _make_event_endpoint(source: str, store: EventStore, settings: ReceiverSettings):
-    parse = PARSERS[source]
+def _make_event_endpoint(
+    provider: type[ExportProvider], store: EventStore, settings: ReceiverSettings
+):
+    source = provider.name
+
+    def parse(payload: Mapping[str, Any]) -> ExportStatus:
+        _partition, status = provider.parse_event(payload)
+        return status
 
     async def endpoint(request: Request) -> Response:
         headers = request.headers
@@ -426,8 +422,14 @@ def _make_event_endpoint(source: str, store: EventStore, settings: ReceiverSetti
     return endpoint
 
 
-def create_app(store: EventStore, settings: ReceiverSettings) -> Starlette:
-    """The receiver as an ASGI app; run it with uvicorn (see ``serve``) or ``RunningServer``."""
+def create_app(
+    store: EventStore,
+    settings: ReceiverSettings,
+    providers: Sequence[type[ExportProvider]] = PROVIDERS,
+) -> Starlette:
+    """The receiver as an ASGI app; run it with uvicorn (see ``serve``) or ``RunningServer``.
+
+    One route per provider that pushes events (``ExportProvider.pushes_events``)."""
     base = settings.base_path
 
     async def healthz(request: Request) -> Response:
@@ -445,17 +447,14 @@ def create_app(store: EventStore, settings: ReceiverSettings) -> Starlette:
 
     routes = [
         Route(
-            f"{base}/locations/exports/events",
-            _make_event_endpoint("locations", store, settings),
+            base + event_route(provider),
+            _make_event_endpoint(provider, store, settings),
             methods=["POST"],
-        ),
-        Route(
-            f"{base}/mapping/exports/events",
-            _make_event_endpoint("mapping", store, settings),
-            methods=["POST"],
-        ),
-        Route(f"{base}/healthz", healthz, methods=["GET"]),
+        )
+        for provider in providers
+        if provider.pushes_events
     ]
+    routes.append(Route(f"{base}/healthz", healthz, methods=["GET"]))
     app = Starlette(routes=routes, exception_handlers={Exception: internal_error})
     app.state.store = store
     app.state.settings = settings

@@ -21,7 +21,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-SOURCES = frozenset({"locations", "mapping"})
+
+def event_sources() -> frozenset[str]:
+    """The providers that push events (``ExportProvider.pushes_events``)."""
+    from export_pipeline.providers.registry import PROVIDERS
+
+    return frozenset(cls.name for cls in PROVIDERS if cls.pushes_events)
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS webhook_events (
@@ -80,8 +86,16 @@ class EventStore:
     retries later, rather than holding the HTTP request open.
     """
 
-    def __init__(self, path: Path, *, busy_timeout_seconds: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout_seconds: float = 5.0,
+        sources: frozenset[str] | None = None,
+    ) -> None:
         self.path = Path(path)
+        # Which sources ``record`` takes: default, the registry's providers that push events.
+        self.sources = sources
         self.busy_timeout_seconds = busy_timeout_seconds
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as conn:
@@ -129,8 +143,8 @@ class EventStore:
         receiver may acknowledge the delivery right after. Raises ``sqlite3.OperationalError``
         when the file is locked for longer than the busy timeout or cannot be written.
         """
-        if source not in SOURCES:
-            raise ValueError(f"unknown event source {source!r}; expected one of {sorted(SOURCES)}")
+        if source not in (sources := self.sources or event_sources()):
+            raise ValueError(f"unknown event source {source!r}; expected one of {sorted(sources)}")
         if not event_id:
             raise ValueError("event_id must not be empty")
         payload = json.dumps(dict(body), separators=(",", ":"), sort_keys=True)

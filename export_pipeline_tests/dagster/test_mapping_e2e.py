@@ -21,7 +21,6 @@ import duckdb
 import pytest
 
 from export_pipeline.definitions import build_defs
-from export_pipeline.defs.assets import PARTITIONS
 from export_pipeline.defs.resources import MappingApiResource
 from export_pipeline.providers.mapping import EVENT_COMPLETED, EVENT_FAILED, RESULTS
 from export_pipeline.sandbox.mapping import COLUMNS, SandboxExport
@@ -31,7 +30,7 @@ from export_pipeline_tests.conftest import DagsterSetup
 
 KEY = dg.AssetKey(["mapping", "results"])
 OP = "mapping__results"
-PARTITIONS_NAME = PARTITIONS[RESULTS.key].name  # "mapping_jobs"
+PARTITIONS_NAME = RESULTS.partitions  # "mapping_jobs"
 ALL_CHECKS = {
     "rows_match_provider",
     "primary_key_unique",
