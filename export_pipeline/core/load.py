@@ -19,6 +19,7 @@ import duckdb
 from export_pipeline.core import schema
 from export_pipeline.core.errors import ConfigurationError, IntegrityError
 from export_pipeline.core.model import ExportKind, LoadMode, SchemaContract
+from export_pipeline.core.warehouse import evolve_statements
 
 # Error code of an export whose rows belong to another partition than the one it was loaded
 # for (the ledger keeps it, so the runner never adopts that export for that partition again).
@@ -212,15 +213,13 @@ def _ensure_table(
     have = {n: schema.parse(t) for n, t in _columns(con, kind.schema, kind.name).items()}
     added: list[str] = []
     changed: list[str] = []
-    plan: list[str] = []
-    retype: dict[str, tuple[str, str]] = {}  # column -> (new type, expression giving it)
+    final = dict(have)  # the table's columns after this load, in order (new ones at the end)
     first = _first_types(con, stage, [(n, t) for n, t in staged if n not in have])
     for name, new in staged:
-        col = quote_ident(name)
         old = have.get(name)
         if old is None:
             added.append(name)
-            plan.append(f"ALTER TABLE {target} ADD COLUMN {col} {schema.render(first[name])}")
+            final[name] = first[name]
             continue
         if schema.no_null(new) == old:
             continue
@@ -232,60 +231,16 @@ def _ensure_table(
         if merged == old:
             continue
         changed += schema.changes(old, merged, name)
-        fields = schema.added_fields(old, merged)
-        if fields is not None:
-            # Only new struct fields: ADD COLUMN of a nested path (DuckLake supports it too).
-            for path, field_type in fields:
-                dotted = ".".join(quote_ident(p) for p in (name, *path))
-                plan.append(f"ALTER TABLE {target} ADD COLUMN {dotted} {schema.render(field_type)}")
-        elif _is_promotion(old, merged):
-            # A wider integer: an in-place promotion (DuckLake allows only these in place).
-            plan.append(
-                f"ALTER TABLE {target} ALTER COLUMN {col} SET DATA TYPE {schema.render(merged)}"
-            )
-        else:
-            rendered = schema.render(merged)
-            retype[name] = (
-                rendered,
-                f"to_json({col})"
-                if merged == schema.Scalar("JSON")
-                else f"CAST({col} AS {rendered})",
-            )
+        final[name] = merged
     if frozen and (added or changed):
         problems = [f"unknown column(s) {added}"] if added else []
         if changed:
             problems.append(f"type change(s): {', '.join(changed)}")
         raise _frozen(kind, "; ".join(problems))
-    for statement in plan:
-        con.execute(statement)
-    for statement in _rewrite(target, retype):
+    # ALTERs where the backend can (DuckLake refuses most retypes in place): see evolve_statements.
+    for statement in evolve_statements(con, kind.schema, kind.name, have, final):
         con.execute(statement)
     return added, changed
-
-
-def _is_promotion(old: schema.Type, new: schema.Type) -> bool:
-    ints = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT")
-    return (
-        isinstance(old, schema.Scalar)
-        and isinstance(new, schema.Scalar)
-        and old.text in ints
-        and new.text in ints
-        and ints.index(new.text) > ints.index(old.text)
-    )
-
-
-def _rewrite(target: str, retype: dict[str, tuple[str, str]]) -> list[str]:
-    """ALTER statements retyping columns in place (``SET DATA TYPE ... USING``).
-
-    DuckLake refuses these (it allows only integer promotions in place, which ``_is_promotion``
-    sends without USING); on a DuckLake catalog such a load fails and rolls back whole. A
-    rewrite of the table does not work there either (a table dropped and created, or a column
-    dropped, in one transaction). Rare: only when a column widens to DOUBLE, VARCHAR or JSON,
-    or a guessed (all-null) type takes the data's type."""
-    return [
-        f"ALTER TABLE {target} ALTER COLUMN {quote_ident(n)} SET DATA TYPE {t} USING {expr}"
-        for n, (t, expr) in retype.items()
-    ]
 
 
 LINEAGE = ("_export_id", "_source_file", "_loaded_at")

@@ -373,3 +373,72 @@ def _merge_structs(a: Struct, b: Struct, combine: Callable[[Type, Type], Type]) 
     known = {name for name, _ in a.fields}
     fields += [(name, no_null(fb)) for name, fb in b.fields if name not in known]
     return Struct(tuple(fields))
+
+
+# The type changes DuckLake makes in place (``ALTER COLUMN ... SET DATA TYPE`` without a
+# rewrite: the data files keep the narrower type and are read as the wider one), as checked on
+# the ducklake extension for DuckDB 1.4.4. Any other change (BIGINT -> DOUBLE, -> VARCHAR/JSON,
+# BIGINT -> HUGEINT, a guessed VARCHAR -> the data's type) needs the column rewritten.
+LAKE_PROMOTIONS = {
+    "TINYINT": frozenset({"SMALLINT", "INTEGER", "BIGINT"}),
+    "SMALLINT": frozenset({"INTEGER", "BIGINT"}),
+    "INTEGER": frozenset({"BIGINT"}),
+    "UTINYINT": frozenset({"SMALLINT", "INTEGER", "BIGINT", "USMALLINT", "UINTEGER", "UBIGINT"}),
+    "USMALLINT": frozenset({"INTEGER", "BIGINT", "UINTEGER", "UBIGINT"}),
+    "UINTEGER": frozenset({"UBIGINT"}),
+    "FLOAT": frozenset({"DOUBLE"}),
+}
+_INTEGER_ORDER = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT")
+
+
+def promotes_in_place(old: Type, new: Type, *, lake: bool) -> bool:
+    """Whether ``ALTER COLUMN ... SET DATA TYPE new`` (no ``USING``) keeps every value of
+    ``old`` without rewriting the column.
+
+    The DuckDB file: a wider integer. DuckLake (``lake``): :data:`LAKE_PROMOTIONS`, applied
+    field by field through structs (which may also gain fields) and list elements.
+    """
+    if not lake:
+        return (
+            isinstance(old, Scalar)
+            and isinstance(new, Scalar)
+            and old.text in _INTEGER_ORDER
+            and new.text in _INTEGER_ORDER
+            and _INTEGER_ORDER.index(new.text) > _INTEGER_ORDER.index(old.text)
+        )
+    if old == new:
+        return True
+    if isinstance(old, Struct) and isinstance(new, Struct):
+        # DuckLake matches fields by name: every old field must stay (a missing one is dropped)
+        return all(
+            (fn := new.get(name)) is not None and promotes_in_place(fo, fn, lake=True)
+            for name, fo in old.fields
+        )
+    if isinstance(old, List) and isinstance(new, List):
+        return promotes_in_place(old.element, new.element, lake=True)
+    if isinstance(old, Scalar) and isinstance(new, Scalar):
+        return new.text in LAKE_PROMOTIONS.get(old.text, ())
+    return False
+
+
+def holds_json(t: Type) -> bool:
+    """Whether ``t`` is JSON or has JSON inside (a struct field, a list element)."""
+    if isinstance(t, Struct):
+        return any(holds_json(f) for _, f in t.fields)
+    if isinstance(t, List):
+        return holds_json(t.element)
+    return t.text == "JSON"
+
+
+def adds_json(old: Type | None, new: Type) -> bool:
+    """Whether going from ``old`` (None: a new column) to ``new`` brings a JSON type that was
+    not there: a new column, field or element type that is or holds JSON."""
+    if old is None:
+        return holds_json(new)
+    if old == new:
+        return False
+    if isinstance(old, Struct) and isinstance(new, Struct):
+        return any(adds_json(old.get(n), f) for n, f in new.fields)
+    if isinstance(old, List) and isinstance(new, List):
+        return adds_json(old.element, new.element)
+    return holds_json(new)

@@ -28,6 +28,7 @@ import os
 import random
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import Any
 
 import duckdb
 
+from export_pipeline.core import schema
 from export_pipeline.core.errors import ConfigurationError, WarehouseBusyError
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,115 @@ def _ensure_ledger(con: duckdb.DuckDBPyConnection, *, constraints: bool) -> None
     from export_pipeline.core.ledger import ensure_ledger
 
     ensure_ledger(con, constraints=constraints)
+
+
+def is_lake(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether ``con`` works on a DuckLake lake (its current database is a DuckLake catalog)."""
+    row = con.execute(
+        "SELECT type FROM duckdb_databases() WHERE database_name = current_database()"
+    ).fetchone()
+    return bool(row) and row[0] == "ducklake"
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def evolve_statements(
+    con: duckdb.DuckDBPyConnection,
+    schema_name: str,
+    table: str,
+    old: dict[str, schema.Type],
+    new: dict[str, schema.Type],
+) -> list[str]:
+    """SQL evolving ``schema_name.table`` from columns ``old`` to ``new`` (the same columns,
+    types only widened, then new columns), keeping every value, inside the caller's
+    transaction (on DuckLake: in the load's one snapshot). docs/schema.md has the policy.
+
+    - New columns and new struct fields: ``ADD COLUMN col`` / ``ADD COLUMN col.field``.
+    - The DuckDB file retypes in place: ``ALTER COLUMN ... SET DATA TYPE`` (``USING`` a cast,
+      or ``to_json`` for JSON); every column keeps its place.
+    - DuckLake 1.4.4 refuses ``USING`` and retypes in place only the promotions of
+      :func:`schema.promotes_in_place`. When any other retype is needed, or a new column or
+      field is (or holds) JSON, the table is rewritten instead (:func:`_lake_rewrite`).
+    """
+    target = f"{_quote(schema_name)}.{_quote(table)}"
+    lake = is_lake(con)
+    alters: list[str] = []
+    retypes: list[str] = []
+    rewrite = False
+    for name, t in new.items():
+        col = _quote(name)
+        was = old.get(name)
+        if lake and schema.adds_json(was, t):
+            # DuckLake 1.4.4 leaves a JSON type added by ALTER unresolved in the transaction:
+            # writing the table then fails, and invalidates the whole DuckDB instance.
+            rewrite = True
+        if was is None:
+            alters.append(f"ALTER TABLE {target} ADD COLUMN {col} {schema.render(t)}")
+            continue
+        if was == t:
+            continue
+        fields = schema.added_fields(was, t)
+        if fields is not None:
+            for path, field_type in fields:
+                dotted = ".".join(_quote(p) for p in (name, *path))
+                alters.append(
+                    f"ALTER TABLE {target} ADD COLUMN {dotted} {schema.render(field_type)}"
+                )
+        elif schema.promotes_in_place(was, t, lake=lake):
+            alters.append(
+                f"ALTER TABLE {target} ALTER COLUMN {col} SET DATA TYPE {schema.render(t)}"
+            )
+        elif lake:
+            rewrite = True
+        else:
+            retypes.append(
+                f"ALTER TABLE {target} ALTER COLUMN {col} SET DATA TYPE {schema.render(t)} "
+                f"USING {_convert(col, t)}"
+            )
+    if rewrite:
+        return _lake_rewrite(schema_name, table, old, new)
+    return alters + retypes
+
+
+def _convert(col: str, t: schema.Type) -> str:
+    """The expression giving column ``col`` as type ``t`` (a cast; ``to_json`` for JSON, as a
+    cast would parse a VARCHAR as JSON text and fail)."""
+    return f"to_json({col})" if t == schema.Scalar("JSON") else f"CAST({col} AS {schema.render(t)})"
+
+
+def _lake_rewrite(
+    schema_name: str, table: str, old: dict[str, schema.Type], new: dict[str, schema.Type]
+) -> list[str]:
+    """The table rewritten with its new columns: ``CREATE TABLE ... AS SELECT`` (each column
+    converted, new ones NULL), the old table dropped, the new one renamed to its name.
+
+    Checked on DuckLake 1.4.4, which rules out the alternatives: ``ALTER ... USING`` is
+    refused; a column renamed in a transaction that also added or dropped one is committed
+    garbled (both names, one holding the other's bits); a table altered earlier in the
+    transaction cannot be dropped and replaced by a renamed one; a JSON type added by ALTER
+    fails the writes after it. Columns keep their order; time travel to earlier snapshots reads
+    the old table; comments are written again after the load (``apply_comments``).
+    """
+    target = f"{_quote(schema_name)}.{_quote(table)}"
+    scratch = f"_evolve_{table}_{uuid.uuid4().hex[:8]}"
+    exprs = []
+    for name, t in new.items():
+        col = _quote(name)
+        was = old.get(name)
+        if was is None:
+            exprs.append(f"CAST(NULL AS {schema.render(t)}) AS {col}")
+        elif was == t:
+            exprs.append(col)
+        else:
+            exprs.append(f"{_convert(col, t)} AS {col}")
+    return [
+        f"CREATE TABLE {_quote(schema_name)}.{_quote(scratch)} AS "
+        f"SELECT {', '.join(exprs)} FROM {target}",
+        f"DROP TABLE {target}",
+        f"ALTER TABLE {_quote(schema_name)}.{_quote(scratch)} RENAME TO {_quote(table)}",
+    ]
 
 
 class Warehouse:

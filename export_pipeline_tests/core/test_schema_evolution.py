@@ -18,34 +18,56 @@ from export_pipeline.core.errors import IntegrityError, ParseError
 from export_pipeline.core.load import SCHEMA_FROZEN, LoadResult, load_parquet
 from export_pipeline.core.model import ExportKind, LoadMode, SchemaContract
 from export_pipeline.core.normalise import to_parquet
+from export_pipeline.core.warehouse import DuckLakeWarehouse, Warehouse
+from export_pipeline_tests.conftest import open_warehouse
 from export_pipeline_tests.core.test_normalise import KIND
 
 LOADED_AT = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 
+@pytest.fixture
+def embedded(tmp_path: Path) -> Warehouse:
+    """The DuckDB file on disk (cases that say nothing backend-specific run on it alone)."""
+    return open_warehouse("duckdb", tmp_path / "wh")
+
+
+@pytest.fixture
+def warehouse(backend: str, tmp_path: Path) -> Warehouse:
+    """Each backend on disk in turn: the DuckDB file, then a DuckLake lake (SQLite catalog)."""
+    return open_warehouse(backend, tmp_path / "wh")
+
+
 def _ingest(
-    tmp_path: Path, kind: ExportKind, files: list[Path], export_id: str
+    tmp_path: Path, kind: ExportKind, files: list[Path], export_id: str, warehouse: Warehouse
 ) -> tuple[LoadResult, Any]:
+    """Normalise the files and load them in one warehouse transaction (one lake snapshot)."""
     normalised = to_parquet(
         files, tmp_path / f"pq-{export_id}", kind=kind, export_id=export_id, loaded_at=LOADED_AT
     )
-    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
-        con.execute("BEGIN")
+    before = _snapshot_count(warehouse)
+    with warehouse.transaction() as con:
         result = load_parquet(con, kind, normalised.parquet_paths)
-        con.execute("COMMIT")
+    if isinstance(warehouse, DuckLakeWarehouse):
+        assert _snapshot_count(warehouse) == before + 1  # schema change and rows: one snapshot
     return result, normalised
 
 
-def _query(tmp_path: Path, sql: str) -> list[tuple]:
-    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
+def _snapshot_count(warehouse: Warehouse) -> int:
+    return len(warehouse.snapshots()) if isinstance(warehouse, DuckLakeWarehouse) else 0
+
+
+def _query(warehouse: Warehouse, sql: str) -> list[tuple]:
+    with warehouse.connect() as con:
         return con.execute(sql).fetchall()
 
 
-def _types(tmp_path: Path, table: str = "locations.locations") -> dict[str, str]:
-    return {r[0]: r[1] for r in _query(tmp_path, f"DESCRIBE {table}")}
+def _types(warehouse: Warehouse, table: str = "locations.locations") -> dict[str, str]:
+    return {r[0]: r[1] for r in _query(warehouse, f"DESCRIBE {table}")}
 
 
-def test_keys_first_seen_after_200000_records_land_top_level_and_nested(tmp_path: Path) -> None:
+def test_keys_first_seen_after_200000_records_land_top_level_and_nested(
+    tmp_path: Path, embedded: Warehouse
+) -> None:
     src = tmp_path / "big.jsonl"
     line = (
         '{"id": "L%d", "name": "n", "capacity": 1, "last_updated": "2024-04-30T10:00:00Z", '
@@ -66,16 +88,16 @@ def test_keys_first_seen_after_200000_records_land_top_level_and_nested(tmp_path
             ],
         }
         fh.write(json.dumps(late) + "\n")
-    _, normalised = _ingest(tmp_path, KIND, [src], "E1")
+    _, normalised = _ingest(tmp_path, KIND, [src], "E1", embedded)
     assert normalised.rows == 200_001
     assert normalised.missing_columns == []
     row = _query(
-        tmp_path,
+        embedded,
         "SELECT parking_type, evses[1].floor_level, evses[1].connectors[1].tariff_ids, "
         "capacity, evses[1].connectors[1].max_power FROM locations.locations WHERE id = 'LATE'",
     )
     assert row == [("ON_STREET", "-1", ["T1"], 2, 11.0)]
-    types = _types(tmp_path)
+    types = _types(embedded)
     assert types["capacity"] == "BIGINT"  # the declared hint still types the declared columns
     assert types["last_updated"] == "TIMESTAMP WITH TIME ZONE"
 
@@ -136,7 +158,7 @@ def test_csv_with_missing_and_extra_nested_keys_gives_the_json_table(tmp_path: P
     assert "floor_level" in types["evses"] and "website" in types["operator"]
 
 
-def test_deliveries_header_decides_the_columns(tmp_path: Path) -> None:
+def test_deliveries_header_decides_the_columns(tmp_path: Path, embedded: Warehouse) -> None:
     """A declared column the file lacks is reported, not invented; an extra one lands; the range
     check does not count NULLs of an optional column as out of range."""
     kind = ExportKind(
@@ -148,57 +170,140 @@ def test_deliveries_header_decides_the_columns(tmp_path: Path) -> None:
     )
     src = tmp_path / "export.csv"
     src.write_text("id,attempt_count,region\nm1,3,eu\nm2,,us\n")
-    _, normalised = _ingest(tmp_path, kind, [src], "D1")
+    _, normalised = _ingest(tmp_path, kind, [src], "D1", embedded)
     assert normalised.missing_columns == ["endpoint_url"]
-    types = _types(tmp_path, "deliveries.outbound_messages")
+    types = _types(embedded, "deliveries.outbound_messages")
     assert "endpoint_url" not in types and types["region"] == "VARCHAR"
     assert types["attempt_count"] == "INTEGER"
-    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
+    with embedded.connect() as con:
         outcome = values_in_range(con, kind)
         assert outcome.passed, outcome.description
         strict = values_in_range(con, replace(kind, not_null=("attempt_count",)))
         assert not strict.passed and strict.metadata["out_of_range_attempt_count"] == 1
 
 
-def test_all_null_column_is_typed_then_widened_by_the_next_export(tmp_path: Path) -> None:
+def test_all_null_column_is_typed_then_widened_by_the_next_export(
+    tmp_path: Path, warehouse: Warehouse
+) -> None:
     kind = ExportKind(provider="mews", name="bill", primary_key=("Id",), load_mode=LoadMode.MERGE)
     first = tmp_path / "a.jsonl"
     first.write_text('{"Id": "1", "PaidUtc": null, "Note": null}\n{"Id": "2", "Note": null}\n')
-    _ingest(tmp_path, kind, [first], "A")
-    types = _types(tmp_path, "mews.bill")
+    _ingest(tmp_path, kind, [first], "A", warehouse)
+    types = _types(warehouse, "mews.bill")
     assert types["PaidUtc"] == "VARCHAR" and types["Note"] == "VARCHAR"  # never NULL
     assert all(t != "NULL" and '"NULL"' not in t for t in types.values())
     second = tmp_path / "b.jsonl"
     second.write_text('{"Id": "3", "PaidUtc": "2024-01-02T03:04:05Z", "Note": {"x": 1}}\n')
-    result, _ = _ingest(tmp_path, kind, [second], "B")
-    types = _types(tmp_path, "mews.bill")
+    result, _ = _ingest(tmp_path, kind, [second], "B", warehouse)
+    types = _types(warehouse, "mews.bill")
     assert types["PaidUtc"].startswith("TIMESTAMP")
     assert types["Note"] == "STRUCT(x BIGINT)"
     assert any(c.startswith("PaidUtc widened VARCHAR -> TIMESTAMP") for c in result.columns_changed)
-    assert _query(tmp_path, "SELECT Note.x FROM mews.bill WHERE Id = '3'") == [(1,)]
-
-
-def test_type_change_across_two_exports_widens_and_keeps_every_value(tmp_path: Path) -> None:
-    kind = ExportKind(provider="p", name="t", primary_key=("id",), columns={"n": "BIGINT"})
-    a = tmp_path / "a.jsonl"
-    a.write_text('{"id": 1, "n": 5, "s": {"k": 1}}\n')
-    _ingest(tmp_path, kind, [a], "A")
-    assert _types(tmp_path, "p.t")["n"] == "BIGINT"
-    b = tmp_path / "b.jsonl"
-    b.write_text('{"id": 2, "n": 2.5, "s": {"k": 2, "new": true}, "extra": "e"}\n')
-    result, _ = _ingest(tmp_path, kind, [b], "B")
-    assert result.columns_added == ("extra",)
-    assert "n widened BIGINT -> DOUBLE" in result.columns_changed
-    assert "s.new added (BOOLEAN)" in result.columns_changed
-    c = tmp_path / "c.jsonl"
-    c.write_text('{"id": 3, "n": "lots"}\n')
-    _ingest(tmp_path, kind, [c], "C")
-    assert _types(tmp_path, "p.t")["n"] == "VARCHAR"
-    assert _query(tmp_path, "SELECT id, n, s.new FROM p.t ORDER BY id") == [
-        (1, "5.0", None),
-        (2, "2.5", True),
-        (3, "lots", None),
+    assert _query(warehouse, "SELECT Id, Note.x, year(PaidUtc) FROM mews.bill ORDER BY Id") == [
+        ("1", None, None),
+        ("2", None, None),
+        ("3", 1, 2024),
     ]
+
+
+def test_type_change_across_two_exports_widens_and_keeps_every_value(
+    tmp_path: Path, warehouse: Warehouse
+) -> None:
+    kind = ExportKind(
+        provider="p", name="t", primary_key=("id",), columns={"n": "BIGINT", "small": "INTEGER"}
+    )
+    lake = isinstance(warehouse, DuckLakeWarehouse)
+
+    def load(export_id: str, line: str) -> LoadResult:
+        src = tmp_path / f"{export_id}.jsonl"
+        src.write_text(line + "\n")
+        return _ingest(tmp_path, kind, [src], export_id, warehouse)[0]
+
+    load("A", '{"id": 1, "n": 5, "small": 7, "s": {"k": 1}, "z": "z1"}')
+    after_a = warehouse.last_committed_snapshot()
+    files_a = _data_files(warehouse)
+    assert (_types(warehouse, "p.t")["n"], _types(warehouse, "p.t")["small"]) == (
+        "BIGINT",
+        "INTEGER",
+    )
+    # Changes every backend makes in place: a wider integer, a new struct field, a new column.
+    result = load(
+        "B", '{"id": 2, "n": 6, "small": 5000000000, "s": {"k": 2, "new": true}, "extra": "e"}'
+    )
+    assert result.columns_added == ("extra",)
+    assert set(result.columns_changed) == {
+        "small widened INTEGER -> BIGINT",
+        "s.new added (BOOLEAN)",
+    }
+    assert files_a <= _data_files(warehouse)  # the lake kept the first load's data files
+    # A fraction, then text: DuckLake cannot retype these in place, so it rewrites the table.
+    result = load("C", '{"id": 3, "n": 2.5}')
+    after_c = warehouse.last_committed_snapshot()
+    assert result.columns_changed == ("n widened BIGINT -> DOUBLE",)
+    load("D", '{"id": 4, "n": "lots"}')
+    types = _types(warehouse, "p.t")
+    assert (types["n"], types["small"]) == ("VARCHAR", "BIGINT")
+    assert list(types) == [
+        "id",
+        "n",
+        "small",
+        "s",
+        "z",
+        "_export_id",
+        "_source_file",
+        "_loaded_at",
+        "extra",
+    ]
+    assert _query(warehouse, "SELECT id, n, small, s.k, s.new, z FROM p.t ORDER BY id") == [
+        (1, "5.0", 7, 1, None, "z1"),
+        (2, "6.0", 5_000_000_000, 2, True, None),
+        (3, "2.5", None, None, None, None),
+        (4, "lots", None, None, None, None),
+    ]
+    if lake:
+        assert not files_a & _data_files(warehouse)  # rewritten
+        # Time travel still reads each earlier snapshot with its own types and values.
+        assert _query(warehouse, f"SELECT n, small FROM p.t AT (VERSION => {after_a})") == [(5, 7)]
+        assert _query(
+            warehouse, f"SELECT id, n FROM p.t AT (VERSION => {after_c}) ORDER BY id"
+        ) == [(1, 5.0), (2, 6.0), (3, 2.5)]
+
+
+def _data_files(warehouse: Warehouse) -> set[str]:
+    """The lake's data files of ``p.t`` (empty for the DuckDB file)."""
+    if not isinstance(warehouse, DuckLakeWarehouse):
+        return set()
+    rows = _query(
+        warehouse, "SELECT data_file FROM ducklake_list_files('lake', 't', schema => 'p')"
+    )
+    return {r[0] for r in rows}
+
+
+def test_nested_struct_fields_widen_and_keep_every_value(
+    tmp_path: Path, warehouse: Warehouse
+) -> None:
+    """A struct field (also inside a list) changes type: the whole column is retyped (the
+    lake rewrites it), every earlier value is kept in the wider type."""
+    kind = ExportKind(provider="p", name="nested", primary_key=("id",))
+    a = tmp_path / "a.jsonl"
+    a.write_text('{"id": 1, "s": {"k": 1, "tags": [{"w": 1}]}, "c": {"m": 1, "i": 3}}\n')
+    _ingest(tmp_path, kind, [a], "A", warehouse)
+    b = tmp_path / "b.jsonl"
+    b.write_text(
+        '{"id": 2, "s": {"k": 2.5, "tags": [{"w": "heavy"}]}, "c": {"m": {"deep": true}}}\n'
+    )
+    result, _ = _ingest(tmp_path, kind, [b], "B", warehouse)
+    assert set(result.columns_changed) >= {
+        "s.k widened BIGINT -> DOUBLE",
+        "s.tags[].w widened BIGINT -> VARCHAR",
+        "c.m widened BIGINT -> JSON",
+    }
+    types = _types(warehouse, "p.nested")
+    assert types["s"] == "STRUCT(k DOUBLE, tags STRUCT(w VARCHAR)[])"
+    assert types["c"] == "STRUCT(m JSON, i BIGINT)"
+    assert _query(
+        warehouse, "SELECT id, s.k, s.tags[1].w, c.m::VARCHAR, c.i FROM p.nested ORDER BY id"
+    ) == [(1, 1.0, "1", "1", 3), (2, 2.5, "heavy", '{"deep":true}', None)]
 
 
 def test_csv_value_that_does_not_fit_its_declared_type_is_kept_as_text(tmp_path: Path) -> None:
@@ -213,7 +318,9 @@ def test_csv_value_that_does_not_fit_its_declared_type_is_kept_as_text(tmp_path:
     assert got == [("1",), ("lots",)]
 
 
-def test_frozen_schema_fails_clearly_and_changes_nothing(tmp_path: Path) -> None:
+def test_frozen_schema_fails_clearly_and_changes_nothing(
+    tmp_path: Path, embedded: Warehouse
+) -> None:
     kind = ExportKind(
         provider="p",
         name="f",
@@ -223,14 +330,14 @@ def test_frozen_schema_fails_clearly_and_changes_nothing(tmp_path: Path) -> None
     )
     a = tmp_path / "a.jsonl"
     a.write_text('{"id": 1, "v": "x"}\n')
-    _ingest(tmp_path, kind, [a], "A")
+    _ingest(tmp_path, kind, [a], "A", embedded)
     b = tmp_path / "b.jsonl"
     b.write_text('{"id": 2, "v": "y", "surprise": 1}\n')
     with pytest.raises(IntegrityError) as info:
-        _ingest(tmp_path, kind, [b], "B")
+        _ingest(tmp_path, kind, [b], "B", embedded)
     assert info.value.code == SCHEMA_FROZEN and "surprise" in str(info.value)
-    assert _query(tmp_path, "SELECT id FROM p.f") == [(1,)]
-    assert "surprise" not in _types(tmp_path, "p.f")
+    assert _query(embedded, "SELECT id FROM p.f") == [(1,)]
+    assert "surprise" not in _types(embedded, "p.f")
 
 
 def test_line_numbers_one_per_message(tmp_path: Path) -> None:
@@ -252,3 +359,26 @@ def test_line_numbers_one_per_message(tmp_path: Path) -> None:
         )
         numbers = {int(n) for n in __import__("re").findall(r"line\D{0,3}(\d+)", str(err))}
         assert numbers == {line}, str(err)
+
+
+def test_new_json_column_and_field_land_in_place(tmp_path: Path, warehouse: Warehouse) -> None:
+    """A new column (and a new struct field) whose values mix objects and numbers is JSON.
+    DuckLake 1.4.4 cannot write a JSON column added by ALTER in the same transaction, so the
+    lake rewrites the table for it; the DuckDB file adds it in place."""
+    kind = ExportKind(provider="p", name="mixed", primary_key=("id",))
+    a = tmp_path / "a.jsonl"
+    a.write_text('{"id": 1, "s": {"k": 1}}\n')
+    _ingest(tmp_path, kind, [a], "A", warehouse)
+    b = tmp_path / "b.jsonl"
+    b.write_text(
+        '{"id": 2, "mix": 1, "s": {"k": 2, "any": [1]}}\n'
+        '{"id": 3, "mix": {"a": 1}, "s": {"k": 3, "any": {"b": 2}}}\n'
+    )
+    result, _ = _ingest(tmp_path, kind, [b], "B", warehouse)
+    assert result.columns_added == ("mix",)
+    assert result.columns_changed == ("s.any added (JSON)",)
+    types = _types(warehouse, "p.mixed")
+    assert (types["mix"], types["s"]) == ("JSON", 'STRUCT(k BIGINT, "any" JSON)')
+    assert _query(
+        warehouse, "SELECT id, mix::VARCHAR, s.k, s.any::VARCHAR FROM p.mixed ORDER BY id"
+    ) == [(1, None, 1, None), (2, "1", 2, "[1]"), (3, '{"a":1}', 3, '{"b":2}')]
