@@ -44,10 +44,11 @@ def load_export(
     *,
     body_runs: list[int],
     during: Callable[[int], None] | None = None,
+    kind: ExportKind | None = None,
 ) -> int | None:
     """What ExportRunner does around the load: the ledger records the export, then ONE
     transaction (re-run whole on a collision) merges it, marks it loaded, moves the cursor."""
-    kind = kind_of(provider)
+    kind = kind or kind_of(provider)
     ledger = Ledger(warehouse)
     ledger.record_request(
         kind,

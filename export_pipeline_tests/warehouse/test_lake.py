@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from export_pipeline.core.errors import ConfigurationError
+from export_pipeline.core.model import ExportKind
 from export_pipeline.core.warehouse import (
     DuckLakeWarehouse,
     close_lakes,
@@ -172,6 +173,56 @@ def test_writers_in_several_processes_load_while_an_analyst_reads(tmp_path: Path
             "WHERE state = 'loaded'"
         ).fetchone() == (8, 8)
     close_lakes()
+
+
+def test_a_load_that_retypes_a_column_is_one_snapshot_with_its_ledger_mark(
+    lake: DuckLakeWarehouse, tmp_path: Path
+) -> None:
+    """A column widened BIGINT -> DOUBLE (which DuckLake cannot do in place, so the table is
+    rewritten) and a new JSON column: the rewrite, the rows, the view and the ledger mark are
+    one snapshot; the view follows the new table; time travel reads the table as it was."""
+    kind = ExportKind(
+        provider="alpha",
+        name="items",
+        primary_key=("id",),
+        views={"amounts": "SELECT id, amount FROM alpha.items"},
+    )
+    first = tmp_path / "e1.parquet"
+    second = tmp_path / "e2.parquet"
+    with duckdb.connect() as con:
+        con.execute(
+            f"COPY (SELECT i AS id, i * 10 AS amount, 'e1' AS _export_id FROM range(3) t(i)) "
+            f"TO '{first}' (FORMAT parquet)"
+        )
+        con.execute(
+            "COPY (SELECT 5 AS id, 2.5::DOUBLE AS amount, '{\"a\":1}'::JSON AS extra, "
+            f"'e2' AS _export_id) TO '{second}' (FORMAT parquet)"
+        )
+    v1 = load_export(lake, "alpha", "e1", first, body_runs=[], kind=kind)
+    v2 = load_export(lake, "alpha", "e2", second, body_runs=[], kind=kind)
+    assert v1 is not None and v2 is not None
+    con = analyst(lake)
+    # Just before the load's snapshot (the ledger recorded the request): nothing of it yet.
+    before = v2 - 1
+    assert con.execute(
+        f"SELECT count(*), typeof(any_value(amount)) FROM lake.alpha.items AT (VERSION => {before})"
+    ).fetchone() == (3, "BIGINT")
+    assert con.execute(
+        f"SELECT state FROM lake.pipeline.exports AT (VERSION => {before}) WHERE export_id = 'e2'"
+    ).fetchall() != [("loaded",)]
+    assert con.execute("DESCRIBE lake.alpha.items").fetchall()[1][:2] == ("amount", "DOUBLE")
+    assert con.execute(
+        "SELECT id, amount, extra::VARCHAR FROM lake.alpha.items ORDER BY id"
+    ).fetchall() == [(0, 0.0, None), (1, 10.0, None), (2, 20.0, None), (5, 2.5, '{"a":1}')]
+    assert con.execute("SELECT sum(amount) FROM lake.alpha.amounts").fetchone() == (32.5,)
+    assert con.execute(
+        f"SELECT export_id FROM lake.pipeline.exports AT (VERSION => {v2}) "
+        "WHERE state = 'loaded' ORDER BY 1"
+    ).fetchall() == [("e1",), ("e2",)]
+    assert con.execute(
+        f"SELECT sum(amount), typeof(sum(amount)) FROM lake.alpha.items AT (VERSION => {v1})"
+    ).fetchone() == (30, "HUGEINT")
+    con.close()
 
 
 def test_other_tools_read_the_lake_data_files(lake: DuckLakeWarehouse, tmp_path: Path) -> None:
