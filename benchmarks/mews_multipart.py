@@ -109,9 +109,11 @@ def _child_ingest(base_url: str, workdir: Path, memory_limit: str | None) -> dic
     workdir.mkdir(parents=True, exist_ok=True)
     warehouse_path = workdir / "warehouse.duckdb"
     provider = MewsProvider.from_settings(
-        platform_address=base_url,
-        client_token=os.environ[TOKEN_ENV[0]],
-        access_token=os.environ[TOKEN_ENV[1]],
+        base_url=base_url,
+        body_credentials={
+            "ClientToken": os.environ[TOKEN_ENV[0]],
+            "AccessToken": os.environ[TOKEN_ENV[1]],
+        },
         timeout=120.0,
     )
     kind = next(k for k in MewsProvider.kinds if k.params["entity_type"] == ENTITY_TYPE)
@@ -405,9 +407,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from export_pipeline.providers.mews import MewsProvider
 
         provider = MewsProvider.from_settings(
-            platform_address=args.base_url,
-            client_token=os.environ[TOKEN_ENV[0]],
-            access_token=os.environ[TOKEN_ENV[1]],
+            base_url=args.base_url,
+            body_credentials={
+                "ClientToken": os.environ[TOKEN_ENV[0]],
+                "AccessToken": os.environ[TOKEN_ENV[1]],
+            },
             timeout=120.0,
         )
         emit_json(stream_export(provider, args.export_id))

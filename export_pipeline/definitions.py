@@ -76,6 +76,9 @@ def default_resources() -> dict[str, object]:
     starts). Without them the definitions still load; a run fails naming the missing variable.
     ``export-pipeline dev`` and ``demo`` set them for the bundled sandbox."""
     return {
+        # Providers run from a spec: one generic resource class, secret named by the spec; the
+        # providers with their own resource class below (URL and secrets as dg.EnvVar) override.
+        **spec_resources(PROVIDERS),
         "warehouse": WarehouseResource(),
         "sync_settings": SyncSettingsResource(),
         "webhook_events": WebhookEventsResource(),
@@ -96,8 +99,6 @@ def default_resources() -> dict[str, object]:
         "mapping_api": MappingApiResource(
             base_url=dg.EnvVar("MAPPING_API_URL"), token=dg.EnvVar("MAPPING_API_TOKEN")
         ),
-        # Providers run from a spec (stripe): one generic resource class, secret named by the spec.
-        **spec_resources(PROVIDERS),
     }
 
 

@@ -255,11 +255,10 @@ class MewsApiResource(ProviderResource):
     def build(self, retry: RetryPolicy | None = None) -> ExportProvider:
         from export_pipeline.providers.mews import MewsProvider
 
+        credentials = {"ClientToken": self.client_token, "AccessToken": self.access_token}
         return MewsProvider.from_settings(
-            platform_address=self.platform_address,
-            client_token=self.client_token,
-            access_token=self.access_token,
-            client=self.client,
+            base_url=self.platform_address,
+            body_credentials={**credentials, "Client": self.client},
             timeout=self.timeout_seconds,
             retry=retry,
         )

@@ -5,8 +5,8 @@ export_pipeline.providers.column_docs > docs/tables.md``; a test keeps it curren
 
 Every column a kind declares (``ExportKind.columns``) must be described here, or in its spec
 for providers run from a spec (``columns: {name: {type, description}}``); a test checks.
-Kinds without declared columns (Mews snapshots: types detected from the data) list the columns
-the provider documents; the rest arrive as the provider sends them.
+Declared columns are type hints: the columns a kind does not declare (nested Mews objects, say)
+arrive as the provider sends them, typed from the data.
 """
 
 from __future__ import annotations
@@ -81,25 +81,6 @@ _MESSAGES_COMMON = {
     "idempotency_key": "Idempotency key sent with the message.",
 }
 
-_MAPPING = {
-    "mappingJobId": "Mapping job the row belongs to (the partition).",
-    "partnerInventoryId": "Partner inventory the supplier hotel comes from.",
-    "supplierHotelId": "Supplier's hotel id.",
-    "referenceHotelId": "Matched reference hotel (empty when unmatched).",
-    "referenceName": "Name of the reference hotel.",
-    "referenceCountryCode": "Country of the reference hotel (ISO 3166-1 alpha-2).",
-    "referenceCity": "City of the reference hotel.",
-    "confidence": "Match confidence between 0 and 1.",
-    "matchMethod": "How the match was made.",
-}
-
-_MEWS = {
-    "Id": "Unique identifier of the record in Mews.",
-    "EnterpriseId": "Property (enterprise) the record belongs to, where it has one.",
-    "CreatedUtc": "Creation time (UTC), where the entity has one.",
-    "UpdatedUtc": "Last update time (UTC), where the entity has one.",
-}
-
 DOCS: Mapping[str, Mapping[str, str]] = {
     "locations/locations": _LOCATIONS,
     "locations/evses": _EVSES,
@@ -115,7 +96,6 @@ DOCS: Mapping[str, Mapping[str, str]] = {
         "source": "Sender of the message.",
         "signature_verified": "Whether the sender's signature was valid.",
     },
-    "mapping/results": _MAPPING,
 }
 
 
@@ -134,11 +114,7 @@ def _spec_docs() -> dict[str, dict[str, str]]:
 
 def column_docs(kind: ExportKind) -> list[tuple[str, str, str]]:
     """``(name, type, description)`` of the kind's table, lineage columns last."""
-    docs = (
-        DOCS.get(kind.key)
-        or _spec_docs().get(kind.key)
-        or (_MEWS if kind.provider == "mews" else {})
-    )
+    docs = DOCS.get(kind.key) or _spec_docs().get(kind.key) or {}
     names = list(kind.columns or docs)
     cols = [
         (n, (kind.columns or {}).get(n, "detected from the data"), docs.get(n, "")) for n in names

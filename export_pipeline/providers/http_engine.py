@@ -9,6 +9,7 @@ SPEC)``; a hook is a subclass overriding one method where an API is truly odd.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -105,7 +106,7 @@ class SpecProvider(ExportProvider):
     def from_settings(
         cls,
         *,
-        token: str,
+        token: str = "",
         base_url: str | None = None,
         files_base_url: str | None = None,
         body_credentials: Mapping[str, str] | None = None,
@@ -155,12 +156,15 @@ class SpecProvider(ExportProvider):
         variables["window_start"] = format_time(start, inc.time_format) if start else None
         variables["window_end"] = format_time(end, inc.time_format) if end else None
         answer = self._call(self.spec.create, variables, kind=kind.name)
-        return self._status(dig(answer, self.spec.create.record, answer))
+        status = self._status(dig(answer, self.spec.create.record, answer), created=True)
+        if kind.partition_column and request.partition is not None:
+            status.detail[kind.partition_column] = request.partition
+        return status
 
     def get_statuses(self, export_ids: Sequence[str]) -> dict[str, ExportStatus]:
         call = self.spec.status
         statuses: dict[str, ExportStatus] = {}
-        for chunk in batched(list(export_ids), call.batch_size):
+        for chunk in batched(list(dict.fromkeys(export_ids)), call.batch_size):
             variables = {"ids": chunk, "export_id": chunk[0]}
             try:
                 answer, http = self._call(
@@ -183,26 +187,35 @@ class SpecProvider(ExportProvider):
         return statuses
 
     @classmethod
-    def parse_event(cls, body: Mapping[str, Any]) -> tuple[str | None, ExportStatus]:
-        """A pushed event -> ``(partition key, status)``; ValueError for a body we refuse."""
-        events = cls.spec.events
+    def parse_event(cls, body: bytes | str | Mapping[str, Any]) -> tuple[str | None, ExportStatus]:
+        """A pushed event (raw JSON or decoded) -> ``(partition key, status)``; ValueError naming
+        what is wrong for a body we refuse (a receiver answers 400 with it). Needs no client."""
+        name, events = cls.spec.name, cls.spec.events
         if events is None:
-            raise ValueError(f"{cls.spec.name} does not push events")
+            raise ValueError(f"{name} does not push events")
+        if isinstance(body, bytes | str):
+            try:
+                body = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{name} event body is not JSON: {exc}") from exc
+        if not isinstance(body, Mapping):
+            raise ValueError(f"{name} event body must be a JSON object, got {type(body).__name__}")
         kind = dig(body, events.type_path)
         record = dig(body, events.record)
         if kind not in events.types or not isinstance(record, Mapping):
-            raise ValueError(f"invalid {cls.spec.name} event: type {kind!r}")
+            raise ValueError(f"invalid {name} event: type {kind!r} (expected {events.types})")
         partition = dig(body, events.partition) if events.partition else None
-        # Offline (the receiver has no credentials): the client only lends its base URL to a
-        # file URL template; it is never used for a call.
-        reader = cls(ApiClient(provider=cls.spec.name, base_url=cls.spec.base_url))
+        required = {cls.spec.fields.id: dig(record, cls.spec.fields.id)}
+        if events.partition:
+            required[events.partition] = partition
+        for path, value in required.items():
+            if not isinstance(value, str | int) or not str(value).strip():
+                raise ValueError(f"{name} event {kind!r} lacks a non-empty {path!r}")
         try:
-            status = reader._status(record)
-        except ProviderRejectedError as exc:
-            raise ValueError(f"invalid {cls.spec.name} event: {exc.message}") from None
-        finally:
-            reader.close()
-        return (None if partition is None else str(partition)), status
+            status = cls(None)._status(record, event=str(kind))  # type: ignore[arg-type]
+        except ExportPipelineError as exc:
+            raise ValueError(f"invalid {name} event {kind!r}: {exc.message}") from exc
+        return (None if partition is None else str(partition).strip()), status
 
     def classify_download_error(self, response: httpx.Response) -> ExportPipelineError | None:
         """Typed error for an error answer met while downloading (called by core/transfer)."""
@@ -212,7 +225,7 @@ class SpecProvider(ExportProvider):
                 return ERROR_CLASSES[rule.error](
                     f"download refused: {message or f'HTTP {response.status_code}'}",
                     provider=self.name,
-                    code=code or f"HTTP_{response.status_code}",
+                    code=rule.as_code or code or f"HTTP_{response.status_code}",
                     request_id=request_id,
                     hint=rule.hint,
                 )
@@ -228,9 +241,16 @@ class SpecProvider(ExportProvider):
     # -- mapping ----------------------------------------------------------------------------
 
     def error_for(
-        self, response: httpx.Response, *, export_id: str | None = None, kind: str | None = None
+        self,
+        response: httpx.Response,
+        *,
+        export_id: str | None = None,
+        kind: str | None = None,
+        call: Call | None = None,
+        variables: Mapping[str, Any] | None = None,
     ) -> ExportPipelineError:
-        """Map an error answer (envelope or bare status) to a typed error with its request id."""
+        """Map an error answer (envelope or bare status) to a typed error with its request id:
+        ``call``'s own rules first, then the spec's, then the defaults."""
         code, message, request_id = self._envelope(response)
         status = response.status_code
         ctx: dict[str, Any] = {
@@ -241,14 +261,20 @@ class SpecProvider(ExportProvider):
             "request_id": request_id,
         }
         text = message or f"HTTP {status}"
-        for rule in self.spec.errors.rules:
+        for rule in [*(call.errors if call else ()), *self.spec.errors.rules]:
             if rule.matches(status, code, response.content or b""):
-                return ERROR_CLASSES[rule.error](text, hint=rule.hint, **ctx)
-        token_env = self.spec.auth.token_env
+                what = render(rule.message, variables or {}) if rule.message else None
+                ctx["code"] = rule.as_code or ctx["code"]
+                return ERROR_CLASSES[rule.error](
+                    f"{what}: {text}" if what else text, hint=rule.hint, **ctx
+                )
+        auth = self.spec.auth
+        # Credentials in the body (Mews): any of them may be the wrong one.
+        envs = " and ".join(auth.body_fields.values()) if auth.style == "body" else auth.token_env
         if status in (401, 403):
             return ConfigurationError(
-                f"the {self.name} API rejected our credentials: {text} (check {token_env})",
-                hint=f"set a valid key in {token_env}",
+                f"the {self.name} API rejected our credentials: {text} (check {envs})",
+                hint=f"set valid credentials in {envs}",
                 **ctx,
             )
         if status == 404:
@@ -288,19 +314,40 @@ class SpecProvider(ExportProvider):
         """The answer's JSON (and its HTTP status when ``http``); error answers raise."""
         payload = render(call.body, variables)
         if self.spec.auth.style == "body" and call.encoding == "json":
-            payload = {**self.body_credentials, **payload}
+            payload = {**payload, **self.body_credentials}  # given credentials win
         path = render_path(call.path, variables)
         sent = {{"json": "json", "form": "data", "query": "params"}[call.encoding]: payload}
         if call.method == "GET" and call.encoding == "json":
             sent = {"params": payload or None}
         response = self.api.request(call.method, path, **sent)
+        where = {"export_id": export_id, "kind": kind, "call": call, "variables": variables}
         if response.status_code >= 300:
-            raise self.error_for(response, export_id=export_id, kind=kind)
-        answer = response.json()
+            stated = self._stated(response) if http else None
+            if stated is not None:  # a status answer with a known word (mapping's 422 failed)
+                return stated, response.status_code
+            raise self.error_for(response, **where)
+        try:
+            answer = response.json()
+        except ValueError:
+            raise ProviderRejectedError(
+                f"{call.method} {call.path} answered HTTP {response.status_code} without JSON",
+                provider=self.name,
+                kind=kind,
+                export_id=export_id,
+            ) from None
         flag = self.spec.errors.success_flag
-        if flag is not None and dig(answer, flag) is not True:
-            raise self.error_for(response, export_id=export_id, kind=kind)
+        if flag is not None and dig(answer, flag, True) is not True:  # absent: not checked
+            raise self.error_for(response, **where)
         return (answer, response.status_code) if http else answer
+
+    def _stated(self, response: httpx.Response) -> Any:
+        """An error answer's JSON when it is an export's status (a word the spec knows)."""
+        try:
+            answer = response.json()
+        except ValueError:
+            return None
+        word = dig(answer, self.spec.fields.state)
+        return answer if self.spec.states.state_of(str(word)) is not None else None
 
     def _bounded(
         self, kind: ExportKind, start: datetime | None, end: datetime | None
@@ -353,10 +400,18 @@ class SpecProvider(ExportProvider):
         )
 
     def _status(
-        self, record: Any, export_id: str | None = None, http: int | None = None
+        self,
+        record: Any,
+        export_id: str | None = None,
+        http: int | None = None,
+        *,
+        created: bool = False,
+        event: str | None = None,
     ) -> ExportStatus:
         """One export object -> ExportStatus. ``export_id``/``http``: what a per-id call knows
-        when the answer does not say (mapping's link call has no id and no status word)."""
+        when the answer does not say (mapping's link call has no id and no status word).
+        ``created``: the create call's answer (no word = just accepted, pending). ``event``: the
+        pushed event's type (its state when the record names none; links may be absent)."""
         f = self.spec.fields
         found = dig(record, f.id) if isinstance(record, Mapping) else None
         if not isinstance(record, Mapping) or (found is None and export_id is None):
@@ -369,23 +424,43 @@ class SpecProvider(ExportProvider):
         if not word and http in self.spec.states.http:
             word = f"HTTP {http}"
             state = ExportState(self.spec.states.http[http])
-        detail: dict[str, Any] = {}
+        elif not word and event and self.spec.events and event in self.spec.events.states:
+            word, state = event, ExportState(self.spec.events.states[event])
+        elif not word and created:
+            word, state = "created", ExportState.PENDING
+        detail: dict[str, Any] = {
+            key: dig(record, path)
+            for key, path in f.detail.items()
+            if dig(record, path) is not None
+        }
         if state is None:
             # The one policy for unknown words (see providers/spec.py): still open, never loaded.
             log.warning("%s export %s: unknown status word %r", self.name, export_id, word)
             state, detail["unknown_status"] = ExportState.PROCESSING, word
-        files = self._files(record, export_id) if state is ExportState.READY else ()
+        ready = state is ExportState.READY
+        files = self._files(record, export_id, links_optional=event is not None) if ready else ()
         failed = state is ExportState.FAILED
-        code = dig(record, f.error_code)
+        code = dig(record, f.error_code) if failed else None
+        message = dig(record, f.error_message)
+        if failed and not message:
+            message = f"{self.name} reported the export as {word} (no reason given)"
+        try:
+            timestamp = parse_time(dig(record, f.timestamp), f.time_format)
+        except ValueError:
+            raise ProviderRejectedError(
+                f"{f.timestamp} {dig(record, f.timestamp)!r} is not a time",
+                provider=self.name,
+                export_id=export_id,
+            ) from None
         return ExportStatus(
             export_id=export_id,
             state=state,
             files=files,
             expires_at=self._expiry(record),
-            provider_timestamp=parse_time(dig(record, f.timestamp), f.time_format),
+            provider_timestamp=timestamp,
             expected_rows=dig(record, f.rows),
-            error_code=str(code) if code is not None else ("EXPORT_FAILED" if failed else None),
-            error_message=dig(record, f.error_message),
+            error_code=str(code) if code is not None else (f.failure_code if failed else None),
+            error_message=message,
             provider_status=word,
             detail=detail,
         )
@@ -397,8 +472,11 @@ class SpecProvider(ExportProvider):
             return datetime.now(UTC) + timedelta(seconds=float(seconds))
         return parse_time(dig(record, f.expires_at), f.time_format)
 
-    def _files(self, record: Mapping[str, Any], export_id: str) -> tuple[RemoteFile, ...]:
+    def _files(
+        self, record: Mapping[str, Any], export_id: str, *, links_optional: bool = False
+    ) -> tuple[RemoteFile, ...]:
         f = self.spec.fields
+        base_url = self.api.base_url if self.api is not None else self.spec.base_url
         found = dig(record, f.files) if f.files is not None else None  # "" = the record
         if found is None and f.file_url_template:
             found = [{}]
@@ -408,19 +486,25 @@ class SpecProvider(ExportProvider):
         for i, item in enumerate(items, start=1):
             url = dig(item, f.file_url) if f.file_url else item
             if url is None and f.file_url_template:
-                url = f.file_url_template.format(base_url=self.api.base_url, export_id=export_id)
+                url = f.file_url_template.format(base_url=base_url, export_id=export_id)
+            if url is None and links_optional:
+                continue  # a "ready" event without links: the status call hands out fresh ones
             if not isinstance(url, str):
                 raise ProviderRejectedError(
                     f"ready export without a file URL at {f.files}.{f.file_url}",
                     provider=self.name,
                     export_id=export_id,
                 )
+            url = str(httpx.URL(base_url + "/").join(url))  # a relative link is on the API host
             suffix = PurePosixPath(httpx.URL(url).path).suffix
+            suffix = suffix if len(suffix) < 8 else ""
             name = dig(item, f.file_name) if f.file_name else None
             files.append(
                 RemoteFile(
                     url=url,
-                    name=str(name) if name else f"part-{i:04d}{suffix if len(suffix) < 8 else ''}",
+                    name=str(name)
+                    if name
+                    else f.file_name_format.format(n=i, i=i - 1, suffix=suffix),
                     size_bytes=dig(item, f.file_size) if f.file_size else None,
                     authenticated=authenticated,
                 )

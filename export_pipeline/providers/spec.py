@@ -81,6 +81,32 @@ class Auth(_Spec):
     )
 
 
+class ErrorRule(_Spec):
+    """``(HTTP status, provider code, body pattern)`` -> error class and hint. All given parts
+    must match; the first matching rule wins."""
+
+    status: int | None = None
+    code: str | None = None
+    body: str | None = Field(None, description="Regular expression searched in the body.")
+    error: ErrorClass
+    hint: str | None = None
+    as_code: str | None = Field(
+        None, description="The code the error carries (default: the provider's, or HTTP_<status>)."
+    )
+    message: str | None = Field(
+        None,
+        description="What failed, before the provider's message; placeholders of the call "
+        "(e.g. 'mapping job {partition} was not exported').",
+    )
+
+    def matches(self, status: int, code: str | None, body: bytes) -> bool:
+        return (
+            (self.status is None or self.status == status)
+            and (self.code is None or self.code == code)
+            and (self.body is None or re.search(self.body.encode(), body, re.S) is not None)
+        )
+
+
 class Call(_Spec):
     """One HTTP call. Placeholders: {window_start} {window_end} {export_id} {ids}
     {kind.<param>} {param.<name>} {partition}."""
@@ -93,6 +119,11 @@ class Call(_Spec):
     body: dict[str, Any] = Field(default_factory=dict, description="Template of the payload.")
     record: str = Field(
         "", description="Dotted path of the export object in the answer ('' = the whole answer)."
+    )
+    errors: list[ErrorRule] = Field(
+        default_factory=list,
+        description="Error rules for this call only, tried before `errors.rules` (a 404 that "
+        "means 'no such job' on create but 'lost' on status).",
     )
 
 
@@ -133,6 +164,19 @@ class Fields(_Spec):
     rows: str | None = None
     error_code: str | None = None
     error_message: str | None = None
+    failure_code: str = Field(
+        "EXPORT_FAILED", description="Code of a failed export whose answer names none."
+    )
+    detail: dict[str, str] = Field(
+        default_factory=dict,
+        description="ExportStatus.detail key -> dotted path, kept when present (e.g. Scope).",
+    )
+    file_name_format: str = Field(
+        "part-{n:04d}{suffix}",
+        description="Local file name: {n} 1-based, {i} 0-based part number, {suffix} the URL "
+        "path's extension (e.g. 'part-{i:04d}.jsonl', or 'results' for one file of unknown "
+        "format: the core detects it from the bytes).",
+    )
     time_format: TimeFormat = "iso"
 
 
@@ -168,24 +212,6 @@ class StatusMap(_Spec):
         return None
 
 
-class ErrorRule(_Spec):
-    """``(HTTP status, provider code, body pattern)`` -> error class and hint. All given parts
-    must match; the first matching rule wins."""
-
-    status: int | None = None
-    code: str | None = None
-    body: str | None = Field(None, description="Regular expression searched in the body.")
-    error: ErrorClass
-    hint: str | None = None
-
-    def matches(self, status: int, code: str | None, body: bytes) -> bool:
-        return (
-            (self.status is None or self.status == status)
-            and (self.code is None or self.code == code)
-            and (self.body is None or re.search(self.body.encode(), body, re.S) is not None)
-        )
-
-
 class Errors(_Spec):
     """The error envelope and what each code means. Without a matching rule: 401/403 ->
     configuration (naming the token variable), 404 -> lost, 410 -> expired, 429/5xx ->
@@ -196,7 +222,9 @@ class Errors(_Spec):
     request_id: str | None = Field(None, description="Dotted path of the request id in the body.")
     request_id_header: str | None = "X-Request-Id"
     success_flag: str | None = Field(
-        None, description="A boolean that must be true even at HTTP 200 (e.g. 'success')."
+        None,
+        description="A boolean that, where an answer has it, must be true even at HTTP 200 "
+        "(e.g. 'success').",
     )
     rules: list[ErrorRule] = Field(default_factory=list)
 
@@ -236,6 +264,9 @@ class IncrementalSpec(_Spec):
 class Column(_Spec):
     type: str = Field(description="DuckDB type hint, e.g. VARCHAR, BIGINT, TIMESTAMPTZ.")
     description: str = ""
+    range: tuple[float, float] | None = Field(
+        None, description="[min, max] checked by the asset check on value ranges."
+    )
 
 
 class KindSpec(_Spec):
@@ -270,7 +301,16 @@ class Event(_Spec):
     type_path: str = "type"
     types: list[str]
     record: str = Field(description="Dotted path of the export object inside the event.")
-    partition: str | None = Field(None, description="Dotted path of the partition key.")
+    partition: str | None = Field(
+        None, description="Dotted path of the partition key (required in the event when set)."
+    )
+    states: dict[str, Literal["pending", "processing", "ready", "failed", "expired", "lost"]] = (
+        Field(
+            default_factory=dict,
+            description="Event type -> state, for events whose record names no status word. "
+            "A ready event may carry no file links: the status call gives fresh ones.",
+        )
+    )
 
 
 class Sandbox(_Spec):
@@ -331,6 +371,7 @@ class ExportApiSpec(_Spec):
                 columns={c: col.type for c, col in k.columns.items()} or None,
                 partition_column=k.partition_column,
                 partitions=k.partitions,
+                value_ranges={c: col.range for c, col in k.columns.items() if col.range},
             )
             for k in self.kinds
         )

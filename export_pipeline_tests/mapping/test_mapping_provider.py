@@ -19,7 +19,7 @@ from export_pipeline.core.errors import ConfigurationError, LinkExpiredError, Pr
 from export_pipeline.core.model import ExportRequest, ExportState, ExportStatus, RemoteFile
 from export_pipeline.core.netpolicy import UrlPolicy
 from export_pipeline.core.transfer import download_file
-from export_pipeline.providers.mapping import RESULTS, MappingProvider, parse_event
+from export_pipeline.providers.mapping import RESULTS, MappingProvider
 from export_pipeline.sandbox.mapping import State
 from export_pipeline_tests.mapping.conftest import FAST_RETRY, MappingSandbox, start_sandbox
 
@@ -330,7 +330,7 @@ def test_kind_declaration() -> None:
 
 
 def test_parse_event_completed_and_failed() -> None:
-    job_id, status = parse_event(
+    job_id, status = MappingProvider.parse_event(
         json.dumps(
             {
                 "event": "mapping.export.completed",
@@ -381,4 +381,4 @@ def test_parse_event_completed_and_failed() -> None:
 )
 def test_parse_event_rejects_invalid_bodies(body: Any, complaint: str) -> None:
     with pytest.raises(ValueError, match=complaint):
-        parse_event(body)
+        MappingProvider.parse_event(body)

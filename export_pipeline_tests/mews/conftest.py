@@ -27,9 +27,8 @@ class MewsSandbox:
 
     def provider_with(self, *, client_token: str, access_token: str) -> MewsProvider:
         return MewsProvider.from_settings(
-            platform_address=self.base_url,
-            client_token=client_token,
-            access_token=access_token,
+            base_url=self.base_url,
+            body_credentials={"ClientToken": client_token, "AccessToken": access_token},
             retry=FAST_RETRY,
         )
 
@@ -50,9 +49,8 @@ def mews_sandbox(tmp_path) -> Iterator[MewsSandbox]:
     state = State(data_dir=tmp_path / "mews-sandbox")
     with RunningServer(create_app(state)) as server:
         provider = MewsProvider.from_settings(
-            platform_address=server.base_url,
-            client_token=state.client_token,
-            access_token=state.access_token,
+            base_url=server.base_url,
+            body_credentials={"ClientToken": state.client_token, "AccessToken": state.access_token},
             retry=FAST_RETRY,
         )
         try:
