@@ -287,8 +287,11 @@ class Ledger:
 
     def cursor(self, provider: str, kind: str, partition_key: str = "") -> datetime | None:
         with self.warehouse.connect() as con:
+            # max(): on a DuckLake lake with a PostgreSQL catalog, two loads committing at once
+            # can each insert the kind's first cursor row (no key, and DuckLake does not
+            # conflict on inserts); the cursor is the newest of them, as the MERGE keeps it.
             row = con.execute(
-                f"SELECT cursor_value FROM {LEDGER_SCHEMA}.cursors "
+                f"SELECT max(cursor_value) FROM {LEDGER_SCHEMA}.cursors "
                 "WHERE provider = ? AND kind = ? AND partition_key = ?",
                 [provider, kind, partition_key],
             ).fetchone()

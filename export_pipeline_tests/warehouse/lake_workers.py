@@ -125,3 +125,52 @@ def reader(root: str, attach_sql: str, extension_dir: str, stop: Any, out: Any) 
         out.put(("reader", queries, errors, messages[:5]))
     except BaseException:
         out.put(("reader", queries, -1, [traceback.format_exc()]))
+
+
+def claimant(
+    catalog: str,
+    data_path: str,
+    data_dir: str,
+    base_url: str,
+    token: str,
+    export_ids: list[str],
+    owner: str,
+    start: Any,
+    out: Any,
+) -> None:
+    """A run in its own process (its own DuckDB and lake attachment): ingests ``export_ids`` of
+    the locations sandbox in that order, through the real ExportRunner (claim, download,
+    normalise, load, ledger), and reports ``(export_id, skipped, rows, waited_for, cursor)``
+    for each."""
+    from export_pipeline.core.ingest import ExportRunner, IngestSettings
+    from export_pipeline.core.storage import LocalStorage
+    from export_pipeline.providers.locations import LOCATIONS, LocationsProvider
+    from export_pipeline_tests.locations.conftest import FAST_RETRY
+
+    try:
+        provider = LocationsProvider.from_settings(base_url=base_url, token=token, retry=FAST_RETRY)
+        runner = ExportRunner(
+            provider,
+            Ledger(DuckLakeWarehouse(catalog, data_path)),
+            LocalStorage(Path(data_dir)),
+            IngestSettings(
+                poll_initial_seconds=0.02,
+                retry=FAST_RETRY,
+                claim_wait_seconds=120,
+                claim_poll_seconds=0.05,
+            ),
+            owner=owner,
+        )
+        with runner.ledger.warehouse.connect():  # attach (loading the extensions) before the start
+            pass
+        start.wait(timeout=120)
+        results = []
+        for export_id in export_ids:
+            result = runner.ingest(LOCATIONS, export_id)
+            results.append(
+                (export_id, result.skipped, result.rows, result.waited_for, result.cursor)
+            )
+        provider.close()
+        out.put(("ok", owner, results))
+    except BaseException:
+        out.put(("error", owner, traceback.format_exc()))
