@@ -43,14 +43,19 @@ from export_pipeline.core.faults import fault_point
 from export_pipeline.core.http import RetryPolicy
 from export_pipeline.core.ledger import ExportRecord, Ledger
 from export_pipeline.core.load import PARTITION_MISMATCH, LoadResult, ensure_views, load_parquet
-from export_pipeline.core.model import ExportKind, ExportRequest, ExportState, ExportStatus
+from export_pipeline.core.model import (
+    ExportApi,
+    ExportKind,
+    ExportRequest,
+    ExportState,
+    ExportStatus,
+)
 from export_pipeline.core.netpolicy import UrlPolicy
 from export_pipeline.core.normalise import detect_format, to_parquet
 from export_pipeline.core.redact import get_logger
 from export_pipeline.core.storage import LocalStorage, Storage
 from export_pipeline.core.transfer import DownloadedFile, DownloadLimits, download_files
 from export_pipeline.core.windows import next_cursor
-from export_pipeline.providers.base import ExportProvider
 
 log = get_logger(__name__)  # redacts secrets from every message
 
@@ -171,7 +176,7 @@ class ExportRunner:
 
     def __init__(
         self,
-        provider: ExportProvider,
+        provider: ExportApi,
         ledger: Ledger,
         storage: Storage,
         settings: IngestSettings | None = None,

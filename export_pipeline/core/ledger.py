@@ -314,58 +314,6 @@ class Ledger:
         assert record is not None
         return record
 
-    def record_requests(
-        self,
-        kind: ExportKind,
-        pairs: Sequence[tuple[ExportRequest, ExportStatus]],
-        *,
-        source: str,
-    ) -> None:
-        """:meth:`record_request` for many exports in one transaction.
-
-        Discovering exports in bulk (thousands of open ones after a restore, or in a test of
-        the sensor's batching) would otherwise cost one DuckDB connection and commit each.
-        """
-        if not pairs:
-            return
-        latest = {status.export_id: (request, status) for request, status in pairs}
-        now = utcnow()
-        rows = pa.table(
-            {
-                "export_id": pa.array(list(latest), pa.string()),
-                "partition_key": pa.array([r.partition or "" for r, _ in latest.values()]),
-                "modified_since": _timestamps([r.modified_since for r, _ in latest.values()]),
-                "window_end": _timestamps([r.window_end for r, _ in latest.values()]),
-                "request_params": pa.array(
-                    [json.dumps(dict(r.params), default=str) for r, _ in latest.values()],
-                    pa.string(),
-                ),
-            }
-        )
-        with self.warehouse.transaction() as con, _registered(con, rows) as view:
-            con.execute(
-                f"INSERT INTO {LEDGER_SCHEMA}.exports (provider, kind, export_id, "
-                "partition_key, state, modified_since, window_end, request_params, source, "
-                "requested_at, updated_at) "
-                f"SELECT ?, ?, export_id, partition_key, ?, modified_since, window_end, "
-                f"CAST(request_params AS JSON), ?, ?, ? FROM {view} AS v "
-                # Insert-if-absent, not ON CONFLICT: a DuckLake ledger has no primary key.
-                f"WHERE NOT EXISTS (SELECT 1 FROM {LEDGER_SCHEMA}.exports AS e "
-                "WHERE e.provider = ? AND e.export_id = v.export_id)",
-                [
-                    kind.provider,
-                    kind.name,
-                    ExportState.PENDING.value,
-                    source,
-                    now,
-                    now,
-                    kind.provider,
-                ],
-            )
-            self._apply_statuses(
-                con, kind.provider, [s for _, s in latest.values()], count_poll=False
-            )
-
     def _record_request(
         self,
         con: duckdb.DuckDBPyConnection,
@@ -470,32 +418,7 @@ class Ledger:
         *,
         count_poll: bool = True,
     ) -> None:
-        current = self._get(con, provider, status.export_id)
-        if current is None or not can_transition(current.state, status.state):
-            return
-        con.execute(
-            f"UPDATE {LEDGER_SCHEMA}.exports SET state = ?, provider_status = ?, "
-            "expires_at = coalesce(?, expires_at), "
-            "provider_timestamp = coalesce(?, provider_timestamp), "
-            "expected_rows = coalesce(?, expected_rows), "
-            "error_code = coalesce(?, error_code), error_message = coalesce(?, error_message), "
-            "detail = coalesce(?, detail), polls = polls + ?, updated_at = ? "
-            "WHERE provider = ? AND export_id = ?",
-            [
-                status.state.value,
-                status.provider_status,
-                status.expires_at,
-                status.provider_timestamp,
-                status.expected_rows,
-                status.error_code,
-                status.error_message,
-                json.dumps(dict(status.detail), default=str) if status.detail else None,
-                1 if count_poll else 0,
-                utcnow(),
-                provider,
-                status.export_id,
-            ],
-        )
+        self._apply_statuses(con, provider, [status], count_poll=count_poll)
 
     def record_error(
         self,

@@ -5,12 +5,13 @@ Nothing here imports Dagster, DuckDB or HTTP; every other layer speaks these typ
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from itertools import islice
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 
 class ExportState(StrEnum):
@@ -171,3 +172,34 @@ class ExportStatus:
     detail: Mapping[str, Any] = field(
         default_factory=dict, hash=False
     )  # extra JSON-safe fields (Scope, sizes)
+
+
+class ExportApi(Protocol):
+    """What the core asks of a provider. ``providers.base.ExportProvider`` is one; the core
+    types against this so that it never imports ``providers`` (which imports the core)."""
+
+    name: str
+    kinds: tuple[ExportKind, ...]
+    status_batch_size: int  # ids one status call can carry
+    pushes_events: bool
+    api: Any  # its ``core.http.ApiClient``: credentials and timeout for downloads
+
+    @property
+    def api_host(self) -> str: ...
+
+    def kind(self, name: str) -> ExportKind: ...
+
+    def request_export(self, kind: ExportKind, request: ExportRequest) -> ExportStatus: ...
+
+    def get_statuses(self, export_ids: Sequence[str]) -> dict[str, ExportStatus]: ...
+
+    def parse_event(self, body: Mapping[str, Any]) -> tuple[str | None, ExportStatus]: ...
+
+    def close(self) -> None: ...
+
+
+def batched(items: Sequence[str], size: int) -> Iterator[list[str]]:
+    """``items`` in lists of at most ``size`` (export ids per status call)."""
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk

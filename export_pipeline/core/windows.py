@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from export_pipeline.core.model import ExportKind, ExportRequest, Incremental
 
@@ -61,6 +61,64 @@ def next_request(
         # a window of the overlap alone would only re-read rows already loaded.
         return None
     return ExportRequest(modified_since=start, window_end=end, params=params, partition=partition)
+
+
+class CursorSource(Protocol):
+    """Where cursors are read (``core.ledger.Ledger``)."""
+
+    def cursor(self, provider: str, kind: str, partition_key: str = "") -> datetime | None: ...
+
+
+def request_for(
+    kind: ExportKind,
+    ledger: CursorSource,
+    *,
+    now: datetime,
+    settings: IncrementalSettings = IncrementalSettings(),
+    modified_since: datetime | None = None,
+    window_end: datetime | None = None,
+    params: Mapping[str, Any] | None = None,
+    partition: str | None = None,
+    full_refresh: bool = False,
+) -> ExportRequest | None:
+    """What a run asks for: the window it was given (a schedule or a user put it in the run
+    config), else the one that continues from the kind's cursor (``next_request``)."""
+    if modified_since is not None or window_end is not None:
+        return ExportRequest(
+            modified_since=modified_since,
+            window_end=window_end,
+            params=dict(params or {}),
+            partition=partition,
+        )
+    cursor = ledger.cursor(kind.provider, kind.name, partition or "")
+    return next_request(
+        kind,
+        cursor,
+        now=now,
+        settings=settings,
+        params=params,
+        partition=partition,
+        full_refresh=full_refresh,
+    )
+
+
+def due_requests(
+    kinds: Sequence[ExportKind],
+    ledger: CursorSource,
+    *,
+    now: datetime,
+    settings: IncrementalSettings = IncrementalSettings(),
+) -> dict[ExportKind, ExportRequest]:
+    """The next request of each kind that has one now (a WINDOW kind may have none yet): what a
+    scheduled sync asks for, computed once so the run config can show it."""
+    due: dict[ExportKind, ExportRequest] = {}
+    for kind in kinds:
+        request = next_request(
+            kind, ledger.cursor(kind.provider, kind.name), now=now, settings=settings
+        )
+        if request is not None:
+            due[kind] = request
+    return due
 
 
 def _whole_seconds(value: datetime) -> datetime:

@@ -5,12 +5,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import duckdb
-import pandas as pd
 from pydantic import Field
 
 from export_pipeline.core.errors import ExportPipelineError, ExportTimeoutError
@@ -18,8 +16,9 @@ from export_pipeline.core.http import RetryPolicy
 from export_pipeline.core.ingest import ExportRunner, IngestResult
 from export_pipeline.core.ledger import Ledger
 from export_pipeline.core.load import ensure_views
-from export_pipeline.core.model import ExportKind, ExportRequest, ExportState, Incremental, LoadMode
-from export_pipeline.core.windows import next_request, parse_iso
+from export_pipeline.core.model import ExportKind, ExportRequest, ExportState
+from export_pipeline.core.preview import preview_markdown
+from export_pipeline.core.windows import IncrementalSettings, parse_iso, request_for
 from export_pipeline.providers.base import ExportProvider
 from export_pipeline.providers.column_docs import apply_comments, column_docs, view_docs
 
@@ -142,26 +141,18 @@ def request_from_config(
     kind: ExportKind,
     config: ExportConfig,
     runner: ExportRunner,
-    incremental: Any,
+    incremental: IncrementalSettings,
     partition_key: str | None,
 ) -> ExportRequest | None:
-    params: dict[str, Any] = {}
-    if config.format:
-        params["format"] = config.format
-    if config.modified_since or config.window_end:
-        return ExportRequest(
-            modified_since=parse_iso(config.modified_since),
-            window_end=parse_iso(config.window_end),
-            params=params,
-            partition=partition_key,
-        )
-    cursor = runner.ledger.cursor(kind.provider, kind.name, partition_key or "")
-    return next_request(
+    """The run config in the core's terms (``core.windows.request_for``)."""
+    return request_for(
         kind,
-        cursor,
+        runner.ledger,
         now=datetime.now(UTC),
         settings=incremental,
-        params=params,
+        modified_since=parse_iso(config.modified_since),
+        window_end=parse_iso(config.window_end),
+        params={"format": config.format} if config.format else None,
         partition=partition_key,
         full_refresh=config.full_refresh,
     )
@@ -470,23 +461,3 @@ def result_metadata(
     if result.parquet_paths:
         md["preview"] = dg.MetadataValue.md(preview_markdown(result.parquet_paths[0]))
     return {k: v for k, v in md.items() if v is not None}
-
-
-def preview_markdown(parquet_path: Path, rows: int = 5, width: int = 60) -> str:
-    """First rows of the Parquet as a markdown table, long values cut to ``width``."""
-    with duckdb.connect() as con:
-        cur = con.execute(
-            f"SELECT * EXCLUDE (_export_id, _source_file, _loaded_at) "
-            f"FROM read_parquet(?) LIMIT {int(rows)}",
-            [str(parquet_path)],
-        )
-        df = pd.DataFrame(cur.fetchall(), columns=[d[0] for d in cur.description])
-    df = df.map(lambda v: s if len(s := str(v)) <= width else s[: width - 1] + "…")
-    return df.to_markdown(index=False)
-
-
-def is_incremental(kind: ExportKind) -> bool:
-    return (
-        kind.incremental is not Incremental.NONE
-        and kind.load_mode is not LoadMode.REPLACE_PARTITION
-    )

@@ -11,7 +11,7 @@ from pydantic import Field
 from export_pipeline.core.errors import WarehouseBusyError
 from export_pipeline.core.model import ExportKind, Incremental
 from export_pipeline.core.retention import RetentionSettings, clean
-from export_pipeline.core.windows import next_request
+from export_pipeline.core.windows import due_requests
 from export_pipeline.defs.assets import (
     TRIGGER_TAG,
     ExportConfig,
@@ -86,25 +86,21 @@ def build_schedule(binding: ProviderBinding, job: Any) -> dg.ScheduleDefinition:
         ops: dict[str, ExportConfig] = {}
         windows: list[str] = []
         try:
-            for kind in kinds:
-                request = next_request(
-                    kind, ledger.cursor(kind.provider, kind.name), now=now, settings=settings
-                )
-                if request is None:
-                    continue
-                # Pass the computed window explicitly: the run asks for exactly this.
-                ops[op_name(kind)] = ExportConfig(
-                    modified_since=request.modified_since.isoformat()
-                    if request.modified_since
-                    else None,
-                    window_end=request.window_end.isoformat() if request.window_end else None,
-                    full_refresh=request.modified_since is None
-                    and kind.incremental is not Incremental.NONE,
-                )
-                since = request.modified_since
-                windows.append(f"{kind.name}:{since.isoformat() if since else 'full'}")
+            due = due_requests(kinds, ledger, now=now, settings=settings)
         except WarehouseBusyError:
             return dg.SkipReason("warehouse is busy with a load; the next tick will catch up")
+        for kind, request in due.items():
+            # Pass the computed window explicitly: the run asks for exactly this.
+            ops[op_name(kind)] = ExportConfig(
+                modified_since=request.modified_since.isoformat()
+                if request.modified_since
+                else None,
+                window_end=request.window_end.isoformat() if request.window_end else None,
+                full_refresh=request.modified_since is None
+                and kind.incremental is not Incremental.NONE,
+            )
+            since = request.modified_since
+            windows.append(f"{kind.name}:{since.isoformat() if since else 'full'}")
         if not ops:
             return dg.SkipReason("no kind has a new window yet")
         return dg.RunRequest(

@@ -1,13 +1,10 @@
-"""One sensor per provider: absorb pushed events, poll open exports in batches, launch ingests.
-
-The sensor stays small and bounded: it asks the ledger what is open, makes
-ceil(n / status_batch_size) status calls within a time budget, and launches one run per ready
-export with ``run_key = provider:export_id`` so an export is never launched twice.
+"""One sensor per provider: the core's track step (``core/track.py``: absorb pushed events,
+poll open exports in batches within a time budget), then one run per ready export with
+``run_key = provider:export_id`` so an export is never launched twice.
 """
 
 import json
 import os
-import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,8 +16,9 @@ from pydantic import Field
 
 from export_pipeline.core.errors import ExportPipelineError, WarehouseBusyError
 from export_pipeline.core.http import RetryPolicy
-from export_pipeline.core.ingest import POISON_BUDGET, ExportRunner
-from export_pipeline.core.model import ExportKind, ExportRequest, ExportState, ExportStatus
+from export_pipeline.core.ingest import POISON_BUDGET
+from export_pipeline.core.model import ExportKind
+from export_pipeline.core.track import MAX_EXPORTS_PER_PASS, track
 from export_pipeline.defs.assets import (
     EXPORT_TAG,
     TRIGGER_TAG,
@@ -30,11 +28,10 @@ from export_pipeline.defs.assets import (
     make_runner,
     op_name,
 )
-from export_pipeline.providers.base import batched
 
 # Dagster stops a sensor evaluation after 60 s by default; keep well inside it.
 TICK_BUDGET_SECONDS = 30.0
-MAX_EXPORTS_PER_TICK = 5000
+MAX_EXPORTS_PER_TICK = MAX_EXPORTS_PER_PASS
 # Failed ingests of a ready export are relaunched by the sensor up to this many attempts.
 # The same number as the poison budget: an export that used it up is retired (FAILED) and
 # never relaunched, so the sensor's last attempt is the one that retires it.
@@ -65,95 +62,6 @@ def run_request_for(
     )
 
 
-def absorb_events(
-    runner: ExportRunner,
-    binding: ProviderBinding,
-    store: Any,
-    log: Any,
-    *,
-    deadline: float | None = None,
-) -> tuple[list[str], set[str]]:
-    """Pushed events -> ledger. Returns (new partition keys, export ids that were pushed).
-
-    An event is a hint, not proof: it only says *which* exports to look at now. Each export
-    named by an event that is not already finished in the ledger is confirmed with the provider
-    in this very tick (one batched status call), and the ledger records the provider's answer,
-    not the event's. Exports we did not request (mapping exports made automatically when a job
-    completes, say) are adopted the same way.
-
-    Why not trust a COMPLETED event and let the run find out: the sensor launches each export
-    once (``run_key = provider:export_id``) and the daemon never launches a key that already has
-    a run, even a failed one. A premature event (provider still PENDING) would spend the key on
-    a run that can only fail, and the export would then never be launched again.
-
-    Events for exports already loaded (or otherwise finished) are consumed without a call.
-    Events left when ``deadline`` (a ``time.monotonic()`` value) passes stay pending for the
-    next tick; so do all events when the provider cannot be reached (the error propagates).
-    """
-    if not binding.provider.pushes_events or store is None:
-        return [], set()
-    parse = binding.provider.parse_event
-    events = store.pending(source=binding.name, limit=1000)
-    kind = binding.kinds[0]
-    consumed: list[int] = []
-    seqs_by_export: dict[str, list[int]] = {}
-    partition_of: dict[str, str | None] = {}
-    for event in events:
-        try:
-            partition, status = parse(event.body)
-        except ValueError as exc:  # the receiver validated it; a parser change could still refuse
-            log.warning(f"event {event.seq} from {event.source} no longer parses: {exc}")
-            consumed.append(event.seq)
-            continue
-        seqs_by_export.setdefault(status.export_id, []).append(event.seq)
-        partition_of.setdefault(status.export_id, partition)
-
-    to_confirm: list[str] = []
-    for export_id, seqs in seqs_by_export.items():
-        record = runner.ledger.get(binding.name, export_id)
-        if record is not None and record.state.is_terminal:
-            consumed.extend(seqs)  # loaded (or failed, expired, lost): nothing an event changes
-        else:
-            to_confirm.append(export_id)
-
-    new_partitions: list[str] = []
-    pushed: set[str] = set()
-    try:
-        for chunk in batched(to_confirm, runner.provider.status_batch_size):
-            if deadline is not None and time.monotonic() > deadline:
-                log.info(
-                    f"time budget reached after confirming {len(pushed)} of {len(to_confirm)} "
-                    "pushed exports; the rest stay pending for the next tick"
-                )
-                break
-            statuses = runner.provider.get_statuses(list(chunk))
-            for export_id in chunk:
-                status = statuses.get(export_id) or ExportStatus(
-                    export_id=export_id, state=ExportState.LOST
-                )
-                partition = partition_of[export_id]
-                if runner.ledger.get(binding.name, export_id) is None:
-                    runner.ledger.record_request(
-                        kind, ExportRequest(partition=partition), status, source="webhook"
-                    )
-                    if partition and status.state.is_open:
-                        new_partitions.append(partition)
-                else:
-                    runner.ledger.apply_status(binding.name, status)
-                if status.state is not ExportState.READY:
-                    log.info(
-                        f"pushed event for {binding.name} export {export_id}: the provider says "
-                        f"{status.state.value}"
-                        + (f" ({status.error_code})" if status.error_code else "")
-                    )
-                pushed.add(export_id)
-                consumed.extend(seqs_by_export[export_id])
-    finally:
-        # What was applied to the ledger is done; the rest is read again next tick.
-        store.mark_consumed(consumed)
-    return new_partitions, pushed
-
-
 def build_export_sensor(binding: ProviderBinding) -> dg.SensorDefinition:
     kinds = {k.name: k for k in binding.kinds}
 
@@ -175,40 +83,25 @@ def build_export_sensor(binding: ProviderBinding) -> dg.SensorDefinition:
         default_status=dg.DefaultSensorStatus.STOPPED,
     )
     def _sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
-        started = time.monotonic()
         runner = make_runner(
             context.resources, binding, lock_timeout=SENSOR_LOCK_TIMEOUT, retry=SENSOR_RETRY
         )
         store = _event_store(context.resources.webhook_events.path)
         try:
-            new_partitions, pushed = absorb_events(
-                runner, binding, store, context.log, deadline=started + TICK_BUDGET_SECONDS / 2
+            seen = track(
+                runner,
+                store,
+                budget_seconds=TICK_BUDGET_SECONDS,
+                max_exports=MAX_EXPORTS_PER_TICK,
+                logger=context.log,
             )
-            open_ = runner.ledger.open_exports(binding.name, limit=MAX_EXPORTS_PER_TICK)
-            # Pushed exports were just confirmed with the provider; no second call this tick.
-            to_poll = [r.export_id for r in open_ if r.export_id not in pushed]
-            polled = calls = 0
-            for chunk in batched(to_poll, runner.provider.status_batch_size):
-                if time.monotonic() - started > TICK_BUDGET_SECONDS:
-                    context.log.info(
-                        f"time budget reached after {polled} of {len(to_poll)} exports; "
-                        "the rest are polled next tick (least recently checked first)"
-                    )
-                    break
-                runner.refresh(chunk)
-                polled += len(chunk)
-                calls += 1
-            ready = [
-                r
-                for r in runner.ledger.open_exports(binding.name, limit=MAX_EXPORTS_PER_TICK)
-                if r.state is ExportState.READY and r.kind in kinds
-            ]
         except WarehouseBusyError:
             return dg.SkipReason("warehouse is busy with a load; trying again next tick")
         except ExportPipelineError as exc:
             return dg.SkipReason(f"could not poll {binding.name}: {exc}")
         finally:
             runner.provider.close()
+        ready, pushed = seen.ready, seen.pushed
         requests = [
             run_request_for(
                 kinds[r.kind],
@@ -229,20 +122,22 @@ def build_export_sensor(binding: ProviderBinding) -> dg.SensorDefinition:
                 )
         dynamic = []
         partitioned = [k.partitions for k in binding.kinds if k.partitions]
-        if new_partitions and partitioned:
+        if seen.new_partitions and partitioned:
             dynamic.append(
                 dg.AddDynamicPartitionsRequest(
                     partitions_def_name=partitioned[0],
-                    partition_keys=sorted(set(new_partitions)),
+                    partition_keys=sorted(set(seen.new_partitions)),
                 )
             )
         context.log.info(
-            f"{len(open_)} open, {polled} polled in {calls} calls, {len(requests)} ready to ingest"
+            f"{seen.open} open, {seen.polled} polled in {seen.calls} calls, "
+            f"{len(requests)} ready to ingest"
         )
         return dg.SensorResult(
             run_requests=requests,
             dynamic_partitions_requests=dynamic or None,
-            cursor=f"open={len(open_)} polled={polled} calls={calls} launched={len(requests)}",
+            cursor=f"open={seen.open} polled={seen.polled} calls={seen.calls} "
+            f"launched={len(requests)}",
         )
 
     return _sensor

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from itertools import islice
 from typing import Any, ClassVar
 
 from export_pipeline.core.http import ApiClient
-from export_pipeline.core.model import ExportKind, ExportRequest, ExportStatus, RemoteFile
+from export_pipeline.core.model import (
+    ExportKind,
+    ExportRequest,
+    ExportStatus,
+    RemoteFile,
+)
+from export_pipeline.core.model import (
+    batched as batched,  # re-exported: providers batch their status calls with it
+)
 from export_pipeline.providers.spec import Sandbox
-
-
-def batched(items: Sequence[str], size: int) -> Iterator[list[str]]:
-    it = iter(items)
-    while chunk := list(islice(it, size)):
-        yield chunk
 
 
 def parse_utc(value: str | None) -> datetime | None:

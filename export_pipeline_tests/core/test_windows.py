@@ -15,7 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from export_pipeline.core.model import ExportKind, ExportRequest, Incremental, LoadMode
-from export_pipeline.core.windows import IncrementalSettings, next_cursor, next_request
+from export_pipeline.core.windows import (
+    IncrementalSettings,
+    due_requests,
+    next_cursor,
+    next_request,
+    request_for,
+)
 
 WINDOW_KIND = ExportKind(
     provider="deliveries",
@@ -172,3 +178,42 @@ def test_modified_since_kinds_are_not_truncated() -> None:
     assert request.modified_since == cursor - timedelta(seconds=1)
     assert request.window_end is None
     assert next_request(SINCE_KIND, None, now=cursor).modified_since is None
+
+
+class _Cursors:
+    """Cursors by (provider, kind): what ``request_for``/``due_requests`` read of the ledger."""
+
+    def __init__(self, values: dict[tuple[str, str], datetime]) -> None:
+        self.values = values
+
+    def cursor(self, provider: str, kind: str, partition_key: str = "") -> datetime | None:
+        return self.values.get((provider, kind))
+
+
+def test_an_explicit_window_wins_over_the_cursor() -> None:
+    now = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    cursors = _Cursors({("locations", "locations"): now - timedelta(hours=1)})
+    since = datetime(2026, 2, 1, tzinfo=UTC)
+
+    given_window = request_for(
+        SINCE_KIND, cursors, now=now, modified_since=since, params={"format": "csv"}
+    )
+    from_cursor = request_for(SINCE_KIND, cursors, now=now, settings=IncrementalSettings())
+    full = request_for(SINCE_KIND, cursors, now=now, full_refresh=True)
+
+    assert given_window == ExportRequest(modified_since=since, params={"format": "csv"})
+    assert from_cursor is not None
+    assert from_cursor.modified_since == now - timedelta(hours=1, minutes=5)
+    assert full is not None and full.modified_since is None
+
+
+def test_due_requests_leave_out_a_window_with_nothing_settled() -> None:
+    now = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    settings_ = IncrementalSettings(overlap=timedelta(0), settle=timedelta(minutes=2))
+    cursors = _Cursors({("deliveries", "outbound_messages"): now - timedelta(minutes=1)})
+
+    due = due_requests([WINDOW_KIND, SINCE_KIND], cursors, now=now, settings=settings_)
+
+    assert list(due) == [SINCE_KIND]  # the window kind's cursor is within `settle` of now
+    later = due_requests([WINDOW_KIND], cursors, now=now + timedelta(hours=1), settings=settings_)
+    assert later[WINDOW_KIND].modified_since == now - timedelta(minutes=1)

@@ -23,7 +23,7 @@ import duckdb
 import pytest
 
 from export_pipeline.core.ingest import POISON_BUDGET, ExportRunner
-from export_pipeline.core.model import ExportKind, ExportRequest, ExportState, ExportStatus
+from export_pipeline.core.model import ExportKind, ExportRequest
 from export_pipeline.definitions import BINDINGS, build_defs
 from export_pipeline.defs.assets import asset_key, make_runner
 from export_pipeline.defs.resources import SyncSettingsResource
@@ -553,14 +553,14 @@ def test_sensor_polls_2500_open_exports_in_three_calls(setup: DagsterSetup) -> N
     n = 2500
     seeded = mews.seed_open_exports(n, "Reservation")
     with Runner(setup) as runner:
-        runner.ledger.record_requests(
-            KINDS["Reservation"],
-            [
-                (ExportRequest(), ExportStatus(export_id=i, state=ExportState.PENDING))
-                for i in seeded
-            ],
-            source="test",
-        )
+        # Thousands of open exports (as after a restore), written in one statement.
+        with runner.ledger.warehouse.transaction() as con:
+            con.execute(
+                "INSERT INTO pipeline.exports (provider, kind, export_id, state, source, "
+                "requested_at, updated_at) SELECT 'mews', ?, unnest(?), 'pending', 'test', "
+                "now(), now()",
+                [KINDS["Reservation"].name, list(seeded)],
+            )
         assert len(runner.ledger.open_exports("mews")) == n
 
         before = mews.getall_calls
