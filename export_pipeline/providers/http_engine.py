@@ -43,6 +43,7 @@ from export_pipeline.providers.spec import (
     Call,
     ErrorClass,
     ExportApiSpec,
+    TimeFormat,
     dig,
     format_time,
     parse_time,
@@ -200,9 +201,9 @@ class SpecProvider(ExportProvider):
                 raise ValueError(f"{name} event body is not JSON: {exc}") from exc
         if not isinstance(body, Mapping):
             raise ValueError(f"{name} event body must be a JSON object, got {type(body).__name__}")
-        kind = dig(body, events.type_path)
+        kind = dig(body, events.type_path) if events.type_path else None
         record = dig(body, events.record)
-        if kind not in events.types or not isinstance(record, Mapping):
+        if (events.types and kind not in events.types) or not isinstance(record, Mapping):
             raise ValueError(f"invalid {name} event: type {kind!r} (expected {events.types})")
         partition = dig(body, events.partition) if events.partition else None
         required = {cls.spec.fields.id: dig(record, cls.spec.fields.id)}
@@ -212,9 +213,16 @@ class SpecProvider(ExportProvider):
             if not isinstance(value, str | int) or not str(value).strip():
                 raise ValueError(f"{name} event {kind!r} lacks a non-empty {path!r}")
         try:
-            status = cls(None)._status(record, event=str(kind))  # type: ignore[arg-type]
+            event = None if kind is None else str(kind)
+            status = cls(None)._status(record, event=event)  # type: ignore[arg-type]
         except ExportPipelineError as exc:
             raise ValueError(f"invalid {name} event {kind!r}: {exc.message}") from exc
+        if events.accept and status.state.value not in events.accept:
+            words = [w for state in events.accept for w in getattr(cls.spec.states, state)]
+            raise ValueError(
+                f"invalid {name} export event: status {status.provider_status!r} "
+                f"(events are {' or '.join(words)})"
+            )
         return (None if partition is None else str(partition).strip()), status
 
     def classify_download_error(self, response: httpx.Response) -> ExportPipelineError | None:
@@ -383,7 +391,8 @@ class SpecProvider(ExportProvider):
     def _variables(self, kind: ExportKind, request: ExportRequest) -> dict[str, Any]:
         variables: dict[str, Any] = {"partition": request.partition}
         variables.update({f"kind.{k}": v for k, v in kind.params.items()})
-        variables.update({f"param.{k}": v for k, v in request.params.items()})
+        params = {**self.spec.param_defaults, **request.params}
+        variables.update({f"param.{k}": v for k, v in params.items()})
         return variables
 
     def _gone(
@@ -418,7 +427,33 @@ class SpecProvider(ExportProvider):
             raise ProviderRejectedError(
                 f"answer has no export object with {f.id!r}", provider=self.name
             )
+        if found is not None and export_id is not None and str(found) != export_id:
+            raise ProviderRejectedError(
+                f"asked for export {export_id} but the answer is about {found}",
+                provider=self.name,
+                export_id=export_id,
+            )
         export_id = str(found if found is not None else export_id)
+        try:
+            return self._read_status(record, export_id, http, created=created, event=event)
+        except ValueError as exc:  # an answer of another shape than the spec says
+            raise ProviderRejectedError(
+                f"cannot read the status of export {export_id}: {exc}",
+                provider=self.name,
+                export_id=export_id,
+                hint="the provider's API changed or misbehaves; report it with this message",
+            ) from None
+
+    def _read_status(
+        self,
+        record: Mapping[str, Any],
+        export_id: str,
+        http: int | None,
+        *,
+        created: bool,
+        event: str | None,
+    ) -> ExportStatus:
+        f = self.spec.fields
         word = str(dig(record, f.state, ""))
         state = self.spec.states.state_of(word)
         if not word and http in self.spec.states.http:
@@ -440,25 +475,20 @@ class SpecProvider(ExportProvider):
         ready = state is ExportState.READY
         files = self._files(record, export_id, links_optional=event is not None) if ready else ()
         failed = state is ExportState.FAILED
-        code = dig(record, f.error_code) if failed else None
-        message = dig(record, f.error_message)
+        code = dig(record, f.error_code, strict=True) if failed else None
+        message = dig(record, f.error_message, strict=True)
         if failed and not message:
             message = f"{self.name} reported the export as {word} (no reason given)"
-        try:
-            timestamp = parse_time(dig(record, f.timestamp), f.time_format)
-        except ValueError:
-            raise ProviderRejectedError(
-                f"{f.timestamp} {dig(record, f.timestamp)!r} is not a time",
-                provider=self.name,
-                export_id=export_id,
-            ) from None
+        rows = dig(record, f.rows, strict=True)
+        if rows is not None and (isinstance(rows, bool) or not str(rows).isdigit()):
+            raise ValueError(f"{f.rows!r} must be a count (an integer >= 0), got {rows!r}")
         return ExportStatus(
             export_id=export_id,
             state=state,
             files=files,
             expires_at=self._expiry(record),
-            provider_timestamp=timestamp,
-            expected_rows=dig(record, f.rows),
+            provider_timestamp=_time(record, f.timestamp, f.time_format),
+            expected_rows=None if rows is None else int(rows),
             error_code=str(code) if code is not None else (f.failure_code if failed else None),
             error_message=message,
             provider_status=word,
@@ -470,7 +500,7 @@ class SpecProvider(ExportProvider):
         seconds = dig(record, f.expires_in) if f.expires_in else None
         if seconds is not None:  # a lifetime from now (the link call just answered)
             return datetime.now(UTC) + timedelta(seconds=float(seconds))
-        return parse_time(dig(record, f.expires_at), f.time_format)
+        return _time(record, f.expires_at, f.time_format)
 
     def _files(
         self, record: Mapping[str, Any], export_id: str, *, links_optional: bool = False
@@ -496,8 +526,7 @@ class SpecProvider(ExportProvider):
                     export_id=export_id,
                 )
             url = str(httpx.URL(base_url + "/").join(url))  # a relative link is on the API host
-            suffix = PurePosixPath(httpx.URL(url).path).suffix
-            suffix = suffix if len(suffix) < 8 else ""
+            suffix = _suffix(url, f.file_formats)
             name = dig(item, f.file_name) if f.file_name else None
             files.append(
                 RemoteFile(
@@ -510,3 +539,27 @@ class SpecProvider(ExportProvider):
                 )
             )
         return tuple(files)
+
+
+def _time(record: Mapping[str, Any], path: str | None, fmt: TimeFormat) -> datetime | None:
+    value = dig(record, path, strict=True)
+    try:
+        return parse_time(value, fmt)
+    except (ValueError, OverflowError):
+        raise ValueError(f"{path!r} is not a time: {value!r}") from None
+
+
+def _suffix(url: str, formats: Sequence[str] | None) -> str:
+    """The local name's extension: the URL path's (or, with ``formats``, the format's + .gz)."""
+    path = PurePosixPath(httpx.URL(url).path)
+    if formats is None:
+        return path.suffix if len(path.suffix) < 8 else ""
+    suffixes = [s.lower() for s in path.suffixes]
+    gz = ".gz" if suffixes[-1:] == [".gz"] else ""
+    extension = suffixes[-2 if gz else -1] if len(suffixes) > bool(gz) else ""
+    if extension not in formats:
+        # The path only: a signed link's query string is a secret.
+        raise ValueError(
+            f"file {path} has no {' or '.join(formats)} extension, cannot tell the format"
+        )
+    return extension + gz

@@ -175,7 +175,13 @@ class Fields(_Spec):
         "part-{n:04d}{suffix}",
         description="Local file name: {n} 1-based, {i} 0-based part number, {suffix} the URL "
         "path's extension (e.g. 'part-{i:04d}.jsonl', or 'results' for one file of unknown "
-        "format: the core detects it from the bytes).",
+        "format: the core detects it from the bytes); with file_formats: the format's, plus "
+        "'.gz' when gzipped.",
+    )
+    file_formats: list[str] | None = Field(
+        None,
+        description="When the URL's extension is the only clue to the format (e.g. "
+        "[.json, .csv]): a ready file whose URL path ends otherwise is refused.",
     )
     time_format: TimeFormat = "iso"
 
@@ -269,6 +275,13 @@ class Column(_Spec):
     )
 
 
+class View(_Spec):
+    """An analyst view over the kind's table (e.g. nested lists unnested into rows)."""
+
+    sql: str = Field(description="SELECT over <provider>.<kind>; DuckDB 1.4 SQL.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Column -> description.")
+
+
 class KindSpec(_Spec):
     name: str
     primary_key: list[str]
@@ -284,6 +297,7 @@ class KindSpec(_Spec):
         description="Rows belong to user-named units (one partition per unit): the name of that "
         "set of partition keys (a Dagster dynamic partitions definition). None: unpartitioned.",
     )
+    views: dict[str, View] = Field(default_factory=dict, description="Name -> analyst view.")
 
     @model_validator(mode="after")
     def _named(self) -> KindSpec:
@@ -298,9 +312,9 @@ class KindSpec(_Spec):
 class Event(_Spec):
     """A pushed event that names an export: which types count and where the export object is."""
 
-    type_path: str = "type"
-    types: list[str]
-    record: str = Field(description="Dotted path of the export object inside the event.")
+    type_path: str | None = Field("type", description="None: events carry no type field.")
+    types: list[str] = Field(default_factory=list, description="Types that count (all: []).")
+    record: str = Field(description="Dotted path of the export object ('' = the event itself).")
     partition: str | None = Field(
         None, description="Dotted path of the partition key (required in the event when set)."
     )
@@ -311,6 +325,17 @@ class Event(_Spec):
             "A ready event may carry no file links: the status call gives fresh ones.",
         )
     )
+    accept: list[Literal["pending", "processing", "ready", "failed", "expired", "lost"]] = Field(
+        default_factory=list,
+        description="The states an event may carry; another is refused (the sender gets 400). "
+        "[] = any.",
+    )
+
+    @model_validator(mode="after")
+    def _typed(self) -> Event:
+        if (self.type_path is None) != (not self.types):
+            raise ValueError("events: `types` goes with `type_path` (type_path: null, no types)")
+        return self
 
 
 class Sandbox(_Spec):
@@ -325,6 +350,9 @@ class ExportApiSpec(_Spec):
     description: str = ""
     base_url: str = Field(description="Production API origin, e.g. https://api.stripe.com.")
     auth: Auth
+    param_defaults: dict[str, Any] = Field(
+        default_factory=dict, description="{param.<name>} values when the run config has none."
+    )
     create: Call
     status: StatusCall
     fields: Fields = Field(default_factory=Fields)
@@ -371,6 +399,7 @@ class ExportApiSpec(_Spec):
                 columns={c: col.type for c, col in k.columns.items()} or None,
                 partition_column=k.partition_column,
                 partitions=k.partitions,
+                views={name: view.sql for name, view in k.views.items()},
                 value_ranges={c: col.range for c, col in k.columns.items() if col.range},
             )
             for k in self.kinds
@@ -388,17 +417,23 @@ def _identifier(what: str, value: str) -> None:
 _MISSING = object()
 
 
-def dig(data: Any, path: str | None, default: Any = None) -> Any:
-    """``dig({"a": {"b": [1, 2]}}, "a.b.1") == 2``; a missing step gives ``default``."""
+def dig(data: Any, path: str | None, default: Any = None, *, strict: bool = False) -> Any:
+    """``dig({"a": {"b": [1, 2]}}, "a.b.1") == 2``; a missing step gives ``default``.
+    ``strict``: a step that meets a plain value (``{"a": "boom"}`` for ``a.b``) is a
+    ValueError naming it, not a missing value (an answer of another shape than documented)."""
     if path is None:
         return default
     if path == "":
         return data
-    for step in path.split("."):
+    steps = path.split(".")
+    for n, step in enumerate(steps):
         if isinstance(data, Mapping):
             data = data.get(step, _MISSING)
         elif isinstance(data, list) and step.isdigit() and int(step) < len(data):
             data = data[int(step)]
+        elif strict and not isinstance(data, list):
+            where = ".".join(steps[:n])
+            raise ValueError(f"{where!r} must be an object, got {data!r}")
         else:
             return default
         if data is _MISSING or data is None:

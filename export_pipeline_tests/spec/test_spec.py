@@ -136,6 +136,32 @@ def test_an_unknown_word_keeps_the_export_open_and_is_reported(acme: SpecProvide
     assert status.detail["unknown_status"] == "REINDEXING"
 
 
+def test_answers_of_another_shape_are_refused_naming_the_field(acme: SpecProvider) -> None:
+    # A per-id answer about another export must never update this one.
+    with pytest.raises(ProviderRejectedError, match="asked for export 1 but the answer is about 2"):
+        acme._status({"id": "2", "status": "QUEUED"}, "1")
+    with pytest.raises(ProviderRejectedError, match="'rows' must be a count"):
+        acme._status({"id": "3", "status": "DONE", "rows": -1, "files": []})
+    assert acme._status({"id": "4", "status": "DONE", "rows": "12"}).expected_rows == 12
+
+
+def test_file_formats_name_the_file_or_refuse_it() -> None:
+    fields = {"files": "files", "file_formats": [".json", ".csv"], "file_name_format": "x{suffix}"}
+    provider = provider_for(spec_dict(fields=fields))
+    try:
+        done = provider._status(
+            {"id": "1", "status": "DONE", "files": [{"url": "https://c/a.CSV.gz?sig=s3cret"}]}
+        )
+        assert done.files[0].name == "x.csv.gz"
+        with pytest.raises(ProviderRejectedError, match="no .json or .csv extension") as err:
+            provider._status(
+                {"id": "1", "status": "DONE", "files": [{"url": "https://c/a.xml?sig=s3cret"}]}
+            )
+        assert "s3cret" not in str(err.value)  # the path only: a signed query is a secret
+    finally:
+        provider.close()
+
+
 # -- error classification (pure, on real httpx responses) --------------------------------------
 
 
