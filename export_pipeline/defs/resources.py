@@ -272,7 +272,7 @@ class DeliveriesApiResource(ProviderResource):
         from export_pipeline.providers.deliveries import DeliveriesProvider
 
         return DeliveriesProvider.from_settings(
-            base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_seconds, retry=retry
+            base_url=self.base_url, token=self.api_key, timeout=self.timeout_seconds, retry=retry
         )
 
 

@@ -3,8 +3,9 @@ words. Assets show them as their column schema before the first run, the load wr
 DuckDB ``COMMENT``s, and ``docs/tables.md`` is generated from them (``python -m
 export_pipeline.providers.column_docs > docs/tables.md``; a test keeps it current).
 
-Every column a kind declares (``ExportKind.columns``) must be described here, or in its spec
-for providers run from a spec (``columns: {name: {type, description}}``); a test checks.
+Every column a kind declares (``ExportKind.columns``) is described in its provider's spec
+(``columns: {name: {type, description}}``, views: ``views: {name: {sql, columns}}``); a test
+checks.
 Declared columns are type hints: the columns a kind does not declare (nested Mews objects, say)
 arrive as the provider sends them, typed from the data.
 """
@@ -24,80 +25,6 @@ LINEAGE: Mapping[str, tuple[str, str]] = {
     "_loaded_at": ("TIMESTAMPTZ", "When the row was loaded into the warehouse (UTC)."),
 }
 
-_LOCATIONS = {
-    "id": "Location id, unique within the operator (OCPI Location.id).",
-    "country_code": "ISO 3166-1 alpha-2 country of the operator (CPO).",
-    "party_id": "OCPI party id of the operator (CPO), 3 characters.",
-    "publish": "Whether the location may be shown to the public.",
-    "name": "Display name of the location.",
-    "address": "Street and number.",
-    "city": "City or town.",
-    "postal_code": "Postal code.",
-    "country": "ISO 3166-1 alpha-3 country of the location.",
-    "coordinates": "Latitude and longitude (decimal degrees, as text).",
-    "operator": "Operator name and website.",
-    "time_zone": "IANA time zone of the location.",
-    "evses": "Charging stations (EVSEs) with their status and nested connectors.",
-    "last_updated": "When the operator last changed the location (drives modifiedSince).",
-}
-
-_EVSES = {
-    "country_code": "Country of the operator (from the location).",
-    "party_id": "Party id of the operator (from the location).",
-    "location_id": "Location the EVSE belongs to (locations.locations.id).",
-    "evse_uid": "EVSE uid, unique within the operator.",
-    "evse_id": "eMI3 EVSE id printed on the charger.",
-    "status": "Current status (AVAILABLE, CHARGING, OUTOFORDER …).",
-    "connector_count": "Number of connectors of the EVSE.",
-    "last_updated": "When the EVSE last changed.",
-}
-
-_CONNECTORS = {
-    "country_code": "Country of the operator (from the location).",
-    "party_id": "Party id of the operator (from the location).",
-    "location_id": "Location the connector belongs to.",
-    "evse_uid": "EVSE the connector belongs to.",
-    "connector_id": "Connector id within its EVSE.",
-    "standard": "Plug standard (IEC_62196_T2, CHADEMO …).",
-    "format": "SOCKET or CABLE.",
-    "power_type": "AC_1_PHASE, AC_3_PHASE or DC.",
-    "max_voltage": "Maximum voltage (V).",
-    "max_amperage": "Maximum current (A).",
-    "max_electric_power": "Maximum power (W).",
-    "last_updated": "When the connector last changed.",
-}
-
-_MESSAGES_COMMON = {
-    "id": "Message id (unique per direction).",
-    "created_at": "When the message was created (drives the export window).",
-    "event_type": "Event type carried by the message.",
-    "status": "delivered, failed, or pending (retries scheduled).",
-    "attempt_count": "Delivery attempts so far.",
-    "last_attempt_at": "When the last attempt was made.",
-    "next_attempt_at": "When the next attempt is due (only while pending).",
-    "response_status_code": "HTTP status of the last answer (empty when none came).",
-    "response_time_ms": "Duration of the last attempt in milliseconds.",
-    "payload_size_bytes": "Size of the message body in bytes.",
-    "idempotency_key": "Idempotency key sent with the message.",
-}
-
-DOCS: Mapping[str, Mapping[str, str]] = {
-    "locations/locations": _LOCATIONS,
-    "locations/evses": _EVSES,
-    "locations/connectors": _CONNECTORS,
-    "deliveries/outbound_messages": {
-        **_MESSAGES_COMMON,
-        "endpoint_id": "Subscriber endpoint the message was sent to.",
-        "endpoint_url": "URL of that endpoint.",
-    },
-    "deliveries/inbound_messages": {
-        **_MESSAGES_COMMON,
-        "inbound_endpoint_id": "Our endpoint that received the message.",
-        "source": "Sender of the message.",
-        "signature_verified": "Whether the sender's signature was valid.",
-    },
-}
-
 
 @functools.cache
 def _spec_docs() -> dict[str, dict[str, str]]:
@@ -109,12 +36,14 @@ def _spec_docs() -> dict[str, dict[str, str]]:
         spec = getattr(cls, "spec", None)
         for k in getattr(spec, "kinds", ()):
             out[f"{spec.name}/{k.name}"] = {c: col.description for c, col in k.columns.items()}
+            for view, v in k.views.items():  # a view's name is unique in its provider's schema
+                out[f"{spec.name}/{view}"] = dict(v.columns)
     return out
 
 
 def column_docs(kind: ExportKind) -> list[tuple[str, str, str]]:
     """``(name, type, description)`` of the kind's table, lineage columns last."""
-    docs = DOCS.get(kind.key) or _spec_docs().get(kind.key) or {}
+    docs = _spec_docs().get(kind.key, {})
     names = list(kind.columns or docs)
     cols = [
         (n, (kind.columns or {}).get(n, "detected from the data"), docs.get(n, "")) for n in names
@@ -125,7 +54,7 @@ def column_docs(kind: ExportKind) -> list[tuple[str, str, str]]:
 def view_docs(kind: ExportKind, view: str) -> list[tuple[str, str, str]]:
     """``(name, type, description)`` of one of the kind's analyst views (types follow the
     table's)."""
-    docs = DOCS.get(f"{kind.provider}/{view}", {})
+    docs = _spec_docs().get(f"{kind.provider}/{view}", {})
     return [(n, "", d) for n, d in docs.items()]
 
 
@@ -189,7 +118,7 @@ def tables_markdown() -> str:
     out = [
         "# Tables",
         "",
-        "Generated from `export_pipeline/providers/column_docs.py` and the providers' kinds by",
+        "Generated from the providers' specs (`export_pipeline/providers/<name>.yaml`) by",
         "`python -m export_pipeline.providers.column_docs > docs/tables.md` (a test keeps it",
         "current). The same descriptions are the assets' column schema in the Dagster UI and",
         "the tables' DuckDB `COMMENT`s (`SELECT * FROM duckdb_columns()`).",

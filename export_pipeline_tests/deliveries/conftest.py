@@ -37,7 +37,7 @@ def deliveries_sandbox(s3_server: S3Server) -> Iterator[DeliveriesSandbox]:
     state = State(s3_server, bucket=f"deliveries-{uuid.uuid4().hex[:12]}")
     with RunningServer(create_app(state)) as server:
         provider = DeliveriesProvider.from_settings(
-            base_url=server.base_url, api_key=state.token, retry=FAST_RETRY, timeout=10.0
+            base_url=server.base_url, token=state.token, retry=FAST_RETRY, timeout=10.0
         )
         try:
             yield DeliveriesSandbox(state, server.base_url, provider, s3_server)

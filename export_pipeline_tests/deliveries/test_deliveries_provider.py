@@ -283,7 +283,7 @@ def test_unauthorized_names_the_env_var_and_keeps_request_id(
     kind = sandbox.provider.kind("outbound_messages")
     status = export_ready(sandbox, kind, window(DAY, DAY + timedelta(days=1)))
     wrong = DeliveriesProvider.from_settings(
-        base_url=sandbox.base_url, api_key="not-the-key", retry=FAST_RETRY
+        base_url=sandbox.base_url, token="not-the-key", retry=FAST_RETRY
     )
     try:
         calls = [
