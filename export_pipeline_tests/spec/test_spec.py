@@ -153,7 +153,7 @@ def test_file_formats_name_the_file_or_refuse_it() -> None:
             {"id": "1", "status": "DONE", "files": [{"url": "https://c/a.CSV.gz?sig=s3cret"}]}
         )
         assert done.files[0].name == "x.csv.gz"
-        with pytest.raises(ProviderRejectedError, match="no .json or .csv extension") as err:
+        with pytest.raises(ProviderRejectedError, match=r"no \.json or \.csv extension") as err:
             provider._status(
                 {"id": "1", "status": "DONE", "files": [{"url": "https://c/a.xml?sig=s3cret"}]}
             )
