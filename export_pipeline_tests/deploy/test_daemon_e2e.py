@@ -1,12 +1,14 @@
 """The production topology, minus containers, end to end on a real PostgreSQL.
 
-deploy/dagster.yaml with one change (runs start as processes of the code server instead of
-Docker containers: there is no Docker engine here) backs three real processes as in
-deploy/docker-compose.yaml: a code server (gRPC) serving the production code location
-(deploy/definitions.py: DuckLake catalog in PostgreSQL, data files on S3), `dagster-daemon run`
-and, launched by the daemon's run queue, the run worker. The sensor finds an export in the
-ledger, the daemon launches its ingest, the run loads it into the lake; Dagster's records land in
-PostgreSQL and the step logs in S3.
+deploy/dagster.yaml backs three real processes as in deploy/docker-compose.yaml: a code server
+(gRPC) serving the production code location (deploy/definitions.py: DuckLake catalog in
+PostgreSQL, data files on S3), `dagster-daemon run` and, launched by the daemon's run queue
+through the production run launcher, the run worker. There is no Docker engine here, so the
+launcher is ProcessDockerRunLauncher (process_run_launcher.py): deploy/dagster.yaml's
+DockerRunLauncher and its configuration, with a local process where Docker would start a
+container, given only the environment a container would get. The sensor finds an export in
+the ledger, the daemon launches its ingest, the run loads it into the lake; Dagster's records
+land in PostgreSQL and the step logs in S3.
 """
 
 from __future__ import annotations
@@ -32,22 +34,47 @@ from export_pipeline.sandbox.s3 import S3Server
 from export_pipeline.sandbox.server import free_port
 from export_pipeline_tests.deploy.lake_worker import DEFINITIONS, load_module
 from export_pipeline_tests.deploy.postgres import PostgresServer
+from export_pipeline_tests.deploy.process_run_launcher import (
+    DOCKER_CONTAINER_ID_TAG,
+    PROCESS_PREFIX,
+)
 from export_pipeline_tests.deploy.test_lake_on_postgres import LAKE_BUCKET, lake_env
 from export_pipeline_tests.deploy.test_production_instance import LOG_BUCKET, instance_env
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
 BIN = Path(sys.executable).parent
 LOCATIONS = next(b for b in BINDINGS if b.name == "locations")
 SENSOR = "locations_exports_sensor"
 DEADLINE_SECONDS = 240  # generous: six helpers share two cores; the test waits on events
 
 
+# Variables the stand-ins need in the run process on top of what the launcher forwards (see
+# process_run_launcher.py): Python and the packages (in the image: its own PATH and
+# site-packages), the loopback S3 and sandbox download hosts, the suite's network guard.
+PROCESS_ENV = [
+    "PATH",
+    "PYTHONPATH",
+    "AWS_ENDPOINT_URL_S3",
+    "EXPORT_PIPELINE_ALLOWED_DOWNLOAD_HOSTS",
+    "EXPORT_PIPELINE_NETGUARD",
+    "EXPORT_PIPELINE_NETGUARD_LOG",
+    "EXPORT_PIPELINE_NETGUARD_PARENT",
+]
+
+
 def write_home(home: Path) -> None:
-    """deploy/dagster.yaml, with runs as processes (DefaultRunLauncher) and a 1 s dequeue."""
+    """deploy/dagster.yaml with two changes: DockerRunLauncher (its configuration unchanged)
+    starts a process instead of a container, and the queue is checked every second."""
     config = yaml.safe_load((DEPLOY / "dagster.yaml").read_text())
-    config["run_launcher"] = {"module": "dagster._core.launcher", "class": "DefaultRunLauncher"}
+    launcher = config["run_launcher"]
+    assert (launcher["module"], launcher["class"]) == ("dagster_docker", "DockerRunLauncher")
+    config["run_launcher"] = {
+        "module": "export_pipeline_tests.deploy.process_run_launcher",
+        "class": "ProcessDockerRunLauncher",
+        "config": {**launcher["config"], "process_env": PROCESS_ENV},
+    }
     config["run_coordinator"]["config"]["dequeue_interval_seconds"] = 1
-    config["run_monitoring"]["max_resume_run_attempts"] = 0  # processes cannot be resumed
     home.mkdir(parents=True)
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
 
@@ -128,6 +155,13 @@ def test_sensor_triggered_sync_through_daemon_and_code_server_on_postgres(
         **sandbox.env(),
         **lake_env(postgres, lake_db, tmp_path.name),
         "DAGSTER_HOME": str(home),
+        # DockerRunLauncher refuses to launch while any variable it forwards is unset on the
+        # daemon (compose sets them all); this run does not call Stripe.
+        "STRIPE_API_KEY": "sk_test_not_used_by_this_run",
+        # `dagster` on PATH, as in the image (the launcher's command names it); the daemon
+        # imports the stand-in launcher from the tests package.
+        "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
+        "PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(REPO)]),
     }
     # This process's resources and instance read the same environment; the children inherit it.
     for key, value in settings.items():
@@ -198,9 +232,10 @@ def test_sensor_triggered_sync_through_daemon_and_code_server_on_postgres(
                     run = runs[0]
                     break
                 time.sleep(1)
+            run_logs = "".join(p.read_text()[-4000:] for p in app.glob("run-logs/*.log"))
             diagnostics = (
                 f"daemon:\n{daemon_log.read_text()[-4000:]}\n"
-                f"code server:\n{code_log.read_text()[-4000:]}"
+                f"code server:\n{code_log.read_text()[-4000:]}\nrun processes:\n{run_logs}"
             )
             assert run is not None, f"no finished run for {run_key}\n{diagnostics}"
             if run.status is not dg.DagsterRunStatus.SUCCESS:
@@ -211,6 +246,8 @@ def test_sensor_triggered_sync_through_daemon_and_code_server_on_postgres(
                 ]
                 raise AssertionError(f"run {run.status}: {events}\n{diagnostics}")
             assert run.tags["dagster/sensor_name"] == SENSOR
+            # Launched by the production DockerRunLauncher (its process stand-in).
+            assert run.tags[DOCKER_CONTAINER_ID_TAG].startswith(PROCESS_PREFIX)
             assert len(instance.get_runs(dg.RunsFilter(tags={"dagster/run_key": run_key}))) == 1
             mat = instance.get_latest_materialization_event(dg.AssetKey(["locations", "locations"]))
             assert mat is not None and mat.run_id == run.run_id
