@@ -38,7 +38,7 @@ def next_request(
     - MODIFIED_SINCE: ``cursor - overlap``; no cursor (or full_refresh) means a full export.
     - WINDOW: ``[cursor - overlap, now - settle)``; consecutive windows overlap, so no row can
       fall between two of them. Both bounds are cut to whole seconds (floor): providers are sent
-      ``YYYY-MM-DDTHH:MM:SSZ`` (``providers.base.format_utc``), so without the cut the ledger
+      ``YYYY-MM-DDTHH:MM:SSZ`` (``providers.spec.format_time``), so without the cut the ledger
       and the cursor would claim a window up to ``…:SS.xxxxxx`` while the provider exported up
       to ``…:SS`` — the ledger must record exactly the window the provider was asked for.
     """

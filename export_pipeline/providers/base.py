@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from export_pipeline.core.http import ApiClient
@@ -18,20 +17,6 @@ from export_pipeline.core.model import (
     batched as batched,  # re-exported: providers batch their status calls with it
 )
 from export_pipeline.providers.spec import Sandbox
-
-
-def parse_utc(value: str | None) -> datetime | None:
-    """ISO 8601 with Z or offset -> aware datetime (None stays None)."""
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def format_utc(value: datetime) -> str:
-    """Aware datetime -> ``YYYY-MM-DDTHH:MM:SSZ`` (providers want UTC with a Z)."""
-    if value.tzinfo is None:
-        raise ValueError(f"naive datetime {value!r}: pass an aware UTC datetime")
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class ExportProvider(ABC):

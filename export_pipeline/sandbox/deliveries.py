@@ -1,6 +1,6 @@
 """Simulator of the webhook-delivery platform's message-log exports (provider ``deliveries``).
 
-Same HTTP shape as the real API (see ``providers/deliveries.py``): ``POST /v1/exports``,
+Same HTTP shape as the real API (see ``providers/deliveries.yaml``): ``POST /v1/exports``,
 ``GET /v1/exports/{id}``, ``GET /v1/exports/{id}/download`` answering **302 to a presigned S3
 URL**. The CSV really lives in an S3-compatible server (``sandbox/s3.py``: moto on loopback) and
 the presigned URL is made by boto3, so it really expires and really refuses a second auth

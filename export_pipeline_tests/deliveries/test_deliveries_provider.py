@@ -147,7 +147,7 @@ def test_consecutive_windows_cover_every_row_once(
     kind = sandbox.provider.kind("inbound_messages")
     seen: list[str] = []
     for i, (lo, hi) in enumerate([(a, b), (b, c)]):
-        # format_utc sends whole seconds: the window edges below are exact seconds.
+        # the spec sends whole seconds (time_format iso): the window edges below are exact seconds.
         lo, hi = lo.replace(microsecond=0), hi.replace(microsecond=0)
         status = export_ready(sandbox, kind, window(lo, hi))
         _, rows = read_csv(download(sandbox.provider, status, tmp_path / str(i)).path)
