@@ -49,6 +49,8 @@ SENSOR = "locations_exports_sensor"
 DEADLINE_SECONDS = 240  # generous: six helpers share two cores; the test waits on events
 
 
+# The run worker kills itself inside the load transaction, once (core/faults.py).
+KILL_AT, KILL_ONCE = "EXPORT_PIPELINE_KILL_AT", "EXPORT_PIPELINE_KILL_ONCE"
 # Variables the stand-ins need in the run process on top of what the launcher forwards (see
 # process_run_launcher.py): Python and the packages (in the image: its own PATH and
 # site-packages), the loopback S3 and sandbox download hosts, the suite's network guard.
@@ -60,12 +62,15 @@ PROCESS_ENV = [
     "EXPORT_PIPELINE_NETGUARD",
     "EXPORT_PIPELINE_NETGUARD_LOG",
     "EXPORT_PIPELINE_NETGUARD_PARENT",
+    KILL_AT,
+    KILL_ONCE,
 ]
 
 
 def write_home(home: Path) -> None:
-    """deploy/dagster.yaml with two changes: DockerRunLauncher (its configuration unchanged)
-    starts a process instead of a container, and the queue is checked every second."""
+    """deploy/dagster.yaml with three changes: DockerRunLauncher (its configuration unchanged)
+    starts a process instead of a container; the queue and run monitoring look every second
+    (instead of 5 s and 60 s)."""
     config = yaml.safe_load((DEPLOY / "dagster.yaml").read_text())
     launcher = config["run_launcher"]
     assert (launcher["module"], launcher["class"]) == ("dagster_docker", "DockerRunLauncher")
@@ -75,6 +80,7 @@ def write_home(home: Path) -> None:
         "config": {**launcher["config"], "process_env": PROCESS_ENV},
     }
     config["run_coordinator"]["config"]["dequeue_interval_seconds"] = 1
+    config["run_monitoring"]["poll_interval_seconds"] = 1
     home.mkdir(parents=True)
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
 
@@ -158,6 +164,9 @@ def test_sensor_triggered_sync_through_daemon_and_code_server_on_postgres(
         # DockerRunLauncher refuses to launch while any variable it forwards is unset on the
         # daemon (compose sets them all); this run does not call Stripe.
         "STRIPE_API_KEY": "sk_test_not_used_by_this_run",
+        # The first run worker dies inside the load, as an OOM kill or a lost node would.
+        KILL_AT: "merge",
+        KILL_ONCE: str(tmp_path / "killed-once"),
         # `dagster` on PATH, as in the image (the launcher's command names it); the daemon
         # imports the stand-in launcher from the tests package.
         "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
@@ -248,6 +257,15 @@ def test_sensor_triggered_sync_through_daemon_and_code_server_on_postgres(
             assert run.tags["dagster/sensor_name"] == SENSOR
             # Launched by the production DockerRunLauncher (its process stand-in).
             assert run.tags[DOCKER_CONTAINER_ID_TAG].startswith(PROCESS_PREFIX)
+            # Its first worker was killed inside the load; run monitoring saw the process gone
+            # and resumed the run through the launcher in a new one (max_resume_run_attempts).
+            assert (tmp_path / "killed-once").exists()
+            launches = [
+                e.message
+                for e in instance.all_logs(run.run_id)
+                if "Launching run in a new process" in e.message
+            ]
+            assert len(launches) == 2, launches
             assert len(instance.get_runs(dg.RunsFilter(tags={"dagster/run_key": run_key}))) == 1
             mat = instance.get_latest_materialization_event(dg.AssetKey(["locations", "locations"]))
             assert mat is not None and mat.run_id == run.run_id
@@ -274,4 +292,7 @@ def test_sensor_triggered_sync_through_daemon_and_code_server_on_postgres(
             "SELECT state FROM pipeline.exports WHERE export_id = ?", [export_id]
         ).fetchone() == ("loaded",)
     assert lake.snapshot_of_export("locations", export_id) is not None
+    # The killed worker's transaction left nothing: the export was committed once.
+    loads = [s for s in lake.snapshots() if s["extra"].get("export_id") == export_id]
+    assert len(loads) == 1, loads
     close_lakes()
