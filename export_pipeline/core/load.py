@@ -404,15 +404,17 @@ def _apply(
 
 
 def _insert_sql(con: duckdb.DuckDBPyConnection, kind: ExportKind, target: str, stage: str) -> str:
-    """INSERT of the staged columns by name; a value going into a column widened to JSON is
-    converted with to_json (a plain cast would parse a VARCHAR as JSON text and fail)."""
+    """INSERT of the staged columns by name; a value going into a column (or struct field, or
+    list element) widened to JSON is converted with to_json (a plain cast would parse a VARCHAR
+    as JSON text and fail): schema.convert_sql."""
     have = _columns(con, kind.schema, kind.name)
     names, exprs = [], []
     for name, duck_type, *_ in con.execute(f"DESCRIBE SELECT * FROM {stage}").fetchall():
         col = quote_ident(name)
         names.append(col)
-        if have.get(name) == "JSON" and duck_type != "JSON":
-            exprs.append(f"to_json({col})")
+        table_type = have.get(name)
+        if table_type and table_type != duck_type and "JSON" in table_type:
+            exprs.append(schema.convert_sql(col, schema.parse(duck_type), schema.parse(table_type)))
         else:
             exprs.append(col)
     return f"INSERT INTO {target} ({', '.join(names)}) SELECT {', '.join(exprs)} FROM {stage}"

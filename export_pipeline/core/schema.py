@@ -442,3 +442,39 @@ def adds_json(old: Type | None, new: Type) -> bool:
     if isinstance(old, List) and isinstance(new, List):
         return adds_json(old.element, new.element)
     return holds_json(new)
+
+
+def convert_sql(expr: str, old: Type, new: Type, _depth: int = 0) -> str:
+    """SQL giving ``expr`` (of type ``old``) as type ``new``, which holds every value of it.
+
+    A plain cast, except where JSON is the target: ``to_json`` (a cast would parse a VARCHAR
+    as JSON text and fail on ``hello``), applied field by field through structs and element by
+    element through lists, so a struct field or list element widened to JSON keeps its values.
+    """
+    if old == new:
+        return expr
+    if not holds_json(new):
+        return f"CAST({expr} AS {render(new)})"
+    if isinstance(new, Scalar):  # JSON
+        return expr if old == new else f"to_json({expr})"
+    if isinstance(old, Struct) and isinstance(new, Struct):
+        fields = []
+        for name, field_type in new.fields:
+            was = old.get(name)
+            value = (
+                f"CAST(NULL AS {render(field_type)})"
+                if was is None
+                else convert_sql(
+                    f"struct_extract({expr}, '{name.replace(chr(39), chr(39) * 2)}')",
+                    was,
+                    field_type,
+                    _depth + 1,
+                )
+            )
+            fields.append(f"{_quote(name)} := {value}")
+        return f"CASE WHEN {expr} IS NULL THEN NULL ELSE struct_pack({', '.join(fields)}) END"
+    if isinstance(old, List) and isinstance(new, List):
+        var = f"_e{_depth}"
+        inner = convert_sql(var, old.element, new.element, _depth + 1)
+        return f"list_transform({expr}, lambda {var}: {inner})"
+    return f"CAST({expr} AS {render(new)})"

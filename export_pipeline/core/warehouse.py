@@ -78,8 +78,8 @@ def evolve_statements(
     transaction (on DuckLake: in the load's one snapshot). docs/schema.md has the policy.
 
     - New columns and new struct fields: ``ADD COLUMN col`` / ``ADD COLUMN col.field``.
-    - The DuckDB file retypes in place: ``ALTER COLUMN ... SET DATA TYPE`` (``USING`` a cast,
-      or ``to_json`` for JSON); every column keeps its place.
+    - The DuckDB file retypes in place: ``ALTER COLUMN ... SET DATA TYPE ... USING``
+      :func:`schema.convert_sql`; every column keeps its place.
     - DuckLake 1.4.4 refuses ``USING`` and retypes in place only the promotions of
       :func:`schema.promotes_in_place`. When any other retype is needed, or a new column or
       field is (or holds) JSON, the table is rewritten instead (:func:`_lake_rewrite`).
@@ -117,17 +117,11 @@ def evolve_statements(
         else:
             retypes.append(
                 f"ALTER TABLE {target} ALTER COLUMN {col} SET DATA TYPE {schema.render(t)} "
-                f"USING {_convert(col, t)}"
+                f"USING {schema.convert_sql(col, was, t)}"
             )
     if rewrite:
         return _lake_rewrite(schema_name, table, old, new)
     return alters + retypes
-
-
-def _convert(col: str, t: schema.Type) -> str:
-    """The expression giving column ``col`` as type ``t`` (a cast; ``to_json`` for JSON, as a
-    cast would parse a VARCHAR as JSON text and fail)."""
-    return f"to_json({col})" if t == schema.Scalar("JSON") else f"CAST({col} AS {schema.render(t)})"
 
 
 def _lake_rewrite(
@@ -154,7 +148,7 @@ def _lake_rewrite(
         elif was == t:
             exprs.append(col)
         else:
-            exprs.append(f"{_convert(col, t)} AS {col}")
+            exprs.append(f"{schema.convert_sql(col, was, t)} AS {col}")
     return [
         f"CREATE TABLE {_quote(schema_name)}.{_quote(scratch)} AS "
         f"SELECT {', '.join(exprs)} FROM {target}",

@@ -382,3 +382,30 @@ def test_new_json_column_and_field_land_in_place(tmp_path: Path, warehouse: Ware
     assert _query(
         warehouse, "SELECT id, mix::VARCHAR, s.k, s.any::VARCHAR FROM p.mixed ORDER BY id"
     ) == [(1, None, 1, None), (2, "1", 2, "[1]"), (3, '{"a":1}', 3, '{"b":2}')]
+
+
+def test_text_inside_structs_and_lists_widened_to_json_keeps_its_values(
+    tmp_path: Path, warehouse: Warehouse
+) -> None:
+    """A struct field and a list element that held text become JSON when objects arrive: the
+    text already loaded is kept as JSON strings (a cast would parse it as JSON and fail), and a
+    later export bringing text again loads into the JSON field."""
+    kind = ExportKind(provider="p", name="notes", primary_key=("id",))
+    lines = {
+        "A": '{"id": 1, "s": {"note": "hello"}, "tags": ["a"]}',
+        "B": '{"id": 2, "s": {"note": {"rich": true}}, "tags": [{"t": 1}]}',
+        "C": '{"id": 3, "s": {"note": "again"}, "tags": ["c"]}',
+    }
+    for export_id, line in lines.items():
+        src = tmp_path / f"{export_id}.jsonl"
+        src.write_text(line + "\n")
+        _ingest(tmp_path, kind, [src], export_id, warehouse)
+    types = _types(warehouse, "p.notes")
+    assert (types["s"], types["tags"]) == ("STRUCT(note JSON)", "JSON[]")
+    assert _query(
+        warehouse, "SELECT id, s.note::VARCHAR, tags::VARCHAR[] FROM p.notes ORDER BY id"
+    ) == [
+        (1, '"hello"', ['"a"']),
+        (2, '{"rich":true}', ['{"t":1}']),
+        (3, '"again"', ['"c"']),
+    ]
