@@ -7,7 +7,7 @@ import dagster as dg
 
 from export_pipeline.core.model import ExportKind
 from export_pipeline.defs.assets import ProviderBinding, build_export_asset, build_view_asset
-from export_pipeline.defs.checks import build_checks, build_freshness
+from export_pipeline.defs.checks import build_checks, build_checks_sensor, build_freshness
 from export_pipeline.defs.resources import (
     DeliveriesApiResource,
     LazyS3Resource,
@@ -53,6 +53,7 @@ def build_defs(resources: dict[str, object] | None = None) -> dg.Definitions:
         if job is not None:
             jobs.append(job)
             schedules.append(build_schedule(binding, job))
+    sensors.append(build_checks_sensor(checks))  # the data checks, after each materialization
     freshness_checks, freshness_sensor = build_freshness(fresh)
     checks.extend(freshness_checks)
     sensors += [freshness_sensor, run_failure_alerts]

@@ -128,6 +128,22 @@ class DagsterSetup:
     def asset(self, key: str) -> dg.AssetsDefinition:
         return self.defs.resolve_assets_def(dg.AssetKey(key.split("/")))
 
+    def run_checks(self, after: dg.ExecuteInProcessResult) -> dg.ExecuteInProcessResult:
+        """The data checks of the assets ``after`` materialized, in a run of their own, as
+        ``data_checks_sensor`` launches them (sync runs plan no checks). test_health drives the
+        sensor's automation condition itself."""
+        materialized = {e.asset_key for e in after.all_events if e.is_step_materialization}
+        graph = self.defs.get_repository_def().asset_graph
+        keys = {
+            k
+            for k in graph.asset_check_keys
+            if k.asset_key in materialized and graph.get(k).automation_condition is not None
+        }
+        job = self.defs.resolve_implicit_global_asset_job_def()
+        return job.get_subset(asset_selection=set(), asset_check_selection=keys).execute_in_process(
+            instance=self.instance
+        )
+
 
 @pytest.fixture
 def warehouse_backend() -> str:

@@ -52,6 +52,7 @@ def test_definitions_list_every_export_kind(live_instance: dg.DagsterInstance) -
     assert {s.name for s in repo.sensor_defs} == {
         *(f"{p}_exports_sensor" for p in ("locations", "mews", "deliveries", "mapping", "stripe")),
         "freshness_checks_sensor",
+        "data_checks_sensor",
         "run_failure_alerts",
         "release_claims_of_failed_runs",
     }

@@ -21,7 +21,7 @@ import dagster as dg
 from pydantic import Field
 
 from export_pipeline.defs.assets import ProviderBinding, build_export_asset
-from export_pipeline.defs.checks import build_checks
+from export_pipeline.defs.checks import build_checks, build_checks_sensor
 from export_pipeline.defs.resources import (
     LazyS3Resource,
     SyncSettingsResource,
@@ -94,7 +94,10 @@ class ExportApiComponent(dg.Component, dg.Model, dg.Resolvable):
         return dg.Definitions(
             assets=assets,
             asset_checks=checks,
-            sensors=[build_export_sensor(binding)],
+            sensors=[
+                build_export_sensor(binding),
+                build_checks_sensor(checks, name=f"{binding.name}_data_checks_sensor"),
+            ],
             jobs=[job] if job is not None else [],
             schedules=[build_schedule(binding, job)] if job is not None else [],
             resources=resources,

@@ -7,7 +7,7 @@ from typing import Any
 
 import duckdb
 
-from export_pipeline.core.ledger import LEDGER_SCHEMA, ExportRecord
+from export_pipeline.core.ledger import LEDGER_SCHEMA, ExportRecord, Ledger
 from export_pipeline.core.load import quote_ident
 from export_pipeline.core.model import ExportKind, LoadMode
 
@@ -29,6 +29,18 @@ def table_exists(con: duckdb.DuckDBPyConnection, kind: ExportKind) -> bool:
 
 def _table(kind: ExportKind) -> str:
     return f"{quote_ident(kind.schema)}.{quote_ident(kind.name)}"
+
+
+def last_loaded_export(
+    con: duckdb.DuckDBPyConnection, ledger: Ledger, kind: ExportKind
+) -> ExportRecord | None:
+    """The kind's latest loaded export, whatever its partition (None: nothing loaded yet)."""
+    row = con.execute(
+        f"SELECT partition_key FROM {LEDGER_SCHEMA}.exports WHERE provider = ? AND kind = ? "
+        "AND state = 'loaded' ORDER BY loaded_at DESC LIMIT 1",
+        [kind.provider, kind.name],
+    ).fetchone()
+    return ledger.last_loaded(kind.provider, kind.name, row[0]) if row else None
 
 
 def rows_match_provider(

@@ -1,4 +1,17 @@
-"""Asset checks per export kind, built from the same list as the assets."""
+"""Asset checks per export kind, built from the same list as the assets.
+
+The data checks are not part of the sync runs. A sync run that fails for one kind is a failed
+run, and Dagster shows every check *planned* in a failed run as "Execution failed", even the
+checks of kinds that loaded fine. So each check runs in its own run, started by
+``data_checks_sensor`` (an automation condition sensor, on by default) once its asset has
+materialized: a kind whose load failed keeps its last evaluation (of the data still in its
+table), and the other kinds' checks evaluate and turn red only for their own data.
+
+``blocking`` keeps its Dagster meaning: in a run that includes the check (Execute from the UI,
+or a manual Materialize, which plans the asset's checks too), assets downstream of the
+checked asset wait for it and do not run when it fails; an automated downstream asset can wait
+for it across runs with ``AutomationCondition.all_deps_blocking_checks_passed()``.
+"""
 
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -12,6 +25,12 @@ from export_pipeline.defs.assets import asset_key
 
 # A check waits this long for another process's load, then reports itself skipped.
 CHECK_LOCK_TIMEOUT = 60.0
+
+# Run a check after each materialization of its asset, once (Dagster's recommended condition
+# for checks: docs "Automating asset checks"). A failed load is no materialization: nothing
+# is requested, and the check keeps its last evaluation.
+CHECK_AUTOMATION = dg.AutomationCondition.eager()
+DATA_CHECKS_SENSOR = "data_checks_sensor"
 
 
 def skipped(reason: str, severity: dg.AssetCheckSeverity) -> dg.AssetCheckResult:
@@ -40,6 +59,7 @@ def _check(
         description=description,
         blocking=blocking,
         required_resource_keys={"warehouse"},
+        automation_condition=CHECK_AUTOMATION,
     )
     def _fn(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         ledger = context.resources.warehouse.ledger(lock_timeout=CHECK_LOCK_TIMEOUT)
@@ -64,14 +84,7 @@ def _check(
 
 def build_checks(kind: ExportKind) -> list[dg.AssetChecksDefinition]:
     def _last_loaded(con, ledger):
-        # The latest loaded export of the kind, any partition.
-        row = con.execute(
-            "SELECT partition_key FROM pipeline.exports WHERE provider = ? AND kind = ? "
-            "AND state = 'loaded' ORDER BY loaded_at DESC LIMIT 1",
-            [kind.provider, kind.name],
-        ).fetchone()
-        record = ledger.last_loaded(kind.provider, kind.name, row[0]) if row else None
-        return checks.rows_match_provider(con, kind, record)
+        return checks.rows_match_provider(con, kind, checks.last_loaded_export(con, ledger, kind))
 
     defs = [
         _check(
@@ -108,6 +121,21 @@ def build_checks(kind: ExportKind) -> list[dg.AssetChecksDefinition]:
             )
         )
     return defs
+
+
+def build_checks_sensor(
+    checks_: Sequence[dg.AssetChecksDefinition], name: str = DATA_CHECKS_SENSOR
+) -> dg.AutomationConditionSensorDefinition:
+    """Launches a run of a kind's checks after each materialization of its asset (their
+    ``automation_condition``). On by default: it reads the event log, and the runs it starts
+    read the warehouse only, never a provider."""
+    return dg.AutomationConditionSensorDefinition(
+        name,
+        target=dg.AssetSelection.checks(*checks_),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Runs each kind's data checks after its asset materializes (never in a "
+        "sync run: a failed kind must not turn the other kinds' checks red).",
+    )
 
 
 # Freshness defaults from each kind's schedule: one missed tick is tolerated, two are not.

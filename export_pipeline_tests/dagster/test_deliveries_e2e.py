@@ -213,7 +213,7 @@ def test_both_directions_load_their_window_then_continue_from_the_cursor(
         # The cursor is the window's end.
         assert cursor_of(setup, kind) == end
 
-    checks = result.get_asset_check_evaluations()
+    checks = setup.run_checks(result).get_asset_check_evaluations()
     assert {(c.asset_key, c.check_name) for c in checks} == {
         (asset_key(k), name)
         for k in KINDS.values()
@@ -243,7 +243,7 @@ def test_both_directions_load_their_window_then_continue_from_the_cursor(
     result = run_sync(setup)
     t3 = datetime.now(UTC)
     assert result.success
-    assert all(c.passed for c in result.get_asset_check_evaluations())
+    assert all(c.passed for c in setup.run_checks(result).get_asset_check_evaluations())
 
     for direction, kind in KINDS.items():
         old, rec = exports(setup, kind)
@@ -574,7 +574,7 @@ def test_s3_storage_lands_raw_and_parquet_and_duckdb_loads_from_them(
     )
     result = run_sync(setup)
     assert result.success
-    assert all(c.passed for c in result.get_asset_check_evaluations())
+    assert all(c.passed for c in setup.run_checks(result).get_asset_check_evaluations())
 
     client = s3_resource.get_client()
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])}

@@ -3,13 +3,16 @@ that could not run are skipped, and a cleanup that never touches an open export.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 import pytest
+from dagster._core.loader import LoadingContextForTest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -17,8 +20,8 @@ from starlette.routing import Route
 
 from export_pipeline.core.model import ExportRequest, ExportState
 from export_pipeline.definitions import BINDINGS, build_defs
-from export_pipeline.defs.assets import make_runner
-from export_pipeline.defs.checks import build_checks
+from export_pipeline.defs.assets import asset_key, make_runner
+from export_pipeline.defs.checks import DATA_CHECKS_SENSOR, build_checks
 from export_pipeline.defs.schedules import RetentionResource, retention_job
 from export_pipeline.defs.sensors import FailureAlertsResource, run_failure_alerts
 from export_pipeline.sandbox.server import RunningServer
@@ -26,6 +29,7 @@ from export_pipeline_tests.conftest import DagsterSetup
 
 LOCATIONS = next(b for b in BINDINGS if b.name == "locations")
 KIND = LOCATIONS.kinds[0]
+MEWS = next(b for b in BINDINGS if b.name == "mews")
 
 
 def test_every_asset_has_a_freshness_check_from_its_schedule() -> None:
@@ -130,3 +134,108 @@ def test_retention_never_removes_what_an_open_export_needs(
     assert result.success
     kept = {name for name, path in dirs.items() if path.exists()}
     assert kept == {"loaded_parquet", "open_raw", "open_readback"}
+
+
+# -- checks never red for a reason that is not theirs ------------------------------------------
+
+
+def ui_status(instance: dg.DagsterInstance, key: dg.AssetCheckKey) -> tuple[str, str | None]:
+    """(status, run id) of a check's latest execution, resolved as the UI resolves it (a check
+    planned in a failed run without an evaluation is "EXECUTION_FAILED")."""
+    record = instance.event_log_storage.get_latest_asset_check_execution_by_key([key]).get(key)
+    if record is None:
+        return ("NEVER", None)
+    status = asyncio.run(record.resolve_status(LoadingContextForTest(instance)))
+    return (status.value, record.run_id)
+
+
+def run_requested_checks(
+    setup: DagsterSetup, cursor: object
+) -> tuple[set[dg.AssetCheckKey], dg.ExecuteInProcessResult | None, object]:
+    """One tick of data_checks_sensor's automation condition on the instance, then the run it
+    launches: exactly the requested checks, nothing else."""
+    tick = dg.evaluate_automation_conditions(
+        defs=setup.defs, instance=setup.instance, cursor=cursor
+    )
+    requested = {
+        r.key for r in tick.results if isinstance(r.key, dg.AssetCheckKey) and r.true_subset.size
+    }
+    if not requested:
+        return requested, None, tick.cursor
+    job = setup.defs.resolve_implicit_global_asset_job_def()
+    run = job.get_subset(asset_selection=set(), asset_check_selection=requested)
+    result = run.execute_in_process(instance=setup.instance, raise_on_error=False)
+    return requested, result, tick.cursor
+
+
+def test_a_failed_kind_turns_no_check_red_and_the_others_judge_their_own_data(
+    dagster_setup: DagsterSetup,
+) -> None:
+    setup = dagster_setup
+    repo = setup.defs.get_repository_def()
+    assert repo.get_sensor_def(DATA_CHECKS_SENSOR).default_status is dg.DefaultSensorStatus.RUNNING
+    keys = {c.check_key for kind in MEWS.kinds for c in build_checks(kind)}
+    payment = {k for k in keys if k.asset_key == dg.AssetKey(["mews", "payment"])}
+    company = {k for k in keys if k.asset_key == dg.AssetKey(["mews", "company"])}
+    assert payment and company
+    # The sensor ticks from the daemon's start, before any load: nothing to check yet.
+    requested, _, cursor = run_requested_checks(setup, None)
+    assert requested == set()
+
+    sync = setup.job("mews_sync")
+    first = sync.execute_in_process(instance=setup.instance)
+    assert first.success
+    requested, checks_1, cursor = run_requested_checks(setup, cursor)
+    assert requested == keys  # every kind loaded: all its data checks, in a run of their own
+    assert all(e.passed for e in checks_1.get_asset_check_evaluations())
+    # The next tick (every 30 s) sees the checks done: no second run of them.
+    requested, _, cursor = run_requested_checks(setup, cursor)
+    assert requested == set()
+
+    # One kind's export fails at the provider; another kind's table gets a duplicated row.
+    setup.sandbox.mews.fail_next.add("Payment")
+    second = sync.execute_in_process(instance=setup.instance, raise_on_error=False)
+    assert not second.success
+    assert [e.step_key for e in second.all_events if e.is_step_failure] == ["mews__payment"]
+    planned = [
+        e
+        for e in second.all_events
+        if e.event_type is dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED
+    ]
+    assert planned == []  # a sync run plans no check, so its failure cannot mark one
+    with duckdb.connect(str(setup.warehouse_path)) as con:
+        con.execute("INSERT INTO mews.company SELECT * FROM mews.company LIMIT 1")
+
+    requested, checks_2, _ = run_requested_checks(setup, cursor)
+    assert requested == keys - payment  # the failed kind did not materialize: not requested
+    statuses = {k: ui_status(setup.instance, k) for k in keys}
+    for key, (status, run_id) in statuses.items():
+        if key in payment:  # still its last evaluation, of the data still in its table
+            assert (status, run_id) == ("SUCCEEDED", checks_1.run_id), key
+        elif key in company:  # red, for its own data only
+            assert (status, run_id) == ("FAILED", checks_2.run_id), key
+        else:
+            assert (status, run_id) == ("SUCCEEDED", checks_2.run_id), key
+    assert "EXECUTION_FAILED" not in {s for s, _ in statuses.values()}
+    failed = {e.asset_check_key: e for e in checks_2.get_asset_check_evaluations() if not e.passed}
+    pk = dg.AssetCheckKey(dg.AssetKey(["mews", "company"]), "primary_key_unique")
+    assert failed[pk].metadata["duplicated_keys"].value == 1
+
+
+def test_a_blocking_check_still_blocks_downstream_assets_in_its_run(
+    dagster_setup: DagsterSetup,
+) -> None:
+    setup = dagster_setup
+    assert setup.job("locations_sync").execute_in_process(instance=setup.instance).success
+    with duckdb.connect(str(setup.warehouse_path)) as con:
+        con.execute("INSERT INTO locations.locations SELECT * FROM locations.locations LIMIT 1")
+    pk = dg.AssetCheckKey(asset_key(KIND), "primary_key_unique")
+    view = dg.AssetKey(["locations", "evses"])
+    job = setup.defs.resolve_implicit_global_asset_job_def()
+    run = job.get_subset(asset_selection={view}, asset_check_selection={pk}).execute_in_process(
+        instance=setup.instance, raise_on_error=False
+    )
+    (evaluation,) = run.get_asset_check_evaluations()
+    assert not evaluation.passed
+    assert not run.success
+    assert view not in {e.asset_key for e in run.all_events if e.is_step_materialization}

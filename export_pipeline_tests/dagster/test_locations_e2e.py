@@ -52,7 +52,7 @@ def test_full_then_incremental_sync(dagster_setup: DagsterSetup, warehouse_backe
     assert query(setup, "SELECT count(*) FROM locations.locations")[0][0] == n
     first = ledger_rows(setup)
     assert len(first) == 1 and first[0][1] == "loaded" and first[0][2] is None  # full export
-    checks = result.get_asset_check_evaluations()
+    checks = setup.run_checks(result).get_asset_check_evaluations()
     assert {c.check_name for c in checks} == {"rows_match_provider", "primary_key_unique"}
     assert all(c.passed for c in checks)
 

@@ -251,7 +251,7 @@ def test_sync_loads_every_entity_type_exactly(setup: DagsterSetup) -> None:
         "OR len(PersonCounts) <> 2",
     ) == [(0,)]
 
-    checks = result.get_asset_check_evaluations()
+    checks = setup.run_checks(result).get_asset_check_evaluations()
     assert len(checks) == 2 * len(ENTITY_TYPES)
     assert {c.check_name for c in checks} == {"rows_match_provider", "primary_key_unique"}
     assert all(c.passed for c in checks), [c.description for c in checks if not c.passed]
