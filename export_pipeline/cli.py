@@ -187,6 +187,46 @@ def instance_home(path: str) -> Path:
     return home
 
 
+# The code location `dg dev` serves outside the project's root (an installed package): the
+# same name as in the project's [tool.dg.project], so run history and sensor state carry over.
+DEV_WORKSPACE = """\
+load_from:
+  - python_module:
+      module_name: export_pipeline.definitions
+      attribute: defs
+      location_name: export_pipeline
+"""
+
+
+def is_dg_project(path: Path) -> bool:
+    """Whether ``path`` is this project's root for ``dg`` (pyproject.toml with [tool.dg])."""
+    import tomllib
+
+    pyproject = path / "pyproject.toml"
+    if not pyproject.is_file():
+        return False
+    dg_config = tomllib.loads(pyproject.read_text()).get("tool", {}).get("dg", {})
+    return (
+        dg_config.get("directory_type") == "project"
+        and dg_config.get("project", {}).get("root_module") == "export_pipeline"
+    )
+
+
+def dg_dev_command(home: Path, host: str, port: int) -> list[str]:
+    """``dg dev`` (the webserver and the daemon). In the project's root, dg builds the workspace
+    from [tool.dg.project]; elsewhere it gets a workspace file in the instance directory."""
+    dg = Path(sys.executable).with_name("dg")
+    found = str(dg) if dg.exists() else shutil.which("dg")
+    if found is None:  # dagster-dg-cli comes with the sandbox extra
+        raise ModuleNotFoundError("No module named 'dagster_dg_cli'", name="dagster_dg_cli")
+    cmd = [found, "dev", "-h", host, "-p", str(port)]
+    if not is_dg_project(Path.cwd()):
+        workspace = home / "workspace.yaml"
+        workspace.write_text(DEV_WORKSPACE)
+        cmd += ["-w", str(workspace)]
+    return cmd
+
+
 def _dev(args: argparse.Namespace) -> int:
     """The sandbox plus the Dagster UI and daemon in one command, wired together by environment.
 
@@ -207,10 +247,11 @@ def _dev(args: argparse.Namespace) -> int:
             **sandbox.env(),
             "DAGSTER_HOME": str(home),
         }
+        if sys.prefix != sys.base_prefix:  # dg compares the active venv with the project's
+            env["VIRTUAL_ENV"] = sys.prefix
         with dg.DagsterInstance.from_config(str(home)) as instance:
             instance.add_dynamic_partitions("mapping_jobs", list(sandbox.mapping.jobs))
-        cmd = [sys.executable, "-m", "dagster", "dev", "-w", "workspace.yaml"]
-        cmd += ["-h", args.host, "-p", str(args.port)]
+        cmd = dg_dev_command(home, args.host, args.port)
         print(
             f"sandbox up (mapping jobs: {', '.join(sandbox.mapping.jobs)}); "
             f"DAGSTER_HOME={home}; starting: {' '.join(cmd)}",
@@ -411,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_sandbox)
 
-    dev = sub.add_parser("dev", help="sandbox + `dagster dev` (the UI and daemon) wired together")
+    dev = sub.add_parser("dev", help="sandbox + `dg dev` (the UI and daemon) wired together")
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=3000)
     dev.add_argument(
@@ -490,9 +531,31 @@ def _sandbox_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Imported only by the commands that need them (a production install has none of them).
+EXTRAS = {
+    "moto": "sandbox",
+    "werkzeug": "sandbox",
+    "dagster_dg_cli": "sandbox",  # `dev` runs `dg dev`
+    "starlette": None,
+    "uvicorn": None,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top not in EXTRAS:
+            raise
+        extra = EXTRAS[top] or ("webhooks" if args.command == "webhooks" else "sandbox")
+        print(
+            f"export-pipeline {args.command}: needs {top}, from the `{extra}` extra: "
+            f"pip install 'export_pipeline[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -90,7 +90,10 @@ def test_defs_yaml_builds_and_materializes_stripe(
     key = dg.AssetKey(["stripe", "balance_change_from_activity"])
     repo = defs.get_repository_def()
     assert key in repo.asset_graph.get_all_asset_keys()
-    assert {s.name for s in repo.sensor_defs} == {"stripe_exports_sensor"}
+    assert {s.name for s in repo.sensor_defs} == {
+        "stripe_exports_sensor",
+        "stripe_data_checks_sensor",  # its checks, after each materialization
+    }
     assert {s.name for s in repo.schedule_defs} == {"stripe_schedule"}
     assert set(defs.resources) >= {"stripe_api", "warehouse", "sync_settings", "s3"}
     column_schema = defs.get_assets_def(key).specs_by_key[key].metadata["dagster/column_schema"]
