@@ -187,9 +187,10 @@ def test_dockerfile_copies_paths_that_exist_and_starts_the_declared_location() -
         for source in args[:-1]:
             assert (ROOT / source).exists(), f"COPY source {source} missing"
     run = " ".join(args for word, args in instructions if word == "RUN")
-    assert "'.[deploy,lake]'" in run  # the deploy extra and the lake's extension wheels
+    # the deploy extra, the lake's extension wheels, the webhook receiver's ASGI server
+    assert "'.[deploy,lake,webhooks]'" in run
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "lake" in pyproject["project"]["optional-dependencies"]
+    assert {"lake", "webhooks"} <= set(pyproject["project"]["optional-dependencies"])
     extras = pyproject["project"]["optional-dependencies"]["deploy"]
     assert {re.split(r"[<>=\[]", e)[0] for e in extras} >= {"dagster-postgres", "dagster-docker"}
 
