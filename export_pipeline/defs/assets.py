@@ -265,12 +265,19 @@ def build_export_asset(kind: ExportKind, binding: ProviderBinding) -> dg.AssetsD
                     result = replace(result, adopted=adopted)
             except ExportPipelineError as exc:
                 context.log.error(str(exc))
-                raise to_dagster_error(
+                error = to_dagster_error(
                     exc,
                     retry_seconds=settings.step_retry_seconds,
                     max_retries=settings.step_max_retries,
                     ledger=runner.ledger,
-                ) from exc
+                )
+                if not isinstance(error, dg.RetryRequested) or (
+                    context.retry_number >= settings.step_max_retries
+                ):  # the step fails for good: its planned checks judge the unchanged table
+                    from export_pipeline.defs.checks import judge_planned_checks  # (cycle)
+
+                    judge_planned_checks(context, kind)
+                raise error from exc
             finally:
                 runner.provider.close()
         if result.skipped:

@@ -7,6 +7,9 @@ checks of kinds that loaded fine. So each check runs in its own run, started by
 materialized: a kind whose load failed keeps its last evaluation (of the data still in its
 table), and the other kinds' checks evaluate and turn red only for their own data.
 
+A manual Materialize still plans the asset's checks in its run (Dagster's UI does): when that
+load fails, the asset step evaluates them on the unchanged table (``judge_planned_checks``).
+
 ``blocking`` keeps its Dagster meaning: in a run that includes the check (Execute from the UI,
 or a manual Materialize, which plans the asset's checks too), assets downstream of the
 checked asset wait for it and do not run when it fails; an automated downstream asset can wait
@@ -14,7 +17,9 @@ for it across runs with ``AutomationCondition.all_deps_blocking_checks_passed()`
 """
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import dagster as dg
 
@@ -44,56 +49,67 @@ def skipped(reason: str, severity: dg.AssetCheckSeverity) -> dg.AssetCheckResult
     )
 
 
-def _check(
-    kind: ExportKind,
-    name: str,
-    description: str,
-    evaluate: Callable[..., checks.CheckOutcome],
-    *,
-    blocking: bool = True,
-    severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR,
-) -> dg.AssetChecksDefinition:
-    @dg.asset_check(
-        asset=asset_key(kind),
-        name=name,
-        description=description,
-        blocking=blocking,
-        required_resource_keys={"warehouse"},
-        automation_condition=CHECK_AUTOMATION,
-    )
-    def _fn(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        ledger = context.resources.warehouse.ledger(lock_timeout=CHECK_LOCK_TIMEOUT)
+@dataclass(frozen=True)
+class DataCheck:
+    """One data check of a kind: its SQL (``core/checks.py``) and how Dagster shows it."""
+
+    kind: ExportKind
+    name: str
+    description: str
+    evaluate: Callable[..., checks.CheckOutcome]
+    blocking: bool = True
+    severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR
+
+    @property
+    def key(self) -> dg.AssetCheckKey:
+        return dg.AssetCheckKey(asset_key(self.kind), self.name)
+
+    def run(self, warehouse: Any) -> dg.AssetCheckResult:
+        """Evaluate on the table as it stands, through the ``warehouse`` resource."""
+        ledger = warehouse.ledger(lock_timeout=CHECK_LOCK_TIMEOUT)
         try:
             with ledger.warehouse.connect() as con:
-                if not checks.table_exists(con, kind):
-                    return skipped("the table does not exist yet (nothing loaded)", severity)
-                outcome = evaluate(con, ledger)
+                if not checks.table_exists(con, self.kind):
+                    return skipped("the table does not exist yet (nothing loaded)", self.severity)
+                outcome = self.evaluate(con, ledger)
         except WarehouseBusyError:
-            return skipped("the warehouse was busy with a load; the next run checks", severity)
+            return skipped("the warehouse was busy with a load; the next run checks", self.severity)
         if outcome.description == "nothing loaded yet":
-            return skipped(outcome.description, severity)
+            return skipped(outcome.description, self.severity)
         return dg.AssetCheckResult(
             passed=outcome.passed,
             description=outcome.description,
             metadata=outcome.metadata,
-            severity=severity,
+            severity=self.severity,
         )
 
-    return _fn
+    def definition(self) -> dg.AssetChecksDefinition:
+        @dg.asset_check(
+            asset=asset_key(self.kind),
+            name=self.name,
+            description=self.description,
+            blocking=self.blocking,
+            required_resource_keys={"warehouse"},
+            automation_condition=CHECK_AUTOMATION,
+        )
+        def _fn(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+            return self.run(context.resources.warehouse)
+
+        return _fn
 
 
-def build_checks(kind: ExportKind) -> list[dg.AssetChecksDefinition]:
+def data_checks(kind: ExportKind) -> list[DataCheck]:
     def _last_loaded(con, ledger):
         return checks.rows_match_provider(con, kind, checks.last_loaded_export(con, ledger, kind))
 
-    defs = [
-        _check(
+    specs = [
+        DataCheck(
             kind,
             "rows_match_provider",
             "Rows and bytes of the last loaded export equal what the provider announced.",
             _last_loaded,
         ),
-        _check(
+        DataCheck(
             kind,
             "primary_key_unique",
             f"({', '.join(kind.primary_key)}) is unique and never NULL.",
@@ -101,8 +117,8 @@ def build_checks(kind: ExportKind) -> list[dg.AssetChecksDefinition]:
         ),
     ]
     if kind.value_ranges:
-        defs.append(
-            _check(
+        specs.append(
+            DataCheck(
                 kind,
                 "values_in_range",
                 "Bounded columns stay within their documented range.",
@@ -110,8 +126,8 @@ def build_checks(kind: ExportKind) -> list[dg.AssetChecksDefinition]:
             )
         )
     if kind.load_mode is LoadMode.REPLACE_PARTITION:
-        defs.append(
-            _check(
+        specs.append(
+            DataCheck(
                 kind,
                 "partitions_have_rows",
                 "Flags partitions whose latest export brought zero rows.",
@@ -120,7 +136,44 @@ def build_checks(kind: ExportKind) -> list[dg.AssetChecksDefinition]:
                 severity=dg.AssetCheckSeverity.WARN,
             )
         )
-    return defs
+    return specs
+
+
+def build_checks(kind: ExportKind) -> list[dg.AssetChecksDefinition]:
+    return [spec.definition() for spec in data_checks(kind)]
+
+
+def judge_planned_checks(context: dg.AssetExecutionContext, kind: ExportKind) -> None:
+    """The kind's load failed in a run that planned its checks (a manual Materialize plans
+    them): evaluate them now on the table as it stands (the failed load changed nothing), so
+    they show a verdict on the data rather than "Execution failed" (their own steps are
+    skipped after a failed asset step, and the run fails)."""
+    planned = {
+        record.dagster_event.event_specific_data.asset_check_key
+        for record in context.instance.all_logs(
+            context.run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED
+        )
+        if record.dagster_event is not None
+    }
+    for spec in data_checks(kind):
+        if spec.key not in planned:
+            continue
+        try:
+            result = spec.run(context.resources.warehouse)
+        except Exception as exc:  # never hide the load's own error behind a check's
+            context.log.warning(f"{spec.key.to_user_string()}: not evaluated ({exc})")
+            continue
+        context.log_event(
+            dg.AssetCheckEvaluation(
+                asset_key=spec.key.asset_key,
+                check_name=spec.name,
+                passed=result.passed,
+                metadata={**result.metadata, "evaluated_after": "the load failed"},
+                severity=spec.severity,
+                description=result.description,
+                blocking=spec.blocking,
+            )
+        )
 
 
 def build_checks_sensor(

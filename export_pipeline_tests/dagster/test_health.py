@@ -149,6 +149,16 @@ def ui_status(instance: dg.DagsterInstance, key: dg.AssetCheckKey) -> tuple[str,
     return (status.value, record.run_id)
 
 
+def planned_checks(setup: DagsterSetup, run_id: str) -> set[dg.AssetCheckKey]:
+    """The checks a run planned (logged by the instance when the run is created)."""
+    return {
+        record.dagster_event.event_specific_data.asset_check_key
+        for record in setup.instance.all_logs(
+            run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED
+        )
+    }
+
+
 def run_requested_checks(
     setup: DagsterSetup, cursor: object
 ) -> tuple[set[dg.AssetCheckKey], dg.ExecuteInProcessResult | None, object]:
@@ -197,12 +207,9 @@ def test_a_failed_kind_turns_no_check_red_and_the_others_judge_their_own_data(
     second = sync.execute_in_process(instance=setup.instance, raise_on_error=False)
     assert not second.success
     assert [e.step_key for e in second.all_events if e.is_step_failure] == ["mews__payment"]
-    planned = [
-        e
-        for e in second.all_events
-        if e.event_type is dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED
-    ]
-    assert planned == []  # a sync run plans no check, so its failure cannot mark one
+    assert (
+        planned_checks(setup, second.run_id) == set()
+    )  # a sync run plans no check, so its failure cannot mark one
     with duckdb.connect(str(setup.warehouse_path)) as con:
         con.execute("INSERT INTO mews.company SELECT * FROM mews.company LIMIT 1")
 
@@ -220,6 +227,23 @@ def test_a_failed_kind_turns_no_check_red_and_the_others_judge_their_own_data(
     failed = {e.asset_check_key: e for e in checks_2.get_asset_check_evaluations() if not e.passed}
     pk = dg.AssetCheckKey(dg.AssetKey(["mews", "company"]), "primary_key_unique")
     assert failed[pk].metadata["duplicated_keys"].value == 1
+
+    # A manual Materialize of the failing kind plans its checks (the UI does): the failed load
+    # leaves them a verdict on the table as it stands, not "Execution failed".
+    setup.sandbox.mews.fail_next.add("Payment")
+    job = setup.defs.resolve_implicit_global_asset_job_def()
+    manual = job.execute_in_process(
+        instance=setup.instance,
+        asset_selection=[dg.AssetKey(["mews", "payment"])],
+        raise_on_error=False,
+    )
+    assert not manual.success
+    # (its freshness_check is planned too; that one is the freshness sensor's to judge)
+    assert planned_checks(setup, manual.run_id) & keys == payment
+    for key in payment:
+        assert ui_status(setup.instance, key) == ("SUCCEEDED", manual.run_id), key
+        record = setup.instance.event_log_storage.get_latest_asset_check_execution_by_key([key])
+        assert record[key].evaluation.metadata["evaluated_after"].value == "the load failed"
 
 
 def test_a_blocking_check_still_blocks_downstream_assets_in_its_run(
