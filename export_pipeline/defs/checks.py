@@ -31,10 +31,15 @@ from export_pipeline.defs.assets import asset_key
 # A check waits this long for another process's load, then reports itself skipped.
 CHECK_LOCK_TIMEOUT = 60.0
 
-# Run a check after each materialization of its asset, once (Dagster's recommended condition
-# for checks: docs "Automating asset checks"). A failed load is no materialization: nothing
-# is requested, and the check keeps its last evaluation.
-CHECK_AUTOMATION = dg.AutomationCondition.eager()
+# Run a check after each materialization of its asset, once: Dagster's `eager()` condition
+# (its recommendation for checks) without "no dependency missing", which for a check on a
+# partitioned asset (mapping jobs) would wait for every registered partition. A failed load is
+# no materialization: nothing is requested, and the check keeps its last evaluation.
+CHECK_AUTOMATION = (
+    dg.AutomationCondition.any_deps_updated().since_last_handled()
+    & ~dg.AutomationCondition.any_deps_in_progress()
+    & ~dg.AutomationCondition.in_progress()
+).with_label("after each materialization")
 DATA_CHECKS_SENSOR = "data_checks_sensor"
 
 

@@ -21,7 +21,7 @@ from starlette.routing import Route
 from export_pipeline.core.model import ExportRequest, ExportState
 from export_pipeline.definitions import BINDINGS, build_defs
 from export_pipeline.defs.assets import asset_key, make_runner
-from export_pipeline.defs.checks import DATA_CHECKS_SENSOR, build_checks
+from export_pipeline.defs.checks import CHECK_AUTOMATION, DATA_CHECKS_SENSOR, build_checks
 from export_pipeline.defs.schedules import RetentionResource, retention_job
 from export_pipeline.defs.sensors import FailureAlertsResource, run_failure_alerts
 from export_pipeline.sandbox.server import RunningServer
@@ -263,3 +263,26 @@ def test_a_blocking_check_still_blocks_downstream_assets_in_its_run(
     assert not evaluation.passed
     assert not run.success
     assert view not in {e.asset_key for e in run.all_events if e.is_step_materialization}
+
+
+def test_a_check_on_a_partitioned_asset_runs_after_one_partition_loads() -> None:
+    """Mapping jobs are partitions: a check must not wait for every registered partition."""
+    jobs = dg.DynamicPartitionsDefinition(name="jobs")
+
+    @dg.asset(partitions_def=jobs)
+    def results() -> None: ...
+
+    @dg.asset_check(asset=results, automation_condition=CHECK_AUTOMATION)
+    def results_check() -> dg.AssetCheckResult:
+        return dg.AssetCheckResult(passed=True)
+
+    defs = dg.Definitions(assets=[results], asset_checks=[results_check])
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("jobs", ["job-1", "job-2"])
+        tick = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+        job = defs.resolve_implicit_global_asset_job_def().get_subset(
+            asset_selection={results.key}, asset_check_selection=set()
+        )  # as a sync run: the asset alone
+        assert job.execute_in_process(instance=instance, partition_key="job-1").success
+        tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+        assert {r.key for r in tick.results if r.true_subset.size} == {results_check.check_key}
