@@ -200,6 +200,42 @@ def stream_export(provider: Any, export_id: str) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - start, "bytes": total}
 
 
+def measure_download_floor(
+    module: str,
+    base_url: str,
+    export_id: str,
+    *,
+    env: Mapping[str, str],
+    expected_bytes: int,
+) -> ChildRun:
+    """Run ``python -m module --child download`` (which calls :func:`download_child`) and check
+    it fetched as many bytes as the ingest did. The tokens travel in ``env``, never in argv."""
+    floor = run_child(
+        module,
+        ["--child", "download", "--base-url", base_url, "--export-id", export_id],
+        env=env,
+    )
+    if floor.result["bytes"] != expected_bytes:
+        raise ChildFailedError(
+            f"download floor got {floor.result['bytes']} bytes, the ingest {expected_bytes}"
+        )
+    return floor
+
+
+def download_child(provider: Any, export_id: str) -> int:
+    """The body of a benchmark's ``--child download``: the floor's figures as its JSON line."""
+    emit_json(stream_export(provider, export_id))
+    return 0
+
+
+def time_closing_steps(phases: Phases) -> None:
+    """Time the steps after the load inside ``sync()`` as their own phases: the read replica's
+    publish (``core/replica.py``) and the warehouse COMMIT, by wrapping the real functions."""
+    from export_pipeline.core import replica
+
+    replica.publish = phases.wrap("publish", replica.publish)  # type: ignore[assignment]
+
+
 def compare_summary(
     ingests: Sequence[ChildRun],
     baselines: Sequence[ChildRun],

@@ -53,12 +53,14 @@ from benchmarks._common import (
     Phases,
     compare_summary,
     current_rss_mb,
+    download_child,
     emit_json,
+    measure_download_floor,
     median,
     rounded,
     run_child,
     self_peak_rss_mb,
-    stream_export,
+    time_closing_steps,
 )
 
 MODULE = "benchmarks.ingest"
@@ -129,6 +131,7 @@ def _child_ingest(
     runner._download = phases.wrap("download", runner._download)  # type: ignore[method-assign]
     ingest_module.to_parquet = phases.wrap("normalise", ingest_module.to_parquet)  # type: ignore[assignment]
     ingest_module.load_parquet = phases.wrap("merge", ingest_module.load_parquet)  # type: ignore[assignment]
+    time_closing_steps(phases)
 
     with phases.time("sync"):
         result = runner.sync(LOCATIONS, ExportRequest(params={"format": fmt}))
@@ -159,6 +162,8 @@ def _child_ingest(
         "peak_rss_mb": round(peak, 1),
         "rss_at_start_mb": round(rss_at_start, 1),
         "peak_rss_mb_after": phases.peak_rss_mb_after,
+        # The read replica published after the COMMIT (inside sync(), so inside "seconds").
+        "publish_seconds": s.get("publish", 0.0),
         "duckdb_memory_limit": runner.settings.duckdb_memory_limit,
     }
 
@@ -299,21 +304,15 @@ def _run_size(
                     f"peak RSS {r['peak_rss_mb']:.0f} MB",
                     flush=True,
                 )
-                floor = run_child(
-                    MODULE,
-                    [
-                        "--child",
-                        "download",
-                        "--base-url",
+                floors.append(
+                    measure_download_floor(
+                        MODULE,
                         server.base_url,
-                        "--export-id",
                         r["export_id"],
-                    ],
-                    env={TOKEN_ENV_VAR: state.token},
+                        env={TOKEN_ENV_VAR: state.token},
+                        expected_bytes=r["bytes"],
+                    )
                 )
-                if floor.result["bytes"] != r["bytes"]:
-                    raise RuntimeError(f"download floor got {floor.result['bytes']} bytes")
-                floors.append(floor)
                 baseline = run_child(
                     MODULE,
                     [
@@ -360,6 +359,7 @@ def _summary(
         "normalise_seconds",
         "load_seconds",
         "merge_seconds",
+        "publish_seconds",
         "wait_seconds",
         "sync_seconds",
     )
@@ -435,8 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         provider = LocationsProvider.from_settings(
             base_url=args.base_url, token=os.environ[TOKEN_ENV_VAR], timeout=120.0
         )
-        emit_json(stream_export(provider, args.export_id))
-        return 0
+        return download_child(provider, args.export_id)
     if args.repeat < 1:
         raise SystemExit("--repeat must be at least 1")
 

@@ -52,12 +52,14 @@ from benchmarks._common import (
     Phases,
     compare_summary,
     current_rss_mb,
+    download_child,
     emit_json,
+    measure_download_floor,
     median,
     rounded,
     run_child,
     self_peak_rss_mb,
-    stream_export,
+    time_closing_steps,
 )
 
 MODULE = "benchmarks.mews_multipart"
@@ -133,6 +135,7 @@ def _child_ingest(base_url: str, workdir: Path, memory_limit: str | None) -> dic
     runner._download = phases.wrap("download", runner._download)  # type: ignore[method-assign]
     ingest_module.to_parquet = phases.wrap("normalise", ingest_module.to_parquet)  # type: ignore[assignment]
     ingest_module.load_parquet = phases.wrap("snapshot_replace", ingest_module.load_parquet)  # type: ignore[assignment]
+    time_closing_steps(phases)
 
     with phases.time("sync"):
         result = runner.sync(kind, ExportRequest(), source="benchmark")
@@ -168,6 +171,8 @@ def _child_ingest(base_url: str, workdir: Path, memory_limit: str | None) -> dic
         "peak_rss_mb": round(peak, 1),
         "rss_at_start_mb": round(rss_at_start, 1),
         "peak_rss_mb_after": phases.peak_rss_mb_after,
+        # The read replica published after the COMMIT (inside sync(), so inside "seconds").
+        "publish_seconds": s.get("publish", 0.0),
         "duckdb_memory_limit": settings.duckdb_memory_limit,
     }
 
@@ -289,21 +294,15 @@ def _run(
                     f"{r['wait_seconds']:.2f}s), peak RSS {r['peak_rss_mb']:.0f} MB",
                     flush=True,
                 )
-                floor = run_child(
-                    MODULE,
-                    [
-                        "--child",
-                        "download",
-                        "--base-url",
+                floors.append(
+                    measure_download_floor(
+                        MODULE,
                         server.base_url,
-                        "--export-id",
                         r["export_id"],
-                    ],
-                    env=env,
+                        env=env,
+                        expected_bytes=r["bytes"],
+                    )
                 )
-                if floor.result["bytes"] != r["bytes"]:
-                    raise RuntimeError(f"download floor got {floor.result['bytes']} bytes")
-                floors.append(floor)
                 baseline = run_child(
                     MODULE,
                     [
@@ -348,6 +347,7 @@ def _summary(
         "normalise_seconds",
         "load_seconds",
         "snapshot_replace_seconds",
+        "publish_seconds",
         "wait_seconds",
         "sync_seconds",
     )
@@ -414,8 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
             timeout=120.0,
         )
-        emit_json(stream_export(provider, args.export_id))
-        return 0
+        return download_child(provider, args.export_id)
     if args.rows < args.parts or args.parts < 1:
         raise SystemExit("--rows must be at least --parts, and --parts at least 1")
     if args.repeat < 1:

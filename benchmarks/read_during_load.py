@@ -50,16 +50,10 @@ REQUIRED_KEYS = (
 
 
 def _child_load(base_url: str, workdir: Path, fmt: str) -> dict[str, Any]:
-    """``benchmarks.ingest``'s measured ingest, with the replica's publish timed as well."""
-    from benchmarks._common import Phases
+    """``benchmarks.ingest``'s measured ingest (it times the replica's publish as well)."""
     from benchmarks.ingest import _child_ingest
-    from export_pipeline.core import replica
 
-    phases = Phases()
-    replica.publish = phases.wrap("publish", replica.publish)  # type: ignore[assignment]
-    result = _child_ingest(base_url, workdir, fmt, None)
-    result["publish_seconds"] = phases.seconds.get("publish", 0.0)
-    return result
+    return _child_ingest(base_url, workdir, fmt, None)
 
 
 def _reader(target: str, interval: float, stop: Any, out: Any) -> None:

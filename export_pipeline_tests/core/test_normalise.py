@@ -242,3 +242,75 @@ def test_malformed_part_of_a_multi_part_export_is_named(tmp_path: Path) -> None:
             [good, bad], tmp_path / "out", kind=AUTO_KIND, export_id="X", loaded_at=LOADED_AT
         )
     assert (info.value.file, info.value.line) == ("part-0001.jsonl", 2)
+
+
+# DuckDB's type sample is the first 20,480 records; the late values below come after it.
+_PAST_SAMPLE = 25_000
+
+
+def _typed_over_every_record(
+    monkeypatch: pytest.MonkeyPatch, src: Path, out: Path, kind: ExportKind
+) -> tuple[list[tuple[str, str]], list[tuple[Any, ...]]]:
+    """What the type scan over every record makes of ``src`` (the one-parse path disabled)."""
+    from export_pipeline.core import normalise
+
+    with monkeypatch.context() as patch:
+        patch.setattr(normalise, "_sampled_json_to_parquet", lambda *a, **k: None)
+        result = to_parquet([src], out, kind=kind, export_id="e", loaded_at=LOADED_AT)
+    return table(result.parquet_paths[0])
+
+
+@pytest.mark.parametrize(
+    ("early", "late", "value"),
+    [
+        ("1", "1.5", 1.5),  # an integer column would store 2
+        ("1", "true", "true"),  # ... or 1
+        ("1", '"12"', "12"),  # ... or 12
+        ("1.5", "true", "true"),  # a float column would store 1.0
+        ("true", "5", "5"),  # a boolean column would store true
+        ("null", '{"k": [1, 2]}', {"k": [1, 2]}),  # typed as the data, not left as JSON text
+    ],
+)
+def test_a_value_of_another_kind_after_the_type_sample_keeps_its_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, early: str, late: str, value: object
+) -> None:
+    """Types come from a sample of the first records only when that loses nothing: a later
+    value DuckDB would convert silently into the sampled type is found (top level and inside
+    a list of structs), and the file is then typed over every record."""
+    kind = ExportKind(provider="p", name="kinds", primary_key=("id",))
+    src = tmp_path / "late.jsonl"
+    with src.open("w") as fh:
+        for i in range(_PAST_SAMPLE):
+            fh.write(f'{{"id": "{i:06d}", "v": {early}, "n": {{"list": [{{"v": {early}}}]}}}}\n')
+        fh.write(f'{{"id": "late", "v": {late}, "n": {{"list": [{{"v": {late}}}]}}}}\n')
+    result = to_parquet([src], tmp_path / "out", kind=kind, export_id="e", loaded_at=LOADED_AT)
+    assert result.rows == _PAST_SAMPLE + 1
+    got = table(result.parquet_paths[0])
+    assert got == _typed_over_every_record(monkeypatch, src, tmp_path / "full", kind)
+    late_row = dict(zip([n for n, _ in got[0]], got[1][-1], strict=True))
+    assert late_row["id"] == "late"
+    for found in (late_row["v"], late_row["n"]["list"][0]["v"]):
+        assert found == value or json.loads(str(found)) == value
+
+
+def test_a_file_whose_sample_speaks_for_it_is_read_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The common case takes the one-parse path (no type scan over every record) and gives
+    exactly the table the scan over every record gives, declared types applied."""
+    from export_pipeline.core import normalise
+
+    src = tmp_path / "plain.jsonl"
+    with src.open("w") as fh:
+        for i in range(_PAST_SAMPLE):
+            fh.write(json.dumps({**RECORDS[i % len(RECORDS)], "id": f"L{i:06d}"}) + "\n")
+    full = _typed_over_every_record(monkeypatch, src, tmp_path / "full", KIND)
+
+    def no_full_scan(*args: object, **kwargs: object) -> object:
+        raise AssertionError("typed over every record although the sample was enough")
+
+    monkeypatch.setattr(normalise, "_auto_schema", no_full_scan)
+    result = to_parquet([src], tmp_path / "out", kind=KIND, export_id="e", loaded_at=LOADED_AT)
+    assert result.rows == _PAST_SAMPLE
+    assert table(result.parquet_paths[0]) == full
+    assert dict(full[0])["capacity"] == "BIGINT"
