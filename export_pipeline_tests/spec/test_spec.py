@@ -321,3 +321,70 @@ def test_state_from_the_http_status_and_a_relative_expiry() -> None:
         }
     )
     assert partition == "42"
+
+
+# -- options Mews and mapping use (pure: real httpx.Response objects, no server) --------------
+
+
+def test_a_call_rule_comes_first_and_names_what_failed() -> None:
+    data = spec_dict(
+        create={
+            "method": "POST",
+            "path": "/jobs/{partition}/export",
+            "errors": [
+                {"status": 404, "error": "rejected", "as_code": "JOB_NOT_FOUND",
+                 "message": "no job {partition}"},
+            ],
+        },
+    )  # fmt: skip
+    provider = provider_for(data)
+    create = provider.spec.create
+    missing = _answer(404, _envelope("NOT_FOUND", "nope"))
+    error = provider.error_for(missing, call=create, variables={"partition": "j-7"})
+    assert type(error) is ProviderRejectedError and error.code == "JOB_NOT_FOUND"
+    assert error.message == "no job j-7: nope"
+    # The same answer to another call (the status call) keeps the spec-wide meaning: lost.
+    assert type(provider.error_for(missing, call=provider.spec.status)) is ExportLostError
+    provider.close()
+
+
+def test_file_names_detail_failure_code_and_ranges() -> None:
+    data = spec_dict(
+        fields={"files": "files", "failure_code": "Failed", "detail": {"scope": "Scope"},
+                "file_name_format": "part-{i:04d}.jsonl"},
+        kinds=[{"name": "things", "primary_key": ["id"],
+                "columns": {"score": {"type": "DOUBLE", "range": [0, 1]}}}],
+    )  # fmt: skip
+    provider = provider_for(data)
+    ready = provider._status(
+        {"id": "e1", "status": "DONE", "Scope": {"ChainIds": ["c"]},
+         "files": [{"url": "https://s3/a?sig=1"}, {"url": "/files/b"}]}
+    )  # fmt: skip
+    assert [f.name for f in ready.files] == ["part-0000.jsonl", "part-0001.jsonl"]
+    assert ready.files[1].url == "http://127.0.0.1:9/files/b"  # relative: on the API host
+    assert ready.detail == {"scope": {"ChainIds": ["c"]}}
+    failed = provider._status({"id": "e2", "status": "ERROR"})
+    assert failed.error_code == "Failed" and "ERROR" in (failed.error_message or "")
+    assert provider.kinds[0].value_ranges == {"score": (0.0, 1.0)}
+    provider.close()
+
+
+def test_events_from_raw_bodies_with_states_by_type() -> None:
+    data = spec_dict(
+        fields={"id": "fileId", "files": "", "file_url": "url", "timestamp": "at"},
+        events={"type_path": "event", "types": ["done", "broke"], "record": "",
+                "partition": "jobId", "states": {"done": "ready", "broke": "failed"}},
+    )  # fmt: skip
+    cls = SpecProvider.for_spec(ExportApiSpec.model_validate(data))
+    job, ready = cls.parse_event(b'{"event": "done", "jobId": "j1", "fileId": "f1"}')
+    assert (job, ready.export_id, ready.state, ready.files) == ("j1", "f1", ExportState.READY, ())
+    _, failed = cls.parse_event({"event": "broke", "jobId": "j1", "fileId": "f2"})
+    assert failed.state is ExportState.FAILED
+    for body, complaint in [
+        (b"{nope", "not JSON"),
+        ({"event": "done", "fileId": "f1"}, "jobId"),
+        ({"event": "done", "jobId": "j1", "fileId": " "}, "fileId"),
+        ({"event": "done", "jobId": "j1", "fileId": "f1", "at": "yesterday"}, "at"),
+    ]:
+        with pytest.raises(ValueError, match=complaint):
+            cls.parse_event(body)
