@@ -15,4 +15,3 @@ from export_pipeline.providers.spec import load_spec
 
 SPEC = load_spec(Path(__file__).with_name("deliveries.yaml"))
 DeliveriesProvider = SpecProvider.for_spec(SPEC, "DeliveriesProvider")
-TOKEN_ENV_VAR = SPEC.auth.token_env
