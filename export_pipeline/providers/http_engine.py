@@ -38,6 +38,7 @@ from export_pipeline.core.model import (
     ExportStatus,
     RemoteFile,
 )
+from export_pipeline.core.redact import redact_url
 from export_pipeline.providers.base import ExportProvider, batched
 from export_pipeline.providers.spec import (
     Call,
@@ -558,8 +559,9 @@ def _suffix(url: str, formats: Sequence[str] | None) -> str:
     gz = ".gz" if suffixes[-1:] == [".gz"] else ""
     extension = suffixes[-2 if gz else -1] if len(suffixes) > bool(gz) else ""
     if extension not in formats:
-        # The path only: a signed link's query string is a secret.
+        # Redacted: the URL keeps its shape (host, path), a signed link's secrets do not.
         raise ValueError(
-            f"file {path} has no {' or '.join(formats)} extension, cannot tell the format"
+            f"file {redact_url(url)} has no {' or '.join(formats)} extension, cannot tell the "
+            "format"
         )
     return extension + gz
