@@ -9,11 +9,7 @@ from export_pipeline.core.model import ExportKind
 from export_pipeline.defs.assets import ProviderBinding, build_export_asset, build_view_asset
 from export_pipeline.defs.checks import build_checks, build_checks_sensor, build_freshness
 from export_pipeline.defs.resources import (
-    DeliveriesApiResource,
     LazyS3Resource,
-    LocationsApiResource,
-    MappingApiResource,
-    MewsApiResource,
     SyncSettingsResource,
     WarehouseResource,
     WebhookEventsResource,
@@ -77,8 +73,7 @@ def default_resources() -> dict[str, object]:
     starts). Without them the definitions still load; a run fails naming the missing variable.
     ``export-pipeline dev`` and ``demo`` set them for the bundled sandbox."""
     return {
-        # Providers run from a spec: one generic resource class, secret named by the spec; the
-        # providers with their own resource class below (URL and secrets as dg.EnvVar) override.
+        # Every provider: one generic resource class, its variables named by its spec.
         **spec_resources(PROVIDERS),
         "warehouse": WarehouseResource(),
         "sync_settings": SyncSettingsResource(),
@@ -86,20 +81,6 @@ def default_resources() -> dict[str, object]:
         "failure_alerts": FailureAlertsResource(),
         "retention": RetentionResource(),
         "s3": LazyS3Resource(),
-        "locations_api": LocationsApiResource(
-            base_url=dg.EnvVar("LOCATIONS_API_URL"), token=dg.EnvVar("LOCATIONS_API_TOKEN")
-        ),
-        "mews_api": MewsApiResource(
-            platform_address=dg.EnvVar("MEWS_PLATFORM_ADDRESS"),
-            client_token=dg.EnvVar("MEWS_CLIENT_TOKEN"),
-            access_token=dg.EnvVar("MEWS_ACCESS_TOKEN"),
-        ),
-        "deliveries_api": DeliveriesApiResource(
-            base_url=dg.EnvVar("DELIVERIES_API_URL"), api_key=dg.EnvVar("DELIVERIES_API_KEY")
-        ),
-        "mapping_api": MappingApiResource(
-            base_url=dg.EnvVar("MAPPING_API_URL"), token=dg.EnvVar("MAPPING_API_TOKEN")
-        ),
     }
 
 

@@ -144,6 +144,16 @@ class DagsterSetup:
             instance=self.instance
         )
 
+    def for_provider(self, name: str) -> dict[str, object]:
+        """The resources without the other providers' ``<name>_api``: what Dagster builds for
+        a run, sensor or schedule of this provider (only what they require), so the other
+        providers' variables (Stripe's, which the sandbox does not serve) need not be set."""
+        return {
+            key: value
+            for key, value in self.resources.items()
+            if not key.endswith("_api") or key == f"{name}_api"
+        }
+
 
 @pytest.fixture
 def warehouse_backend() -> str:

@@ -3,8 +3,8 @@
 Its attributes are the provider spec (``providers/spec.py``) plus where things land. It builds
 what the registry builds for a shipped provider, with the same factories (``defs/``): one asset
 and its checks per kind, the exports sensor, the sync job and schedule, and the API resource
-whose secret is read from ``spec.auth.token_env`` when a run builds the client (never at load,
-never in the resource config; see ``defs/spec_resources.py``).
+whose secrets are ``dg.EnvVar``s of the variables the spec names (read when a run starts, never
+at load; see ``defs/spec_resources.py``).
 
 .. code-block:: yaml
 
@@ -75,11 +75,10 @@ class ExportApiComponent(dg.Component, dg.Model, dg.Resolvable):
             assets.append(asset)
             checks.extend(build_checks(kind))
         job = build_sync_job(binding)
-        resource_class = SpecApiResource.for_provider(provider_class)
         resources: dict[str, Any] = {
-            # The secret: spec.auth.token_env, read when a run builds the client.
-            binding.resource_key: resource_class(
-                base_url=self.base_url, files_base_url=self.files_base_url
+            # The secrets: the variables the spec names, as dg.EnvVars (read when a run starts).
+            binding.resource_key: SpecApiResource.from_env(
+                provider_class, base_url=self.base_url, files_base_url=self.files_base_url
             )
         }
         if self.shared_resources:

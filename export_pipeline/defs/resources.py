@@ -28,16 +28,6 @@ from export_pipeline.providers.base import ExportProvider
 ALLOWED_HOSTS_ENV = "EXPORT_PIPELINE_ALLOWED_DOWNLOAD_HOSTS"
 
 
-def sandbox_url(provider: str) -> str:
-    """Where ``export-pipeline sandbox serve --fixed-ports`` serves ``provider``'s simulator."""
-    from export_pipeline.providers.registry import provider_class
-
-    sandbox = provider_class(provider).sandbox
-    if sandbox is None:
-        raise KeyError(f"{provider} has no sandbox simulator")
-    return f"http://127.0.0.1:{sandbox.port}"
-
-
 class LazyS3Resource(S3Resource):
     """dagster-aws's ``S3Resource``, but no boto3 client until S3 storage actually needs one.
 
@@ -232,68 +222,6 @@ class ProviderResource(dg.ConfigurableResource):
 
     def build(self, retry: RetryPolicy | None = None) -> ExportProvider:
         raise NotImplementedError
-
-
-class LocationsApiResource(ProviderResource):
-    base_url: str = Field(sandbox_url("locations"), description="Network operator API base URL.")
-    token: str = Field(description="Bearer token (LOCATIONS_API_TOKEN).")
-
-    def build(self, retry: RetryPolicy | None = None) -> ExportProvider:
-        from export_pipeline.providers.locations import LocationsProvider
-
-        return LocationsProvider.from_settings(
-            base_url=self.base_url, token=self.token, timeout=self.timeout_seconds, retry=retry
-        )
-
-
-class MewsApiResource(ProviderResource):
-    platform_address: str = Field(sandbox_url("mews"), description="Mews PlatformAddress.")
-    client_token: str = Field(description="ClientToken (MEWS_CLIENT_TOKEN).")
-    access_token: str = Field(description="AccessToken (MEWS_ACCESS_TOKEN).")
-    client: str = Field("export_pipeline 0.1.0", description="Client name and version.")
-
-    def build(self, retry: RetryPolicy | None = None) -> ExportProvider:
-        from export_pipeline.providers.mews import MewsProvider
-
-        credentials = {"ClientToken": self.client_token, "AccessToken": self.access_token}
-        return MewsProvider.from_settings(
-            base_url=self.platform_address,
-            body_credentials={**credentials, "Client": self.client},
-            timeout=self.timeout_seconds,
-            retry=retry,
-        )
-
-
-class DeliveriesApiResource(ProviderResource):
-    base_url: str = Field(sandbox_url("deliveries"), description="Message-log API base URL.")
-    api_key: str = Field(description="API key (DELIVERIES_API_KEY).")
-
-    def build(self, retry: RetryPolicy | None = None) -> ExportProvider:
-        from export_pipeline.providers.deliveries import DeliveriesProvider
-
-        return DeliveriesProvider.from_settings(
-            base_url=self.base_url, token=self.api_key, timeout=self.timeout_seconds, retry=retry
-        )
-
-
-class MappingApiResource(ProviderResource):
-    base_url: str = Field(sandbox_url("mapping"), description="mapping.travel API base URL.")
-    token: str = Field(description="Bearer token (MAPPING_API_TOKEN).")
-    download_path: str = Field(
-        "/api/v1/exports/{exportFileId}/download",
-        description="Call that turns an exportFileId into a presigned link.",
-    )
-
-    def build(self, retry: RetryPolicy | None = None) -> ExportProvider:
-        from export_pipeline.providers.mapping import MappingProvider
-
-        return MappingProvider.from_settings(
-            base_url=self.base_url,
-            token=self.token,
-            download_path=self.download_path,
-            timeout=self.timeout_seconds,
-            retry=retry,
-        )
 
 
 class WebhookEventsResource(dg.ConfigurableResource):

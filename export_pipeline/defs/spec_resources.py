@@ -1,23 +1,24 @@
-"""The one resource class for providers run from a spec (``providers/http_engine.py``).
+"""The one resource class of every provider: its settings come from the provider's spec.
 
-Each spec gets a subclass (``SpecApiResource.for_provider``) that carries the provider class as
-class data; the fields are only what a user sets: the origins when they are not the production
-ones (a sandbox), and optionally the secret.
+Each provider gets a subclass (``SpecApiResource.for_provider``) that carries the provider class
+as class data; the fields are what a user sets: the origins when they are not the production ones
+(a sandbox), the secrets, and the few settings a provider module adds (mapping's
+``download_path``). ``SpecApiResource.from_env(cls)`` is the resource the project's Definitions
+use: every setting the spec names a variable for (``base_url_env``, ``auth.token_env``,
+``auth.body_fields``) as a ``dg.EnvVar``, so secrets are read when a run or tick starts, never
+at import, and never shown in the UI.
 
-The secret is read from the variable the spec names (``auth.token_env``) when a run or sensor
-builds the client, not through a ``dg.EnvVar`` field: Dagster resolves the EnvVars of *every*
-resource of the Definitions for every run, so an EnvVar here would make each job of every other
-provider fail while, say, ``STRIPE_API_KEY`` is unset. Read lazily, only a run that talks to
-Stripe needs it, and a missing key fails that run naming the variable. It is never part of the
-resource config, so never shown in the UI or logged.
+Dagster builds only the resources a run's assets (or a sensor, a schedule) require, and resolves
+only their EnvVars: a Stripe-only run needs ``STRIPE_API_KEY`` and none of the other providers'
+variables (``export_pipeline_tests/dagster/test_resources.py``).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import dagster as dg
 from pydantic import Field
 
 from export_pipeline.core.http import RetryPolicy
@@ -31,28 +32,31 @@ class SpecApiResource(ProviderResource):
 
     provider_class: ClassVar[type[SpecProvider]]
 
-    token: str | None = Field(
-        None,
-        description="Secret key or token; default: the spec's auth.token_env variable, read when "
-        "a run builds the client. Pass a dg.EnvVar only if every run has it set.",
-    )
     base_url: str | None = Field(None, description="API origin; default: the spec's base_url.")
     files_base_url: str | None = Field(
         None, description="Origin of files that need the credentials; default: the spec's."
     )
+    token: str | None = Field(
+        None, description="Token or secret key (pass dg.EnvVar of the spec's auth.token_env)."
+    )
+    body_credentials: dict[str, str] = Field(
+        default_factory=dict,
+        description="auth.style body: JSON body field -> value (pass dg.EnvVar values).",
+    )
+    options: dict[str, str] = Field(
+        default_factory=dict,
+        description="Settings the provider's module adds to the spec's (mapping: download_path).",
+    )
 
     def build(self, retry: RetryPolicy | None = None) -> ExportProvider:
-        auth = self.provider_class.spec.auth
-        token = self.token or os.environ.get(auth.token_env, "")
-        # style=body (Mews): each body field's value from its own variable, read the same way.
-        body = {field: os.environ.get(env, "") for field, env in auth.body_fields.items()}
         return self.provider_class.from_settings(
-            token=token,
-            body_credentials=body,
+            token=self.token or "",
+            body_credentials=self.body_credentials,
             base_url=self.base_url,
             files_base_url=self.files_base_url,
             timeout=self.timeout_seconds,
             retry=retry,
+            **self.options,
         )
 
     @classmethod
@@ -60,11 +64,36 @@ class SpecApiResource(ProviderResource):
         name = f"{provider_class.spec.name.title().replace('_', '')}ApiResource"
         return type(name, (cls,), {"provider_class": provider_class, "__module__": __name__})
 
+    @classmethod
+    def from_env(cls, provider_class: type[SpecProvider], **fields: Any) -> SpecApiResource:
+        """The resource with every variable the spec names as a ``dg.EnvVar`` (``fields``
+        override, e.g. ``base_url`` for a component pointed at a simulator)."""
+        spec = provider_class.spec
+        auth = spec.auth
+        settings: dict[str, Any] = {}
+        if spec.base_url_env:
+            settings["base_url"] = dg.EnvVar(spec.base_url_env)
+        if auth.style == "body":
+            settings["body_credentials"] = {f: dg.EnvVar(e) for f, e in auth.body_fields.items()}
+        else:
+            settings["token"] = dg.EnvVar(auth.token_env)
+        settings.update({k: v for k, v in fields.items() if v is not None})
+        return cls.for_provider(provider_class)(**settings)
+
 
 def spec_resources(providers: Iterable[type[ExportProvider]]) -> dict[str, SpecApiResource]:
-    """``<name>_api`` for every spec-run provider (secrets read lazily, see above)."""
+    """``<name>_api`` for every provider, its variables as ``dg.EnvVar``s."""
     return {
-        f"{cls.name}_api": SpecApiResource.for_provider(cls)()
+        f"{cls.name}_api": SpecApiResource.from_env(cls)
         for cls in providers
         if issubclass(cls, SpecProvider)
     }
+
+
+def environment_variables(resource: dg.ConfigurableResource) -> set[str]:
+    """Every ``dg.EnvVar`` a resource's settings name (what a deployment must set)."""
+    found: set[str] = set()
+    for value in vars(resource).values():
+        values = value.values() if isinstance(value, dict) else [value]
+        found |= {v.env_var_name for v in values if isinstance(v, dg.EnvVar)}
+    return found

@@ -349,6 +349,11 @@ class ExportApiSpec(_Spec):
     name: str = Field(description="Provider name: the DuckDB schema and asset key prefix.")
     description: str = ""
     base_url: str = Field(description="Production API origin, e.g. https://api.stripe.com.")
+    base_url_env: str | None = Field(
+        None,
+        description="Environment variable the deployment sets the API origin in (required then: "
+        "an API whose documents name no origin, or a sandbox). None: `base_url`.",
+    )
     auth: Auth
     param_defaults: dict[str, Any] = Field(
         default_factory=dict, description="{param.<name>} values when the run config has none."

@@ -156,7 +156,7 @@ def download_id(path: str) -> str | None:
 
 def start_export(setup: DagsterSetup, kind: ExportKind) -> str:
     """Request an export through the project's runner (recorded in the ledger), not loaded."""
-    with dg.build_resources(setup.resources) as res:
+    with dg.build_resources(setup.for_provider("deliveries")) as res:
         runner = make_runner(res, DELIVERIES)
         try:
             request = next_request(
@@ -336,7 +336,9 @@ def test_export_not_ready_by_id_fails_clearly_then_the_sensor_loads_it(
     sensor = setup.defs.resolve_sensor_def("deliveries_exports_sensor")
     tick = sensor.evaluate_tick(
         dg.build_sensor_context(
-            instance=setup.instance, resources=setup.resources, definitions=setup.defs
+            instance=setup.instance,
+            resources=setup.for_provider("deliveries"),
+            definitions=setup.defs,
         )
     )
     (request,) = tick.run_requests
@@ -629,7 +631,9 @@ def test_schedule_windows_come_from_the_cursor_and_empty_ones_are_skipped(
     def tick(at: datetime) -> Any:
         return schedule.evaluate_tick(
             dg.build_schedule_context(
-                instance=setup.instance, resources=setup.resources, scheduled_execution_time=at
+                instance=setup.instance,
+                resources=setup.for_provider("deliveries"),
+                scheduled_execution_time=at,
             )
         )
 

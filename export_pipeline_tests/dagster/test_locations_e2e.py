@@ -152,21 +152,25 @@ def test_json_and_csv_give_the_same_table(dagster_setup: DagsterSetup, tmp_path)
 def test_sensor_launches_one_run_per_ready_export(dagster_setup: DagsterSetup) -> None:
     setup = dagster_setup
     setup.sandbox.locations.ready_after_seconds = 3600  # stays PENDING
-    with dg.build_resources(setup.resources) as res:
+    with dg.build_resources(setup.for_provider("locations")) as res:
         r = make_runner(res, LOCATIONS)
         record, adopted = r.start(KIND, ExportRequest(), source="test")
         assert not adopted
         sensor = setup.defs.resolve_sensor_def("locations_exports_sensor")
 
         ctx = dg.build_sensor_context(
-            instance=setup.instance, resources=setup.resources, definitions=setup.defs
+            instance=setup.instance,
+            resources=setup.for_provider("locations"),
+            definitions=setup.defs,
         )
         result = sensor.evaluate_tick(ctx)
         assert result.run_requests == []  # pending: nothing to launch
 
         setup.sandbox.locations.ready_after_seconds = 0
         ctx = dg.build_sensor_context(
-            instance=setup.instance, resources=setup.resources, definitions=setup.defs
+            instance=setup.instance,
+            resources=setup.for_provider("locations"),
+            definitions=setup.defs,
         )
         result = sensor.evaluate_tick(ctx)
         assert [rr.run_key for rr in result.run_requests] == [f"locations:{record.export_id}"]
@@ -178,7 +182,9 @@ def test_sensor_launches_one_run_per_ready_export(dagster_setup: DagsterSetup) -
         # Run exactly what the sensor asked for; afterwards the export is no longer open.
         assert materialize(setup, config).success
         ctx = dg.build_sensor_context(
-            instance=setup.instance, resources=setup.resources, definitions=setup.defs
+            instance=setup.instance,
+            resources=setup.for_provider("locations"),
+            definitions=setup.defs,
         )
         assert sensor.evaluate_tick(ctx).run_requests == []
         assert r.ledger.get("locations", record.export_id).state is ExportState.LOADED
@@ -188,13 +194,15 @@ def test_sensor_batches_and_stays_bounded(dagster_setup: DagsterSetup) -> None:
     """Many open exports: every one is polled once per tick, ready ones launched once each."""
     setup = dagster_setup
     setup.sandbox.locations.ready_after_seconds = 0
-    with dg.build_resources(setup.resources) as res:
+    with dg.build_resources(setup.for_provider("locations")) as res:
         r = make_runner(res, LOCATIONS)
         ids = [r.start(KIND, ExportRequest(), adopt=False)[0].export_id for _ in range(25)]
     sensor = setup.defs.resolve_sensor_def("locations_exports_sensor")
     result = sensor.evaluate_tick(
         dg.build_sensor_context(
-            instance=setup.instance, resources=setup.resources, definitions=setup.defs
+            instance=setup.instance,
+            resources=setup.for_provider("locations"),
+            definitions=setup.defs,
         )
     )
     assert sorted(rr.run_key for rr in result.run_requests) == sorted(f"locations:{i}" for i in ids)
@@ -206,7 +214,7 @@ def test_schedule_carries_modified_since_from_the_cursor(dagster_setup: DagsterS
     schedule = setup.defs.resolve_schedule_def("locations_schedule")
     ctx = dg.build_schedule_context(
         instance=setup.instance,
-        resources=setup.resources,
+        resources=setup.for_provider("locations"),
         scheduled_execution_time=datetime.now(UTC),
     )
     first = schedule.evaluate_tick(ctx).run_requests[0]
@@ -217,7 +225,7 @@ def test_schedule_carries_modified_since_from_the_cursor(dagster_setup: DagsterS
     exported_at = query(setup, "SELECT provider_timestamp FROM pipeline.exports")[0][0]
     ctx = dg.build_schedule_context(
         instance=setup.instance,
-        resources=setup.resources,
+        resources=setup.for_provider("locations"),
         scheduled_execution_time=datetime.now(UTC),
     )
     request = schedule.evaluate_tick(ctx).run_requests[0]
@@ -243,7 +251,7 @@ def test_expired_link_is_recovered(dagster_setup: DagsterSetup) -> None:
     setup = dagster_setup
     setup.sandbox.locations.link_ttl_seconds = 0.5
     setup.sandbox.locations.ready_after_seconds = 0
-    with dg.build_resources(setup.resources) as res:
+    with dg.build_resources(setup.for_provider("locations")) as res:
         r = make_runner(res, LOCATIONS)
         record, _ = r.start(KIND, ExportRequest())
         r.wait_until_ready(KIND, record.export_id, timeout=10)
@@ -309,11 +317,13 @@ def test_sensor_relaunches_a_failed_ingest_a_bounded_number_of_times(
 
     def tick() -> list[str]:
         ctx = dg.build_sensor_context(
-            instance=setup.instance, resources=setup.resources, definitions=setup.defs
+            instance=setup.instance,
+            resources=setup.for_provider("locations"),
+            definitions=setup.defs,
         )
         return [rr.run_key for rr in sensor.evaluate_tick(ctx).run_requests]
 
-    with dg.build_resources(setup.resources) as res:
+    with dg.build_resources(setup.for_provider("locations")) as res:
         r = make_runner(res, LOCATIONS)
         record, _ = r.start(KIND, ExportRequest())
         export_id = record.export_id

@@ -21,8 +21,13 @@ import duckdb
 import pytest
 
 from export_pipeline.definitions import build_defs
-from export_pipeline.defs.resources import MappingApiResource
-from export_pipeline.providers.mapping import EVENT_COMPLETED, EVENT_FAILED, RESULTS
+from export_pipeline.defs.spec_resources import SpecApiResource
+from export_pipeline.providers.mapping import (
+    EVENT_COMPLETED,
+    EVENT_FAILED,
+    RESULTS,
+    MappingProvider,
+)
 from export_pipeline.sandbox.mapping import COLUMNS, SandboxExport
 from export_pipeline.sandbox.mapping import State as MappingState
 from export_pipeline.webhooks.store import EventStore
@@ -553,7 +558,7 @@ def _sensor_tick(setup: DagsterSetup) -> dg.SensorResult:
     ctx = dg.build_sensor_context(
         instance=setup.instance,
         instance_ref=setup.instance.get_ref(),
-        resources=setup.resources,
+        resources=setup.for_provider("mapping"),
         definitions=setup.defs,
     )
     return sensor.evaluate_tick(ctx)
@@ -646,10 +651,8 @@ def test_wrong_download_path_names_the_setting(dagster_setup: DagsterSetup) -> N
     add_partition(setup, job_id)
     resources = {
         **setup.resources,
-        "mapping_api": MappingApiResource(
-            base_url=dg.EnvVar("MAPPING_API_URL"),
-            token=dg.EnvVar("MAPPING_API_TOKEN"),
-            download_path="/api/v2/files/{exportFileId}/link",
+        "mapping_api": SpecApiResource.from_env(
+            MappingProvider, options={"download_path": "/api/v2/files/{exportFileId}/link"}
         ),
     }
     wrong = replace(setup, resources=resources, defs=build_defs(resources))

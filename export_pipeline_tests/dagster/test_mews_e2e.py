@@ -153,7 +153,7 @@ def step_failure_text(result: dg.ExecuteInProcessResult) -> str:
 def tick(setup: DagsterSetup, name: str = "mews_exports_sensor") -> dg.SensorResult:
     sensor = setup.defs.resolve_sensor_def(name)
     ctx = dg.build_sensor_context(
-        instance=setup.instance, resources=setup.resources, definitions=setup.defs
+        instance=setup.instance, resources=setup.for_provider("mews"), definitions=setup.defs
     )
     return sensor.evaluate_tick(ctx)
 
@@ -162,7 +162,7 @@ class Runner:
     """The runner a run would build, for arranging ledger state before a run (context manager)."""
 
     def __init__(self, setup: DagsterSetup) -> None:
-        self._cm = dg.build_resources(setup.resources)
+        self._cm = dg.build_resources(setup.for_provider("mews"))
 
     def __enter__(self) -> ExportRunner:
         resources = self._cm.__enter__()
@@ -600,7 +600,7 @@ def test_schedule_requests_a_full_snapshot_of_all_nine(setup: DagsterSetup) -> N
     assert schedule.cron_schedule == "0 3 * * *"
     when = datetime(2025, 6, 1, 3, 0, tzinfo=UTC)
     ctx = dg.build_schedule_context(
-        instance=setup.instance, resources=setup.resources, scheduled_execution_time=when
+        instance=setup.instance, resources=setup.for_provider("mews"), scheduled_execution_time=when
     )
     (request,) = schedule.evaluate_tick(ctx).run_requests
     assert request.run_key == f"mews:{when.isoformat()}"

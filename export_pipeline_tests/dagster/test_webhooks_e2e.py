@@ -98,7 +98,7 @@ def tick(setup: DagsterSetup, sensor: str = LOCATIONS_SENSOR) -> dg.SensorResult
         # With the ref, the tick can check a run's partition against the dynamic partitions the
         # same tick adds (mapping jobs), as in the daemon.
         instance_ref=setup.instance.get_ref(),
-        resources=setup.resources,
+        resources=setup.for_provider(sensor.removesuffix("_exports_sensor")),
         definitions=setup.defs,
     )
     return setup.defs.resolve_sensor_def(sensor).evaluate_tick(ctx)
@@ -187,7 +187,7 @@ def ledger(setup: DagsterSetup, export_id: str, provider: str = "locations") -> 
 
 def request_export(setup: DagsterSetup) -> str:
     """An export the pipeline itself requested (it is in the ledger, source 'test')."""
-    with dg.build_resources(setup.resources) as res:
+    with dg.build_resources(setup.for_provider("locations")) as res:
         runner = make_runner(res, LOCATIONS)
         try:
             record, _ = runner.start(KIND, ExportRequest(), source="test", adopt=False)
@@ -445,7 +445,7 @@ def test_completed_event_for_an_export_still_pending_loads_nothing_until_it_is_r
     # An ingest forced on the event's word (a run started by hand with the export id) asks the
     # provider first, refuses clearly and commits nothing. Called on the runner the asset uses:
     # in a Dagster run this error asks for step retries 30 s apart, too slow for a test.
-    with dg.build_resources(setup.resources) as res:
+    with dg.build_resources(setup.for_provider("locations")) as res:
         runner = make_runner(res, LOCATIONS)
         try:
             with pytest.raises(ExportNotReadyError) as refused:

@@ -236,22 +236,12 @@ def test_every_variable_the_code_location_reads_reaches_sensors_and_runs() -> No
     """Each ``dg.EnvVar`` of deploy/definitions.py's resources is set on the code server (where
     sensors evaluate) and forwarded into run containers by the launcher (from the daemon). A
     provider added to the project without its variables here fails this test."""
-    from export_pipeline.defs.spec_resources import SpecApiResource
+    from export_pipeline.defs.spec_resources import environment_variables
     from export_pipeline_tests.deploy.lake_worker import load_module
 
     resources = load_module().production_resources().values()
-    wanted = {
-        value.env_var_name
-        for resource in resources
-        for value in vars(resource).values()
-        if isinstance(value, dg.EnvVar)
-    }
-    # Providers run from a spec read the variables their spec names, when a run starts.
-    for resource in resources:
-        if isinstance(resource, SpecApiResource):
-            auth = resource.provider_class.spec.auth
-            wanted |= {auth.token_env, *auth.body_fields.values()} - {None, ""}
-    assert {"LOCATIONS_API_TOKEN", "EXPORT_PIPELINE_LAKE_CATALOG"} <= wanted
+    wanted = set().union(*(environment_variables(r) for r in resources))
+    assert {"LOCATIONS_API_TOKEN", "MEWS_CLIENT_TOKEN", "EXPORT_PIPELINE_LAKE_CATALOG"} <= wanted
     services = compose()["services"]
     launcher_env = set(instance_yaml()["run_launcher"]["config"]["env_vars"])
     assert wanted - set(services["code_server"]["environment"]) == set()

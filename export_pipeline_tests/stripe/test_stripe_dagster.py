@@ -45,8 +45,8 @@ def _resources(sandbox: StripeSandbox, tmp_path: Path) -> dict[str, object]:
             poll_initial_seconds=0.05, http_base_delay_seconds=0.01
         ),
         "webhook_events": WebhookEventsResource(path=str(tmp_path / "events.sqlite3")),
-        "stripe_api": SpecApiResource.for_provider(StripeProvider)(
-            token=sandbox.state.token, base_url=sandbox.api_url, files_base_url=sandbox.files_url
+        "stripe_api": SpecApiResource.from_env(
+            StripeProvider, base_url=sandbox.api_url, files_base_url=sandbox.files_url
         ),
     }
     return resources
@@ -57,15 +57,20 @@ def test_the_default_resource_reads_the_key_named_by_the_spec(
 ) -> None:
     resource = default_resources()["stripe_api"]
     assert isinstance(resource, SpecApiResource) and resource.provider_class is StripeProvider
-    assert resource.token is None  # nothing secret in the resource config
-    monkeypatch.delenv("STRIPE_API_KEY", raising=False)
-    with pytest.raises(ConfigurationError, match="set STRIPE_API_KEY"):
-        resource.build()
+    # The secret is a reference to the variable, never its value.
+    assert isinstance(resource.token, dg.EnvVar) and resource.token.env_var_name == "STRIPE_API_KEY"
+    monkeypatch.setenv("STRIPE_API_KEY", "")
+    with (
+        dg.build_resources({"stripe_api": resource}) as built,
+        pytest.raises(ConfigurationError, match="set STRIPE_API_KEY"),
+    ):
+        built.stripe_api.build()
     monkeypatch.setenv("STRIPE_API_KEY", stripe_sandbox.state.token)
-    sandboxed = SpecApiResource.for_provider(StripeProvider)(
-        base_url=stripe_sandbox.api_url, files_base_url=stripe_sandbox.files_url
+    sandboxed = SpecApiResource.from_env(
+        StripeProvider, base_url=stripe_sandbox.api_url, files_base_url=stripe_sandbox.files_url
     )
-    provider = sandboxed.build()
+    with dg.build_resources({"stripe_api": sandboxed}) as built:
+        provider = built.stripe_api.build()
     assert provider.api.auth_headers == {"authorization": f"Bearer {stripe_sandbox.state.token}"}
     provider.close()
 
@@ -73,10 +78,11 @@ def test_the_default_resource_reads_the_key_named_by_the_spec(
 def test_materialize_then_the_sensor_ingests_a_run_requested_elsewhere(
     stripe_sandbox: StripeSandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Dagster resolves the EnvVars of every resource for every run: the four hand-written
-    # provider resources need their variables set even for a Stripe-only run (never called).
+    # A Stripe-only run and tick need Stripe's variables and none of the other providers':
+    # Dagster builds (and resolves the EnvVars of) only the resources they require.
     for name in OTHER_PROVIDERS_ENV:
-        monkeypatch.setenv(name, "http://127.0.0.1:9" if name.endswith(("URL", "ADDRESS")) else "x")
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("STRIPE_API_KEY", stripe_sandbox.state.token)
     resources = _resources(stripe_sandbox, tmp_path)
     defs = build_defs(resources)
     with dg.instance_for_test() as instance:
@@ -90,7 +96,8 @@ def test_materialize_then_the_sensor_ingests_a_run_requested_elsewhere(
         # and launches exactly one ingest for it.
         stripe_sandbox.state.make_available(40)
         warehouse = resources["warehouse"]
-        provider = resources["stripe_api"].build()
+        with dg.build_resources({"stripe_api": resources["stripe_api"]}) as built:
+            provider = built.stripe_api.build()
         kind = provider.kind("balance_change_from_activity")
         from export_pipeline.core.ingest import ExportRunner
 
@@ -98,8 +105,10 @@ def test_materialize_then_the_sensor_ingests_a_run_requested_elsewhere(
         record, _ = runner.start(kind, ExportRequest(), source="elsewhere")
         provider.close()
         sensor = defs.resolve_sensor_def("stripe_exports_sensor")
+        # As Dagster's code server evaluates a tick: with the sensor's required resources only.
+        required = {k: resources[k] for k in sensor.required_resource_keys}
         tick = sensor.evaluate_tick(
-            dg.build_sensor_context(instance=instance, resources=resources, definitions=defs)
+            dg.build_sensor_context(instance=instance, resources=required, definitions=defs)
         )
         (request,) = tick.run_requests
         assert request.run_key == f"stripe:{record.export_id}"
