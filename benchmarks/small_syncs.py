@@ -13,9 +13,10 @@ working directory (so ``data/warehouse.duckdb`` is new). Each measured run is
 job's own executor decides how steps run, exactly as for a run launched from the UI or a
 schedule (``execute_in_process`` would hide the executor). The default ``SyncSettingsResource``
 is used (poll intervals a user gets), not the tests' fast settings.
+A sync run plans no checks: ``data_checks_sensor`` runs them afterwards, in runs of their own.
 
 * ``seconds``: the job as the project defines it (its executor and asset shape).
-* ``baseline_seconds``: the same assets and checks under ``multiprocess_executor`` (one process
+* ``baseline_seconds``: the same steps under ``multiprocess_executor`` (one process
   per step, Dagster's default and the project's shape before), in the same run; ``ratio`` is
   ``seconds / baseline_seconds``.
 
