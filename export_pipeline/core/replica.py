@@ -27,37 +27,22 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
+from export_pipeline.core.load import one_thread
+
 REPLICA_NAME = "warehouse.duckdb"
 MANIFEST_NAME = "manifest.json"
 # Schemas never published (DuckDB's own).
 _SYSTEM_SCHEMAS = ("information_schema", "pg_catalog")
-# Rows per Parquet row group: the writer holds one in memory (see _one_thread).
+# Rows per Parquet row group: the writer holds one in memory (DuckDB's default is 122,880
+# rows whatever their width).
 _ROW_GROUP_ROWS = 20_000
 _PUBLISH_LOCK = threading.Lock()  # one publisher per process; the DuckDB file lock does the rest
-
-
-@contextlib.contextmanager
-def _one_thread(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
-    """Publish with one DuckDB thread, then restore the connection's setting.
-
-    The publish runs at the end of a load, where the worker's memory peaks. An
-    order-preserving COPY with two threads buffers out-of-order row groups: writing 200,000
-    nested locations took 444 MB and 1.7-2.4 s with two threads, 141 MB and 1.1-1.2 s with one
-    (and 20,000-row groups; DuckDB's default is 122,880 rows whatever their width).
-    """
-    row = con.execute("SELECT current_setting('threads')").fetchone()
-    con.execute("SET threads = 1")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(duckdb.Error):
-            con.execute(f"SET threads = {int(row[0]) if row else 1}")
 
 
 def _quote(name: str) -> str:
@@ -133,7 +118,10 @@ def publish(
         present = {f"{s}.{t}" for s, t in tables}
         for name in sorted(set(current) - present):  # dropped since the last publish
             retired.append({"path": current.pop(name), "at": now})
-        with _one_thread(con):
+        # One thread: an order-preserving COPY of wide nested rows with two buffers
+        # out-of-order row groups (200,000 locations: 444 MB and 1.7-2.4 s with two threads,
+        # 141 MB and 1.1-1.2 s with one).
+        with one_thread(con):
             for schema, table in tables:
                 name = f"{schema}.{table}"
                 if wanted is not None and schema not in wanted and name in current:
