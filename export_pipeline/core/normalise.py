@@ -5,8 +5,10 @@ rows is both slow and a memory trap. ``COPY (SELECT ... FROM read_json/read_csv)
 streams with bounded memory (spilling to ``out_dir/.tmp``), keeps nested objects as STRUCT/LIST,
 and gives one Parquet per source file that the load step reads back with ``read_parquet``.
 
-Every key of every record is read (JSON is type-detected over all records); the kind's declared
-``columns`` are type hints for the keys they name, never a filter (docs/schema.md). A CSV's
+Every key of every record is read (JSON in one parse with the types of DuckDB's sample when
+checks show the sample lost nothing, else type-detected over all records; see
+``_sampled_json_to_parquet``); the kind's declared ``columns`` are type hints for the keys they
+name, never a filter (docs/schema.md). A CSV's
 header decides its columns and nested JSON text in cells is read leniently, so a provider that
 offers CSV and JSON yields the same table either way. Errors become :class:`ParseError` naming
 the file and the 1-based line.
