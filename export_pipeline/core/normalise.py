@@ -583,6 +583,7 @@ def _sampled_json_to_parquet(
     - what it converts silently is checked in a cheap pass that reads only those positions as
       JSON text: a fraction, boolean or string where the sample saw integers (1.5 would be
       stored as 2), a boolean or string where it saw floats, a number where it saw booleans,
+      anything but a time of day where it saw times (a timestamp would keep only its time),
       and any value where the sample saw only nulls (typed JSON, where the full scan would
       type it).
 
@@ -698,6 +699,8 @@ _INTEGER_TYPES = frozenset(
     | {"UINTEGER", "UBIGINT", "UHUGEINT"}
 )
 _FLOAT_TYPES = frozenset({"FLOAT", "DOUBLE"})
+# A timestamp string read into a sampled TIME keeps only its time of day.
+_TIME_TYPES = frozenset({"TIME", "TIME WITH TIME ZONE"})
 
 
 def _risky(t: schema.Type) -> schema.Type | None:
@@ -709,7 +712,8 @@ def _risky(t: schema.Type) -> schema.Type | None:
     if isinstance(t, schema.List):
         element = _risky(t.element)
         return None if element is None else schema.List(element)
-    if t.text in _INTEGER_TYPES | _FLOAT_TYPES | {"BOOLEAN", "JSON", "NULL", '"NULL"'}:
+    checked = _INTEGER_TYPES | _FLOAT_TYPES | _TIME_TYPES | {"BOOLEAN", "JSON", "NULL", '"NULL"'}
+    if t.text in checked:
         return schema.Scalar("JSON")
     return None
 
@@ -735,6 +739,11 @@ def _bad_values(expr: str, sampled: schema.Type, depth: int = 0) -> str | None:
         return f"NOT regexp_full_match(CAST({expr} AS VARCHAR), '-?[0-9]+')"
     if text in _FLOAT_TYPES:
         return f"left(CAST({expr} AS VARCHAR), 1) IN ('\"', 't', 'f')"
+    if text in _TIME_TYPES:
+        return (
+            f"NOT regexp_full_match(CAST({expr} AS VARCHAR), "
+            "'\"[0-9]{1,2}:[0-9]{2}(:[0-9]{2}(\\.[0-9]+)?)?\"')"
+        )
     if text == "BOOLEAN":
         return f"CAST({expr} AS VARCHAR) NOT IN ('true', 'false')"
     if text in ("JSON", "NULL", '"NULL"'):

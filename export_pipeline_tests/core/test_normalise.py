@@ -268,6 +268,7 @@ def _typed_over_every_record(
         ("1", '"12"', "12"),  # ... or 12
         ("1.5", "true", "true"),  # a float column would store 1.0
         ("true", "5", "5"),  # a boolean column would store true
+        ('"10:00:00"', '"2024-01-01T10:30:00Z"', "2024-01-01T10:30:00Z"),  # a TIME: 10:30:00
         ("null", '{"k": [1, 2]}', {"k": [1, 2]}),  # typed as the data, not left as JSON text
     ],
 )
