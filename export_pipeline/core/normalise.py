@@ -606,9 +606,11 @@ def _sampled_json_to_parquet(
                 return None
             per_file[src] = types
             for name, t in types.items():
-                union[name] = t if name not in union else schema.widen(union[name], t)
+                t = _json_as_null(t)
+                union[name] = t if name not in union else _union_sampled(union[name], t)
     except (duckdb.Error, ValueError):
         return None
+    union = {name: _null_as_json(t) for name, t in union.items()}
     typed: dict[str, str] = {}
     for name, found in union.items():
         hint = hints.get(name)
@@ -683,6 +685,45 @@ def _sampled_json_to_parquet(
         columns=columns,
         missing_columns=sorted(n for n in hints if n not in present),
     )
+
+
+def _json_as_null(t: schema.Type) -> schema.Type:
+    """A sampled type with its JSON positions as NULL: DuckDB types a key JSON when the sample
+    holds only nulls there (the check makes sure the whole file does), so across the files of
+    one export such a position takes the type another file found, as the scan over every
+    record would."""
+    if isinstance(t, schema.Struct):
+        return schema.Struct(tuple((n, _json_as_null(f)) for n, f in t.fields))
+    if isinstance(t, schema.List):
+        return schema.List(_json_as_null(t.element))
+    return schema.Scalar("NULL") if t.text == "JSON" else t
+
+
+def _null_as_json(t: schema.Type) -> schema.Type:
+    """Positions null in every file back to JSON, DuckDB's own type for them."""
+    if isinstance(t, schema.Struct):
+        return schema.Struct(tuple((n, _null_as_json(f)) for n, f in t.fields))
+    if isinstance(t, schema.List):
+        return schema.List(_null_as_json(t.element))
+    return schema.Scalar("JSON") if t.text in ("NULL", '"NULL"') else t
+
+
+def _union_sampled(a: schema.Type, b: schema.Type) -> schema.Type:
+    """Two files' sampled types together: a NULL position yields to the other file's type,
+    struct fields are merged by name, anything else widens (``schema.widen``)."""
+    if isinstance(a, schema.Scalar) and a.text in ("NULL", '"NULL"'):
+        return b
+    if isinstance(b, schema.Scalar) and b.text in ("NULL", '"NULL"'):
+        return a
+    if isinstance(a, schema.Struct) and isinstance(b, schema.Struct):
+        fields = [
+            (n, fa if (fb := b.get(n)) is None else _union_sampled(fa, fb)) for n, fa in a.fields
+        ]
+        fields += [(n, fb) for n, fb in b.fields if a.get(n) is None]
+        return schema.Struct(tuple(fields))
+    if isinstance(a, schema.List) and isinstance(b, schema.List):
+        return schema.List(_union_sampled(a.element, b.element))
+    return schema.widen(a, b)
 
 
 def _has_opaque(t: schema.Type) -> bool:

@@ -315,3 +315,31 @@ def test_a_file_whose_sample_speaks_for_it_is_read_once(
     assert result.rows == _PAST_SAMPLE
     assert table(result.parquet_paths[0]) == full
     assert dict(full[0])["capacity"] == "BIGINT"
+
+
+def test_parts_typed_from_samples_agree_where_one_part_holds_only_nulls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One part has a key (top level and nested) null in every record, the other has values:
+    every part gets the values' type, as the scan over every record of all parts gives."""
+    kind = ExportKind(provider="p", name="parts", primary_key=("id",))
+    nulls = tmp_path / "part-0000.jsonl"
+    nulls.write_text('{"id": "a", "closed": null, "data": {"kind": "x", "value": null}}\n')
+    values = tmp_path / "part-0001.jsonl"
+    values.write_text(
+        '{"id": "b", "closed": "2024-08-10T15:41:09Z", "data": {"kind": "p", "value": {"n": 1}}}\n'
+    )
+    result = to_parquet(
+        [nulls, values], tmp_path / "out", kind=kind, export_id="e", loaded_at=LOADED_AT
+    )
+    from export_pipeline.core import normalise
+
+    with monkeypatch.context() as patch:
+        patch.setattr(normalise, "_sampled_json_to_parquet", lambda *a, **k: None)
+        full = to_parquet(
+            [nulls, values], tmp_path / "full", kind=kind, export_id="e", loaded_at=LOADED_AT
+        )
+    assert result.columns == full.columns
+    assert dict(result.columns)["data"] == 'STRUCT(kind VARCHAR, "value" STRUCT(n BIGINT))'
+    for got, want in zip(result.parquet_paths, full.parquet_paths, strict=True):
+        assert table(got) == table(want)
