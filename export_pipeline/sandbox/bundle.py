@@ -7,7 +7,7 @@ Used by ``export-pipeline sandbox serve``, ``export-pipeline demo`` and the Dags
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -20,32 +20,68 @@ from export_pipeline.sandbox import deliveries, locations, mapping, mews
 from export_pipeline.sandbox.s3 import S3Server
 from export_pipeline.sandbox.server import RunningServer
 
+SIMULATORS = ("locations", "mews", "deliveries", "mapping")
+
 
 @dataclass
 class Sandbox:
-    locations: locations.State
-    mews: mews.State
-    deliveries: deliveries.State
-    mapping: mapping.State
+    states: dict[str, Any]  # provider -> its simulator's State, for the simulators started
     s3: S3Server
     urls: dict[str, str] = field(default_factory=dict)
     _stack: ExitStack = field(default_factory=ExitStack, repr=False)
 
+    def _state(self, name: str) -> Any:
+        if name not in self.states:
+            raise LookupError(
+                f"the {name} simulator was not started (start_sandbox(only=...); in the tests, "
+                "the `simulators` fixture)"
+            )
+        return self.states[name]
+
+    @property
+    def locations(self) -> locations.State:
+        return self._state("locations")
+
+    @property
+    def mews(self) -> mews.State:
+        return self._state("mews")
+
+    @property
+    def deliveries(self) -> deliveries.State:
+        return self._state("deliveries")
+
+    @property
+    def mapping(self) -> mapping.State:
+        return self._state("mapping")
+
     def env(self) -> dict[str, str]:
-        """Environment variables that point every provider resource at this sandbox."""
-        return {
-            "LOCATIONS_API_URL": self.urls["locations"],
-            "LOCATIONS_API_TOKEN": self.locations.token,
-            "MEWS_PLATFORM_ADDRESS": self.urls["mews"],
-            "MEWS_CLIENT_TOKEN": self.mews.client_token,
-            "MEWS_ACCESS_TOKEN": self.mews.access_token,
-            "DELIVERIES_API_URL": self.urls["deliveries"],
-            "DELIVERIES_API_KEY": self.deliveries.token,
-            "MAPPING_API_URL": self.urls["mapping"],
-            "MAPPING_API_TOKEN": self.mapping.token,
+        """Environment variables that point the provider resources at the simulators started."""
+        env = {
             "SANDBOX_S3_ENDPOINT_URL": self.s3.endpoint_url,
             "EXPORT_PIPELINE_ALLOWED_DOWNLOAD_HOSTS": self.allowed_download_hosts(),
         }
+        if "locations" in self.states:
+            env |= {
+                "LOCATIONS_API_URL": self.urls["locations"],
+                "LOCATIONS_API_TOKEN": self.locations.token,
+            }
+        if "mews" in self.states:
+            env |= {
+                "MEWS_PLATFORM_ADDRESS": self.urls["mews"],
+                "MEWS_CLIENT_TOKEN": self.mews.client_token,
+                "MEWS_ACCESS_TOKEN": self.mews.access_token,
+            }
+        if "deliveries" in self.states:
+            env |= {
+                "DELIVERIES_API_URL": self.urls["deliveries"],
+                "DELIVERIES_API_KEY": self.deliveries.token,
+            }
+        if "mapping" in self.states:
+            env |= {
+                "MAPPING_API_URL": self.urls["mapping"],
+                "MAPPING_API_TOKEN": self.mapping.token,
+            }
+        return env
 
     def allowed_download_hosts(self) -> str:
         """The sandbox's own loopback origins: what its download links may point at.
@@ -63,14 +99,20 @@ class Sandbox:
         take that long to become ready), ``fail_next_export`` (the next locations export
         fails), ``truncate_next_download`` (the next locations file is cut short).
         """
+        s = self.states
         for name, value in faults.items():
             if name == "rate_limit":
-                self.locations.rate_limit_next = int(value)
-                self.deliveries.rate_limit_next = int(value)
+                for sim in ("locations", "deliveries"):
+                    if sim in s:
+                        s[sim].rate_limit_next = int(value)
             elif name == "slow":
-                self.locations.ready_after_seconds = float(value)
-                self.mews.processing_seconds = float(value)
-                self.mapping.ready_after_seconds = float(value)
+                for sim, attr in (
+                    ("locations", "ready_after_seconds"),
+                    ("mews", "processing_seconds"),
+                    ("mapping", "ready_after_seconds"),
+                ):
+                    if sim in s:
+                        setattr(s[sim], attr, float(value))
             elif name == "fail_next_export":
                 self.locations.fail_next_export = ("EXPORT_FAILED", str(value or "sandbox fault"))
             elif name == "truncate_next_download":
@@ -119,8 +161,10 @@ def start_sandbox(
     mews_options: Mapping[str, Any] | None = None,
     s3: S3Server | None = None,
     mapping_jobs: Mapping[str, int] | None = None,
+    only: Collection[str] = SIMULATORS,
 ) -> Sandbox:
-    """Start every simulator; ``ports`` maps provider -> port (0 or missing = any free port).
+    """Start the simulators named in ``only`` (default: all); ``ports`` maps provider -> port
+    (0 or missing = any free port).
 
     ``mapping_jobs`` (job id -> results) are mapping jobs the mapping.travel simulator serves
     from the start, so the ``mapping/results`` partitions have something to export.
@@ -131,18 +175,25 @@ def start_sandbox(
         if s3 is None:  # tests share one S3 server across the session
             s3 = S3Server(port=ports.get("s3", 0)).start()
             stack.callback(s3.stop)
+        unknown = set(only) - set(SIMULATORS)
+        if unknown:
+            raise ValueError(f"no simulator {sorted(unknown)}; known: {', '.join(SIMULATORS)}")
         now = datetime.now(UTC)
-        states: dict[str, Any] = {
-            "locations": locations.State(n_locations=n_locations, **dict(locations_options or {})),
-            "mews": mews.State(**dict(mews_options or {})),
+        make: dict[str, Callable[[], Any]] = {
+            "locations": lambda: locations.State(
+                n_locations=n_locations, **dict(locations_options or {})
+            ),
+            "mews": lambda: mews.State(**dict(mews_options or {})),
             # The message log covers the last week up to now, so time windows find rows.
-            "deliveries": deliveries.State(
+            "deliveries": lambda: deliveries.State(
                 s3=s3, log_start=now - timedelta(days=7), log_span=timedelta(days=7)
             ),
-            "mapping": mapping.State(),
+            "mapping": mapping.State,
         }
+        states: dict[str, Any] = {name: make[name]() for name in SIMULATORS if name in only}
         for job_id, n_results in (mapping_jobs or {}).items():
-            states["mapping"].add_job(n_results, job_id=job_id)
+            if "mapping" in states:
+                states["mapping"].add_job(n_results, job_id=job_id)
         urls = {}
         for name, state in states.items():
             # The simulator module each provider declares (ExportProvider.sandbox).
@@ -153,15 +204,7 @@ def start_sandbox(
         for state in states.values():
             if hasattr(state, "close"):
                 stack.callback(state.close)
-        return Sandbox(
-            locations=states["locations"],
-            mews=states["mews"],
-            deliveries=states["deliveries"],
-            mapping=states["mapping"],
-            s3=s3,
-            urls=urls,
-            _stack=stack,
-        )
+        return Sandbox(states=states, s3=s3, urls=urls, _stack=stack)
     except BaseException:
         stack.close()
         raise

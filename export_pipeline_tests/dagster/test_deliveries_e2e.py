@@ -31,7 +31,13 @@ from export_pipeline.definitions import BINDINGS, build_defs
 from export_pipeline.defs.assets import asset_key, make_runner, op_name
 from export_pipeline.defs.resources import SyncSettingsResource, WarehouseResource
 from export_pipeline.sandbox import deliveries as sim
-from export_pipeline_tests.conftest import DagsterSetup
+from export_pipeline_tests.dagster.conftest import DagsterSetup
+
+
+@pytest.fixture
+def simulators() -> tuple[str, ...]:
+    return ("deliveries",)  # the sandbox starts only these
+
 
 DELIVERIES = next(b for b in BINDINGS if b.name == "deliveries")
 KINDS = {k.params["direction"]: k for k in DELIVERIES.kinds}

@@ -25,7 +25,7 @@ from export_pipeline.defs.checks import CHECK_AUTOMATION, DATA_CHECKS_SENSOR, bu
 from export_pipeline.defs.schedules import RetentionResource, retention_job
 from export_pipeline.defs.sensors import FailureAlertsResource, run_failure_alerts
 from export_pipeline.sandbox.server import RunningServer
-from export_pipeline_tests.conftest import DagsterSetup
+from export_pipeline_tests.dagster.conftest import DagsterSetup
 
 LOCATIONS = next(b for b in BINDINGS if b.name == "locations")
 KIND = LOCATIONS.kinds[0]

@@ -11,7 +11,13 @@ import pytest
 from export_pipeline.core.model import ExportRequest, ExportState
 from export_pipeline.definitions import BINDINGS
 from export_pipeline.defs.assets import make_runner
-from export_pipeline_tests.conftest import DagsterSetup
+from export_pipeline_tests.dagster.conftest import DagsterSetup
+
+
+@pytest.fixture
+def simulators() -> tuple[str, ...]:
+    return ("locations",)  # the sandbox starts only these
+
 
 LOCATIONS = next(b for b in BINDINGS if b.name == "locations")
 KIND = LOCATIONS.kinds[0]

@@ -31,7 +31,13 @@ from export_pipeline.providers.mapping import (
 from export_pipeline.sandbox.mapping import COLUMNS, SandboxExport
 from export_pipeline.sandbox.mapping import State as MappingState
 from export_pipeline.webhooks.store import EventStore
-from export_pipeline_tests.conftest import DagsterSetup
+from export_pipeline_tests.dagster.conftest import DagsterSetup
+
+
+@pytest.fixture
+def simulators() -> tuple[str, ...]:
+    return ("mapping",)  # the sandbox starts only these
+
 
 KEY = dg.AssetKey(["mapping", "results"])
 OP = "mapping__results"

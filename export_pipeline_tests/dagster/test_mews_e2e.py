@@ -31,7 +31,13 @@ from export_pipeline.providers.mews import ENTITY_TYPES, snake_case
 from export_pipeline.sandbox.bundle import Sandbox, start_sandbox
 from export_pipeline.sandbox.mews import State
 from export_pipeline.sandbox.s3 import S3Server
-from export_pipeline_tests.conftest import DagsterSetup
+from export_pipeline_tests.dagster.conftest import DagsterSetup
+
+
+@pytest.fixture
+def simulators() -> tuple[str, ...]:
+    return ("mews",)  # the sandbox starts only these
+
 
 MEWS = next(b for b in BINDINGS if b.name == "mews")
 KINDS: dict[str, ExportKind] = {k.params["entity_type"]: k for k in MEWS.kinds}

@@ -24,8 +24,14 @@ import pytest
 from export_pipeline.sandbox.server import RunningServer
 from export_pipeline.webhooks.receiver import ReceiverSettings, create_app
 from export_pipeline.webhooks.store import EventStore
-from export_pipeline_tests.conftest import DagsterSetup
+from export_pipeline_tests.dagster.conftest import DagsterSetup
 from export_pipeline_tests.webhooks.conftest import LOCATIONS_PATH, SECRET, encode, sign
+
+
+@pytest.fixture
+def simulators() -> tuple[str, ...]:
+    return ("locations",)  # the sandbox starts only these
+
 
 API_TOKEN = "tok-LOCATIONS-7f3a9c1e5b"
 LINK_SIG = "sig7e1d4c0ffee9b8a7"

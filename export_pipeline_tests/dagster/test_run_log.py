@@ -5,7 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from export_pipeline_tests.conftest import DagsterSetup
+import pytest
+
+from export_pipeline_tests.dagster.conftest import DagsterSetup
+
+
+@pytest.fixture
+def simulators() -> tuple[str, ...]:
+    return ("locations",)  # the sandbox starts only these
 
 
 def run_log(setup: DagsterSetup, run_id: str) -> list[str]:

@@ -9,7 +9,7 @@ import duckdb
 
 from export_pipeline.definitions import BINDINGS, build_defs
 from export_pipeline.providers.column_docs import tables_markdown
-from export_pipeline_tests.conftest import DagsterSetup
+from export_pipeline_tests.dagster.conftest import DagsterSetup
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -34,7 +34,7 @@ from export_pipeline.defs.assets import make_runner
 from export_pipeline.sandbox.server import RunningServer, free_port
 from export_pipeline.webhooks.receiver import SECRET_ENV, TOKEN_ENV, ReceiverSettings, create_app
 from export_pipeline.webhooks.store import EventStore
-from export_pipeline_tests.conftest import DagsterSetup, guarded_pythonpath
+from export_pipeline_tests.dagster.conftest import DagsterSetup, guarded_pythonpath
 from export_pipeline_tests.webhooks.conftest import (
     LOCATIONS_PATH,
     MAPPING_PATH,
@@ -43,6 +43,12 @@ from export_pipeline_tests.webhooks.conftest import (
     minutes_ago,
     sign,
 )
+
+
+@pytest.fixture
+def simulators() -> tuple[str, ...]:
+    return ("locations", "mapping")  # the sandbox starts only these
+
 
 LOCATIONS = next(b for b in BINDINGS if b.name == "locations")
 KIND = LOCATIONS.kinds[0]

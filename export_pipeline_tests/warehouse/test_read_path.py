@@ -28,6 +28,11 @@ from export_pipeline_tests.warehouse.replica_reader import poll_replica
 
 
 @pytest.fixture
+def simulators() -> tuple[str, ...]:
+    return ("locations",)  # the sandbox starts only these
+
+
+@pytest.fixture
 def runner(sandbox: Sandbox, tmp_path: Path) -> Iterator[ExportRunner]:
     sandbox.locations.ready_after_seconds = 0
     env = sandbox.env()
