@@ -34,7 +34,8 @@ from export_pipeline.defs.assets import make_runner
 from export_pipeline.sandbox.server import RunningServer, free_port
 from export_pipeline.webhooks.receiver import SECRET_ENV, TOKEN_ENV, ReceiverSettings, create_app
 from export_pipeline.webhooks.store import EventStore
-from export_pipeline_tests.dagster.conftest import DagsterSetup, guarded_pythonpath
+from export_pipeline_tests.conftest import guarded_pythonpath
+from export_pipeline_tests.dagster.conftest import DagsterSetup
 from export_pipeline_tests.webhooks.conftest import (
     LOCATIONS_PATH,
     MAPPING_PATH,
