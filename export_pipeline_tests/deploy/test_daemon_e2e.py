@@ -41,12 +41,6 @@ from export_pipeline_tests.deploy.process_run_launcher import (
 from export_pipeline_tests.deploy.test_lake_on_postgres import LAKE_BUCKET, lake_env
 from export_pipeline_tests.deploy.test_production_instance import LOG_BUCKET, instance_env
 
-
-@pytest.fixture
-def simulators() -> tuple[str, ...]:
-    return ("locations",)  # the sandbox starts only these
-
-
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 BIN = Path(sys.executable).parent
