@@ -17,7 +17,7 @@ from export_pipeline.core.ledger import Ledger
 from export_pipeline.core.model import ExportKind, ExportRequest, ExportState, ExportStatus
 from export_pipeline.core.warehouse import DuckLakeWarehouse
 from export_pipeline_tests.deploy.postgres import PostgresServer
-from export_pipeline_tests.locations.conftest import (  # noqa: F401  (fixture)
+from export_pipeline_tests.providers.locations.conftest import (  # noqa: F401  (fixture)
     LocationsSandbox,
     locations_sandbox,
 )

@@ -10,7 +10,7 @@ import pytest
 from export_pipeline.core.ingest import ExportRunner, IngestSettings
 from export_pipeline.core.ledger import Ledger, Warehouse
 from export_pipeline.core.storage import LocalStorage
-from export_pipeline_tests.locations.conftest import (  # noqa: F401  (fixture)
+from export_pipeline_tests.providers.locations.conftest import (  # noqa: F401  (fixture)
     FAST_RETRY,
     LocationsSandbox,
     locations_sandbox,

@@ -15,7 +15,7 @@ from export_pipeline.core.errors import ExportClaimedError
 from export_pipeline.core.ingest import IngestResult
 from export_pipeline.core.model import ExportRequest
 from export_pipeline.providers.locations import LOCATIONS
-from export_pipeline_tests.locations.conftest import N_LOCATIONS, LocationsSandbox
+from export_pipeline_tests.providers.locations.conftest import N_LOCATIONS, LocationsSandbox
 from export_pipeline_tests.reliability.conftest import MakeRunner, exports, table_rows
 
 JSON = ExportRequest(params={"format": "json"})

@@ -14,7 +14,7 @@ import pytest
 
 from export_pipeline.core.faults import ENV_VAR, POINTS
 from export_pipeline.sandbox.locations import State
-from export_pipeline_tests.locations.conftest import LocationsSandbox
+from export_pipeline_tests.providers.locations.conftest import LocationsSandbox
 from export_pipeline_tests.reliability.crash_run import sync_once
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -30,7 +30,7 @@ from export_pipeline.core.normalise import to_parquet
 from export_pipeline.core.transfer import download_file as _download_file
 from export_pipeline.providers.locations import LOCATIONS
 from export_pipeline.sandbox.server import RunningServer
-from export_pipeline_tests.locations.conftest import LocationsSandbox
+from export_pipeline_tests.providers.locations.conftest import LocationsSandbox
 from export_pipeline_tests.reliability.conftest import MakeRunner, exports
 
 BODY = b'{"id": 1}\n{"id": 2}\n'

@@ -10,7 +10,7 @@ from export_pipeline.cli import main
 from export_pipeline.core.errors import ExportFailedError, ParseError
 from export_pipeline.core.model import ExportRequest, ExportState
 from export_pipeline.providers.locations import LOCATIONS
-from export_pipeline_tests.locations.conftest import N_LOCATIONS, LocationsSandbox
+from export_pipeline_tests.providers.locations.conftest import N_LOCATIONS, LocationsSandbox
 from export_pipeline_tests.reliability.conftest import MakeRunner, exports, table_rows
 
 BAD_JSON = b'[\n{"id": "LOC1", "name": "ok"},\n{"id": "LOC2", "name": \n]\n'

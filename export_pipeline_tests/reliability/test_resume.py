@@ -22,7 +22,7 @@ from export_pipeline.core.netpolicy import UrlPolicy
 from export_pipeline.core.transfer import DownloadLimits, download_files
 from export_pipeline.providers.locations import LOCATIONS
 from export_pipeline.sandbox.server import RunningServer
-from export_pipeline_tests.locations.conftest import N_LOCATIONS, LocationsSandbox
+from export_pipeline_tests.providers.locations.conftest import N_LOCATIONS, LocationsSandbox
 from export_pipeline_tests.reliability.conftest import MakeRunner, table_rows
 
 JSON = ExportRequest(params={"format": "json"})

@@ -145,7 +145,7 @@ def claimant(
     from export_pipeline.core.ingest import ExportRunner, IngestSettings
     from export_pipeline.core.storage import LocalStorage
     from export_pipeline.providers.locations import LOCATIONS, LocationsProvider
-    from export_pipeline_tests.locations.conftest import FAST_RETRY
+    from export_pipeline_tests.providers.locations.conftest import FAST_RETRY
 
     try:
         provider = LocationsProvider.from_settings(base_url=base_url, token=token, retry=FAST_RETRY)

@@ -14,7 +14,7 @@ from export_pipeline.core.model import ExportRequest
 from export_pipeline.core.storage import LocalStorage
 from export_pipeline.core.warehouse import DuckLakeWarehouse, close_lakes
 from export_pipeline.providers.locations import LOCATIONS
-from export_pipeline_tests.locations.conftest import (  # noqa: F401  (fixture)
+from export_pipeline_tests.providers.locations.conftest import (  # noqa: F401  (fixture)
     FAST_RETRY,
     N_LOCATIONS,
     LocationsSandbox,

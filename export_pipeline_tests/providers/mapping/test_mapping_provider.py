@@ -21,7 +21,11 @@ from export_pipeline.core.netpolicy import UrlPolicy
 from export_pipeline.core.transfer import download_file
 from export_pipeline.providers.mapping import RESULTS, MappingProvider
 from export_pipeline.sandbox.mapping import State
-from export_pipeline_tests.mapping.conftest import FAST_RETRY, MappingSandbox, start_sandbox
+from export_pipeline_tests.providers.mapping.conftest import (
+    FAST_RETRY,
+    MappingSandbox,
+    start_sandbox,
+)
 
 GZIP_MAGIC = b"\x1f\x8b"
 

@@ -15,7 +15,7 @@ from export_pipeline.core.errors import (
 from export_pipeline.core.model import ExportRequest, ExportState
 from export_pipeline.providers.http_engine import SpecProvider
 from export_pipeline.sandbox.stripe import BASE_START, StripeSandbox
-from export_pipeline_tests.stripe.conftest import connect
+from export_pipeline_tests.providers.stripe.conftest import connect
 
 KIND_NAME = "balance_change_from_activity"
 

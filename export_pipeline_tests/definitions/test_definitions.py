@@ -49,6 +49,6 @@ def test_definitions_load_offline_without_secrets(tmp_path: Path) -> None:
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
-    snapshot = json.loads((Path(__file__).parent / "definitions" / "definitions.json").read_text())
+    snapshot = json.loads((Path(__file__).with_name("definitions.json")).read_text())
     assert int(out.stdout.strip()) == len(snapshot["assets"])
     assert list(tmp_path.iterdir()) == []  # nothing written where it was imported

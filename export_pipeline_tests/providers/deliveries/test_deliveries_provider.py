@@ -29,7 +29,7 @@ from export_pipeline.core.model import (
 from export_pipeline.core.netpolicy import UrlPolicy
 from export_pipeline.core.transfer import DownloadedFile, download_file
 from export_pipeline.providers.deliveries import DeliveriesProvider
-from export_pipeline_tests.deliveries.conftest import FAST_RETRY, DeliveriesSandbox
+from export_pipeline_tests.providers.deliveries.conftest import FAST_RETRY, DeliveriesSandbox
 
 DAY = datetime(2026, 1, 2, tzinfo=UTC)
 

@@ -17,7 +17,7 @@ from export_pipeline.core.storage import LocalStorage
 from export_pipeline.core.windows import IncrementalSettings, next_request
 from export_pipeline.providers.http_engine import SpecProvider
 from export_pipeline.sandbox.stripe import StripeSandbox
-from export_pipeline_tests.stripe.conftest import FAST_RETRY
+from export_pipeline_tests.providers.stripe.conftest import FAST_RETRY
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from export_pipeline.core.ingest import ExportRunner, IngestSettings
 from export_pipeline.core.ledger import Ledger, Warehouse
 from export_pipeline.core.storage import LocalStorage
 from export_pipeline.sandbox import deliveries as sandbox_module
-from export_pipeline_tests.deliveries.conftest import FAST_RETRY, DeliveriesSandbox
-from export_pipeline_tests.deliveries.test_deliveries_provider import (
+from export_pipeline_tests.providers.deliveries.conftest import FAST_RETRY, DeliveriesSandbox
+from export_pipeline_tests.providers.deliveries.test_deliveries_provider import (
     DAY,
     SANDBOX_POLICY,
     window,

@@ -11,7 +11,7 @@ from export_pipeline.core.errors import ConfigurationError
 from export_pipeline.defs.spec_resources import SpecApiResource, environment_variables
 from export_pipeline.providers.http_engine import SpecProvider
 from export_pipeline.providers.spec import ExportApiSpec
-from export_pipeline_tests.spec.test_spec import spec_dict
+from export_pipeline_tests.providers.spec.test_spec import spec_dict
 
 BODY_AUTH = {
     "style": "body",

@@ -15,7 +15,11 @@ from export_pipeline.core.storage import LocalStorage
 from export_pipeline.core.warehouse import close_lakes
 from export_pipeline.providers.locations import LOCATIONS
 from export_pipeline_tests.conftest import open_warehouse
-from export_pipeline_tests.locations.conftest import FAST_RETRY, N_LOCATIONS, LocationsSandbox
+from export_pipeline_tests.providers.locations.conftest import (
+    FAST_RETRY,
+    N_LOCATIONS,
+    LocationsSandbox,
+)
 
 
 class CrashAfterLoadLedger(Ledger):

@@ -1,0 +1,1 @@
+"""Providers over real HTTP against their simulators, one folder per API (and the spec engine)."""
