@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
@@ -255,13 +254,14 @@ def test_rate_limit_is_waited_out(dagster_setup: DagsterSetup) -> None:
 def test_expired_link_is_recovered(dagster_setup: DagsterSetup) -> None:
     """A link that dies between the status call and the download is replaced, not fatal."""
     setup = dagster_setup
-    setup.sandbox.locations.link_ttl_seconds = 0.5
+    # The link is born expired (no sleep racing a short TTL: under load the wait itself could
+    # outlast a 0.5 s TTL, or the sleep could end before the link died).
+    setup.sandbox.locations.link_ttl_seconds = -5
     setup.sandbox.locations.ready_after_seconds = 0
     with dg.build_resources(setup.for_provider("locations")) as res:
         r = make_runner(res, LOCATIONS)
         record, _ = r.start(KIND, ExportRequest())
-        r.wait_until_ready(KIND, record.export_id, timeout=10)
-    time.sleep(1.2)  # the link the ledger saw is now dead
+        r.wait_until_ready(KIND, record.export_id, timeout=60)
     setup.sandbox.locations.link_ttl_seconds = 3600
     assert materialize(setup, {"export_id": record.export_id}).success
     assert query(setup, "SELECT state FROM pipeline.exports")[0][0] == "loaded"
