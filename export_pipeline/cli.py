@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
-from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,104 +21,15 @@ if TYPE_CHECKING:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import dagster as dg
+    from export_pipeline.sandbox.demo import run_demo
 
-    from export_pipeline.core.ledger import Ledger, Warehouse
-    from export_pipeline.definitions import build_defs, default_resources
-    from export_pipeline.defs.resources import SyncSettingsResource, WarehouseResource
-    from export_pipeline.sandbox.bundle import start_sandbox
-
-    data_dir = Path(args.data_dir)
-    warehouse_path = data_dir / "warehouse.duckdb"
-    if not args.keep and data_dir.exists():
-        # The sandbox starts from scratch each time, so the demo's warehouse does too.
-        for name in ("warehouse.duckdb", "warehouse.duckdb.wal", "read", "raw", "parquet", "work"):
-            target = data_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    print(f"starting the sandbox providers on loopback ({args.rows} locations)...", flush=True)
-    with ExitStack() as stack:
-        sandbox = stack.enter_context(start_sandbox(n_locations=args.rows))
-        os.environ.update(sandbox.env())
-        os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")  # loopback only
-        resources = default_resources()
-        resources["warehouse"] = WarehouseResource(path=str(warehouse_path), data_dir=str(data_dir))
-        resources["sync_settings"] = SyncSettingsResource(
-            poll_initial_seconds=0.25,
-            # The sandbox serves its files on loopback: allow its ports, nothing else.
-            allowed_download_hosts=sandbox.allowed_download_hosts(),
-        )
-        defs = build_defs(resources)
-        job = defs.resolve_job_def("locations_sync")
-        instance = stack.enter_context(dg.DagsterInstance.ephemeral())
-        ledger = Ledger(Warehouse(warehouse_path))
-        summary = []
-        for step in ("full", "incremental"):
-            if step == "incremental":
-                sandbox.locations.mutate(updated=args.changes, added=args.changes // 2)
-                print(
-                    f"sandbox changed: {args.changes} locations updated, {args.changes // 2} added",
-                    flush=True,
-                )
-            t0 = time.perf_counter()
-            result = job.execute_in_process(
-                instance=instance,
-                raise_on_error=False,
-                run_config={
-                    "loggers": {"console": {"config": {"log_level": args.log_level.upper()}}}
-                },
-            )
-            seconds = time.perf_counter() - t0
-            if not result.success:
-                for event in result.all_events:
-                    if event.is_failure:
-                        print(event.message, file=sys.stderr)
-                print(f"{step} sync FAILED", file=sys.stderr)
-                return 1
-            record = ledger.last_loaded("locations", "locations")
-            assert record is not None
-            with Warehouse(warehouse_path).connect() as con:
-                files = [
-                    f"{name} ({size:,} bytes)"
-                    for name, size in con.execute(
-                        "SELECT name, size_bytes FROM pipeline.export_files "
-                        "WHERE provider = 'locations' AND export_id = ? ORDER BY name",
-                        [record.export_id],
-                    ).fetchall()
-                ]
-            summary.append(
-                {
-                    "sync": step,
-                    "export_id": record.export_id,
-                    "modified_since": record.modified_since.isoformat()
-                    if record.modified_since
-                    else None,
-                    "files": files,
-                    "rows": record.rows_loaded,
-                    "seconds": round(seconds, 2),
-                }
-            )
-            print(
-                f"{step:<12} export {record.export_id}  rows {record.rows_loaded:>7}  "
-                f"{seconds:6.2f}s  since {summary[-1]['modified_since'] or '(full)'}  "
-                f"files {', '.join(files)}",
-                flush=True,
-            )
-        with Warehouse(warehouse_path).connect() as con:
-            counts = {
-                name: con.execute(f"SELECT count(*) FROM locations.{name}").fetchone()[0]
-                for name in ("locations", "evses", "connectors")
-            }
-            cursor = ledger.cursor("locations", "locations")
-    print(
-        f"warehouse {warehouse_path}: locations.locations={counts['locations']} rows, "
-        f"locations.evses={counts['evses']}, locations.connectors={counts['connectors']}; "
-        f"cursor={cursor.isoformat() if cursor else None}"
+    return run_demo(
+        Path(args.data_dir),
+        rows=args.rows,
+        changes=args.changes,
+        keep=args.keep,
+        log_level=args.log_level,
     )
-    print(json.dumps({"syncs": summary, "tables": counts}))
-    return 0
 
 
 def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
@@ -227,6 +139,66 @@ def dg_dev_command(home: Path, host: str, port: int) -> list[str]:
     return cmd
 
 
+class _Stop(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_group(child: subprocess.Popen[bytes], signum: int, timeout: float) -> None:
+    """``signum`` to the child's whole process group, then SIGKILL to what is left after
+    ``timeout`` seconds, waiting until no member of the group remains."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signum)
+    deadline = time.monotonic() + timeout
+    killed = False
+    while True:
+        if child.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(0.1)
+        try:
+            os.killpg(child.pid, 0)  # any member (webserver, daemon, code server) still there?
+        except ProcessLookupError:
+            if child.poll() is not None:
+                return
+        if time.monotonic() > deadline and not killed:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            killed = True
+            deadline = time.monotonic() + timeout
+        elif time.monotonic() > deadline:
+            return  # unkillable (zombie members are reaped by their parent); nothing more to do
+        time.sleep(0.05)
+
+
+def run_in_own_group(
+    cmd: list[str], env: dict[str, str] | None = None, stop_timeout: float = 20.0
+) -> int:
+    """Run ``cmd`` in a process group of its own and stop that whole group when this process
+    gets SIGTERM, SIGINT or SIGHUP. ``dg dev`` starts a webserver, a daemon and code servers; a
+    plain ``subprocess.call`` left them running as orphans when ``export-pipeline dev`` was
+    killed (only a terminal's Ctrl-C, sent to the whole foreground group, reached them)."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise _Stop(signum)
+
+    child = subprocess.Popen(cmd, env=env, start_new_session=True)
+    watched = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, stop) for sig in watched}
+    try:
+        return child.wait()
+    except _Stop as received:
+        for sig in watched:  # a second signal must not interrupt the shutdown
+            signal.signal(sig, signal.SIG_IGN)
+        _stop_group(child, received.signum, stop_timeout)
+        return 128 + received.signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if child.poll() is None:
+            _stop_group(child, signal.SIGTERM, stop_timeout)
+
+
 def _dev(args: argparse.Namespace) -> int:
     """The sandbox plus the Dagster UI and daemon in one command, wired together by environment.
 
@@ -239,7 +211,7 @@ def _dev(args: argparse.Namespace) -> int:
     home = instance_home(args.dagster_home)
     with _start_sandbox(args) as sandbox:
         if args.changes:
-            sandbox.locations.mutate(updated=args.changes, added=args.changes // 2)
+            sandbox.simulate_activity(args.changes)
         # Loopback only: Dagster's telemetry would otherwise upload to telemetry.dagster.io.
         env = {
             "DAGSTER_DISABLE_TELEMETRY": "1",
@@ -257,7 +229,7 @@ def _dev(args: argparse.Namespace) -> int:
             f"DAGSTER_HOME={home}; starting: {' '.join(cmd)}",
             flush=True,
         )
-        return subprocess.call(cmd, env=env)
+        return run_in_own_group(cmd, env)
 
 
 def _webhooks(args: argparse.Namespace) -> int:

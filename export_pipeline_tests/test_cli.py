@@ -136,3 +136,54 @@ def test_sandbox_serve_rejects_an_unknown_fault(tmp_path: Path) -> None:
         timeout=120,
     )
     assert out.returncode != 0 and "unknown sandbox fault 'gremlins'" in out.stderr
+
+
+# A stand-in for `dg dev`: a child that starts a grandchild in its own group (as the webserver,
+# daemon and code servers are) and records its pid, then waits.
+_SPAWNER = """
+import subprocess, sys, time
+from pathlib import Path
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+Path(sys.argv[1]).write_text(str(grandchild.pid))
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_sigterm_to_dev_stops_every_process_it_started(tmp_path: Path) -> None:
+    """`export-pipeline dev` runs `dg dev` through run_in_own_group: SIGTERM to the command
+    stops the whole group, grandchildren included, instead of leaving them orphaned."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "grandchild.pid"
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from export_pipeline.cli import run_in_own_group; "
+            f"sys.exit(run_in_own_group([sys.executable, '-c', {_SPAWNER!r}, {str(pid_file)!r}]))",
+        ]
+    )
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert parent.poll() is None, "the command ended before its child started"
+        assert time.monotonic() < deadline, "the child never started its grandchild"
+        time.sleep(0.05)
+    grandchild = int(pid_file.read_text())
+    assert _alive(grandchild)
+
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=60) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 30
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild), f"process {grandchild} outlived `export-pipeline dev`"

@@ -92,6 +92,11 @@ class Sandbox:
         origins = [*self.urls.values(), self.s3.endpoint_url]
         return ",".join(sorted({httpx.URL(u).netloc.decode("ascii") for u in origins}))
 
+    def simulate_activity(self, changes: int) -> None:
+        """Activity since the seed: ``changes`` locations updated and half as many added ("now"),
+        so an incremental sync after the demo has rows to load."""
+        self.locations.mutate(updated=changes, added=changes // 2)
+
     def apply_faults(self, faults: Mapping[str, Any]) -> None:
         """Switch on the sandbox's ugly cases by name (``sandbox serve --fault NAME[=VALUE]``).
 
