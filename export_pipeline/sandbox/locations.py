@@ -261,6 +261,8 @@ class State:
       ready_after_seconds, processing_after_seconds, processing_status, rate_limit_next,
       retry_after_seconds,
       fail_next_export, reject_next_request, max_export_rows, link_ttl_seconds,
+      expired_links_next (the next N completed status answers carry a link that expired 5 s
+      ago; later ones a fresh link),
       expire_exports_after_seconds, truncate_next_download, download_base_url,
       ignore_range (the file host answers every GET with the whole file, 200, although it
       advertises ``Accept-Ranges``), corrupt_next_export (bytes written over the next export's
@@ -294,6 +296,7 @@ class State:
         self.reject_next_request: str | None = None
         self.max_export_rows: int | None = None  # beyond this -> EXPORT_SIZE_EXCEEDED
         self.link_ttl_seconds = link_ttl_seconds
+        self.expired_links_next = 0
         self.expire_exports_after_seconds = expire_exports_after_seconds
         self.truncate_next_download = False
         self.download_base_url: str | None = None  # serve links from another host
@@ -571,6 +574,10 @@ class State:
         elif word == "COMPLETED":
             assert export.completed_at is not None and export.export_timestamp is not None
             expires = time.time() + self.link_ttl_seconds
+            with self._lock:
+                if self.expired_links_next > 0:
+                    self.expired_links_next -= 1
+                    expires = time.time() - 5
             if self.expire_exports_after_seconds is not None:
                 expires = min(expires, export.completed_at + self.expire_exports_after_seconds)
             root = (self.download_base_url or base_url).rstrip("/")

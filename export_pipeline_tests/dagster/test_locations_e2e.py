@@ -252,18 +252,23 @@ def test_rate_limit_is_waited_out(dagster_setup: DagsterSetup) -> None:
 
 
 def test_expired_link_is_recovered(dagster_setup: DagsterSetup) -> None:
-    """A link that dies between the status call and the download is replaced, not fatal."""
+    """A link that is dead when the run gets it is replaced by a fresh one, not fatal."""
     setup = dagster_setup
-    # The link is born expired (no sleep racing a short TTL: under load the wait itself could
-    # outlast a 0.5 s TTL, or the sleep could end before the link died).
-    setup.sandbox.locations.link_ttl_seconds = -5
-    setup.sandbox.locations.ready_after_seconds = 0
+    locations = setup.sandbox.locations
+    locations.ready_after_seconds = 0
     with dg.build_resources(setup.for_provider("locations")) as res:
         r = make_runner(res, LOCATIONS)
         record, _ = r.start(KIND, ExportRequest())
         r.wait_until_ready(KIND, record.export_id, timeout=60)
-    setup.sandbox.locations.link_ttl_seconds = 3600
+    # The run's first status answer hands out a link that expired 5 s ago (no sleep racing a
+    # short TTL); the next answer, the refresh, a fresh one.
+    locations.expired_links_next = 1
+    status_path = f"/locations/exports/{record.export_id}"
+    calls_before = sum(1 for _, path in locations.calls if path == status_path)
     assert materialize(setup, {"export_id": record.export_id}).success
+    assert locations.expired_links_next == 0, "the run never asked for the export's link"
+    status_calls = sum(1 for _, path in locations.calls if path == status_path) - calls_before
+    assert status_calls >= 2, "the expired link was not refreshed by a second status call"
     assert query(setup, "SELECT state FROM pipeline.exports")[0][0] == "loaded"
 
 
