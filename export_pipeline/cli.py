@@ -145,30 +145,31 @@ class _Stop(Exception):
         self.signum = signum
 
 
+def _group_alive(child: subprocess.Popen[bytes]) -> bool:
+    """Whether the child (reaped here) or any member of its group (webserver, daemon, code
+    server) is still running."""
+    if child.poll() is None:
+        return True
+    try:
+        os.killpg(child.pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _stop_group(child: subprocess.Popen[bytes], signum: int, timeout: float) -> None:
     """``signum`` to the child's whole process group, then SIGKILL to what is left after
-    ``timeout`` seconds, waiting until no member of the group remains."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(child.pid, signum)
-    deadline = time.monotonic() + timeout
-    killed = False
-    while True:
-        if child.poll() is None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(0.1)
-        try:
-            os.killpg(child.pid, 0)  # any member (webserver, daemon, code server) still there?
-        except ProcessLookupError:
-            if child.poll() is not None:
-                return
-        if time.monotonic() > deadline and not killed:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, signal.SIGKILL)
-            killed = True
-            deadline = time.monotonic() + timeout
-        elif time.monotonic() > deadline:
-            return  # unkillable (zombie members are reaped by their parent); nothing more to do
-        time.sleep(0.05)
+    ``timeout`` seconds; returns once no member remains (or SIGKILL's wait ran out)."""
+    for sig in (signum, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, sig)
+        deadline = time.monotonic() + timeout
+        while _group_alive(child):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        else:
+            return
 
 
 def run_in_own_group(

@@ -139,13 +139,13 @@ def test_sandbox_serve_rejects_an_unknown_fault(tmp_path: Path) -> None:
 
 
 # A stand-in for `dg dev`: a child that starts a grandchild in its own group (as the webserver,
-# daemon and code servers are) and records its pid, then waits.
+# daemon and code servers are) and records its pid, then waits for a signal.
 _SPAWNER = """
-import subprocess, sys, time
+import signal, subprocess, sys
 from pathlib import Path
-grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+grandchild = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
 Path(sys.argv[1]).write_text(str(grandchild.pid))
-time.sleep(600)
+signal.pause()
 """
 
 

@@ -23,6 +23,19 @@ from export_pipeline.sandbox.server import RunningServer
 SIMULATORS = ("locations", "mews", "deliveries", "mapping")
 
 
+# Each simulator's URL and secrets under the names its provider's spec reads them from.
+_SIMULATOR_ENV: dict[str, Callable[[Any, str], dict[str, str]]] = {
+    "locations": lambda s, url: {"LOCATIONS_API_URL": url, "LOCATIONS_API_TOKEN": s.token},
+    "mews": lambda s, url: {
+        "MEWS_PLATFORM_ADDRESS": url,
+        "MEWS_CLIENT_TOKEN": s.client_token,
+        "MEWS_ACCESS_TOKEN": s.access_token,
+    },
+    "deliveries": lambda s, url: {"DELIVERIES_API_URL": url, "DELIVERIES_API_KEY": s.token},
+    "mapping": lambda s, url: {"MAPPING_API_URL": url, "MAPPING_API_TOKEN": s.token},
+}
+
+
 @dataclass
 class Sandbox:
     states: dict[str, Any]  # provider -> its simulator's State, for the simulators started
@@ -60,27 +73,9 @@ class Sandbox:
             "SANDBOX_S3_ENDPOINT_URL": self.s3.endpoint_url,
             "EXPORT_PIPELINE_ALLOWED_DOWNLOAD_HOSTS": self.allowed_download_hosts(),
         }
-        if "locations" in self.states:
-            env |= {
-                "LOCATIONS_API_URL": self.urls["locations"],
-                "LOCATIONS_API_TOKEN": self.locations.token,
-            }
-        if "mews" in self.states:
-            env |= {
-                "MEWS_PLATFORM_ADDRESS": self.urls["mews"],
-                "MEWS_CLIENT_TOKEN": self.mews.client_token,
-                "MEWS_ACCESS_TOKEN": self.mews.access_token,
-            }
-        if "deliveries" in self.states:
-            env |= {
-                "DELIVERIES_API_URL": self.urls["deliveries"],
-                "DELIVERIES_API_KEY": self.deliveries.token,
-            }
-        if "mapping" in self.states:
-            env |= {
-                "MAPPING_API_URL": self.urls["mapping"],
-                "MAPPING_API_TOKEN": self.mapping.token,
-            }
+        for name, state in self.states.items():
+            if name in _SIMULATOR_ENV:
+                env |= _SIMULATOR_ENV[name](state, self.urls[name])
         return env
 
     def allowed_download_hosts(self) -> str:

@@ -21,7 +21,6 @@ def run_demo(data_dir: Path, *, rows: int, changes: int, keep: bool, log_level: 
     from export_pipeline.defs.resources import SyncSettingsResource, WarehouseResource
     from export_pipeline.sandbox.bundle import start_sandbox
 
-    data_dir = Path(data_dir)
     warehouse_path = data_dir / "warehouse.duckdb"
     if not keep and data_dir.exists():
         # The sandbox starts from scratch each time, so the demo's warehouse does too.
