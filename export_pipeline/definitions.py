@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import dagster as dg
 
-from export_pipeline.core.model import ExportKind
 from export_pipeline.defs.assets import ProviderBinding, build_export_asset, build_view_asset
-from export_pipeline.defs.checks import build_checks, build_checks_sensor, build_freshness
+from export_pipeline.defs.checks import build_checks, build_checks_sensor
 from export_pipeline.defs.resources import (
     LazyS3Resource,
     SyncSettingsResource,
@@ -20,7 +19,6 @@ from export_pipeline.defs.schedules import (
     build_sync_job,
     retention_job,
     retention_schedule,
-    scheduled_kinds,
 )
 from export_pipeline.defs.sensors import (
     FailureAlertsResource,
@@ -36,10 +34,7 @@ BINDINGS = tuple(ProviderBinding.of(cls) for cls in PROVIDERS)
 
 def build_defs(resources: dict[str, object] | None = None) -> dg.Definitions:
     assets, checks, sensors, schedules, jobs = [], [], [], [], []
-    fresh: list[tuple[ExportKind, bool]] = []
     for binding in BINDINGS:
-        scheduled = {k.key for k in scheduled_kinds(binding)}
-        fresh.extend((k, k.key in scheduled) for k in binding.kinds)
         for kind in binding.kinds:
             assets.append(build_export_asset(kind, binding))
             assets.extend(build_view_asset(kind, view) for view in kind.views)
@@ -50,9 +45,7 @@ def build_defs(resources: dict[str, object] | None = None) -> dg.Definitions:
             jobs.append(job)
             schedules.append(build_schedule(binding, job))
     sensors.append(build_checks_sensor(checks))  # the data checks, after each materialization
-    freshness_checks, freshness_sensor = build_freshness(fresh)
-    checks.extend(freshness_checks)
-    sensors += [freshness_sensor, run_failure_alerts]
+    sensors.append(run_failure_alerts)
     jobs.append(retention_job)
     schedules.append(retention_schedule)
     sensors.append(build_release_claims_sensor())

@@ -19,6 +19,7 @@ from export_pipeline.core.load import ensure_views
 from export_pipeline.core.model import ExportKind, ExportRequest, ExportState
 from export_pipeline.core.preview import preview_markdown
 from export_pipeline.core.windows import IncrementalSettings, parse_iso, request_for
+from export_pipeline.defs.freshness import freshness_policy
 from export_pipeline.providers.base import ExportProvider
 from export_pipeline.providers.column_docs import apply_comments, column_docs, view_docs
 
@@ -219,6 +220,7 @@ def build_export_asset(kind: ExportKind, binding: ProviderBinding) -> dg.AssetsD
         description=kind.description or f"{kind.key} export loaded into {kind.table}",
         kinds={"duckdb", "parquet"},
         partitions_def=partitions_def(kind),
+        freshness_policy=freshness_policy(kind),
         required_resource_keys={"warehouse", "sync_settings", "s3", binding.resource_key},
         metadata={
             "dagster/table_name": f"warehouse.{kind.table}",
@@ -381,6 +383,7 @@ def build_view_asset(kind: ExportKind, view: str) -> dg.AssetsDefinition:
         f"{kind.views[view]}\n```",
         kinds={"duckdb"},
         deps=[asset_key(kind)],
+        freshness_policy=freshness_policy(kind),
         required_resource_keys={"warehouse"},
         metadata={
             "dagster/table_name": f"warehouse.{kind.schema}.{view}",

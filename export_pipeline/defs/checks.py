@@ -18,14 +18,13 @@ for it across runs with ``AutomationCondition.all_deps_blocking_checks_passed()`
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import dagster as dg
 
 from export_pipeline.core import checks
 from export_pipeline.core.errors import WarehouseBusyError
-from export_pipeline.core.model import ExportKind, Incremental, LoadMode
+from export_pipeline.core.model import ExportKind, LoadMode
 from export_pipeline.defs.assets import asset_key
 
 # A check waits this long for another process's load, then reports itself skipped.
@@ -194,39 +193,3 @@ def build_checks_sensor(
         description="Runs each kind's data checks after its asset materializes (never in a "
         "sync run: a failed kind must not turn the other kinds' checks red).",
     )
-
-
-# Freshness defaults from each kind's schedule: one missed tick is tolerated, two are not.
-FRESHNESS_BY_CRON = {"hourly": timedelta(hours=2), "daily": timedelta(hours=26)}
-# Kinds without a schedule (mapping jobs, run on demand): flag a month without any load.
-UNSCHEDULED_FRESHNESS = timedelta(days=30)
-
-
-def freshness_window(kind: ExportKind, scheduled: bool) -> timedelta:
-    if not scheduled:
-        return UNSCHEDULED_FRESHNESS
-    daily = kind.incremental is Incremental.NONE
-    return FRESHNESS_BY_CRON["daily" if daily else "hourly"]
-
-
-def build_freshness(
-    kinds: Sequence[tuple[ExportKind, bool]],
-) -> tuple[list[dg.AssetChecksDefinition], dg.SensorDefinition]:
-    """A last-update freshness check on every asset (the kind's table and its views), with the
-    window derived from its schedule, and the sensor that evaluates them. The sensor is on by
-    default: it only reads the event log, never a provider or the warehouse."""
-    by_window: dict[timedelta, list[dg.AssetKey]] = {}
-    for kind, scheduled in kinds:
-        keys = [asset_key(kind), *(dg.AssetKey([kind.provider, v]) for v in kind.views)]
-        by_window.setdefault(freshness_window(kind, scheduled), []).extend(keys)
-    checks_ = [
-        check
-        for window, keys in by_window.items()
-        for check in dg.build_last_update_freshness_checks(assets=keys, lower_bound_delta=window)
-    ]
-    sensor = dg.build_sensor_for_freshness_checks(
-        freshness_checks=checks_,
-        name="freshness_checks_sensor",
-        default_status=dg.DefaultSensorStatus.RUNNING,
-    )
-    return checks_, sensor

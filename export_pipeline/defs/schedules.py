@@ -19,6 +19,7 @@ from export_pipeline.defs.assets import (
     asset_key,
     op_name,
 )
+from export_pipeline.defs.freshness import is_scheduled
 from export_pipeline.defs.sensors import SENSOR_LOCK_TIMEOUT
 
 # Full snapshots (Mews) are heavy: daily. Incremental pulls are cheap: hourly.
@@ -27,7 +28,7 @@ INCREMENTAL_CRON = "15 * * * *"
 
 
 def scheduled_kinds(binding: ProviderBinding) -> list[ExportKind]:
-    return [k for k in binding.kinds if not k.partitions]
+    return [k for k in binding.kinds if is_scheduled(k)]
 
 
 def with_views(kind: ExportKind) -> list[dg.AssetKey]:

@@ -1,5 +1,5 @@
-"""Health and retention (issue 14): freshness on every asset, the run-failure sensor, checks
-that could not run are skipped, and a cleanup that never touches an open export."""
+"""Health and retention (issue 14): a freshness policy on every asset, the run-failure sensor,
+checks that could not run are skipped, and a cleanup that never touches an open export."""
 
 from __future__ import annotations
 
@@ -7,12 +7,19 @@ import asyncio
 import json
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import dagster as dg
 import duckdb
 import pytest
 from dagster._core.loader import LoadingContextForTest
+from dagster._core.remote_origin import InProcessCodeLocationOrigin
+from dagster._core.test_utils import freeze_time
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
+from dagster._daemon.freshness import FreshnessDaemon
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -32,17 +39,47 @@ KIND = LOCATIONS.kinds[0]
 MEWS = next(b for b in BINDINGS if b.name == "mews")
 
 
-def test_every_asset_has_a_freshness_check_from_its_schedule() -> None:
-    with dg.instance_for_test():  # Definitions load under a live instance (test_definitions)
-        repo = build_defs().get_repository_def()
-    fresh = {
-        k.asset_key.to_user_string()
-        for k in repo.asset_graph.asset_check_keys
-        if "freshness" in k.name
+def freshness_states(instance: dg.DagsterInstance) -> dict[str, str]:
+    """One iteration of Dagster's own FreshnessDaemon over the project's definitions (loaded as
+    `dg dev` loads them), then the state it recorded for each asset."""
+    target = InProcessWorkspaceLoadTarget(
+        InProcessCodeLocationOrigin(
+            LoadableTargetOrigin(module_name="export_pipeline.definitions", attribute="defs")
+        )
+    )
+    with WorkspaceProcessContext(instance, target) as workspace:
+        list(FreshnessDaemon().run_iteration(workspace))
+        keys = workspace.create_request_context().asset_graph.get_all_asset_keys()
+    records = instance.get_freshness_state_records(list(keys))
+    return {k.to_user_string(): records[k].freshness_state.value for k in keys if k in records}
+
+
+def test_every_asset_has_a_freshness_policy_the_daemon_evaluates(
+    dagster_setup: DagsterSetup,
+) -> None:
+    setup = dagster_setup
+    graph = build_defs().get_repository_def().asset_graph
+    policies = {
+        k.to_user_string(): graph.get(k).freshness_policy for k in graph.get_all_asset_keys()
     }
-    assert fresh == {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
-    sensor = repo.get_sensor_def("freshness_checks_sensor")
-    assert sensor.default_status is dg.DefaultSensorStatus.RUNNING
+    assert all(policies.values()), [k for k, p in policies.items() if p is None]
+    hourly = dg.FreshnessPolicy.time_window(
+        fail_window=timedelta(hours=2), warn_window=timedelta(minutes=90)
+    )
+    assert policies["locations/locations"] == policies["locations/evses"] == hourly
+    assert policies["mews/reservation"].fail_window.to_timedelta() == timedelta(hours=26)
+    assert policies["mapping/results"].fail_window.to_timedelta() == timedelta(days=30)
+
+    assert setup.job("locations_sync").execute_in_process(instance=setup.instance).success
+    states = freshness_states(setup.instance)
+    loaded = {"locations/locations", "locations/evses", "locations/connectors"}
+    assert {k: states[k] for k in loaded} == dict.fromkeys(loaded, "PASS")
+    assert states["mews/reservation"] == "UNKNOWN"  # never materialized: nothing to judge
+    now = time.time()
+    with freeze_time(now + timedelta(minutes=95).total_seconds()):  # one hourly tick missed
+        assert freshness_states(setup.instance)["locations/locations"] == "WARN"
+    with freeze_time(now + timedelta(hours=2, minutes=5).total_seconds()):
+        assert freshness_states(setup.instance)["locations/evses"] == "FAIL"
 
 
 def test_failure_sensor_records_and_posts(dagster_setup: DagsterSetup, tmp_path: Path) -> None:
@@ -238,7 +275,6 @@ def test_a_failed_kind_turns_no_check_red_and_the_others_judge_their_own_data(
         raise_on_error=False,
     )
     assert not manual.success
-    # (its freshness_check is planned too; that one is the freshness sensor's to judge)
     assert planned_checks(setup, manual.run_id) & keys == payment
     for key in payment:
         assert ui_status(setup.instance, key) == ("SUCCEEDED", manual.run_id), key

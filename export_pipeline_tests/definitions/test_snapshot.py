@@ -1,7 +1,7 @@
 """The whole definitions graph, compared with a reviewed snapshot (``definitions.json`` here):
-asset keys with their group, kinds, partitions and upstream, the asset checks, jobs with what they
-select, schedules, sensors with the resources they need, and each resource's class and the
-environment variables it reads.
+asset keys with their group, kinds, partitions, upstream and freshness policy, the asset checks,
+jobs with what they select, schedules, sensors with the resources they need, and each resource's
+class and the environment variables it reads.
 
 A change to the graph fails this test with a diff. When the change is intended, rewrite the file
 and review it like code:
@@ -29,9 +29,16 @@ SNAPSHOT = Path(__file__).with_name("definitions.json")
 
 @pytest.fixture
 def live_instance() -> Iterator[dg.DagsterInstance]:
-    # Freshness checks resolve the current instance while the definitions load.
+    # The definitions load under a live instance, as under `dg dev`.
     with dg.instance_for_test() as instance:
         yield instance
+
+
+def freshness(policy: dg.FreshnessPolicy | None) -> dict[str, str | None] | None:
+    if policy is None:
+        return None
+    windows = {"fail": policy.fail_window, "warn": policy.warn_window}
+    return {k: str(w.to_timedelta()) if w else None for k, w in windows.items()}
 
 
 def describe(defs: dg.Definitions) -> dict[str, Any]:
@@ -48,6 +55,7 @@ def describe(defs: dg.Definitions) -> dict[str, Any]:
             "partitions": getattr(partitions, "name", None) or (partitions and str(partitions)),
             "upstream": sorted(k.to_user_string() for k in node.parent_keys),
             "checks": sorted(c.name for c in graph.asset_check_keys if c.asset_key == key),
+            "freshness": freshness(node.freshness_policy),
         }
     jobs = {}
     for job in sorted(repo.get_all_jobs(), key=lambda j: j.name):

@@ -58,8 +58,7 @@ def make_project(root: Path, attributes: dict) -> str:
 
 @pytest.fixture
 def instance() -> Iterator[dg.DagsterInstance]:
-    """A live instance while the defs load: building freshness checks resolves the current
-    instance, and an earlier test's disposed one must not be what is found."""
+    """A throwaway instance, live while the defs load and the run executes (as under `dg dev`)."""
     with dg.instance_for_test() as live:
         yield live
 
