@@ -16,7 +16,7 @@ from export_pipeline.core.model import (
 from export_pipeline.core.model import (
     batched as batched,  # re-exported: providers batch their status calls with it
 )
-from export_pipeline.providers.spec import Sandbox
+from export_pipeline.providers.spec import Event, Sandbox
 
 
 class ExportProvider(ABC):
@@ -39,6 +39,9 @@ class ExportProvider(ABC):
     status_batch_size: ClassVar[int] = 1
     # The API pushes export events (webhooks): the receiver takes them, the sensor absorbs them.
     pushes_events: ClassVar[bool] = False
+    # How its pushed events are declared (signature scheme, event id); None: Standard Webhooks
+    # signed with the receiver's secret, deduplicated by webhook-id.
+    events: ClassVar[Event | None] = None
     # The API's simulator and its fixed port (``export-pipeline sandbox serve``, ``dev``).
     sandbox: ClassVar[Sandbox | None] = None
 

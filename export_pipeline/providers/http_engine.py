@@ -99,6 +99,7 @@ class SpecProvider(ExportProvider):
             "kinds": spec.export_kinds(),
             "status_batch_size": spec.status.batch_size,
             "pushes_events": spec.events is not None,
+            "events": spec.events,
             "sandbox": spec.sandbox,
             "__doc__": spec.description or f"{spec.name} exports, run from its spec.",
         }

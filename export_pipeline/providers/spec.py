@@ -309,6 +309,20 @@ class KindSpec(_Spec):
         return self
 
 
+class Signing(_Spec):
+    """How an API signs its webhook deliveries when not with Standard Webhooks (the default:
+    the receiver's ``EXPORT_PIPELINE_WEBHOOK_SECRET``)."""
+
+    scheme: Literal["stripe"] = Field(
+        description="stripe: a `Stripe-Signature: t=<unix>,v1=<hex>` header, HMAC-SHA256 of "
+        "`<t>.<raw body>` keyed with the endpoint's signing secret as is."
+    )
+    secret_env: str = Field(
+        description="Environment variable with the endpoint's signing secret(s), "
+        "comma-separated while one is rotated."
+    )
+
+
 class Event(_Spec):
     """A pushed event that names an export: which types count and where the export object is."""
 
@@ -324,6 +338,14 @@ class Event(_Spec):
             description="Event type -> state, for events whose record names no status word. "
             "A ready event may carry no file links: the status call gives fresh ones.",
         )
+    )
+    id_path: str | None = Field(
+        None,
+        description="Dotted path of the event's own id: the key a redelivery is recognised by "
+        "(None: the webhook-id header, else a hash of the body).",
+    )
+    signing: Signing | None = Field(
+        None, description="The API's own signature scheme (None: Standard Webhooks)."
     )
     accept: list[Literal["pending", "processing", "ready", "failed", "expired", "lost"]] = Field(
         default_factory=list,

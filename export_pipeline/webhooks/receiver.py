@@ -21,7 +21,9 @@ the request head, a bound on concurrent connections) are uvicorn options, see
 ``serve.uvicorn_options``.
 
 Authentication is the Standard Webhooks scheme (``webhook-id``, ``webhook-timestamp``,
-``webhook-signature``), or a bearer token for senders that cannot sign.
+``webhook-signature``), or a bearer token for senders that cannot sign. A provider whose spec
+declares its own scheme (``events.signing``; Stripe's ``Stripe-Signature``) is checked with that
+scheme and its own secret (``events.signing.secret_env``) on its route instead.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from export_pipeline.core.model import ExportStatus
 from export_pipeline.core.redact import get_logger, redact_obj, redact_text
 from export_pipeline.providers.base import ExportProvider
 from export_pipeline.providers.registry import PROVIDERS
+from export_pipeline.providers.spec import dig
 from export_pipeline.webhooks.store import EventStore
 
 logger = get_logger(__name__)  # redacts secrets from every message
@@ -94,6 +97,8 @@ class ReceiverSettings:
 
     secrets: tuple[str, ...] = ()
     bearer_token: str | None = None
+    # Provider name -> the secrets of its own signature scheme (``events.signing``), used as is.
+    provider_secrets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     tolerance_seconds: int = 300
     max_body_bytes: int = 1_048_576
     base_path: str = ""
@@ -109,7 +114,13 @@ class ReceiverSettings:
         object.__setattr__(self, "secrets", secrets)
         token = self.bearer_token.strip() if self.bearer_token else None
         object.__setattr__(self, "bearer_token", token or None)
-        if not secrets and not self.bearer_token:
+        own = {
+            name: kept
+            for name, values in self.provider_secrets.items()
+            if (kept := tuple(v.strip() for v in values if v and v.strip()))
+        }
+        object.__setattr__(self, "provider_secrets", own)
+        if not secrets and not self.bearer_token and not own:
             raise ConfigurationError(
                 "the webhook receiver has no credentials configured; refusing to start",
                 hint=f"set {SECRET_ENV} (whsec_..., comma-separated) and/or {TOKEN_ENV}",
@@ -135,6 +146,7 @@ class ReceiverSettings:
         return (
             f"ReceiverSettings(secrets=<{len(self.secrets)}>,"
             f" bearer_token={'<set>' if self.bearer_token else None},"
+            f" provider_secrets=<{', '.join(sorted(self.provider_secrets))}>,"
             f" tolerance_seconds={self.tolerance_seconds}, max_body_bytes={self.max_body_bytes},"
             f" header_timeout_seconds={self.header_timeout_seconds},"
             f" body_timeout_seconds={self.body_timeout_seconds},"
@@ -149,14 +161,29 @@ class ReceiverSettings:
 
     @classmethod
     def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+        cls,
+        environ: Mapping[str, str] | None = None,
+        providers: Sequence[type[ExportProvider]] = PROVIDERS,
+        **overrides: Any,
     ) -> ReceiverSettings:
-        """Read ``EXPORT_PIPELINE_WEBHOOK_SECRET`` (comma-separated) and
-        ``EXPORT_PIPELINE_WEBHOOK_TOKEN`` now (never at import), plus keyword overrides."""
+        """Read ``EXPORT_PIPELINE_WEBHOOK_SECRET`` (comma-separated),
+        ``EXPORT_PIPELINE_WEBHOOK_TOKEN`` and each provider's own signing secret
+        (``events.signing.secret_env``) now (never at import), plus keyword overrides."""
         env = os.environ if environ is None else environ
-        secrets = tuple(s for s in env.get(SECRET_ENV, "").split(",") if s.strip())
+
+        def listed(name: str) -> tuple[str, ...]:
+            return tuple(s for s in env.get(name, "").split(",") if s.strip())
+
+        own = {p.name: listed(signing.secret_env) for p in providers if (signing := _signing(p))}
         token = env.get(TOKEN_ENV) or None
-        return cls(secrets=secrets, bearer_token=token, **overrides)
+        return cls(
+            secrets=listed(SECRET_ENV), bearer_token=token, provider_secrets=own, **overrides
+        )
+
+
+def _signing(provider: type[ExportProvider]) -> Any:
+    """The provider's own signature scheme (``events.signing``), or None: Standard Webhooks."""
+    return provider.events.signing if provider.events else None
 
 
 class AuthError(Exception):
@@ -208,6 +235,42 @@ def verify_signature(
     return msg_id
 
 
+def verify_stripe_signature(
+    body: bytes,
+    header: str,
+    secrets: Sequence[str],
+    *,
+    tolerance_seconds: int,
+    now: float | None = None,
+) -> None:
+    """Stripe's scheme: ``Stripe-Signature: t=<unix>,v1=<hex>[,v1=<hex>...]``, each v1 an
+    HMAC-SHA256 of ``<t>.<raw body>`` keyed with the endpoint secret's UTF-8 bytes (the whole
+    ``whsec_...`` string, not base64-decoded as in Standard Webhooks). Other versions (v0, a test
+    scheme) are ignored."""
+    stamps, candidates = [], []
+    for item in header.split(","):
+        key, _, value = item.strip().partition("=")
+        if key == "t":
+            stamps.append(value)
+        elif key == "v1" and value:
+            candidates.append(value.encode())
+    if len(stamps) != 1 or not stamps[0].isascii() or not stamps[0].isdigit():
+        raise AuthError("Stripe-Signature needs one t=<integer Unix seconds>")
+    if not candidates:
+        raise AuthError("Stripe-Signature has no v1 signature")
+    current = time.time() if now is None else now
+    if abs(current - int(stamps[0])) > tolerance_seconds:
+        raise AuthError("Stripe-Signature timestamp outside the accepted window")
+    signed = stamps[0].encode() + b"." + body
+    matched = False
+    for secret in secrets:
+        digest = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest().encode()
+        for candidate in candidates:  # every pair, no early exit (see verify_signature)
+            matched |= hmac.compare_digest(digest, candidate)
+    if not matched:
+        raise AuthError("no matching signature")
+
+
 def verify_bearer(headers: Mapping[str, str], token: str) -> None:
     """``Authorization: Bearer <token>``, compared in constant time."""
     scheme, _, credential = headers.get("authorization", "").partition(" ")
@@ -217,12 +280,32 @@ def verify_bearer(headers: Mapping[str, str], token: str) -> None:
         raise AuthError("invalid bearer token")
 
 
-def authenticate(body: bytes, headers: Mapping[str, str], settings: ReceiverSettings) -> None:
+def authenticate(
+    body: bytes,
+    headers: Mapping[str, str],
+    settings: ReceiverSettings,
+    provider: type[ExportProvider] | None = None,
+) -> None:
     """Signed requests are checked against the secrets; otherwise the bearer token applies.
 
-    A request that carries a ``webhook-signature`` must pass the signature check when secrets
-    are configured (a bad signature is not rescued by also sending a token).
+    A request that carries a signature must pass the signature check when secrets are
+    configured (a bad signature is not rescued by also sending a token). On the route of a
+    provider with its own scheme (``events.signing``) only that scheme or the token counts.
     """
+    if provider is not None and _signing(provider) is not None:
+        header = headers.get("stripe-signature")
+        if header is not None:
+            secrets = settings.provider_secrets.get(provider.name, ())
+            if not secrets:
+                raise AuthError(f"no {provider.name} signing secret configured on the receiver")
+            verify_stripe_signature(
+                body, header, secrets, tolerance_seconds=settings.tolerance_seconds
+            )
+            return
+        if settings.bearer_token is not None:
+            verify_bearer(headers, settings.bearer_token)
+            return
+        raise AuthError("missing Stripe-Signature header")
     if settings.keys and "webhook-signature" in headers:
         verify_signature(body, headers, settings.keys, tolerance_seconds=settings.tolerance_seconds)
         return
@@ -296,6 +379,7 @@ def _make_event_endpoint(
     provider: type[ExportProvider], store: EventStore, settings: ReceiverSettings
 ):
     source = provider.name
+    id_path = provider.events.id_path if provider.events else None
 
     def parse(payload: Mapping[str, Any]) -> ExportStatus:
         _partition, status = provider.parse_event(payload)
@@ -343,7 +427,7 @@ def _make_event_endpoint(
 
         # (2) authentication over the raw bytes.
         try:
-            authenticate(body, headers, settings)
+            authenticate(body, headers, settings, provider)
         except AuthError as exc:
             logger.warning(
                 "webhook %s from %s unauthenticated: %s (webhook-id=%r)",
@@ -371,6 +455,9 @@ def _make_event_endpoint(
             if not isinstance(payload, dict):
                 raise ValueError(f"expected a JSON object, got {type(payload).__name__}")
             status = parse(payload)
+            own_id = dig(payload, id_path) if id_path else None
+            if isinstance(own_id, str) and own_id:
+                event_id = own_id  # the sender's event id: the same across its retries
         except (ValueError, TypeError, KeyError, RecursionError) as exc:
             # JSONDecodeError is a ValueError. Message and excerpt are redacted: a rejected
             # event's signed link must not land in the log.
