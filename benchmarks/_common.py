@@ -179,24 +179,35 @@ def _tree_rss_mb(process: psutil.Process) -> float:
     return total / _MB
 
 
-def stream_export(provider: Any, export_id: str) -> dict[str, Any]:
-    """The download floor: a plain streamed GET of the export's files from the same server,
-    bytes discarded, one file after another. Returns seconds and bytes.
+def stream_export(provider: Any, export_id: str, *, parallel: int = 1) -> dict[str, Any]:
+    """A plain streamed GET of the export's files from the same server, bytes discarded:
+    one file after another (``parallel=1``) or up to ``parallel`` files at once. Returns
+    seconds and bytes.
 
     The file list comes from the provider's status answer (the links are secrets, so they are
     fetched here, never passed on a command line or printed).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     import httpx
 
     status = provider.get_statuses([export_id])[export_id]
-    total = 0
+
+    def fetch(client: httpx.Client, remote: Any) -> int:
+        got = 0
+        with client.stream("GET", remote.url, headers=provider.file_headers(remote)) as r:
+            r.raise_for_status()
+            for chunk in r.iter_raw(1 << 20):
+                got += len(chunk)
+        return got
+
+    workers = max(1, min(parallel, len(status.files)))
     start = time.perf_counter()
-    with httpx.Client(timeout=300.0, follow_redirects=True) as client:
-        for remote in status.files:
-            with client.stream("GET", remote.url, headers=provider.file_headers(remote)) as r:
-                r.raise_for_status()
-                for chunk in r.iter_raw(1 << 20):
-                    total += len(chunk)
+    with (
+        httpx.Client(timeout=300.0, follow_redirects=True) as client,
+        ThreadPoolExecutor(max_workers=workers) as pool,
+    ):
+        total = sum(pool.map(lambda remote: fetch(client, remote), status.files))
     return {"seconds": time.perf_counter() - start, "bytes": total}
 
 
@@ -222,9 +233,29 @@ def measure_download_floor(
     return floor
 
 
-def download_child(provider: Any, export_id: str) -> int:
-    """The body of a benchmark's ``--child download``: the floor's figures as its JSON line."""
-    emit_json(stream_export(provider, export_id))
+def download_child(provider: Any, export_id: str, *, parallel: int = 4) -> int:
+    """The body of a benchmark's ``--child download``: the floor's figures as its JSON line.
+
+    The floor is the *best* plain GET of the same files: one after another, and (for several
+    files) ``parallel`` at once as the pipeline fetches them; ``seconds`` is the faster of the
+    two, both are reported. Sequential runs first, so both read the server's files warm.
+    """
+    sequential = stream_export(provider, export_id)
+    figures: dict[str, Any] = {
+        "seconds": sequential["seconds"],
+        "bytes": sequential["bytes"],
+        "sequential_seconds": sequential["seconds"],
+    }
+    status = provider.get_statuses([export_id])[export_id]
+    if len(status.files) > 1 and parallel > 1:
+        concurrent = stream_export(provider, export_id, parallel=parallel)
+        if concurrent["bytes"] != sequential["bytes"]:
+            raise ChildFailedError(
+                f"parallel floor got {concurrent['bytes']} bytes, sequential {sequential['bytes']}"
+            )
+        figures["parallel_seconds"] = concurrent["seconds"]
+        figures["seconds"] = min(sequential["seconds"], concurrent["seconds"])
+    emit_json(figures)
     return 0
 
 
@@ -274,6 +305,10 @@ def compare_summary(
         # (a plain streamed GET, same run) plus DuckDB's own read_json of them.
         floor = med(floors, "seconds")
         summary["download_floor_seconds"] = rounded(floor)
+        # The floor is the better of a sequential and a parallel plain GET; both for context.
+        for mode in ("sequential", "parallel"):
+            if all(f"{mode}_seconds" in run.result for run in floors):
+                summary[f"download_floor_{mode}_seconds"] = rounded(med(floors, f"{mode}_seconds"))
         summary["ratio_end_to_end"] = rounded(seconds / (floor + baseline_seconds))
     for key in phase_keys:
         summary[key] = rounded(med(ingests, key))
