@@ -11,6 +11,7 @@ lets it through after a deadline, and the test fails on the count it saw.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -94,10 +95,8 @@ class PartGate:
             # Several requests at once, or the deadline: a sequential client gets through late.
             # Each waiter expires on its own; the test then fails on max_in_flight.
             remaining = max(0.0, self._deadline - loop.time())
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_in.wait(), remaining)
-            except TimeoutError:
-                pass
             cut = part in self.cut
             self.cut.discard(part)
             await self._serve(part, scope, receive, send, cut=cut, done=done)
