@@ -63,6 +63,10 @@ def test_mews_multipart_benchmark_reports_json_last_line(
     )
     assert result["ratio_vs_duckdb_full_scan"] > 0
     assert result["ratio_end_to_end"] > 0 and result["download_floor_seconds"] > 0
+    # The floor is the better of the plain GETs one part after another and 4 at once.
+    assert result["download_floor_seconds"] == min(
+        result["download_floor_sequential_seconds"], result["download_floor_parallel_seconds"]
+    )
     assert result["peak_rss_mb"] > 0 and result["baseline_peak_rss_mb"] > 0
 
 
