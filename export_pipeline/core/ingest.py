@@ -832,17 +832,32 @@ class ExportRunner:
         self, kind: ExportKind, status: ExportStatus, raw_dir: Path, work_raw: Path
     ) -> tuple[list[DownloadedFile], ExportStatus, list[str]]:
         """Every file of the export in ``raw_dir``: files an earlier attempt verified are
-        re-read, the rest downloaded into this attempt's ``work_raw`` and, once verified,
-        moved into ``raw_dir`` (one rename each). A dead signed link is replaced by asking for
-        the status again."""
+        re-read, the rest downloaded into this attempt's ``work_raw`` (several at once) and
+        each, as soon as it is verified, moved into ``raw_dir`` (one rename). A dead signed
+        link is replaced by asking for the status again; only the files still missing are
+        fetched then (a part stopped halfway resumes from its bytes), and a run killed
+        mid-download leaves its finished files in ``raw_dir`` for the next one."""
         reused = self._verified(status, raw_dir)
+        by_name = dict(reused)
+        landing = threading.Lock()
+
+        def land(f: DownloadedFile) -> DownloadedFile:
+            # On the download thread, the moment the file is complete and checked.
+            target = raw_dir / f.name
+            os.replace(f.path, target)
+            landed = replace(f, path=target)
+            with landing:
+                by_name[f.name] = landed
+            return landed
+
         for attempt in range(self.settings.link_refreshes + 1):
-            missing = [f for f in status.files if f.name not in reused]
+            with landing:
+                missing = [f for f in status.files if f.name not in by_name]
             headers = (
                 self.provider.api.auth_headers if any(f.authenticated for f in missing) else {}
             )
             try:
-                fetched = download_files(
+                download_files(
                     missing,
                     work_raw,
                     provider=self.name,
@@ -858,6 +873,7 @@ class ExportRunner:
                     # Connect, read (stall) and write timeouts: the provider's own setting.
                     timeout=getattr(self.provider.api, "timeout", 60.0),
                     resume=True,
+                    on_finished=land,
                 )
                 break
             except LinkExpiredError:
@@ -870,11 +886,6 @@ class ExportRunner:
                 )
                 status = self.status(status.export_id)
                 self._raise_for_terminal(kind, status)
-        by_name = dict(reused)
-        for f in fetched:
-            target = raw_dir / f.name
-            os.replace(f.path, target)
-            by_name[f.name] = replace(f, path=target)
         if reused:
             self.log.info(
                 "%s export %s: re-reading %d verified file(s) instead of downloading them",

@@ -78,6 +78,9 @@ Classifier = Callable[[httpx.Response], ExportPipelineError | None]
 # Told after every chunk: (file name, bytes on disk, total or None, finished). It must be cheap;
 # it runs on the download threads (the runner throttles it to a log line every few seconds).
 Progress = Callable[..., None]
+# Told once per file, on its download thread, as soon as the file is complete and checked; what
+# it returns (the file moved elsewhere, say) is what download_files returns for it.
+Finished = Callable[["DownloadedFile"], "DownloadedFile"]
 
 _GZIP_MAGIC = b"\x1f\x8b"
 # Largest piece of inflated output held at once while metering a gzip body.
@@ -249,6 +252,7 @@ def download_files(
     url_policy: UrlPolicy | None = None,
     limits: DownloadLimits | None = None,
     resume: bool = False,
+    on_finished: Finished | None = None,
 ) -> list[DownloadedFile]:
     """Download several files with at most ``max_concurrency`` at a time, results in input order.
 
@@ -258,8 +262,12 @@ def download_files(
 
     ``resume=True``: a ``<name>.part`` already in ``dest_dir`` (left by a killed or failed
     attempt) is continued with ``Range`` from its last byte when the server honours it, and
-    started over when it does not; a download that fails with retries exhausted keeps its
-    ``.part`` for the next attempt.
+    started over when it does not; a download that fails with retries exhausted, or is stopped
+    because a sibling failed, keeps its ``.part`` for the next attempt.
+
+    ``on_finished`` is called with each file as soon as it is complete (on its download
+    thread), so a caller can keep the finished files of an export whose other files fail
+    (a dead link, a kill) instead of fetching them again.
     """
     if max_concurrency < 1:
         raise ValueError("max_concurrency must be >= 1")
@@ -312,6 +320,7 @@ def download_files(
                         url_policy=url_policy,
                         limits=limits,
                         resume=resume,
+                        on_finished=on_finished,
                     ).run
                 )
                 for f in files
@@ -384,8 +393,10 @@ class _Downloader:
         url_policy: UrlPolicy | None = None,
         limits: DownloadLimits | None = None,
         resume: bool = False,
+        on_finished: Finished | None = None,
     ) -> None:
         self.file = file
+        self.on_finished = on_finished
         self.progress = progress
         self.dest_dir = dest_dir
         self.provider = provider
@@ -485,7 +496,9 @@ class _Downloader:
                 self._restart()
             return self._attempts(client)
         except _Cancelled:
-            self._cleanup()
+            # A sibling failed (a dead link, say): the bytes so far serve the next attempt.
+            if not (self.resume and self.can_resume):
+                self._cleanup()
             raise ExportPipelineError(
                 "download cancelled after a sibling failed", **self._ctx()
             ) from None
@@ -762,10 +775,11 @@ class _Downloader:
             self.progress(self.file.name, self.offset, self.total, finished=True)
         with contextlib.suppress(FileNotFoundError):
             self.meta_path.unlink()
-        return DownloadedFile(
+        done = DownloadedFile(
             name=self.file.name,
             path=self.final_path,
             size_bytes=self.offset,
             sha256=self.hasher.hexdigest(),
             content_type=self.content_type,
         )
+        return self.on_finished(done) if self.on_finished is not None else done

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import time
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from export_pipeline.core.errors import (
     ExportExpiredError,
@@ -22,6 +25,7 @@ from export_pipeline.core.model import RemoteFile
 from export_pipeline.core.netpolicy import UrlPolicy
 from export_pipeline.core.transfer import download_file as _download_file
 from export_pipeline.core.transfer import download_files as _download_files
+from export_pipeline.sandbox.server import RunningServer
 from export_pipeline_tests.core.conftest import PAYLOAD, PAYLOAD_SHA256, FileHosts
 
 # The file hosts are on loopback, which the download policy refuses unless allowed.
@@ -201,3 +205,50 @@ def test_unsafe_file_name_is_refused(file_hosts: FileHosts, tmp_path: Path) -> N
     with pytest.raises(ExportPipelineError):
         download_file(file, tmp_path / "d", provider="p", export_id="e1")
     assert not (tmp_path / "x.bin").exists()
+
+
+def test_a_download_stopped_by_a_failing_sibling_keeps_its_bytes_to_resume(
+    tmp_path: Path,
+) -> None:
+    """With ``resume``, a part stopped because another part's link died keeps its ``.part``
+    (and the note that the host resumes), so the retry with a fresh link continues it."""
+    body = bytes(range(256)) * 4096  # 1 MiB
+    cut = asyncio.Event()
+    ranges: list[str | None] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] == "/dead.bin":  # refused once the other part was cut
+            await cut.wait()
+            await Response("link expired", status_code=403)(scope, receive, send)
+            return
+        # /slow.bin: the first answer stops halfway (connection dropped); a Range gets the rest.
+        headers = dict(scope["headers"])
+        ranges.append(headers[b"range"].decode() if b"range" in headers else None)
+        start = int(ranges[-1].split("=")[1].rstrip("-")) if ranges[-1] else 0
+        rest = body[start:]
+        head = [(b"content-length", str(len(rest)).encode()), (b"accept-ranges", b"bytes")]
+        if start:
+            head.append((b"content-range", f"bytes {start}-{len(body) - 1}/{len(body)}".encode()))
+        await send(
+            {"type": "http.response.start", "status": 206 if start else 200, "headers": head}
+        )
+        end = len(rest) if start else len(rest) // 2
+        await send({"type": "http.response.body", "body": rest[:end], "more_body": not start})
+        if not start:
+            cut.set()  # returning without the last body message drops the connection
+
+    # The cut part waits out a long backoff before its retry: the sibling's failure ends it.
+    patient = RetryPolicy(max_attempts=3, base_delay=600, max_delay=600, jitter=0.0)
+    with RunningServer(app) as server:
+        slow_file = RemoteFile(url=f"{server.base_url}/slow.bin", name="slow.bin")
+        dead_file = RemoteFile(url=f"{server.base_url}/dead.bin", name="dead.bin")
+        kwargs = {"provider": "p", "export_id": "e1", "resume": True, "policy": patient}
+        with pytest.raises(LinkExpiredError):
+            download_files([slow_file, dead_file], tmp_path, **kwargs)
+        kept = (tmp_path / "slow.bin.part").read_bytes()
+        assert body.startswith(kept) and len(kept) < len(body)
+        assert (tmp_path / "slow.bin.part.json").exists()
+        [got] = download_files([slow_file], tmp_path, **kwargs)
+    assert got.path.read_bytes() == body
+    assert got.sha256 == hashlib.sha256(body).hexdigest()
+    assert ranges == [None, f"bytes={len(kept)}-" if kept else None]

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlencode
 
 import pytest
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -53,11 +54,17 @@ class PartGate:
     Records every part request (path, Range header, body bytes sent), the most part downloads
     in flight at once, and holds each body until ``want`` downloads are in flight. ``cut`` names
     parts (by number) whose first answer stops after half the body: a connection cut mid-file.
+    ``revoke`` names parts whose first request is answered, once every other part was sent
+    whole, as if the host had stopped honouring its signed link meanwhile (a rotated signing
+    key): the gate spoils the signature and the simulator gives its own 403, which Mews
+    clients answer by polling for fresh links.
     """
 
     app: ASGIApp
     want: int
     cut: set[int] = field(default_factory=set)
+    revoke: set[int] = field(default_factory=set)
+    completed: int = 0  # part bodies sent whole
     in_flight: int = 0
     max_in_flight: int = 0
     requests: list[tuple[int, str | None]] = field(default_factory=list)
@@ -99,6 +106,13 @@ class PartGate:
                 await asyncio.wait_for(self._all_in.wait(), remaining)
             cut = part in self.cut
             self.cut.discard(part)
+            if part in self.revoke:
+                self.revoke.discard(part)
+                while self.completed < self.want - 1 and loop.time() < self._deadline:
+                    await asyncio.sleep(0.01)
+                query = parse_qs(scope["query_string"].decode())
+                query["signature"] = ["0" * 64]
+                scope = dict(scope, query_string=urlencode(query, doseq=True).encode())
             await self._serve(part, scope, receive, send, cut=cut, done=done)
         finally:
             done()
@@ -107,17 +121,20 @@ class PartGate:
         self, part: int, scope: Scope, receive: Receive, send: Send, *, cut: bool, done: Any
     ) -> None:
         announced: int | None = None
+        ok = False
 
         async def counting(message: dict[str, Any]) -> None:
-            nonlocal announced
+            nonlocal announced, ok
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 # Out of flight *before* the last bytes leave: the client cannot have asked
                 # for its next part yet, so one-after-another never counts as two at once.
                 done()
+                self.completed += ok
             if message["type"] == "http.response.start":
                 length = dict(message.get("headers", [])).get(b"content-length")
                 announced = int(length) if length else None
-            elif message["type"] == "http.response.body":
+                ok = message["status"] < 300
+            elif message["type"] == "http.response.body" and ok:
                 body = message.get("body", b"")
                 if cut and announced and self.sent.get(part, 0) + len(body) > announced // 2:
                     body = body[: announced // 2 - self.sent.get(part, 0)]
@@ -258,3 +275,22 @@ def test_a_killed_runs_partial_parts_resume_while_the_rest_download(
     assert not work.exists()  # the dead attempt's leftovers were taken over, then cleared
     _check_loaded(multipart, runner, result)
     runner.provider.close()
+
+
+def test_a_dead_link_refetches_only_the_part_that_did_not_arrive(
+    multipart: MultipartSandbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    multipart.gate.revoke = {1}
+    runner = multipart.runner()
+    with caplog.at_level(logging.WARNING):
+        result = runner.sync(RESERVATION, ExportRequest())
+    runner.provider.close()
+    assert any("download link expired" in r.getMessage() for r in caplog.records)
+    gate = multipart.gate
+    assert gate.max_in_flight == PARTS
+    # The three parts that arrived were kept (in the raw tier at once); after the fresh
+    # status only part 1 was asked for again.
+    assert sorted(gate.requests) == [(0, None), (1, None), (1, None), (2, None), (3, None)]
+    served = multipart.served(result.export_id)
+    assert gate.sent == {i: len(body) for i, body in enumerate(served)}
+    _check_loaded(multipart, runner, result)
