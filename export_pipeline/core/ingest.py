@@ -705,6 +705,7 @@ class ExportRunner:
                     load_paths,
                     partition_value=record.partition_key or None,
                 )
+                warehouse.note_table_files(con, kind.schema, kind.name, load.table_files)
                 ensure_views(con, kind)
                 fault_point("merge")
                 self.ledger.mark_loaded(

@@ -9,6 +9,7 @@ half. These functions therefore never COMMIT or ROLLBACK. All work is SQL over
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,10 @@ class LoadResult:
     columns_added: tuple[str, ...] = ()  # new top-level columns this export brought
     # Other schema changes, e.g. "evses[].floor_level added (VARCHAR)", "n widened BIGINT -> DOUBLE"
     columns_changed: tuple[str, ...] = ()
+    # The export's Parquet files whose rows are now exactly the table's (the load replaced the
+    # whole table from them, unconverted: a snapshot, or the first load into an empty table);
+    # empty otherwise. The read replica may reuse them instead of writing the table again.
+    table_files: tuple[str, ...] = ()
 
 
 def quote_ident(name: str) -> str:
@@ -122,7 +127,11 @@ def load_parquet(
     staged_as = "TABLE"
     try:
         staged_as = _stage(con, kind, stage, paths)
-        return _apply(con, kind, target, stage, partition_value)
+        result = _apply(con, kind, target, stage, partition_value)
+        if staged_as == "VIEW" and result.table_files:
+            # The stage read the files as they are (no de-duplication): the table is them.
+            return dataclasses.replace(result, table_files=tuple(paths))
+        return dataclasses.replace(result, table_files=())
     finally:
         # In an aborted transaction this fails too; the rollback removes the temp object anyway.
         with contextlib.suppress(duckdb.Error):
@@ -328,6 +337,9 @@ def _apply(
     stage: str,
     partition_value: str | None,
 ) -> LoadResult:
+    """Replace the rows of the export's scope with the staged ones. ``table_files`` of the
+    result is non-empty (a marker; ``load_parquet`` fills in the files) when the table now
+    holds exactly the staged rows, unconverted."""
     added, changed = _ensure_table(con, kind, target, stage)
     pk = list(kind.primary_key)
     rows_in_export = _scalar(con, f"SELECT count(*) FROM {stage}")
@@ -365,20 +377,33 @@ def _apply(
     else:
         scope, scope_params = "", []
 
+    # The table's rows afterwards are derived from what DELETE and INSERT report (their row
+    # counts), not counted again; a step with nothing to do (an empty table) is skipped.
+    before = _scalar(con, f"SELECT count(*) FROM {target}")
     if mode is LoadMode.MERGE:
-        updated = _scalar(
-            con,
-            f"SELECT count(*) FROM {stage} _stg WHERE EXISTS "
-            f"(SELECT 1 FROM {target} _tgt WHERE {_key_match('_tgt', '_stg', pk)})",
-        )
-        con.execute(
-            f"DELETE FROM {target} _tgt WHERE EXISTS "
-            f"(SELECT 1 FROM {stage} _stg WHERE {_key_match('_tgt', '_stg', pk)})"
-        )
+        updated = 0
+        if before:
+            updated = _scalar(
+                con,
+                f"SELECT count(*) FROM {stage} _stg WHERE EXISTS "
+                f"(SELECT 1 FROM {target} _tgt WHERE {_key_match('_tgt', '_stg', pk)})",
+            )
+        removed = 0
+        if updated:
+            removed = _scalar(
+                con,
+                f"DELETE FROM {target} _tgt WHERE EXISTS "
+                f"(SELECT 1 FROM {stage} _stg WHERE {_key_match('_tgt', '_stg', pk)})",
+            )
         deleted = 0
     else:
-        before = _scalar(con, f"SELECT count(*) FROM {target} WHERE {scope}", scope_params)
-        if pk:
+        in_scope = before
+        if before and mode is not LoadMode.SNAPSHOT:
+            in_scope = _scalar(con, f"SELECT count(*) FROM {target} WHERE {scope}", scope_params)
+        updated = 0
+        if pk and in_scope:
+            # Keys of the export that were in the scope before: "updated" (the others are
+            # inserted, and the scope's rows whose keys the export lacks are deleted).
             updated = _scalar(
                 con,
                 f"SELECT count(*) FROM {stage} _stg WHERE EXISTS (SELECT 1 FROM "
@@ -386,21 +411,24 @@ def _apply(
                 f"WHERE {_key_match('_tgt', '_stg', pk)})",
                 scope_params,
             )
-        else:
-            updated = 0
-        deleted = before - updated
-        con.execute(f"DELETE FROM {target} WHERE {scope}", scope_params)
+        deleted = in_scope - updated
+        removed = 0
+        if in_scope:
+            removed = _scalar(con, f"DELETE FROM {target} WHERE {scope}", scope_params)
 
+    insert, converted = _insert_sql(con, kind, target, stage)
     with one_thread(con):
-        con.execute(_insert_sql(con, kind, target, stage))
+        inserted = _scalar(con, insert)
+    table_rows = before - removed + inserted
     return LoadResult(
         rows_in_export=rows_in_export,
         rows_inserted=rows_in_export - updated,
         rows_updated=updated,
         rows_deleted=deleted,
-        table_rows=_scalar(con, f"SELECT count(*) FROM {target}"),
+        table_rows=table_rows,
         columns_added=tuple(added),
         columns_changed=tuple(changed),
+        table_files=("whole",) if table_rows == inserted and not converted else (),
     )
 
 
@@ -422,10 +450,12 @@ def one_thread(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
             con.execute(f"SET threads = {int(row[0]) if row else 1}")
 
 
-def _insert_sql(con: duckdb.DuckDBPyConnection, kind: ExportKind, target: str, stage: str) -> str:
+def _insert_sql(
+    con: duckdb.DuckDBPyConnection, kind: ExportKind, target: str, stage: str
+) -> tuple[str, bool]:
     """INSERT of the staged columns by name; a value going into a column (or struct field, or
     list element) widened to JSON is converted with to_json (a plain cast would parse a VARCHAR
-    as JSON text and fail): schema.convert_sql."""
+    as JSON text and fail): schema.convert_sql. Also whether any column is converted."""
     have = _columns(con, kind.schema, kind.name)
     names, exprs = [], []
     for name, duck_type, *_ in con.execute(f"DESCRIBE SELECT * FROM {stage}").fetchall():
@@ -436,7 +466,8 @@ def _insert_sql(con: duckdb.DuckDBPyConnection, kind: ExportKind, target: str, s
             exprs.append(schema.convert_sql(col, schema.parse(duck_type), schema.parse(table_type)))
         else:
             exprs.append(col)
-    return f"INSERT INTO {target} ({', '.join(names)}) SELECT {', '.join(exprs)} FROM {stage}"
+    sql = f"INSERT INTO {target} ({', '.join(names)}) SELECT {', '.join(exprs)} FROM {stage}"
+    return sql, exprs != names
 
 
 def _load_empty(

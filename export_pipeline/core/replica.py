@@ -5,8 +5,8 @@ so analysts cannot query ``warehouse.duckdb`` during a load. Instead, after each
 load the writer *publishes* a read tier::
 
     <read_dir>/warehouse.duckdb                 views only; what readers open (read-only)
-    <read_dir>/manifest.json                    which Parquet file is each table's current state
-    <read_dir>/tables/<schema>/<table>/<n>.parquet   a table's current state, compacted, immutable
+    <read_dir>/manifest.json                    which Parquet files are each table's current state
+    <read_dir>/tables/<schema>/<table>/<n>[-<i>].parquet   a table's current state, immutable
 
 Publishing writes the tables the load changed as one Parquet file each (a new file, never an
 existing one), builds a new replica file beside the old one and renames it over it (atomic on
@@ -15,8 +15,15 @@ gets the new one. The writer never opens the published replica, so no lock is ev
 between readers and the writer. Files a replica no longer names are deleted only after
 ``retain_seconds``, so a query on a replica opened just before a publish still finds them.
 
-The current-state Parquet files are also what other tools read (one file per table, the whole
-table, no deltas), listed in ``manifest.json``.
+A table the load replaced whole from its export's Parquet (a snapshot, or the first load into an
+empty table) is not written again: when those files hold exactly the table's columns, types and
+row count, the replica hard-links them (a copy across file systems) as ``<n>-<i>.parquet``, so
+such a table may be several files. The export's Parquet is never written after it is published,
+so the link is as immutable as a file the replica wrote.
+
+The current-state Parquet files are also what other tools read (the whole table, no deltas),
+listed in ``manifest.json`` (format 2: ``tables`` maps ``schema.table`` to a list of files;
+format 1 named one file per table and is still read).
 """
 
 from __future__ import annotations
@@ -24,10 +31,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +45,7 @@ from export_pipeline.core.load import one_thread
 
 REPLICA_NAME = "warehouse.duckdb"
 MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 2
 # Schemas never published (DuckDB's own).
 _SYSTEM_SCHEMAS = ("information_schema", "pg_catalog")
 # Rows per Parquet row group: the writer holds one in memory (DuckDB's default is 122,880
@@ -54,10 +63,17 @@ def _literal(value: str) -> str:
 
 
 def read_manifest(read_dir: Path) -> dict[str, Any]:
+    """The manifest, ``tables`` as ``{"schema.table": [parquet, ...]}`` whatever its format."""
     path = Path(read_dir) / MANIFEST_NAME
     if not path.exists():
-        return {"version": 0, "tables": {}, "retired": []}
-    return json.loads(path.read_text())
+        return {"format": MANIFEST_FORMAT, "version": 0, "tables": {}, "retired": []}
+    manifest = json.loads(path.read_text())
+    # Format 1 named one file per table.
+    manifest["tables"] = {
+        name: [files] if isinstance(files, str) else list(files)
+        for name, files in manifest.get("tables", {}).items()
+    }
+    return manifest
 
 
 def _write_atomically(path: Path, write: Any) -> None:
@@ -98,26 +114,37 @@ def publish(
     *,
     schemas: Iterable[str] | None = None,
     retain_seconds: float = 600.0,
+    table_files: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Publish the tables of ``schemas`` (all tables when None; tables not yet published are
     always included) as the new read replica. Returns the new manifest.
+
+    ``table_files`` names, for ``schema.table``, Parquet files said to hold exactly the
+    committed table (a load that replaced it whole, ``LoadResult.table_files``): they are linked
+    instead of writing the table again, after checking their columns, types and row count
+    against the table; on any difference the table is written as usual.
 
     Runs on the writer's connection, after its COMMIT and while it still holds the file (so
     the tables read are exactly what was committed, and publishers of several processes take
     turns on the DuckDB file lock).
     """
     read_dir = Path(read_dir).resolve()
+    reusable = dict(table_files or {})
     with _PUBLISH_LOCK:
         manifest = read_manifest(read_dir)
         tables, views = _catalog_objects(con)
         wanted = set(schemas) if schemas is not None else None
-        current: dict[str, str] = dict(manifest.get("tables", {}))
+        current: dict[str, list[str]] = dict(manifest["tables"])
         now = time.time()
         version = int(manifest.get("version", 0)) + 1
         retired: list[dict[str, Any]] = list(manifest.get("retired", []))
         present = {f"{s}.{t}" for s, t in tables}
+
+        def retire(name: str) -> None:
+            retired.extend({"path": path, "at": now} for path in current.pop(name, []))
+
         for name in sorted(set(current) - present):  # dropped since the last publish
-            retired.append({"path": current.pop(name), "at": now})
+            retire(name)
         # One thread: an order-preserving COPY of wide nested rows with two buffers
         # out-of-order row groups (200,000 locations: 444 MB and 1.7-2.4 s with two threads,
         # 141 MB and 1.1-1.2 s with one).
@@ -126,17 +153,25 @@ def publish(
                 name = f"{schema}.{table}"
                 if wanted is not None and schema not in wanted and name in current:
                     continue
-                target = read_dir / "tables" / schema / table / f"{version:08d}.parquet"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.tmp")
-                con.execute(
-                    f"COPY (SELECT * FROM {_quote(schema)}.{_quote(table)}) "
-                    f"TO {_literal(str(tmp))} (FORMAT parquet, ROW_GROUP_SIZE {_ROW_GROUP_ROWS})"
-                )
-                os.replace(tmp, target)
-                if name in current:
-                    retired.append({"path": current[name], "at": now})
-                current[name] = str(target)
+                folder = read_dir / "tables" / schema / table
+                folder.mkdir(parents=True, exist_ok=True)
+                sources = reusable.get(name)
+                if sources and _same_content(con, schema, table, sources):
+                    written = [
+                        _link_or_copy(Path(src), folder / f"{version:08d}-{i}.parquet")
+                        for i, src in enumerate(sources)
+                    ]
+                else:
+                    target = folder / f"{version:08d}.parquet"
+                    tmp = target.with_name(f".{target.name}.tmp")
+                    con.execute(
+                        f"COPY (SELECT * FROM {_quote(schema)}.{_quote(table)}) TO "
+                        f"{_literal(str(tmp))} (FORMAT parquet, ROW_GROUP_SIZE {_ROW_GROUP_ROWS})"
+                    )
+                    os.replace(tmp, target)
+                    written = [str(target)]
+                retire(name)
+                current[name] = written
         _write_atomically(read_dir / REPLICA_NAME, lambda tmp: _build_replica(tmp, current, views))
         kept = []
         for item in retired:
@@ -146,6 +181,7 @@ def publish(
             else:
                 kept.append(item)
         new_manifest = {
+            "format": MANIFEST_FORMAT,
             "version": version,
             "published_at": now,
             "tables": current,
@@ -158,16 +194,53 @@ def publish(
         return new_manifest
 
 
-def _build_replica(path: Path, tables: dict[str, str], views: list[str]) -> None:
-    """A fresh DuckDB file of views: each table over its current Parquet, then the writer's own
-    views (e.g. ``locations.evses``) as they are defined there."""
+def _same_content(
+    con: duckdb.DuckDBPyConnection, schema: str, table: str, files: Sequence[str]
+) -> bool:
+    """Whether ``files`` hold what the committed table holds, as far as their metadata can
+    tell: each has exactly the table's columns and types in order, and together its row count.
+    (The load that named them replaced the whole table from them, unchanged.)"""
+    qualified = f"{_quote(schema)}.{_quote(table)}"
+    want = [(r[0], r[1]) for r in con.execute(f"DESCRIBE SELECT * FROM {qualified}").fetchall()]
+    rows = 0
+    try:
+        for path in files:
+            got = con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [path]).fetchall()
+            if [(r[0], r[1]) for r in got] != want:
+                return False
+            meta = con.execute("SELECT num_rows FROM parquet_file_metadata(?)", [path]).fetchone()
+            rows += int(meta[0]) if meta else 0
+    except (duckdb.Error, OSError):
+        return False  # a file gone or unreadable: write the table instead
+    count = con.execute(f"SELECT count(*) FROM {qualified}").fetchone()
+    return bool(count) and int(count[0]) == rows
+
+
+def _link_or_copy(source: Path, target: Path) -> str:
+    """``target`` as a hard link to ``source`` (the export's immutable Parquet; no bytes
+    written), or a copy where a link cannot be made (another file system)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    return str(target)
+
+
+def _build_replica(path: Path, tables: dict[str, list[str]], views: list[str]) -> None:
+    """A fresh DuckDB file of views: each table over its current Parquet files, then the
+    writer's own views (e.g. ``locations.evses``) as they are defined there."""
     with duckdb.connect(str(path)) as rep:
-        for name, parquet in sorted(tables.items()):
+        for name, files in sorted(tables.items()):
             schema, table = name.split(".", 1)
             rep.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(schema)}")
+            listed = ", ".join(_literal(f) for f in files)
             rep.execute(
                 f"CREATE VIEW {_quote(schema)}.{_quote(table)} AS "
-                f"SELECT * FROM read_parquet({_literal(parquet)})"
+                f"SELECT * FROM read_parquet([{listed}])"
             )
         for sql in views:
             with contextlib.suppress(duckdb.Error):

@@ -29,7 +29,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -218,6 +218,13 @@ class Warehouse:
         """The snapshot this thread's last commit made (DuckLake), else None."""
         return None
 
+    def note_table_files(
+        self, con: duckdb.DuckDBPyConnection, schema: str, table: str, files: Sequence[str]
+    ) -> None:
+        """The transaction on ``con`` made ``schema.table`` exactly the rows of the Parquet
+        ``files`` (``LoadResult.table_files``; empty: it did not). The DuckDB file's read
+        replica then links them instead of writing the table again."""
+
     def describe(self) -> str:
         """Where the warehouse is, for messages (never a password)."""
         raise NotImplementedError
@@ -285,6 +292,7 @@ class DuckDBWarehouse(Warehouse):
         self.read_retain_seconds = read_retain_seconds
         self._initialised = False
         self._to_publish: dict[int, set[str]] = {}
+        self._table_files: dict[int, dict[str, tuple[str, ...]]] = {}
 
     def describe(self) -> str:
         return str(self.path)
@@ -295,11 +303,19 @@ class DuckDBWarehouse(Warehouse):
             schema = extra.get("schema") or extra.get("provider")
             self._to_publish.setdefault(id(con), set()).update([schema] if schema else [])
 
+    def note_table_files(
+        self, con: duckdb.DuckDBPyConnection, schema: str, table: str, files: Sequence[str]
+    ) -> None:
+        # The last load of the table in the transaction decides (empty: write it as usual).
+        self._table_files.setdefault(id(con), {})[f"{schema}.{table}"] = tuple(files)
+
     def _discard(self, con: duckdb.DuckDBPyConnection) -> None:
         self._to_publish.pop(id(con), None)
+        self._table_files.pop(id(con), None)
 
     def _commit(self, con: duckdb.DuckDBPyConnection) -> None:
         schemas = self._to_publish.pop(id(con), None)
+        table_files = self._table_files.pop(id(con), None) or {}
         con.execute("COMMIT")
         if schemas is None:
             return
@@ -313,6 +329,7 @@ class DuckDBWarehouse(Warehouse):
                 self.read_dir,
                 schemas=schemas | {"pipeline"},
                 retain_seconds=self.read_retain_seconds,
+                table_files={name: files for name, files in table_files.items() if files},
             )
         except (OSError, duckdb.Error) as exc:
             # The load is committed; the replica stays at its previous (consistent) state.

@@ -102,6 +102,49 @@ def test_snapshot_removes_missing_rows(con: duckdb.DuckDBPyConnection, tmp_path:
     assert (emptied.rows_deleted, emptied.table_rows) == (2, 0)
 
 
+def test_table_files_name_the_export_only_when_it_is_the_whole_table(
+    con: duckdb.DuckDBPyConnection, tmp_path: Path
+) -> None:
+    """``table_files`` (what the read replica may link instead of writing the table) is set
+    only when the table holds exactly the export's rows, as the files hold them."""
+    a = parquet(tmp_path, "a", rows("(1, 10), (2, 20)"))
+    first = load(con, KIND, [a])  # the first merge into a new table: the table is the file
+    assert first.table_files == (str(a),)
+    second = load(con, KIND, [parquet(tmp_path, "b", rows("(2, 21), (3, 30)"))])
+    assert second.table_files == () and second.table_rows == 3  # merged with older rows
+    snap = replace(KIND, load_mode=LoadMode.SNAPSHOT)
+    c1 = parquet(tmp_path, "c1", rows("(5, 50)", "part-1.jsonl"))
+    c2 = parquet(tmp_path, "c2", rows("(6, 60)", "part-2.jsonl"))
+    whole = load(con, snap, [c1, c2])
+    assert whole.table_files == (str(c1), str(c2))
+    assert (whole.rows_updated, whole.rows_deleted, whole.table_rows) == (0, 3, 2)
+    # Duplicate keys: the table is the de-duplicated rows, not the files.
+    dup = load(con, snap, [parquet(tmp_path, "d", rows("(7, 70), (7, 71)"))])
+    assert dup.table_files == () and dup.table_rows == 1
+
+
+def test_counts_follow_what_delete_and_insert_did(
+    con: duckdb.DuckDBPyConnection, tmp_path: Path
+) -> None:
+    """table_rows comes from the DELETE and INSERT counts: check it against a real count in
+    each mode, including keys that were there and keys that were not."""
+    snap = replace(KIND, load_mode=LoadMode.SNAPSHOT)
+    for i, (kind, values) in enumerate(
+        [
+            (KIND, "(1, 10), (2, 20), (3, 30)"),
+            (KIND, "(3, 31), (4, 40)"),
+            (KIND, "(9, 90)"),
+            (snap, "(4, 41), (5, 50)"),
+            (snap, "(6, 60)"),
+            (KIND, "(6, 61), (7, 70)"),
+        ]
+    ):
+        result = load(con, kind, [parquet(tmp_path, f"v{i}", rows(values))])
+        counted = con.execute("SELECT count(*) FROM shop.orders").fetchone()[0]
+        assert result.table_rows == counted, (i, result)
+    assert table(con) == [(6, 61), (7, 70)]
+
+
 def test_empty_merge_changes_nothing(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
     load(con, KIND, [parquet(tmp_path, "a", rows("(1, 10)"))])
     result = load(con, KIND, [])
