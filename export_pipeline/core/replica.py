@@ -19,11 +19,13 @@ A table the load replaced whole from its export's Parquet (a snapshot, or the fi
 empty table) is not written again: when those files hold exactly the table's columns, types and
 row count, the replica hard-links them (a copy across file systems) as ``<n>-<i>.parquet``, so
 such a table may be several files. The export's Parquet is never written after it is published,
-so the link is as immutable as a file the replica wrote.
+so the link is as immutable as a file the replica wrote. A column that is JSON in those files
+and VARCHAR in the table (one null in every row) is the same strings; the replica's view casts
+it to the table's type (``casts`` in the manifest).
 
 The current-state Parquet files are also what other tools read (the whole table, no deltas),
-listed in ``manifest.json`` (format 2: ``tables`` maps ``schema.table`` to a list of files;
-format 1 named one file per table and is still read).
+listed in ``manifest.json`` (format 2: ``tables`` maps ``schema.table`` to a list of files,
+``casts`` to the columns its view casts; format 1 named one file per table and is still read).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import Any
 
 import duckdb
 
+from export_pipeline.core import schema as types
 from export_pipeline.core.load import one_thread
 
 REPLICA_NAME = "warehouse.duckdb"
@@ -66,7 +69,7 @@ def read_manifest(read_dir: Path) -> dict[str, Any]:
     """The manifest, ``tables`` as ``{"schema.table": [parquet, ...]}`` whatever its format."""
     path = Path(read_dir) / MANIFEST_NAME
     if not path.exists():
-        return {"format": MANIFEST_FORMAT, "version": 0, "tables": {}, "retired": []}
+        return {"format": MANIFEST_FORMAT, "version": 0, "tables": {}, "casts": {}, "retired": []}
     manifest = json.loads(path.read_text())
     # Format 1 named one file per table.
     manifest["tables"] = {
@@ -140,8 +143,11 @@ def publish(
         retired: list[dict[str, Any]] = list(manifest.get("retired", []))
         present = {f"{s}.{t}" for s, t in tables}
 
+        casts: dict[str, dict[str, str]] = dict(manifest.get("casts", {}))
+
         def retire(name: str) -> None:
             retired.extend({"path": path, "at": now} for path in current.pop(name, []))
+            casts.pop(name, None)
 
         for name in sorted(set(current) - present):  # dropped since the last publish
             retire(name)
@@ -156,7 +162,8 @@ def publish(
                 folder = read_dir / "tables" / schema / table
                 folder.mkdir(parents=True, exist_ok=True)
                 sources = reusable.get(name)
-                if sources and _same_content(con, schema, table, sources):
+                differing = _same_content(con, schema, table, sources) if sources else None
+                if sources and differing is not None:
                     written = [
                         _link_or_copy(Path(src), folder / f"{version:08d}-{i}.parquet")
                         for i, src in enumerate(sources)
@@ -172,7 +179,11 @@ def publish(
                     written = [str(target)]
                 retire(name)
                 current[name] = written
-        _write_atomically(read_dir / REPLICA_NAME, lambda tmp: _build_replica(tmp, current, views))
+                if sources and differing:
+                    casts[name] = differing
+        _write_atomically(
+            read_dir / REPLICA_NAME, lambda tmp: _build_replica(tmp, current, views, casts)
+        )
         kept = []
         for item in retired:
             if now - float(item["at"]) >= retain_seconds:
@@ -185,6 +196,7 @@ def publish(
             "version": version,
             "published_at": now,
             "tables": current,
+            "casts": casts,
             "retired": kept,
         }
         _write_atomically(
@@ -196,24 +208,49 @@ def publish(
 
 def _same_content(
     con: duckdb.DuckDBPyConnection, schema: str, table: str, files: Sequence[str]
-) -> bool:
+) -> dict[str, str] | None:
     """Whether ``files`` hold what the committed table holds, as far as their metadata can
-    tell: each has exactly the table's columns and types in order, and together its row count.
-    (The load that named them replaced the whole table from them, unchanged.)"""
+    tell (the load that named them replaced the whole table from them, unchanged): each has
+    the table's columns in order with its types, and together its row count. None if not;
+    else the columns the replica's view must cast to the table's type: a column (or struct
+    field, or list element) that is JSON in the files and VARCHAR in the table, e.g. one null
+    in every row, which the table types VARCHAR. Both are the same strings in Parquet."""
     qualified = f"{_quote(schema)}.{_quote(table)}"
     want = [(r[0], r[1]) for r in con.execute(f"DESCRIBE SELECT * FROM {qualified}").fetchall()]
     rows = 0
+    seen: list[tuple[str, str]] | None = None
     try:
         for path in files:
-            got = con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [path]).fetchall()
-            if [(r[0], r[1]) for r in got] != want:
-                return False
+            got = [
+                (r[0], r[1])
+                for r in con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [path]).fetchall()
+            ]
+            if seen is not None and got != seen:
+                return None  # one view reads them all: they must agree with each other too
+            seen = got
             meta = con.execute("SELECT num_rows FROM parquet_file_metadata(?)", [path]).fetchone()
             rows += int(meta[0]) if meta else 0
     except (duckdb.Error, OSError):
-        return False  # a file gone or unreadable: write the table instead
+        return None  # a file gone or unreadable: write the table instead
+    if seen is None or [n for n, _ in seen] != [n for n, _ in want]:
+        return None
+    differing: dict[str, str] = {}
+    for (name, have), (_, table_type) in zip(seen, want, strict=True):
+        if have == table_type:
+            continue
+        if _json_as_varchar(types.parse(have)) != types.parse(table_type):
+            return None
+        differing[name] = table_type
     count = con.execute(f"SELECT count(*) FROM {qualified}").fetchone()
-    return bool(count) and int(count[0]) == rows
+    return differing if count and int(count[0]) == rows else None
+
+
+def _json_as_varchar(t: types.Type) -> types.Type:
+    if isinstance(t, types.Struct):
+        return types.Struct(tuple((n, _json_as_varchar(f)) for n, f in t.fields))
+    if isinstance(t, types.List):
+        return types.List(_json_as_varchar(t.element))
+    return types.Scalar("VARCHAR") if t.text == "JSON" else t
 
 
 def _link_or_copy(source: Path, target: Path) -> str:
@@ -230,17 +267,28 @@ def _link_or_copy(source: Path, target: Path) -> str:
     return str(target)
 
 
-def _build_replica(path: Path, tables: dict[str, list[str]], views: list[str]) -> None:
-    """A fresh DuckDB file of views: each table over its current Parquet files, then the
-    writer's own views (e.g. ``locations.evses``) as they are defined there."""
+def _build_replica(
+    path: Path,
+    tables: dict[str, list[str]],
+    views: list[str],
+    casts: dict[str, dict[str, str]],
+) -> None:
+    """A fresh DuckDB file of views: each table over its current Parquet files (casting the
+    columns ``casts`` names to the table's type), then the writer's own views (e.g.
+    ``locations.evses``) as they are defined there."""
     with duckdb.connect(str(path)) as rep:
         for name, files in sorted(tables.items()):
             schema, table = name.split(".", 1)
             rep.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(schema)}")
             listed = ", ".join(_literal(f) for f in files)
+            replace = ", ".join(
+                f"CAST({_quote(col)} AS {type_}) AS {_quote(col)}"
+                for col, type_ in casts.get(name, {}).items()
+            )
+            star = f"* REPLACE ({replace})" if replace else "*"
             rep.execute(
                 f"CREATE VIEW {_quote(schema)}.{_quote(table)} AS "
-                f"SELECT * FROM read_parquet([{listed}])"
+                f"SELECT {star} FROM read_parquet([{listed}])"
             )
         for sql in views:
             with contextlib.suppress(duckdb.Error):

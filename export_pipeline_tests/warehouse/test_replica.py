@@ -116,3 +116,32 @@ def test_linked_files_are_retired_like_written_ones_and_old_manifests_read(
     assert Path(part).exists()  # the export's own file stays: only the replica's link went
     assert third["retired"] == []
     assert replica_rows(read_dir, "SELECT count(*) FROM shop.orders") == [(4,)]
+
+
+def test_json_in_the_files_varchar_in_the_table_is_linked_and_read_as_varchar(
+    writer: duckdb.DuckDBPyConnection, tmp_path: Path
+) -> None:
+    """A column null in every row is JSON in the export's Parquet (DuckDB's detection) and
+    VARCHAR in the table: the same strings, so the files are linked and the replica's view
+    casts to the table's types, in this publish and in later ones that keep the table."""
+    read_dir = tmp_path / "read"
+    part = export_file(
+        tmp_path / "p.parquet",
+        "SELECT i AS id, CAST(NULL AS JSON) AS j, {'a': CAST(NULL AS JSON), 'b': i} AS s "
+        "FROM range(3) t(i)",
+    )
+    writer.execute("CREATE TABLE shop.orders (id BIGINT, j VARCHAR, s STRUCT(a VARCHAR, b BIGINT))")
+    writer.execute(f"INSERT INTO shop.orders SELECT * FROM '{part}'")
+    manifest = publish(writer, read_dir, table_files={"shop.orders": [part]})
+    (linked,) = manifest["tables"]["shop.orders"]
+    assert os.stat(linked).st_ino == os.stat(part).st_ino
+    table_types = writer.execute("DESCRIBE shop.orders").fetchall()
+    want = [(r[0], r[1]) for r in table_types]
+    described = replica_rows(read_dir, "DESCRIBE shop.orders")
+    assert [(r[0], r[1]) for r in described] == want
+    writer.execute("CREATE SCHEMA other")
+    writer.execute("CREATE TABLE other.t AS SELECT 1 AS x")
+    later = publish(writer, read_dir, schemas=["other"])
+    assert later["tables"]["shop.orders"] == [linked]
+    assert [(r[0], r[1]) for r in replica_rows(read_dir, "DESCRIBE shop.orders")] == want
+    assert replica_rows(read_dir, "SELECT sum(s.b), count(j) FROM shop.orders") == [(3, 0)]
