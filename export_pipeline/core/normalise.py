@@ -22,13 +22,15 @@ import gzip
 import io
 import json
 import os
+import queue
 import re
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 import duckdb
 
@@ -56,6 +58,7 @@ LINEAGE_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
+_T = TypeVar("_T")
 # Builds the ParseError for a source from a DuckDB error (optionally with a clearer message).
 _Fail = Callable[..., ParseError]
 
@@ -342,7 +345,9 @@ def to_parquet(
     with one thread: DuckDB reads a JSON array sequentially anyway, and a second thread only
     buffers out-of-order batches for the order-preserving COPY, so peak memory grows with the
     file (200k / 800k locations: 571 / 1045 MB with two threads, 221 / 255 MB with one, at the
-    same speed).
+    same speed). For the same reason, when the types come from DuckDB's sample (the usual
+    case), the parts of a multi-part JSON export are converted side by side, one thread each,
+    as many at once as the connection has threads (``_sampled_json_to_parquet``).
     """
     if loaded_at.tzinfo is None:
         raise ValueError("loaded_at must be timezone-aware")
@@ -372,7 +377,7 @@ def to_parquet(
             export_id,
             loaded_at,
             fmt,
-            sequential_arrays=own and threads is None,
+            own_threads=own and threads is None,
         )
     finally:
         shutil.rmtree(unbom_dir, ignore_errors=True)
@@ -409,7 +414,7 @@ def _to_parquet(
     loaded_at: datetime,
     fmt: FileFormat | None,
     *,
-    sequential_arrays: bool = False,
+    own_threads: bool = False,
 ) -> NormaliseResult:
     detected: dict[Path, DetectedFormat] = {}
     for src in sources:
@@ -437,7 +442,7 @@ def _to_parquet(
         )
 
     fast = _sampled_json_to_parquet(
-        con, sources, detected, out_dir, kind, export_id, loaded_at, sequential_arrays
+        con, sources, detected, out_dir, kind, export_id, loaded_at, own_threads
     )
     if fast is not None:
         return fast
@@ -470,7 +475,7 @@ def _to_parquet(
             )
         else:
             plans = _json_selects(con, src, info, hints, auto_schema[info.format], missing)
-        one_thread = sequential_arrays and info.format is FileFormat.JSON_ARRAY
+        one_thread = own_threads and info.format is FileFormat.JSON_ARRAY
         row = None
         select, on_drift = plans
         fallback: dict[str, str] = {}
@@ -568,7 +573,7 @@ def _sampled_json_to_parquet(
     kind: ExportKind,
     export_id: str,
     loaded_at: datetime,
-    sequential_arrays: bool,
+    own_threads: bool,
 ) -> NormaliseResult | None:
     """JSON read in one parse, with types detected from DuckDB's default sample; ``None`` when
     the sample may not speak for the whole file (then the caller detects over every record).
@@ -587,6 +592,17 @@ def _sampled_json_to_parquet(
       and any value where the sample saw only nulls (typed JSON, where the full scan would
       type it).
 
+    Where the time goes (docs/benchmarks.md). With ``own_threads`` (a private connection)
+    each step runs on one DuckDB thread, as many steps at once as DuckDB has threads: the
+    type samples of the parts, then every part's COPY and every part's check. DuckDB samples
+    a file on one thread, ends an order-preserving COPY on one thread and reads a JSON array
+    on one thread, so steps with every thread each left a core idle that parallel parts fill;
+    a one-thread COPY also keeps its rows in order without buffering batches. Only a lone
+    JSON Lines file is read by all threads (its check beside it). One order-preserving
+    ``read_json`` over the list of parts instead reads them in parallel and buffers the later
+    parts' rows (DuckDB 1.4: 1,000,000 reservations, 781 MB peak and 1.5x the CPU), so each
+    part keeps its own read and Parquet.
+
     A value at a position the sample typed VARCHAR is kept as its JSON text whatever it is
     (the full scan would type a column mixing strings and objects JSON; no value is lost).
     Anything unexpected (a DuckDB error, an empty file, no rows) also falls back, and the full
@@ -595,96 +611,150 @@ def _sampled_json_to_parquet(
     if any(detected[s].format is FileFormat.CSV or s.stat().st_size == 0 for s in sources):
         return None
     hints = {n: schema.parse(t) for n, t in (kind.columns or {}).items()}
-    per_file: dict[Path, dict[str, schema.Type]] = {}
-    union: dict[str, schema.Type] = {}
+    threads = int(con.execute("SELECT current_setting('threads')").fetchone()[0])  # type: ignore[index]
+    # One thread per step, steps side by side (see above); a lone JSON Lines file is read by
+    # every thread instead.
+    per_step = own_threads and (
+        len(sources) > 1 or detected[sources[0]].format is FileFormat.JSON_ARRAY
+    )
+    workers = max(threads, 1) if per_step else (2 if own_threads else 1)
+    if per_step:
+        con.execute("SET threads = 1")
     try:
-        for src in sources:
-            info = detected[src]
-            reader = _json_reader(src, info.format, info.gzip, None, sampled=True)
-            types = {n: schema.parse(t) for n, t in _describe(con, f"SELECT * FROM {reader}")}
-            if any(_has_opaque(t) for t in types.values()):
-                return None
-            per_file[src] = types
-            for name, t in types.items():
-                t = _json_as_null(t)
-                union[name] = t if name not in union else _union_sampled(union[name], t)
-    except (duckdb.Error, ValueError):
+        return _sampled_steps(con, sources, detected, out_dir, hints, export_id, loaded_at, workers)
+    finally:
+        if per_step:
+            con.execute("RESET threads")
+
+
+def _sampled_steps(
+    con: duckdb.DuckDBPyConnection,
+    sources: list[Path],
+    detected: Mapping[Path, DetectedFormat],
+    out_dir: Path,
+    hints: Mapping[str, schema.Type],
+    export_id: str,
+    loaded_at: datetime,
+    workers: int,
+) -> NormaliseResult | None:
+    """The steps of :func:`_sampled_json_to_parquet`, ``workers`` at a time, each on its own
+    cursor; the first failure or lossy check stops the others."""
+    # Cursors made here: a connection object is not to be shared by threads.
+    idle: queue.SimpleQueue[duckdb.DuckDBPyConnection] = queue.SimpleQueue()
+    cursors = [con.cursor() for _ in range(workers)]
+    for cur in cursors:
+        idle.put(cur)
+
+    def on_cursor(step: Callable[[duckdb.DuckDBPyConnection], _T]) -> _T:
+        cur = idle.get()
+        try:
+            return step(cur)
+        finally:
+            idle.put(cur)
+
+    def sample(src: Path) -> dict[str, schema.Type]:
+        info = detected[src]
+        reader = _json_reader(src, info.format, info.gzip, None, sampled=True)
+        return on_cursor(
+            lambda cur: {n: schema.parse(t) for n, t in _describe(cur, f"SELECT * FROM {reader}")}
+        )
+
+    def partial_copy(
+        src: Path,
+        own: Mapping[str, schema.Type],
+        typed: Mapping[str, str],
+        partial: Path,
+    ) -> Callable[[duckdb.DuckDBPyConnection], int]:
+        exprs = []
+        for name, t in typed.items():
+            col = _ident(name)
+            if name not in own:
+                exprs.append(f"CAST(NULL AS {t}) AS {col}")
+            elif schema.render(own[name]) == t:
+                exprs.append(col)
+            else:
+                # By name, so a struct gains the fields it lacks (as NULL).
+                exprs.append(f"CAST({col} AS {t}) AS {col}")
+        info = detected[src]
+        reader = _json_reader(src, info.format, info.gzip, None, sampled=True)
+        select = f"SELECT {', '.join(exprs)} FROM {reader}"
+        return lambda cur: _copy_with_lineage(cur, select, partial, export_id, src.name, loaded_at)
+
+    def partial_check(
+        src: Path, own: Mapping[str, schema.Type]
+    ) -> Callable[[duckdb.DuckDBPyConnection], bool]:
+        info = detected[src]
+        return lambda cur: _silently_converted(cur, [src], info.format, info.gzip, own)
+
+    taken: set[str] = set()
+    targets = [out_dir / f"{_output_stem(src, taken)}.parquet" for src in sources]
+    partials = [t.with_name(t.name + ".part") for t in targets]
+    steps: list[Future[int] | Future[bool]] = []
+    rows: list[int] | None = None
+    with ThreadPoolExecutor(workers, thread_name_prefix="normalise") as pool:
+        try:
+            per_file = dict(zip(sources, pool.map(sample, sources), strict=True))
+            typed = _typed_union(per_file.values(), hints)
+            if typed is not None:
+                copies = [
+                    pool.submit(on_cursor, partial_copy(src, per_file[src], typed, partial))
+                    for src, partial in zip(sources, partials, strict=True)
+                ]
+                checks = [
+                    pool.submit(on_cursor, partial_check(src, per_file[src])) for src in sources
+                ]
+                steps = [*copies, *checks]
+                # A failed step or a value the sample would have converted stops the others.
+                if not any(done.result() and done in checks for done in as_completed(steps)):
+                    rows = [copy.result() for copy in copies]
+        except (duckdb.Error, ValueError):
+            rows = None
+        finally:
+            if rows is None:
+                for step in steps:
+                    step.cancel()
+                for cur in cursors:
+                    with contextlib.suppress(duckdb.Error):
+                        cur.interrupt()
+    for cur in cursors:
+        cur.close()
+    if rows is None or not all(rows):
+        for partial in partials:
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
         return None
-    union = {name: _null_as_json(t) for name, t in union.items()}
+    for partial, target in zip(partials, targets, strict=True):
+        os.replace(partial, target)
+    columns = _describe(con, f"SELECT * FROM read_parquet({_lit(str(targets[0]))})")
+    present = {n for n, _ in columns}
+    return NormaliseResult(
+        parquet_paths=targets,
+        rows=sum(rows),
+        columns=columns,
+        missing_columns=sorted(n for n in hints if n not in present),
+    )
+
+
+def _typed_union(
+    sampled: Iterable[Mapping[str, schema.Type]], hints: Mapping[str, schema.Type]
+) -> dict[str, str] | None:
+    """The parts' sampled types together, declared types applied: what every Parquet of the
+    export is written as. None when a MAP or UNION makes the sample untrustworthy."""
+    union: dict[str, schema.Type] = {}
+    for types in sampled:
+        for name, t in types.items():
+            if _has_opaque(t):
+                return None
+            t = _json_as_null(t)
+            union[name] = t if name not in union else _union_sampled(union[name], t)
     typed: dict[str, str] = {}
-    for name, found in union.items():
+    for name, t in union.items():
+        found = _null_as_json(t)
         hint = hints.get(name)
         typed[name] = schema.render(
             schema.no_null(found) if hint is None else schema.apply_hint(hint, found)
         )
-
-    written: list[tuple[Path, Path]] = []  # (partial, target)
-    taken: set[str] = set()
-    total = 0
-    complete = False
-    try:
-        for src in sources:
-            info = detected[src]
-            own = per_file[src]
-            exprs = []
-            for name, t in typed.items():
-                col = _ident(name)
-                if name not in own:
-                    exprs.append(f"CAST(NULL AS {t}) AS {col}")
-                elif schema.render(own[name]) == t:
-                    exprs.append(col)
-                else:
-                    # By name, so a struct gains the fields it lacks (as NULL).
-                    exprs.append(f"CAST({col} AS {t}) AS {col}")
-            reader = _json_reader(src, info.format, info.gzip, None, sampled=True)
-            target = out_dir / f"{_output_stem(src, taken)}.parquet"
-            partial = target.with_name(target.name + ".part")
-            written.append((partial, target))
-            one_thread = sequential_arrays and info.format is FileFormat.JSON_ARRAY
-            if one_thread:
-                con.execute("SET threads = 1")
-            # The check runs beside the read on a second connection: a JSON array is read by
-            # one thread, so the check takes the other core instead of adding its time.
-            with (
-                con.cursor() as checker,
-                ThreadPoolExecutor(1, thread_name_prefix="normalise-check") as pool,
-            ):
-                check = pool.submit(_silently_converted, checker, src, info, own)
-                try:
-                    rows = _copy_with_lineage(
-                        con,
-                        f"SELECT {', '.join(exprs)} FROM {reader}",
-                        partial,
-                        export_id,
-                        src.name,
-                        loaded_at,
-                    )
-                finally:
-                    if one_thread:
-                        con.execute("RESET threads")
-                    converted = check.result()
-            if rows == 0 or converted:
-                return None
-            total += rows
-        complete = True
-    except duckdb.Error:
-        return None
-    finally:
-        if not complete:
-            for partial, _ in written:
-                with contextlib.suppress(FileNotFoundError):
-                    partial.unlink()
-    for partial, target in written:
-        os.replace(partial, target)
-    paths = [target for _, target in written]
-    columns = _describe(con, f"SELECT * FROM read_parquet({_lit(str(paths[0]))})")
-    present = {n for n, _ in columns}
-    return NormaliseResult(
-        parquet_paths=paths,
-        rows=total,
-        columns=columns,
-        missing_columns=sorted(n for n in hints if n not in present),
-    )
+    return typed
 
 
 def _json_as_null(t: schema.Type) -> schema.Type:
@@ -794,12 +864,13 @@ def _bad_values(expr: str, sampled: schema.Type, depth: int = 0) -> str | None:
 
 def _silently_converted(
     con: duckdb.DuckDBPyConnection,
-    src: Path,
-    info: DetectedFormat,
+    files: Sequence[Path],
+    fmt: FileFormat,
+    gz: bool,
     sampled: Mapping[str, schema.Type],
 ) -> bool:
-    """Whether some value of ``src`` does not have the kind its sampled type expects (see
-    :func:`_sampled_json_to_parquet`); one pass reading only those positions."""
+    """Whether some value of ``files`` does not have the kind its sampled type expects; one
+    pass reading only those positions."""
     columns: dict[str, str] = {}
     checks: list[str] = []
     for name, t in sampled.items():
@@ -811,7 +882,14 @@ def _silently_converted(
         checks.append(f"coalesce({bad}, false)")
     if not checks:
         return False
-    reader = _json_reader(src, info.format, info.gzip, columns)
+    paths = "[" + ", ".join(_lit(str(p)) for p in files) + "]"
+    reader = (
+        f"read_json({paths}, "
+        + "format := "
+        + ("'array'" if fmt is FileFormat.JSON_ARRAY else "'newline_delimited'")
+        + f", compression := {'gzip' if gz else 'uncompressed'!r}, "
+        f"columns := {_struct_literal(columns)})"
+    )
     row = con.execute(
         f"SELECT count(*) FILTER (WHERE {' OR '.join(checks)}) FROM {reader}"
     ).fetchone()

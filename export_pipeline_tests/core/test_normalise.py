@@ -86,6 +86,15 @@ def table(path: Path) -> tuple[list[tuple[str, str]], list[tuple[Any, ...]]]:
     return schema, rows
 
 
+def rows_with_source(paths: list[Path]) -> list[tuple[Any, ...]]:
+    """Every row of ``paths`` by id, ``_source_file`` last."""
+    with duckdb.connect() as con:
+        return con.execute(
+            "SELECT * EXCLUDE (_source_file), _source_file FROM read_parquet(?) ORDER BY id",
+            [[str(p) for p in paths]],
+        ).fetchall()
+
+
 def test_detect_format_from_content(tmp_path: Path) -> None:
     arr = write_json_array(tmp_path / "data.csv")  # the name lies
     jl = write_jsonl(tmp_path / "data.json")
@@ -341,5 +350,47 @@ def test_parts_typed_from_samples_agree_where_one_part_holds_only_nulls(
         )
     assert result.columns == full.columns
     assert dict(result.columns)["data"] == 'STRUCT(kind VARCHAR, "value" STRUCT(n BIGINT))'
-    for got, want in zip(result.parquet_paths, full.parquet_paths, strict=True):
-        assert table(got) == table(want)
+    # One Parquet for both parts here, one per part there: the same rows, each from its part.
+    assert rows_with_source(result.parquet_paths) == rows_with_source(full.parquet_paths)
+    assert [r[-1] for r in rows_with_source(result.parquet_paths)] == [
+        "part-0000.jsonl",
+        "part-0001.jsonl",
+    ]
+
+
+def test_parts_converted_side_by_side_fall_back_when_a_later_part_would_lose_a_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parts of a JSON Lines export are converted at once, each checked on its own: a
+    fraction past the type sample of the *second* part (whose sample saw integers) makes the
+    export typed over every record, with no half-written Parquet, and no value rounded."""
+    kind = ExportKind(provider="p", name="parts", primary_key=("id",))
+    parts = []
+    for n in range(3):
+        part = tmp_path / f"part-{n:04d}.jsonl"
+        with part.open("w") as fh:
+            for i in range(_PAST_SAMPLE):
+                fh.write(f'{{"id": "{n}-{i:06d}", "v": {i}}}\n')
+            if n == 1:
+                fh.write(f'{{"id": "{n}-late", "v": 2.5}}\n')
+        parts.append(part)
+    out = tmp_path / "out"
+    result = to_parquet(parts, out, kind=kind, export_id="e", loaded_at=LOADED_AT)
+    assert [p.name for p in result.parquet_paths] == [f"part-{n:04d}.parquet" for n in range(3)]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == sorted(
+        p.name for p in result.parquet_paths
+    )
+    assert result.rows == 3 * _PAST_SAMPLE + 1
+    assert dict(result.columns)["v"] == "DOUBLE"
+    from export_pipeline.core import normalise
+
+    with monkeypatch.context() as patch:
+        patch.setattr(normalise, "_sampled_json_to_parquet", lambda *a, **k: None)
+        full = to_parquet(parts, tmp_path / "full", kind=kind, export_id="e", loaded_at=LOADED_AT)
+    assert rows_with_source(result.parquet_paths) == rows_with_source(full.parquet_paths)
+    with duckdb.connect() as con:
+        late = con.execute(
+            "SELECT v, _source_file FROM read_parquet(?) WHERE id = '1-late'",
+            [[str(p) for p in result.parquet_paths]],
+        ).fetchone()
+    assert late == (2.5, "part-0001.jsonl")
