@@ -691,37 +691,40 @@ def _sampled_steps(
     partials = [t.with_name(t.name + ".part") for t in targets]
     steps: list[Future[int] | Future[bool]] = []
     rows: list[int] | None = None
-    with ThreadPoolExecutor(workers, thread_name_prefix="normalise") as pool:
-        try:
-            per_file = dict(zip(sources, pool.map(sample, sources), strict=True))
-            typed = _typed_union(per_file.values(), hints)
-            if typed is not None:
-                copies = [
-                    pool.submit(on_cursor, partial_copy(src, per_file[src], typed, partial))
-                    for src, partial in zip(sources, partials, strict=True)
-                ]
-                checks = [
-                    pool.submit(on_cursor, partial_check(src, per_file[src])) for src in sources
-                ]
-                steps = [*copies, *checks]
-                # A failed step or a value the sample would have converted stops the others.
-                if not any(done.result() and done in checks for done in as_completed(steps)):
-                    rows = [copy.result() for copy in copies]
-        except (duckdb.Error, ValueError):
-            rows = None
-        finally:
-            if rows is None:
-                for step in steps:
-                    step.cancel()
-                for cur in cursors:
-                    with contextlib.suppress(duckdb.Error):
-                        cur.interrupt()
-    for cur in cursors:
-        cur.close()
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="normalise") as pool:
+            try:
+                per_file = dict(zip(sources, pool.map(sample, sources), strict=True))
+                typed = _typed_union(per_file.values(), hints)
+                if typed is not None:
+                    copies = [
+                        pool.submit(on_cursor, partial_copy(src, per_file[src], typed, partial))
+                        for src, partial in zip(sources, partials, strict=True)
+                    ]
+                    checks = [
+                        pool.submit(on_cursor, partial_check(src, per_file[src])) for src in sources
+                    ]
+                    steps = [*copies, *checks]
+                    # A failed step or a value the sample would have converted stops the rest.
+                    if not any(done.result() and done in checks for done in as_completed(steps)):
+                        rows = [copy.result() for copy in copies]
+            except (duckdb.Error, ValueError):
+                rows = None
+            finally:
+                if rows is None:
+                    for step in steps:
+                        step.cancel()
+                    for cur in cursors:
+                        with contextlib.suppress(duckdb.Error):
+                            cur.interrupt()
+    finally:
+        for cur in cursors:
+            cur.close()
+        if rows is None or not all(rows):
+            for partial in partials:
+                with contextlib.suppress(FileNotFoundError):
+                    partial.unlink()
     if rows is None or not all(rows):
-        for partial in partials:
-            with contextlib.suppress(FileNotFoundError):
-                partial.unlink()
         return None
     for partial, target in zip(partials, targets, strict=True):
         os.replace(partial, target)
