@@ -437,9 +437,12 @@ def one_thread(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
     """Run the block with one DuckDB thread, then restore the connection's setting.
 
     For order-preserving writes of wide nested rows (the load's INSERT, the replica's COPY):
-    with two threads DuckDB buffers out-of-order batches. Inserting 200,000 locations from
-    Parquet took 1.5-3.2 s and ~340 MB with two threads, 1.4-1.8 s (commit included) and
-    ~195 MB with one, on a shared 2-core machine.
+    with two threads DuckDB buffers out-of-order batches. Re-measured 2026-12-01 on the shared
+    2-core machine (load average 4-10), INSERT + COMMIT into a new table, 400 MB cap, each
+    alternated in fresh processes: 200,000 locations 1.5-1.6 s and 301 MB with one thread,
+    1.45-2.2 s and 475-500 MB with two (2.0-2.3 s and 530 MB with two threads and
+    ``preserve_insertion_order = false``); 1,000,000 Mews reservations 3.1-3.5 s and 510-560
+    MB with one, 4.0-4.8 s and 625 MB with two (3.75 s and 580 MB unordered).
     """
     row = con.execute("SELECT current_setting('threads')").fetchone()
     con.execute("SET threads = 1")
