@@ -48,10 +48,16 @@ def freshness_states(instance: dg.DagsterInstance) -> dict[str, str]:
         )
     )
     with WorkspaceProcessContext(instance, target) as workspace:
+        request = workspace.create_request_context()
+        # A definitions load error would leave an empty graph and nothing evaluated: say why.
+        assert not request.code_location_errors(), request.code_location_errors()
+        keys = request.asset_graph.get_all_asset_keys()
+        assert keys
         list(FreshnessDaemon().run_iteration(workspace))
-        keys = workspace.create_request_context().asset_graph.get_all_asset_keys()
     records = instance.get_freshness_state_records(list(keys))
-    return {k.to_user_string(): records[k].freshness_state.value for k in keys if k in records}
+    states = {k.to_user_string(): records[k].freshness_state.value for k in records}
+    assert len(states) == len(keys), f"not evaluated: {set(map(str, keys)) - set(states)}"
+    return states
 
 
 def test_every_asset_has_a_freshness_policy_the_daemon_evaluates(
