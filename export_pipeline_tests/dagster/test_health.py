@@ -15,6 +15,7 @@ import duckdb
 import pytest
 from dagster._core.loader import LoadingContextForTest
 from dagster._core.remote_origin import InProcessCodeLocationOrigin
+from dagster._core.storage.defs_state.base import set_defs_state_storage
 from dagster._core.test_utils import freeze_time
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._core.workspace.context import WorkspaceProcessContext
@@ -47,7 +48,12 @@ def freshness_states(instance: dg.DagsterInstance) -> dict[str, str]:
             LoadableTargetOrigin(module_name="export_pipeline.definitions", attribute="defs")
         )
     )
-    with WorkspaceProcessContext(instance, target) as workspace:
+    # Loading definitions reads the *current* defs-state storage (a context variable), which an
+    # earlier test's disposed instance can have left behind: this instance's, for the load.
+    with (
+        set_defs_state_storage(instance.defs_state_storage),
+        WorkspaceProcessContext(instance, target) as workspace,
+    ):
         request = workspace.create_request_context()
         # A definitions load error would leave an empty graph and nothing evaluated: say why.
         assert not request.code_location_errors(), request.code_location_errors()
