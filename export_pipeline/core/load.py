@@ -127,11 +127,11 @@ def load_parquet(
     staged_as = "TABLE"
     try:
         staged_as = _stage(con, kind, stage, paths)
-        result = _apply(con, kind, target, stage, partition_value)
-        if staged_as == "VIEW" and result.table_files:
+        result, whole = _apply(con, kind, target, stage, partition_value)
+        if whole and staged_as == "VIEW":
             # The stage read the files as they are (no de-duplication): the table is them.
             return dataclasses.replace(result, table_files=tuple(paths))
-        return dataclasses.replace(result, table_files=())
+        return result
     finally:
         # In an aborted transaction this fails too; the rollback removes the temp object anyway.
         with contextlib.suppress(duckdb.Error):
@@ -336,10 +336,9 @@ def _apply(
     target: str,
     stage: str,
     partition_value: str | None,
-) -> LoadResult:
-    """Replace the rows of the export's scope with the staged ones. ``table_files`` of the
-    result is non-empty (a marker; ``load_parquet`` fills in the files) when the table now
-    holds exactly the staged rows, unconverted."""
+) -> tuple[LoadResult, bool]:
+    """Replace the rows of the export's scope with the staged ones; also whether the table now
+    holds exactly the staged rows, unconverted (``load_parquet`` then names the files)."""
     added, changed = _ensure_table(con, kind, target, stage)
     pk = list(kind.primary_key)
     rows_in_export = _scalar(con, f"SELECT count(*) FROM {stage}")
@@ -420,7 +419,7 @@ def _apply(
     with one_thread(con):
         inserted = _scalar(con, insert)
     table_rows = before - removed + inserted
-    return LoadResult(
+    result = LoadResult(
         rows_in_export=rows_in_export,
         rows_inserted=rows_in_export - updated,
         rows_updated=updated,
@@ -428,8 +427,8 @@ def _apply(
         table_rows=table_rows,
         columns_added=tuple(added),
         columns_changed=tuple(changed),
-        table_files=("whole",) if table_rows == inserted and not converted else (),
     )
+    return result, table_rows == inserted and not converted
 
 
 @contextlib.contextmanager
