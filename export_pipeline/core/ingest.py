@@ -53,8 +53,10 @@ from export_pipeline.core.model import (
 from export_pipeline.core.netpolicy import UrlPolicy
 from export_pipeline.core.normalise import detect_format, to_parquet
 from export_pipeline.core.redact import get_logger
+from export_pipeline.core.stage import StagedLoad
 from export_pipeline.core.storage import LocalStorage, Storage
 from export_pipeline.core.transfer import DownloadedFile, DownloadLimits, download_files
+from export_pipeline.core.warehouse import DuckDBWarehouse
 from export_pipeline.core.windows import next_cursor
 
 log = get_logger(__name__)  # redacts secrets from every message
@@ -122,6 +124,10 @@ class IngestSettings:
     # or evicts; without it the load keeps every block it wrote cached (up to 80% of RAM), so
     # the worker's memory would grow with the export.
     duckdb_memory_limit: str = "400MB"
+    # DuckDB file on local storage: load each finished Parquet file into the warehouse while the
+    # next is parsed, in the load's transaction (core/stage.py). The write lock is then held
+    # from the first finished file, not only for the load.
+    stage_while_parsing: bool = True
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     # Which hosts provider-supplied URLs may reach (public only unless allowed) and how big a
     # file may be; see core.netpolicy and transfer.DownloadLimits.
@@ -628,6 +634,40 @@ class ExportRunner:
         downloaded, status, reused = self._download(kind, status, raw_dir, work_raw)
         self._renew(kind, export_id)
         loaded_at = datetime.now(UTC)
+        with self._staged_load(kind, work) as staged:
+            return self._normalise_and_load(
+                kind, record, status, work, t0, downloaded, reused, loaded_at, staged
+            )
+
+    def _staged_load(
+        self, kind: ExportKind, work: Path
+    ) -> contextlib.AbstractContextManager[StagedLoad | None]:
+        warehouse = self.ledger.warehouse
+        if (
+            self.settings.stage_while_parsing
+            and isinstance(warehouse, DuckDBWarehouse)
+            and isinstance(self.storage, LocalStorage)
+        ):
+            return StagedLoad(
+                warehouse, kind, work / "stage", memory_limit=self.settings.duckdb_memory_limit
+            )
+        return contextlib.nullcontext()
+
+    def _normalise_and_load(
+        self,
+        kind: ExportKind,
+        record: ExportRecord,
+        status: ExportStatus,
+        work: Path,
+        t0: float,
+        downloaded: list[DownloadedFile],
+        reused: list[str],
+        loaded_at: datetime,
+        staged: StagedLoad | None,
+    ) -> IngestResult:
+        export_id = record.export_id
+        raw_dir = self.storage.local_dir("raw", kind, export_id)
+        parquet_dir = work / "parquet"
         try:
             normalised = to_parquet(
                 [f.path for f in downloaded],
@@ -636,6 +676,7 @@ class ExportRunner:
                 export_id=export_id,
                 loaded_at=loaded_at,
                 memory_limit=self.settings.duckdb_memory_limit,
+                on_file=staged.add if staged is not None else None,
             )
         except (ExportPipelineError, OSError, MemoryError):
             raise
@@ -690,45 +731,65 @@ class ExportRunner:
             for f, remote in zip(downloaded, status.files, strict=True)
         ]
         warehouse = self.ledger.warehouse
-        # One transaction: data, ledger and cursor (on DuckLake: one snapshot). A commit that
-        # collides with another writer's runs again whole, re-checking is_loaded first.
-        for attempt in warehouse.transactions():
-            with attempt as con:
-                limit = self.settings.duckdb_memory_limit.replace("'", "''")
-                con.execute(f"SET memory_limit = '{limit}'")
-                if self.ledger.is_loaded(con, self.name, export_id):
-                    # Another run (a webhook-triggered one, say) committed it while we downloaded.
-                    return self._skipped(kind, record)
-                load = load_parquet(
-                    con,
-                    kind,
-                    load_paths,
-                    partition_value=record.partition_key or None,
-                )
-                warehouse.note_table_files(con, kind.schema, kind.name, load.table_files)
-                ensure_views(con, kind)
-                fault_point("merge")
-                self.ledger.mark_loaded(
-                    con,
-                    kind,
-                    export_id,
-                    rows=normalised.rows,
-                    bytes_downloaded=sum(f.size_bytes for f in downloaded),
-                    raw_uri=raw_uri,
-                    parquet_uri=parquet_uri,
-                    files=files,
-                    cursor_value=cursor,
-                    partition_key=record.partition_key,
-                )
-                warehouse.label_commit(
-                    con,
-                    f"load {kind.key} export {export_id}",
-                    schema=kind.schema,
-                    provider=self.name,
-                    kind=kind.name,
-                    export_id=export_id,
-                    partition_key=record.partition_key,
-                )
+
+        def load_in(con: duckdb.DuckDBPyConnection, staged_table: str | None) -> LoadResult | None:
+            """The load transaction's work; None when the export is loaded already."""
+            limit = self.settings.duckdb_memory_limit.replace("'", "''")
+            con.execute(f"SET memory_limit = '{limit}'")
+            if self.ledger.is_loaded(con, self.name, export_id):
+                # Another run (a webhook-triggered one, say) committed it while we downloaded.
+                return None
+            load = load_parquet(
+                con,
+                kind,
+                load_paths,
+                partition_value=record.partition_key or None,
+                staged=staged_table,
+            )
+            warehouse.note_table_files(con, kind.schema, kind.name, load.table_files)
+            ensure_views(con, kind)
+            fault_point("merge")
+            self.ledger.mark_loaded(
+                con,
+                kind,
+                export_id,
+                rows=normalised.rows,
+                bytes_downloaded=sum(f.size_bytes for f in downloaded),
+                raw_uri=raw_uri,
+                parquet_uri=parquet_uri,
+                files=files,
+                cursor_value=cursor,
+                partition_key=record.partition_key,
+            )
+            warehouse.label_commit(
+                con,
+                f"load {kind.key} export {export_id}",
+                schema=kind.schema,
+                provider=self.name,
+                kind=kind.name,
+                export_id=export_id,
+                partition_key=record.partition_key,
+            )
+            return load
+
+        # One transaction: data, ledger and cursor (on DuckLake: one snapshot). Staged while
+        # parsing, it is the transaction the staging opened; else a commit that collides with
+        # another writer's runs again whole, re-checking is_loaded first.
+        staged_con = staged.take(load_paths) if staged is not None else None
+        if staged is not None and staged_con is not None:
+            try:
+                loaded = load_in(staged_con, staged.table)
+            except BaseException as exc:
+                staged.rollback(exc)
+                raise
+            staged.commit()
+        else:
+            for attempt in warehouse.transactions():
+                with attempt as con:
+                    loaded = load_in(con, None)
+        if loaded is None:
+            return self._skipped(kind, record)
+        load = loaded
         fault_point("commit")
         if not isinstance(self.storage, LocalStorage):
             # Remote tiers: keep this worker's copy of the loaded Parquet in the local cache
@@ -739,7 +800,7 @@ class ExportRunner:
             written = [cache / path.name for path in written]
         self.log.info(
             "%s export %s: loaded %d rows into %s (%d inserted, %d updated, %d deleted; "
-            "table has %d rows)",
+            "table has %d rows)%s",
             kind.key,
             export_id,
             normalised.rows,
@@ -748,6 +809,7 @@ class ExportRunner:
             load.rows_updated,
             load.rows_deleted,
             load.table_rows,
+            "; loaded while parsing" if staged_con is not None else "",
         )
         return IngestResult(
             provider=self.name,

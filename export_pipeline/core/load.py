@@ -43,6 +43,9 @@ class LoadResult:
     # whole table from them, unconverted: a snapshot, or the first load into an empty table);
     # empty otherwise. The read replica may reuse them instead of writing the table again.
     table_files: tuple[str, ...] = ()
+    # The rows were not copied: the table staged while parsing became the kind's table by a
+    # rename (``load_parquet(staged=...)``, core/stage.py).
+    renamed: bool = False
 
 
 def quote_ident(name: str) -> str:
@@ -95,12 +98,18 @@ def load_parquet(
     parquet_paths: Sequence[Path | str],
     *,
     partition_value: str | None = None,
+    staged: str | None = None,
 ) -> LoadResult:
     """Apply one export's Parquet files to ``kind.table`` according to ``kind.load_mode``.
 
     The export is staged in a temp table de-duplicated on the primary key (the last occurrence
     wins: highest ``_source_file``, then highest row position), the table is created or widened
     with new columns, then rows are replaced. Must run inside the caller's transaction.
+
+    ``staged`` names a table of ``kind.schema`` that the transaction already filled with the
+    rows of ``parquet_paths`` (core/stage.py). When the load replaces the whole table with the
+    export, that table becomes the kind's table by a rename (no INSERT); otherwise it is the
+    stage; either way it is gone afterwards. With duplicate keys the files are staged as usual.
     """
     mode = kind.load_mode
     pk = list(kind.primary_key)
@@ -126,16 +135,24 @@ def load_parquet(
     stage = quote_ident(f"_stage_{kind.provider}_{kind.name}_{uuid.uuid4().hex[:12]}")
     staged_as = "TABLE"
     try:
-        staged_as = _stage(con, kind, stage, paths)
-        result, whole = _apply(con, kind, target, stage, partition_value)
-        if whole and staged_as == "VIEW":
-            # The stage read the files as they are (no de-duplication): the table is them.
+        if staged is not None and _usable_stage(con, kind, staged):
+            stage, staged_as = staged, "STAGED"
+        else:
+            if staged is not None:
+                con.execute(f"DROP TABLE IF EXISTS {staged}")
+            staged_as = _stage(con, kind, stage, paths)
+        result, whole = _apply(
+            con, kind, target, stage, partition_value, swap=staged_as == "STAGED"
+        )
+        if whole and staged_as in ("VIEW", "STAGED"):
+            # The stage holds the files' rows as they are (no de-duplication): the table is them.
             return dataclasses.replace(result, table_files=tuple(paths))
         return result
     finally:
         # In an aborted transaction this fails too; the rollback removes the temp object anyway.
+        # A staged table renamed to the kind's table is no longer there to drop.
         with contextlib.suppress(duckdb.Error):
-            con.execute(f"DROP {staged_as} IF EXISTS {stage}")
+            con.execute(f"DROP {'TABLE' if staged_as == 'STAGED' else staged_as} IF EXISTS {stage}")
 
 
 def _stage(con: duckdb.DuckDBPyConnection, kind: ExportKind, stage: str, paths: list[str]) -> str:
@@ -149,15 +166,9 @@ def _stage(con: duckdb.DuckDBPyConnection, kind: ExportKind, stage: str, paths: 
     reader = "read_parquet(?, union_by_name = true, filename = true, file_row_number = true)"
     described = con.execute(f"DESCRIBE SELECT * FROM {reader}", [paths]).fetchall()
     names = {r[0] for r in described}
-    missing = [k for k in kind.primary_key if k not in names]
-    if missing:
-        raise IntegrityError(
-            f"export has no primary key column(s) {missing}",
-            provider=kind.provider,
-            kind=kind.name,
-        )
-    if not kind.primary_key or not _has_duplicate_keys(con, kind, paths):
-        files = "[" + ", ".join(_literal(p) for p in paths) + "]"
+    _require_keys(kind, names)
+    files = "[" + ", ".join(_literal(p) for p in paths) + "]"
+    if not _has_duplicate_keys(con, kind, f"read_parquet({files}, union_by_name = true)"):
         con.execute(
             f"CREATE TEMP VIEW {stage} AS SELECT * FROM read_parquet({files}, union_by_name = true)"
         )
@@ -180,16 +191,33 @@ def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _has_duplicate_keys(con: duckdb.DuckDBPyConnection, kind: ExportKind, paths: list[str]) -> bool:
-    """Whether any primary key occurs twice; reads only the key columns (NULLs count as equal,
-    like the merge's IS NOT DISTINCT FROM)."""
+def _require_keys(kind: ExportKind, names: set[str]) -> None:
+    missing = [k for k in kind.primary_key if k not in names]
+    if missing:
+        raise IntegrityError(
+            f"export has no primary key column(s) {missing}",
+            provider=kind.provider,
+            kind=kind.name,
+        )
+
+
+def _usable_stage(con: duckdb.DuckDBPyConnection, kind: ExportKind, staged: str) -> bool:
+    """Whether the staged table can be the stage as it is: each key once."""
+    _require_keys(kind, {r[0] for r in con.execute(f"DESCRIBE {staged}").fetchall()})
+    return not _has_duplicate_keys(con, kind, staged)
+
+
+def _has_duplicate_keys(con: duckdb.DuckDBPyConnection, kind: ExportKind, source: str) -> bool:
+    """Whether any primary key occurs twice in ``source``; reads only the key columns (NULLs
+    count as equal, like the merge's IS NOT DISTINCT FROM). No key: no duplicates."""
+    if not kind.primary_key:
+        return False
     keys = ", ".join(quote_ident(k) for k in kind.primary_key)
     return (
         _scalar(
             con,
-            f"SELECT count(*) FROM (SELECT 1 FROM read_parquet(?, union_by_name = true) "
-            f"GROUP BY {keys} HAVING count(*) > 1 LIMIT 1)",
-            [paths],
+            f"SELECT count(*) FROM (SELECT 1 FROM {source} GROUP BY {keys} "
+            "HAVING count(*) > 1 LIMIT 1)",
         )
         > 0
     )
@@ -336,9 +364,14 @@ def _apply(
     target: str,
     stage: str,
     partition_value: str | None,
+    *,
+    swap: bool = False,
 ) -> tuple[LoadResult, bool]:
     """Replace the rows of the export's scope with the staged ones; also whether the table now
-    holds exactly the staged rows, unconverted (``load_parquet`` then names the files)."""
+    holds exactly the staged rows, unconverted (``load_parquet`` then names the files).
+
+    With ``swap`` (``stage`` is a table of the kind's schema), a load that leaves nothing of the
+    table's old rows renames the stage to the table instead of copying its rows."""
     added, changed = _ensure_table(con, kind, target, stage)
     pk = list(kind.primary_key)
     rows_in_export = _scalar(con, f"SELECT count(*) FROM {stage}")
@@ -379,6 +412,33 @@ def _apply(
     # The table's rows afterwards are derived from what DELETE and INSERT report (their row
     # counts), not counted again; a step with nothing to do (an empty table) is skipped.
     before = _scalar(con, f"SELECT count(*) FROM {target}")
+    whole_table = not before or mode is LoadMode.SNAPSHOT
+    plan = _swap_plan(con, kind, stage) if swap and whole_table else None
+    if plan is not None:
+        # Nothing of the old table stays: the stage becomes the table (no copy of its rows).
+        updated = 0
+        if pk and before:
+            updated = _scalar(
+                con,
+                f"SELECT count(*) FROM {stage} _stg WHERE EXISTS "
+                f"(SELECT 1 FROM {target} _tgt WHERE {_key_match('_tgt', '_stg', pk)})",
+            )
+        statements, converted = plan
+        for statement in statements:
+            con.execute(statement)
+        con.execute(f"DROP TABLE {target}")
+        con.execute(f"ALTER TABLE {stage} RENAME TO {quote_ident(kind.name)}")
+        result = LoadResult(
+            rows_in_export=rows_in_export,
+            rows_inserted=rows_in_export - updated,
+            rows_updated=updated,
+            rows_deleted=before - updated,
+            table_rows=rows_in_export,
+            columns_added=tuple(added),
+            columns_changed=tuple(changed),
+            renamed=True,
+        )
+        return result, not converted
     if mode is LoadMode.MERGE:
         updated = 0
         if before:
@@ -429,6 +489,35 @@ def _apply(
         columns_changed=tuple(changed),
     )
     return result, table_rows == inserted and not converted
+
+
+def _swap_plan(
+    con: duckdb.DuckDBPyConnection, kind: ExportKind, stage: str
+) -> tuple[list[str], bool] | None:
+    """How the staged table becomes the kind's table: the ALTERs converting its columns to the
+    table's types where they differ (as the INSERT would convert them), and whether any value
+    becomes JSON text. None when the columns differ in name or order (the table keeps a column
+    this export lacks, say): then the rows are copied as usual."""
+    have = _columns(con, kind.schema, kind.name)
+    staged = [(r[0], r[1]) for r in con.execute(f"DESCRIBE {stage}").fetchall()]
+    if list(have) != [name for name, _ in staged]:
+        return None
+    statements: list[str] = []
+    converted = False
+    for name, duck_type in staged:
+        table_type = have[name]
+        if table_type == duck_type:
+            continue
+        col = quote_ident(name)
+        if "JSON" in table_type:
+            using = schema.convert_sql(col, schema.parse(duck_type), schema.parse(table_type))
+            converted = True
+        else:
+            using = f"CAST({col} AS {table_type})"
+        statements.append(
+            f"ALTER TABLE {stage} ALTER COLUMN {col} SET DATA TYPE {table_type} USING {using}"
+        )
+    return statements, converted
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ import os
 import queue
 import re
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -51,6 +52,16 @@ _MAX_RECORD_BYTES = 1 << 20  # how much of a bad JSON record is kept to find its
 # with the export up to that many rows). DuckDB 1.4 refuses ROW_GROUP_SIZE_BYTES together with
 # preserve_insertion_order, so the bound is a row count small enough for wide nested rows.
 _ROW_GROUP_ROWS = 20_000
+# zstd level 1 instead of DuckDB's default 3: the same file size on exports measured (33 MB per
+# 250,000 Mews reservations either way) for 5-8% less time in the COPY.
+_PARQUET = (
+    f"FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1, ROW_GROUP_SIZE {_ROW_GROUP_ROWS}"
+)
+# A source at least this big is written as several Parquet files of _CHUNK_ROW_GROUPS row groups
+# each (``<stem>-0000.parquet``, ...), handed to ``on_file`` one by one while the rest is still
+# being parsed, so the warehouse loads one while DuckDB writes the next (core/stage.py).
+CHUNK_BYTES = 32 << 20
+_CHUNK_ROW_GROUPS = 2
 LINEAGE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("_export_id", "VARCHAR"),
     ("_source_file", "VARCHAR"),
@@ -61,6 +72,8 @@ LINEAGE_COLUMNS: tuple[tuple[str, str], ...] = (
 _T = TypeVar("_T")
 # Builds the ParseError for a source from a DuckDB error (optionally with a clearer message).
 _Fail = Callable[..., ParseError]
+# Told each finished Parquet file of the export, from normalise's threads (see ``to_parquet``).
+FileSink = Callable[[Path], None]
 
 
 @dataclass(frozen=True)
@@ -331,8 +344,17 @@ def to_parquet(
     con: duckdb.DuckDBPyConnection | None = None,
     memory_limit: str = "512MB",
     threads: int | None = None,
+    on_file: FileSink | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> NormaliseResult:
     """Write one zstd Parquet per source (``out_dir/<stem>.parquet``) with lineage columns.
+
+    A JSON source of at least ``chunk_bytes``, converted on one thread, is written as several
+    files instead (``<stem>-0000.parquet``, ... in row order). ``on_file`` is told each Parquet
+    file as soon as it is complete, from normalise's threads and before the others are done,
+    when the types come from DuckDB's sample (the usual case); a caller loading them early must
+    compare what it was told with ``parquet_paths`` at the end (a later check may still send the
+    export down the full scan, which rewrites every file).
 
     ``fmt`` overrides the content sniffing (gzip is always detected from the bytes). Without
     ``kind.columns`` the types are auto-detected once over all sources of the same format, so
@@ -378,6 +400,8 @@ def to_parquet(
             loaded_at,
             fmt,
             own_threads=own and threads is None,
+            on_file=on_file,
+            chunk_bytes=chunk_bytes,
         )
     finally:
         shutil.rmtree(unbom_dir, ignore_errors=True)
@@ -415,6 +439,8 @@ def _to_parquet(
     fmt: FileFormat | None,
     *,
     own_threads: bool = False,
+    on_file: FileSink | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> NormaliseResult:
     detected: dict[Path, DetectedFormat] = {}
     for src in sources:
@@ -442,7 +468,16 @@ def _to_parquet(
         )
 
     fast = _sampled_json_to_parquet(
-        con, sources, detected, out_dir, kind, export_id, loaded_at, own_threads
+        con,
+        sources,
+        detected,
+        out_dir,
+        kind,
+        export_id,
+        loaded_at,
+        own_threads,
+        on_file=on_file,
+        chunk_bytes=chunk_bytes,
     )
     if fast is not None:
         return fast
@@ -476,20 +511,14 @@ def _to_parquet(
         else:
             plans = _json_selects(con, src, info, hints, auto_schema[info.format], missing)
         one_thread = own_threads and info.format is FileFormat.JSON_ARRAY
-        row = None
+        rows = 0
         select, on_drift = plans
         fallback: dict[str, str] = {}
         for attempt in range(2):
-            sql = (
-                f"COPY (SELECT src.*, CAST($1 AS VARCHAR) AS _export_id, "
-                f"CAST($2 AS VARCHAR) AS _source_file, CAST($3 AS TIMESTAMPTZ) AS _loaded_at "
-                f"FROM ({select}) AS src) TO {_lit(str(partial))} "
-                f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {_ROW_GROUP_ROWS})"
-            )
             try:
                 if one_thread:
                     con.execute("SET threads = 1")
-                row = con.execute(sql, [export_id, src.name, loaded_at]).fetchone()
+                rows = _copy_with_lineage(con, select, partial, export_id, src.name, loaded_at)
                 drifted.update(fallback)
                 break
             except duckdb.Error as exc:
@@ -512,7 +541,6 @@ def _to_parquet(
             finally:
                 if one_thread:
                     con.execute("RESET threads")
-        rows = int(row[0]) if row else 0
         if rows == 0 and kind.columns is None:
             partial.unlink()
             continue
@@ -553,16 +581,96 @@ def _copy_with_lineage(
     export_id: str,
     source_name: str,
     loaded_at: datetime,
+    *,
+    chunks: bool = False,
 ) -> int:
-    """``COPY`` the rows of ``select`` plus the lineage columns to a zstd Parquet; row count."""
+    """``COPY`` the rows of ``select`` plus the lineage columns to a zstd Parquet; row count.
+
+    With ``chunks``, ``target`` is a directory DuckDB fills with ``chunk-<i>.parquet`` files of
+    :data:`_CHUNK_ROW_GROUPS` row groups each (in row order when the COPY has one thread)."""
+    options = _PARQUET
+    if chunks:
+        options += f", ROW_GROUPS_PER_FILE {_CHUNK_ROW_GROUPS}, FILENAME_PATTERN 'chunk-{{i}}'"
     row = con.execute(
         f"COPY (SELECT src.*, CAST($1 AS VARCHAR) AS _export_id, "
         f"CAST($2 AS VARCHAR) AS _source_file, CAST($3 AS TIMESTAMPTZ) AS _loaded_at "
-        f"FROM ({select}) AS src) TO {_lit(str(target))} "
-        f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {_ROW_GROUP_ROWS})",
+        f"FROM ({select}) AS src) TO {_lit(str(target))} ({options})",
         [export_id, source_name, loaded_at],
     ).fetchone()
     return int(row[0]) if row else 0
+
+
+def _chunk_files(chunk_dir: Path) -> list[Path]:
+    """The ``chunk-<i>.parquet`` files DuckDB wrote so far, in row order (by ``i``)."""
+    try:
+        names = os.listdir(chunk_dir)
+    except FileNotFoundError:
+        return []
+    found = [(int(m.group(1)), n) for n in names if (m := _CHUNK_NAME.fullmatch(n))]
+    return [chunk_dir / n for _, n in sorted(found)]
+
+
+_CHUNK_NAME = re.compile(r"chunk-(\d+)\.parquet")
+
+
+def _has_footer(path: Path) -> bool:
+    """Whether ``path`` ends like a complete Parquet file: its footer length, then ``PAR1``."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size < 12:
+                return False
+            f.seek(size - 8)
+            tail = f.read(8)
+    except OSError:
+        return False
+    return tail[4:] == b"PAR1" and int.from_bytes(tail[:4], "little") + 12 <= size
+
+
+def _copy_announcing_chunks(
+    con: duckdb.DuckDBPyConnection,
+    select: str,
+    chunk_dir: Path,
+    export_id: str,
+    source_name: str,
+    loaded_at: datetime,
+    on_file: FileSink | None,
+) -> int:
+    """:func:`_copy_with_lineage` into chunks, telling ``on_file`` each chunk once DuckDB has
+    moved on to the next one (and the chunk's footer is written), the last ones when the COPY
+    has ended; none after a failed COPY."""
+    ended = threading.Event()
+    failed = False
+    told = 0
+
+    def tell() -> None:
+        nonlocal told
+        while True:
+            last_round = ended.is_set()
+            files = _chunk_files(chunk_dir)
+            complete = len(files) if last_round else len(files) - 1
+            while told < complete and (last_round or _has_footer(files[told])):
+                if failed:
+                    return
+                if on_file is not None:
+                    on_file(files[told])
+                told += 1
+            if last_round:
+                return
+            ended.wait(0.02)
+
+    watcher = threading.Thread(target=tell, name="normalise-chunks", daemon=True)
+    watcher.start()
+    try:
+        return _copy_with_lineage(
+            con, select, chunk_dir, export_id, source_name, loaded_at, chunks=True
+        )
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        ended.set()
+        watcher.join()
 
 
 def _sampled_json_to_parquet(
@@ -574,6 +682,9 @@ def _sampled_json_to_parquet(
     export_id: str,
     loaded_at: datetime,
     own_threads: bool,
+    *,
+    on_file: FileSink | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> NormaliseResult | None:
     """JSON read in one parse, with types detected from DuckDB's default sample; ``None`` when
     the sample may not speak for the whole file (then the caller detects over every record).
@@ -620,8 +731,21 @@ def _sampled_json_to_parquet(
     workers = max(threads, 1) if per_step else (2 if own_threads else 1)
     if per_step:
         con.execute("SET threads = 1")
+    # Chunks only where one thread writes the file, so they come in row order.
+    chunked = {s for s in sources if per_step and s.stat().st_size >= chunk_bytes}
     try:
-        return _sampled_steps(con, sources, detected, out_dir, hints, export_id, loaded_at, workers)
+        return _sampled_steps(
+            con,
+            sources,
+            detected,
+            out_dir,
+            hints,
+            export_id,
+            loaded_at,
+            workers,
+            chunked=chunked,
+            on_file=on_file,
+        )
     finally:
         if per_step:
             con.execute("RESET threads")
@@ -636,9 +760,14 @@ def _sampled_steps(
     export_id: str,
     loaded_at: datetime,
     workers: int,
+    *,
+    chunked: set[Path],
+    on_file: FileSink | None,
 ) -> NormaliseResult | None:
     """The steps of :func:`_sampled_json_to_parquet`, ``workers`` at a time, each on its own
-    cursor; the first failure or lossy check stops the others."""
+    cursor; the first failure or lossy check stops the others. Each source's Parquet is
+    written as ``<target>.part`` (a ``chunked`` source: ``.<stem>.chunks/``), told to
+    ``on_file`` when written, and renamed to its final name(s) when every check passed."""
     # Cursors made here: a connection object is not to be shared by threads.
     idle: queue.SimpleQueue[duckdb.DuckDBPyConnection] = queue.SimpleQueue()
     cursors = [con.cursor() for _ in range(workers)]
@@ -678,7 +807,18 @@ def _sampled_steps(
         info = detected[src]
         reader = _json_reader(src, info.format, info.gzip, None, sampled=True)
         select = f"SELECT {', '.join(exprs)} FROM {reader}"
-        return lambda cur: _copy_with_lineage(cur, select, partial, export_id, src.name, loaded_at)
+        if src in chunked:
+            return lambda cur: _copy_announcing_chunks(
+                cur, select, partial, export_id, src.name, loaded_at, on_file
+            )
+
+        def copy(cur: duckdb.DuckDBPyConnection) -> int:
+            rows = _copy_with_lineage(cur, select, partial, export_id, src.name, loaded_at)
+            if on_file is not None:
+                on_file(partial)
+            return rows
+
+        return copy
 
     def partial_check(
         src: Path, own: Mapping[str, schema.Type]
@@ -687,8 +827,11 @@ def _sampled_steps(
         return lambda cur: _silently_converted(cur, [src], info.format, info.gzip, own)
 
     taken: set[str] = set()
-    targets = [out_dir / f"{_output_stem(src, taken)}.parquet" for src in sources]
-    partials = [t.with_name(t.name + ".part") for t in targets]
+    stems = [_output_stem(src, taken) for src in sources]
+    partials = [
+        out_dir / (f".{stem}.chunks" if src in chunked else f"{stem}.parquet.part")
+        for src, stem in zip(sources, stems, strict=True)
+    ]
     steps: list[Future[int] | Future[bool]] = []
     rows: list[int] | None = None
     try:
@@ -722,12 +865,22 @@ def _sampled_steps(
             cur.close()
         if rows is None or not all(rows):
             for partial in partials:
+                if partial.is_dir():
+                    shutil.rmtree(partial, ignore_errors=True)
                 with contextlib.suppress(FileNotFoundError):
                     partial.unlink()
     if rows is None or not all(rows):
         return None
-    for partial, target in zip(partials, targets, strict=True):
-        os.replace(partial, target)
+    targets: list[Path] = []
+    for src, stem, partial in zip(sources, stems, partials, strict=True):
+        if src not in chunked:
+            targets.append(out_dir / f"{stem}.parquet")
+            os.replace(partial, targets[-1])
+            continue
+        for number, chunk in enumerate(_chunk_files(partial)):
+            targets.append(out_dir / f"{stem}-{number:04d}.parquet")
+            os.replace(chunk, targets[-1])
+        partial.rmdir()
     columns = _describe(con, f"SELECT * FROM read_parquet({_lit(str(targets[0]))})")
     present = {n for n, _ in columns}
     return NormaliseResult(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,36 @@ def test_a_failed_export_is_not_loaded_later(
         runner.ingest(LOCATIONS, record.export_id)
     assert info.value.code == "EXPORT_GENERATION_FAILED"
     assert runner.ledger.get("locations", record.export_id).state is ExportState.FAILED
+
+
+def test_the_duckdb_file_is_loaded_while_parsing_into_the_same_table(
+    runner: ExportRunner, backend: str, tmp_path: Path
+) -> None:
+    """On the DuckDB file the first load is staged while parsing and renamed into place (no
+    row copied after normalise); with the setting off (and on DuckLake) the rows are copied.
+    Either way the table and the ledger are the same."""
+    result = runner.sync(LOCATIONS, ExportRequest())
+    assert result.load is not None
+    assert result.load.renamed is (backend == "duckdb")
+    copied = ExportRunner(
+        runner.provider,
+        Ledger(open_warehouse(backend, tmp_path / "wh2")),
+        LocalStorage(tmp_path / "data2"),
+        replace(runner.settings, stage_while_parsing=False),
+    )
+    other = copied.sync(LOCATIONS, ExportRequest())
+    assert other.load is not None and not other.load.renamed
+    assert (other.load.rows_inserted, other.load.table_rows) == (
+        result.load.rows_inserted,
+        result.load.table_rows,
+    )
+
+    def table(r: ExportRunner) -> tuple[list, list]:
+        with r.ledger.warehouse.connect() as con:
+            described = con.execute("DESCRIBE locations.locations").fetchall()
+            rows = con.execute(
+                "SELECT * EXCLUDE (_export_id, _loaded_at) FROM locations.locations ORDER BY id"
+            ).fetchall()
+        return described, rows
+
+    assert table(runner) == table(copied)

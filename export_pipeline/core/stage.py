@@ -1,0 +1,159 @@
+"""Load an export's Parquet files into the DuckDB warehouse while normalise writes the rest.
+
+Normalise parses JSON on one thread per file (a JSON array is read sequentially anyway), so on
+a two-core machine the other core is free while it writes the Parquet tier. A
+:class:`StagedLoad` fills a staging table in the kind's schema with each Parquet file as soon as
+normalise reports it complete (``to_parquet(on_file=...)``), inside the load's own transaction,
+opened when the first file is ready. When normalise is done the load runs in that transaction
+with the staging table as its stage; a load replacing the whole table renames it to the table
+(``load_parquet(staged=...)``), so the rows are written once, beside the parse.
+
+The transaction is the load's: nothing is visible to others before its COMMIT, a failure or a
+kill rolls every staged row back, and the ledger and cursor commit with the rows as before. The
+price is the DuckDB file's write lock, held from the first finished file instead of from the end
+of normalise (other writers wait, as they wait for any load; readers use the read replica).
+
+Only for the DuckDB file on local storage: DuckLake commits a snapshot per transaction and
+loads from the remote tier's read-back, so there the load stays after normalise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import duckdb
+
+from export_pipeline.core.load import one_thread, quote_ident
+from export_pipeline.core.model import ExportKind
+from export_pipeline.core.warehouse import Warehouse
+
+log = logging.getLogger(__name__)
+
+
+class StagedLoad:
+    """Stages Parquet files told to :meth:`add` (from any thread) on a thread of its own.
+
+    Use as a context manager: leaving it without :meth:`commit` rolls the transaction back.
+    """
+
+    def __init__(
+        self, warehouse: Warehouse, kind: ExportKind, scratch: Path, *, memory_limit: str
+    ) -> None:
+        self.warehouse = warehouse
+        self.kind = kind
+        name = f"_stage_{kind.name}_{uuid.uuid4().hex[:12]}"
+        self.table = f"{quote_ident(kind.schema)}.{quote_ident(name)}"
+        self._scratch = scratch
+        self._memory_limit = memory_limit.replace("'", "''")
+        self._files: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._told: list[tuple[int, int]] = []  # (device, inode) of each file told
+        self._thread: threading.Thread | None = None
+        self._transaction: contextlib.AbstractContextManager[duckdb.DuckDBPyConnection] | None
+        self._transaction = None
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self.error: BaseException | None = None
+
+    def __enter__(self) -> StagedLoad:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop()
+        self.rollback(exc)
+
+    def add(self, path: Path) -> None:
+        """A complete Parquet file of the export. It is hard-linked first, so normalise may
+        rename or remove its own name while the file is read here."""
+        with self._lock:
+            if self.error is not None:
+                return
+            self._scratch.mkdir(parents=True, exist_ok=True)
+            link = self._scratch / f"{len(self._told):05d}.parquet"
+            try:
+                os.link(path, link)
+            except OSError as exc:
+                self.error = exc
+                return
+            info = link.stat()
+            self._told.append((info.st_dev, info.st_ino))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="stage", daemon=True)
+                self._thread.start()
+        self._files.put(link)
+
+    def _run(self) -> None:
+        first = True
+        while (link := self._files.get()) is not None:
+            if self.error is None:
+                try:
+                    self._insert(link, first=first)
+                    first = False
+                except BaseException as exc:  # reported by take(); the load goes on without
+                    self.error = exc
+            link.unlink(missing_ok=True)
+
+    def _insert(self, link: Path, *, first: bool) -> None:
+        if self._con is None:
+            # The load's transaction, opened now (waiting for the write lock like any load).
+            self._transaction = self.warehouse.transaction()
+            self._con = self._transaction.__enter__()
+            self._con.execute(f"SET memory_limit = '{self._memory_limit}'")
+            self._con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.kind.schema)}")
+        source = f"read_parquet({_literal(str(link))})"
+        with one_thread(self._con):
+            if first:
+                self._con.execute(f"CREATE TABLE {self.table} AS SELECT * FROM {source}")
+            else:
+                self._con.execute(f"INSERT INTO {self.table} BY NAME SELECT * FROM {source}")
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            self._files.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def take(self, paths: Sequence[Path | str]) -> duckdb.DuckDBPyConnection | None:
+        """When every file staged is one of ``paths`` and each of ``paths`` was staged once
+        (normalise did not start again), the open transaction's connection, with the staging
+        table holding exactly the rows of ``paths``; else None, the transaction rolled back."""
+        self._stop()
+        wanted = []
+        for path in paths:
+            info = Path(path).stat()
+            wanted.append((info.st_dev, info.st_ino))
+        if self._con is not None and self.error is None and sorted(wanted) == sorted(self._told):
+            return self._con
+        if self.error is not None:
+            log.info("%s: staging while parsing stopped (%s)", self.kind.key, self.error)
+        self.rollback(None)
+        return None
+
+    def commit(self) -> None:
+        """COMMIT the transaction (and publish the read replica, as any load's commit does)."""
+        transaction, self._transaction, self._con = self._transaction, None, None
+        if transaction is not None:
+            transaction.__exit__(None, None, None)
+
+    def rollback(self, exc: BaseException | None) -> None:
+        transaction, self._transaction, self._con = self._transaction, None, None
+        if transaction is not None:
+            reason = exc or RuntimeError("staged load abandoned")
+            with contextlib.suppress(BaseException):
+                transaction.__exit__(type(reason), reason, reason.__traceback__)
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
