@@ -14,7 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -103,26 +103,62 @@ _ADDED_COLUMNS = {
 }
 
 
-def _migrate(con: duckdb.DuckDBPyConnection) -> None:
-    have = {
-        row[0]
-        for row in con.execute(
-            "SELECT column_name FROM information_schema.columns "
-            "WHERE table_schema = ? AND table_name = 'exports'",
-            [LEDGER_SCHEMA],
-        ).fetchall()
-    }
-    for name, ddl in _ADDED_COLUMNS.items():
-        if name not in have:
-            con.execute(f"ALTER TABLE {LEDGER_SCHEMA}.exports ADD COLUMN {name} {ddl}")
+def _ledger_columns(con: duckdb.DuckDBPyConnection) -> dict[str, set[str]]:
+    """The ledger's tables and their columns, as they are now (one catalog query)."""
+    have: dict[str, set[str]] = {}
+    # A literal, not a parameter: the first Python parameter DuckDB binds in a process imports
+    # pandas (0.2 s), which this check, run once per warehouse, need not pay for.
+    for table, column in con.execute(
+        "SELECT table_name, column_name FROM information_schema.columns "
+        f"WHERE table_schema = '{LEDGER_SCHEMA}'"
+    ).fetchall():
+        have.setdefault(table, set()).add(column)
+    return have
 
 
 def ensure_ledger(con: duckdb.DuckDBPyConnection, *, constraints: bool = True) -> None:
     """Create the ledger tables and add columns added since. ``constraints=False`` for a
     DuckLake warehouse, which has no PRIMARY KEY / UNIQUE: the ledger's writes keep keys
-    unique themselves (insert-if-absent, MERGE) and lake commits are serialised or re-run."""
-    con.execute(_DDL if constraints else re.sub(r",\s*PRIMARY KEY \([^)]*\)", "", _DDL))
-    _migrate(con)
+    unique themselves (insert-if-absent, MERGE) and lake commits are serialised or re-run.
+
+    A ledger that is complete is only read (one catalog query, no write). Otherwise the DDL
+    runs as one transaction (one commit instead of one per statement), or joins the caller's
+    when ``con`` is in one (DuckLake's first attach)."""
+    ddl = _DDL if constraints else re.sub(r",\s*PRIMARY KEY \([^)]*\)", "", _DDL)
+    for attempt in range(3):
+        have = _ledger_columns(con)
+        exports = have.get("exports")
+        missing = [name for name in _ADDED_COLUMNS if exports is None or name not in exports]
+        if exports is not None and not missing and {"export_files", "cursors"} <= have.keys():
+            return
+        try:
+            con.execute("BEGIN TRANSACTION")
+        except duckdb.TransactionException:
+            own = False  # already inside the caller's transaction
+        else:
+            own = True
+        try:
+            con.execute(ddl)
+            if exports is not None:  # made before: gains the columns added since
+                for name in missing:
+                    con.execute(
+                        f"ALTER TABLE {LEDGER_SCHEMA}.exports ADD COLUMN {name} "
+                        f"{_ADDED_COLUMNS[name]}"
+                    )
+            if own:
+                con.execute("COMMIT")
+            return
+        except duckdb.TransactionException:
+            # Another thread of this process created the ledger at the same moment: look again.
+            if not own or attempt == 2:
+                raise
+            with suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+        except BaseException:
+            if own:
+                with suppress(duckdb.Error):
+                    con.execute("ROLLBACK")
+            raise
 
 
 def utcnow() -> datetime:
@@ -378,6 +414,31 @@ class Ledger:
         latest = list({s.export_id: s for s in statuses}.values())
         if not latest:
             return
+        polls, now = 1 if count_poll else 0, utcnow()
+        if len(latest) == 1:
+            # One answer (a request, a poll): its values as parameters. Registering an Arrow
+            # table costs more than the UPDATE, and its first use imports pyarrow.dataset.
+            s = latest[0]
+            source = (
+                "(SELECT CAST($4 AS VARCHAR) AS export_id, CAST($5 AS VARCHAR) AS state, "
+                "CAST($6 AS VARCHAR) AS provider_status, CAST($7 AS TIMESTAMPTZ) AS expires_at, "
+                "CAST($8 AS TIMESTAMPTZ) AS provider_timestamp, "
+                "CAST($9 AS BIGINT) AS expected_rows, CAST($10 AS VARCHAR) AS error_code, "
+                "CAST($11 AS VARCHAR) AS error_message, CAST($12 AS VARCHAR) AS detail)"
+            )
+            values = [
+                s.export_id,
+                s.state.value,
+                s.provider_status,
+                _aware(s.expires_at),
+                _aware(s.provider_timestamp),
+                s.expected_rows,
+                s.error_code,
+                s.error_message,
+                json.dumps(dict(s.detail), default=str) if s.detail else None,
+            ]
+            con.execute(_update_statuses_sql(source), [polls, now, provider, *values])
+            return
         rows = pa.table(
             {
                 "export_id": pa.array([s.export_id for s in latest], pa.string()),
@@ -395,20 +456,7 @@ class Ledger:
             }
         )
         with _registered(con, rows) as view:
-            con.execute(
-                f"UPDATE {LEDGER_SCHEMA}.exports AS e SET state = s.state, "
-                "provider_status = s.provider_status, "
-                "expires_at = coalesce(s.expires_at, e.expires_at), "
-                "provider_timestamp = coalesce(s.provider_timestamp, e.provider_timestamp), "
-                "expected_rows = coalesce(s.expected_rows, e.expected_rows), "
-                "error_code = coalesce(s.error_code, e.error_code), "
-                "error_message = coalesce(s.error_message, e.error_message), "
-                "detail = coalesce(CAST(s.detail AS JSON), e.detail), "
-                "polls = e.polls + ?, updated_at = ? "
-                f"FROM {view} AS s WHERE e.provider = ? AND e.export_id = s.export_id "
-                f"AND e.state || '>' || s.state IN ({_ALLOWED_MOVES})",
-                [1 if count_poll else 0, utcnow(), provider],
-            )
+            con.execute(_update_statuses_sql(view), [polls, now, provider])
 
     def _apply_status(
         self,
@@ -699,6 +747,25 @@ class Ledger:
 _ALLOWED_MOVES = ", ".join(
     sorted(f"'{a.value}>{b.value}'" for a, targets in ALLOWED_TRANSITIONS.items() for b in targets)
 )
+
+
+def _update_statuses_sql(source: str) -> str:
+    """The UPDATE applying the answers in ``source`` (a relation with the columns of
+    :meth:`Ledger._apply_statuses`). Parameters: $1 the polls increment, $2 now, $3 the
+    provider; ``source``'s own from $4."""
+    return (
+        f"UPDATE {LEDGER_SCHEMA}.exports AS e SET state = s.state, "
+        "provider_status = s.provider_status, "
+        "expires_at = coalesce(s.expires_at, e.expires_at), "
+        "provider_timestamp = coalesce(s.provider_timestamp, e.provider_timestamp), "
+        "expected_rows = coalesce(s.expected_rows, e.expected_rows), "
+        "error_code = coalesce(s.error_code, e.error_code), "
+        "error_message = coalesce(s.error_message, e.error_message), "
+        "detail = coalesce(CAST(s.detail AS JSON), e.detail), "
+        "polls = e.polls + $1, updated_at = $2 "
+        f"FROM {source} AS s WHERE e.provider = $3 AND e.export_id = s.export_id "
+        f"AND e.state || '>' || s.state IN ({_ALLOWED_MOVES})"
+    )
 
 
 def _timestamps(values: Sequence[datetime | None]) -> pa.Array:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from export_pipeline.core.ledger import Ledger
@@ -79,7 +80,8 @@ def test_status_answers_follow_the_state_machine(ledger: Ledger, batched: bool) 
 
     def apply(status: ExportStatus) -> ExportState:
         if batched:
-            ledger.apply_statuses("acme", [status])
+            # Two answers take the batched (Arrow) path; one takes the single-answer path.
+            ledger.apply_statuses("acme", [status, _status("unknown", S.READY)])
         else:
             ledger.apply_status("acme", status)
         record = ledger.get("acme", "e1")
@@ -95,6 +97,39 @@ def test_status_answers_follow_the_state_machine(ledger: Ledger, batched: bool) 
     assert record is not None
     # Fields the provider stopped sending keep their last value (coalesce), errors are kept.
     assert (record.expires_at, record.expected_rows, record.error_code) == (expires, 7, "GONE")
+
+
+def test_an_older_ledger_gains_the_columns_added_since(tmp_path: Path) -> None:
+    path = tmp_path / "w.duckdb"
+    with duckdb.connect(str(path)) as con:  # the first release's exports table, one row
+        con.execute(
+            "CREATE SCHEMA pipeline; CREATE TABLE pipeline.exports (provider VARCHAR NOT NULL, "
+            "kind VARCHAR NOT NULL, export_id VARCHAR NOT NULL, partition_key VARCHAR NOT NULL "
+            "DEFAULT '', state VARCHAR NOT NULL, provider_status VARCHAR, modified_since "
+            "TIMESTAMPTZ, window_end TIMESTAMPTZ, request_params JSON, source VARCHAR, "
+            "requested_at TIMESTAMPTZ NOT NULL, updated_at TIMESTAMPTZ NOT NULL, polls INTEGER "
+            "NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, expires_at TIMESTAMPTZ, "
+            "provider_timestamp TIMESTAMPTZ, expected_rows BIGINT, rows_loaded BIGINT, "
+            "bytes_downloaded BIGINT, loaded_at TIMESTAMPTZ, raw_uri VARCHAR, parquet_uri "
+            "VARCHAR, error_code VARCHAR, error_message VARCHAR, replaced_by VARCHAR, detail "
+            "JSON, PRIMARY KEY (provider, export_id)); INSERT INTO pipeline.exports (provider, "
+            "kind, export_id, state, requested_at, updated_at) VALUES ('acme', 'orders', 'old', "
+            "'pending', now(), now())"
+        )
+    ledger = Ledger(DuckDBWarehouse(path, publish_reads=False))
+
+    old = ledger.get("acme", "old")
+    assert old is not None and (old.state, old.permanent_failures, old.lease_owner) == (
+        S.PENDING,
+        0,
+        None,
+    )
+    with duckdb.connect(str(path), read_only=True) as con:
+        tables = con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'pipeline' ORDER BY 1"
+        ).fetchall()
+    assert tables == [("cursors",), ("export_files",), ("exports",)]
+    assert ledger.claim("acme", "old", "run-1", ttl_seconds=60).granted
 
 
 def test_a_batch_with_one_id_twice_takes_the_last_answer(ledger: Ledger) -> None:
