@@ -116,14 +116,16 @@ def _ledger_columns(con: duckdb.DuckDBPyConnection) -> dict[str, set[str]]:
     return have
 
 
-def ensure_ledger(con: duckdb.DuckDBPyConnection, *, constraints: bool = True) -> None:
+def ensure_ledger(
+    con: duckdb.DuckDBPyConnection, *, constraints: bool = True, own_transaction: bool = True
+) -> None:
     """Create the ledger tables and add columns added since. ``constraints=False`` for a
     DuckLake warehouse, which has no PRIMARY KEY / UNIQUE: the ledger's writes keep keys
     unique themselves (insert-if-absent, MERGE) and lake commits are serialised or re-run.
 
     A ledger that is complete is only read (one catalog query, no write). Otherwise the DDL
-    runs as one transaction (one commit instead of one per statement), or joins the caller's
-    when ``con`` is in one (DuckLake's first attach)."""
+    runs as one transaction (one commit instead of one per statement); with
+    ``own_transaction=False`` it joins the one ``con`` is in (DuckLake's first attach)."""
     ddl = _DDL if constraints else re.sub(r",\s*PRIMARY KEY \([^)]*\)", "", _DDL)
     for attempt in range(3):
         have = _ledger_columns(con)
@@ -131,12 +133,9 @@ def ensure_ledger(con: duckdb.DuckDBPyConnection, *, constraints: bool = True) -
         missing = [name for name in _ADDED_COLUMNS if exports is None or name not in exports]
         if exports is not None and not missing and {"export_files", "cursors"} <= have.keys():
             return
-        try:
+        own = own_transaction
+        if own:
             con.execute("BEGIN TRANSACTION")
-        except duckdb.TransactionException:
-            own = False  # already inside the caller's transaction
-        else:
-            own = True
         try:
             con.execute(ddl)
             if exports is not None:  # made before: gains the columns added since

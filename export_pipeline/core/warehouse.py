@@ -47,11 +47,13 @@ LAKE_ALIAS = "lake"
 LAKE_EXTENSIONS = ("ducklake", "sqlite_scanner", "postgres_scanner", "httpfs")
 
 
-def _ensure_ledger(con: duckdb.DuckDBPyConnection, *, constraints: bool) -> None:
+def _ensure_ledger(
+    con: duckdb.DuckDBPyConnection, *, constraints: bool, own_transaction: bool = True
+) -> None:
     # Imported late: the ledger module imports this one.
     from export_pipeline.core.ledger import ensure_ledger
 
-    ensure_ledger(con, constraints=constraints)
+    ensure_ledger(con, constraints=constraints, own_transaction=own_transaction)
 
 
 def is_lake(con: duckdb.DuckDBPyConnection) -> bool:
@@ -528,7 +530,7 @@ class DuckLakeWarehouse(Warehouse):
                 for number in range(1, 9):
                     try:
                         db.execute("BEGIN TRANSACTION")
-                        _ensure_ledger(db, constraints=False)
+                        _ensure_ledger(db, constraints=False, own_transaction=False)
                         db.execute("COMMIT")
                         break
                     except duckdb.Error as exc:
