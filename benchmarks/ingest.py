@@ -164,6 +164,8 @@ def _child_ingest(
         "peak_rss_mb_after": phases.peak_rss_mb_after,
         # The read replica published after the COMMIT (inside sync(), so inside "seconds").
         "publish_seconds": s.get("publish", 0.0),
+        # The load transaction's COMMIT statement (the data written durably), publish excluded.
+        "commit_seconds": s.get("commit", 0.0),
         "duckdb_memory_limit": runner.settings.duckdb_memory_limit,
     }
 
@@ -360,6 +362,7 @@ def _summary(
         "load_seconds",
         "merge_seconds",
         "publish_seconds",
+        "commit_seconds",
         "wait_seconds",
         "sync_seconds",
     )

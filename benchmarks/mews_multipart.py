@@ -173,6 +173,8 @@ def _child_ingest(base_url: str, workdir: Path, memory_limit: str | None) -> dic
         "peak_rss_mb_after": phases.peak_rss_mb_after,
         # The read replica published after the COMMIT (inside sync(), so inside "seconds").
         "publish_seconds": s.get("publish", 0.0),
+        # The load transaction's COMMIT statement (the data written durably), publish excluded.
+        "commit_seconds": s.get("commit", 0.0),
         "duckdb_memory_limit": settings.duckdb_memory_limit,
     }
 
@@ -348,6 +350,7 @@ def _summary(
         "load_seconds",
         "snapshot_replace_seconds",
         "publish_seconds",
+        "commit_seconds",
         "wait_seconds",
         "sync_seconds",
     )
