@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import queue
+import re
 import threading
 import uuid
 from collections.abc import Sequence
@@ -52,7 +53,10 @@ class StagedLoad:
         name = f"_stage_{kind.name}_{uuid.uuid4().hex[:12]}"
         self.table = f"{quote_ident(kind.schema)}.{quote_ident(name)}"
         self._scratch = scratch
-        self._memory_limit = memory_limit.replace("'", "''")
+        # Normalise's own DuckDB works at the same time within its cap: the staging gets a
+        # quarter (an INSERT from Parquet on one thread needs little; the rest would only keep
+        # written blocks cached), so the process stays near one cap, not two.
+        self._memory_limit = _fraction(memory_limit, 0.25).replace("'", "''")
         self._files: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._told: list[tuple[int, int]] = []  # (device, inode) of each file told
@@ -153,6 +157,17 @@ class StagedLoad:
             reason = exc or RuntimeError("staged load abandoned")
             with contextlib.suppress(BaseException):
                 transaction.__exit__(type(reason), reason, reason.__traceback__)
+
+
+def _fraction(limit: str, share: float) -> str:
+    """``share`` of a DuckDB memory limit such as ``400MB`` (``100MB``); other forms as given."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT])(i?)B\s*", limit, re.IGNORECASE)
+    if found is None:
+        return limit
+    base = 1024 if found.group(3) else 1000
+    power = "KMGT".index(found.group(2).upper()) + 1
+    kilobytes = float(found.group(1)) * base**power / base * share
+    return f"{max(1, int(kilobytes))}{'KiB' if found.group(3) else 'KB'}"
 
 
 def _literal(value: str) -> str:

@@ -354,7 +354,7 @@ class DuckDBWarehouse(Warehouse):
         next_note = 0.0  # when to say again that we are still waiting
         while True:
             try:
-                con = duckdb.connect(str(self.path), read_only=read_only)
+                con = self._open(read_only)
                 break
             except duckdb.BinderException as exc:
                 # Another thread of this process is closing the file's last connection just
@@ -393,7 +393,46 @@ class DuckDBWarehouse(Warehouse):
                 self._initialised = True
             yield con
         finally:
-            con.close()
+            self._close(con, read_only)
+
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """A new connection to the file. Read-write ones are cursors of one anchor connection
+        per file and process, opened by the first and closed after the last.
+
+        Why: DuckDB's per-process instance cache races when threads connect at once (a load
+        staging in the background while the run renews its lease, say). The loser's failed
+        instance can stay in the cache while the winner's instance holds the file unlisted;
+        every later ``duckdb.connect`` then fails with "Unique file handle conflict" until the
+        winner's long-lived connection closes (seen under load: 60 s, then the run failed).
+        Cursors of one connection share its instance without going through the cache."""
+        if read_only:
+            return duckdb.connect(str(self.path), read_only=True)
+        key = str(self.path.resolve())
+        with _ANCHORS_LOCK:
+            entry = _ANCHORS.get(key)
+            if entry is None:
+                entry = _ANCHORS[key] = [duckdb.connect(str(self.path)), 0]
+            entry[1] += 1
+            return entry[0].cursor()
+
+    def _close(self, con: duckdb.DuckDBPyConnection, read_only: bool) -> None:
+        con.close()
+        if read_only:
+            return
+        key = str(self.path.resolve())
+        with _ANCHORS_LOCK:
+            entry = _ANCHORS.get(key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _ANCHORS[key]
+                entry[0].close()  # the last user: the file is closed (and checkpointed) now
+
+
+# One read-write anchor connection per DuckDB file and process: [connection, users].
+_ANCHORS: dict[str, list[Any]] = {}
+_ANCHORS_LOCK = threading.Lock()
 
 
 def extension_directory() -> Path:

@@ -131,6 +131,12 @@ class SyncSettingsResource(dg.ConfigurableResource):
         "400MB", description="DuckDB memory cap per run; beyond it DuckDB spills to disk."
     )
     verify_row_count: bool = True
+    stage_while_parsing: bool = Field(
+        True,
+        description="DuckDB file on local storage: load each finished Parquet file while the "
+        "next is parsed, in the load's transaction (the write lock is then held from the first "
+        "finished file). Off: the load starts when normalise ends.",
+    )
     step_retry_seconds: float = Field(
         30.0,
         description="After a retryable error (an export of the kind already in flight at the "
@@ -192,6 +198,7 @@ class SyncSettingsResource(dg.ConfigurableResource):
             download_concurrency=self.download_concurrency,
             verify_row_count=self.verify_row_count,
             duckdb_memory_limit=self.duckdb_memory_limit,
+            stage_while_parsing=self.stage_while_parsing,
             retry=self.retry(),
             url_policy=self.url_policy(),
             download_limits=DownloadLimits(
