@@ -20,6 +20,7 @@ The DuckLake, SQLite, PostgreSQL and httpfs extensions come from PyPI's ``duckdb
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import importlib.util
 import json
@@ -171,16 +172,20 @@ class Warehouse:
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """BEGIN ... COMMIT, or ROLLBACK on any error: the old state or the new, never half."""
-        with self.connect() as con:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                yield con
-            except BaseException:
-                self._discard(con)
-                with contextlib.suppress(duckdb.Error):
-                    con.execute("ROLLBACK")
-                raise
-            self._commit(con)
+        with self.connect() as con, self._transaction_on(con):
+            yield con
+
+    @contextmanager
+    def _transaction_on(self, con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            yield
+        except BaseException:
+            self._discard(con)
+            with contextlib.suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            raise
+        self._commit(con)
 
     def _discard(self, con: duckdb.DuckDBPyConnection) -> None:
         """Forget what the rolled-back transaction on ``con`` asked for after its commit."""
@@ -486,6 +491,50 @@ def _sql_literal(value: str) -> str:
 # costs about half a second, and a sensor or a run opens many short connections.
 _LAKES: dict[tuple[str, str], duckdb.DuckDBPyConnection] = {}
 _LAKES_LOCK = threading.Lock()
+# Held while attaching (which waits for the writer lock), so that _LAKES_LOCK never is: a thread
+# inside a transaction (holding the writer lock) may need _LAKES_LOCK to evict its instance.
+_OPEN_LOCK = threading.Lock()
+# Connections of DuckDB instances that DuckDB invalidated (below), kept for the process's life.
+_INVALIDATED: list[duckdb.DuckDBPyConnection] = []
+
+
+def _invalidated(db: duckdb.DuckDBPyConnection) -> bool:
+    """Whether DuckDB has invalidated ``db``'s whole instance. DuckDB 1.4.4 does so after an
+    internal error at a commit (a DuckLake commit that fails that way, duckdb/ducklake#1198) or
+    in some DuckLake writes; every later statement on any of its connections then fails with
+    ``database has been invalidated``. Asked on a fresh cursor: the failed one may hold an
+    aborted transaction, which answers anything with 'please ROLLBACK'."""
+    try:
+        probe = db.cursor()
+    except duckdb.Error:
+        return False  # closed (close_lakes): nothing left to invalidate
+    try:
+        probe.execute("SELECT 1")
+        return False
+    except duckdb.FatalException:
+        return True
+    except duckdb.Error:
+        return False
+    finally:
+        probe.close()  # it holds no transaction: closing it is safe
+
+
+def _keep_forever(con: duckdb.DuckDBPyConnection) -> None:
+    """Never close or free ``con``, a connection of an invalidated instance. If it holds a
+    transaction, DuckDB 1.4.4 rolls it back when it is closed or freed, that rollback throws
+    ``database has been invalidated`` inside a destructor and the process aborts (SIGABRT,
+    checked). The extra reference keeps it also through interpreter shutdown; the cost is the
+    instance's memory, once per invalidation."""
+    _INVALIDATED.append(con)
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(con))
+
+
+def _close_database(db: duckdb.DuckDBPyConnection) -> None:
+    if _invalidated(db):
+        _keep_forever(db)  # closing it closes its cursors: see _keep_forever
+        return
+    with contextlib.suppress(duckdb.Error):
+        db.close()
 
 
 class DuckLakeWarehouse(Warehouse):
@@ -531,14 +580,41 @@ class DuckLakeWarehouse(Warehouse):
         target = f"ducklake:{self.catalog_kind}:{self.catalog_target}"
         return f"ATTACH {_sql_literal(target)} AS {alias} ({', '.join(options)})"
 
+    def _key(self) -> tuple[str, str]:
+        return (f"{self.catalog_kind}:{self.catalog_target}", self.data_path)
+
     def _database(self) -> duckdb.DuckDBPyConnection:
-        key = (f"{self.catalog_kind}:{self.catalog_target}", self.data_path)
         with _LAKES_LOCK:
-            db = _LAKES.get(key)
+            db = _LAKES.get(self._key())
+        if db is not None:
+            return db
+        with _OPEN_LOCK:
+            with _LAKES_LOCK:
+                db = _LAKES.get(self._key())
             if db is None:
                 db = self._open()
-                _LAKES[key] = db
+                with _LAKES_LOCK:
+                    _LAKES[self._key()] = db
             return db
+
+    def _evict_if_invalidated(self, db: duckdb.DuckDBPyConnection) -> bool:
+        """After an error on a cursor of ``db``: if DuckDB invalidated the instance, forget it,
+        so that the next :meth:`connect` (the retry of :meth:`transactions`) attaches the lake
+        in a fresh one. It is not closed: other threads may be using cursors of it (they fail
+        with ``database has been invalidated``, which is retryable) and closing it could abort
+        the process (:func:`_keep_forever`)."""
+        if not _invalidated(db):
+            return False
+        with _LAKES_LOCK:
+            if _LAKES.get(self._key()) is db:
+                del _LAKES[self._key()]
+                _keep_forever(db)
+                log.warning(
+                    "warehouse %s: DuckDB invalidated this process's lake connection after an "
+                    "internal error; the lake is attached again",
+                    self.describe(),
+                )
+        return True
 
     def _open(self) -> duckdb.DuckDBPyConnection:
         db = duckdb.connect(
@@ -579,7 +655,7 @@ class DuckLakeWarehouse(Warehouse):
                             raise
                         time.sleep(0.05 * number)
         except BaseException:
-            db.close()
+            _close_database(db)
             raise
         return db
 
@@ -670,18 +746,33 @@ class DuckLakeWarehouse(Warehouse):
 
     @contextmanager
     def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        cursor = self._database().cursor()
+        with self._session(self._database()) as con:
+            yield con
+
+    @contextmanager
+    def _session(self, db: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor of the process's lake ``db``, on the lake; ``db`` is evicted if an error
+        on it turns out to have invalidated it (:meth:`_evict_if_invalidated`)."""
+        cursor = db.cursor()
         try:
             cursor.execute(f"USE {LAKE_ALIAS}")
             cursor.execute("SET TimeZone = 'UTC'")
             yield cursor
+        except BaseException:
+            if self._evict_if_invalidated(db):
+                _keep_forever(cursor)  # its transaction cannot be rolled back any more
+                cursor = None
+            raise
         finally:
-            cursor.close()
+            if cursor is not None:
+                cursor.close()
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        self._database()  # attach first: attaching takes the writer lock itself
-        with self._writer_lock(), super().transaction() as con:
+        # Attach first: attaching takes the writer lock itself. The transaction keeps this
+        # instance even if another thread evicts it meanwhile (its statements then fail).
+        db = self._database()
+        with self._writer_lock(), self._session(db) as con, self._transaction_on(con):
             yield con
 
     def _commit(self, con: duckdb.DuckDBPyConnection) -> None:
@@ -709,6 +800,9 @@ class DuckLakeWarehouse(Warehouse):
                 "transaction conflict",
                 "could not serialize",
                 "deadlock detected",
+                # Another thread's internal error invalidated the instance this attempt used;
+                # it was evicted (connect), so the next attempt runs on a fresh one.
+                "database has been invalidated",
             )
         )
 
@@ -751,11 +845,10 @@ class DuckLakeWarehouse(Warehouse):
 
     def close(self) -> None:
         """Detach this lake from the process (tests; a process normally keeps it)."""
-        key = (f"{self.catalog_kind}:{self.catalog_target}", self.data_path)
         with _LAKES_LOCK:
-            db = _LAKES.pop(key, None)
+            db = _LAKES.pop(self._key(), None)
         if db is not None:
-            db.close()
+            _close_database(db)
 
 
 def close_lakes() -> None:
@@ -764,8 +857,7 @@ def close_lakes() -> None:
         databases = list(_LAKES.values())
         _LAKES.clear()
     for db in databases:
-        with contextlib.suppress(duckdb.Error):
-            db.close()
+        _close_database(db)
 
 
 def warehouse_from_settings(

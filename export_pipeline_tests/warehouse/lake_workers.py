@@ -174,3 +174,55 @@ def claimant(
         out.put(("ok", owner, results))
     except BaseException:
         out.put(("error", owner, traceback.format_exc()))
+
+
+def invalidated_lake(catalog: str, data_path: str) -> None:
+    """Run as a script (``python -c``): DuckDB invalidates this process's lake instance while
+    another thread is inside a transaction on it. Prints JSON: what each thread saw. A process
+    that aborts (SIGABRT: a connection of the invalidated instance closed) prints nothing.
+
+    The invalidation is real: DuckLake 1.4.4 fails a write to a table that the same transaction
+    gave a JSON column by ALTER with an INTERNAL error, and DuckDB then invalidates the whole
+    instance, as it does after an internal error at a commit (duckdb/ducklake#1198), which
+    cannot be provoked on purpose.
+    """
+    import json
+    import threading
+
+    warehouse = DuckLakeWarehouse(catalog, data_path)
+    with warehouse.transaction() as con:
+        con.execute("CREATE TABLE main.t AS SELECT 1 AS id")
+    inside, invalidated = threading.Event(), threading.Event()
+    runs: list[str] = []
+
+    def writer_thread() -> None:
+        try:
+            for attempt in warehouse.transactions():
+                with attempt as con:
+                    runs.append("run")
+                    con.execute("SELECT count(*) FROM main.t").fetchall()
+                    if len(runs) == 1:  # the first attempt's instance is invalidated meanwhile
+                        inside.set()
+                        invalidated.wait(timeout=120)
+                    con.execute("INSERT INTO main.t VALUES (10)")
+            runs.append("committed")
+        except BaseException as exc:
+            runs.append(f"{type(exc).__name__}: {exc}")
+
+    thread = threading.Thread(target=writer_thread)
+    thread.start()
+    inside.wait(timeout=120)
+    error = ""
+    try:
+        # Not through transaction(): the writer thread holds the writer lock.
+        with warehouse.connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            con.execute("ALTER TABLE main.t ADD COLUMN extra JSON")
+            con.execute("INSERT INTO main.t (id) VALUES (2)")
+    except duckdb.Error as exc:
+        error = type(exc).__name__
+    invalidated.set()
+    thread.join(timeout=120)
+    with warehouse.connect() as con:
+        rows = con.execute("SELECT id FROM main.t ORDER BY id").fetchall()
+    print(json.dumps({"error": error, "runs": runs, "rows": [r[0] for r in rows]}))

@@ -318,3 +318,31 @@ def test_sql_command_on_the_lake(lake: DuckLakeWarehouse, tmp_path: Path) -> Non
         [*base, *where, "DELETE FROM alpha.items"], capture_output=True, text=True, timeout=120
     )
     assert refused.returncode == 2
+
+
+def test_a_lake_instance_duckdb_invalidated_is_attached_again(tmp_path: Path) -> None:
+    """An internal error makes DuckDB invalidate this process's cached lake instance: the
+    thread whose transaction was on it runs again on a fresh one and commits; connections of the
+    invalidated instance are never closed (that aborts the process: warehouse._keep_forever)."""
+    script = (
+        "import sys; from export_pipeline_tests.warehouse.lake_workers import invalidated_lake; "
+        "invalidated_lake(sys.argv[1], sys.argv[2])"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(tmp_path / "lake" / "catalog.sqlite"),
+            str(tmp_path / "lake" / "files"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[:1500]  # -6: the process aborted
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["error"] == "InternalException"
+    # The first attempt failed ("database has been invalidated"), the second committed.
+    assert seen["runs"] == ["run", "run", "committed"], seen
+    assert seen["rows"] == [1, 10]
