@@ -498,11 +498,14 @@ class ExportRunner:
             waited = lease.owner
             self._sleep(min(self.settings.claim_poll_seconds, remaining))
 
-    def _renew(self, kind: ExportKind, export_id: str) -> None:
+    def _renew(
+        self, kind: ExportKind, export_id: str, con: duckdb.DuckDBPyConnection | None = None
+    ) -> None:
         """Extend the lease at each step; losing it (expired and taken over) stops this run
-        before it publishes anything over the new holder's work."""
+        before it publishes anything over the new holder's work. With ``con``, inside that
+        open transaction (the staged load's: a commit beside it costs its COMMIT ~1 s)."""
         lease = self.ledger.claim(
-            self.name, export_id, self.owner, ttl_seconds=self.settings.lease_seconds
+            self.name, export_id, self.owner, ttl_seconds=self.settings.lease_seconds, con=con
         )
         if not lease.granted:
             raise ExportClaimedError(
@@ -713,7 +716,9 @@ class ExportRunner:
                 hint="the export is incomplete or the provider miscounted; nothing was loaded",
             )
         readback_dir = work / "published"
-        self._renew(kind, export_id)
+        # The staged transaction, when it holds exactly the export's files (else rolled back).
+        staged_con = staged.take(normalised.parquet_paths) if staged is not None else None
+        self._renew(kind, export_id, staged_con)
         raw_uri = self.storage.publish("raw", kind, export_id, raw_dir)
         parquet_uri = self.storage.publish("parquet", kind, export_id, parquet_dir)
         written = [Path(parquet_uri) / p.name for p in normalised.parquet_paths]
@@ -775,7 +780,6 @@ class ExportRunner:
         # One transaction: data, ledger and cursor (on DuckLake: one snapshot). Staged while
         # parsing, it is the transaction the staging opened; else a commit that collides with
         # another writer's runs again whole, re-checking is_loaded first.
-        staged_con = staged.take(load_paths) if staged is not None else None
         if staged is not None and staged_con is not None:
             try:
                 loaded = load_in(staged_con, staged.table)

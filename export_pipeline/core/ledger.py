@@ -583,13 +583,17 @@ class Ledger:
         *,
         ttl_seconds: float,
         is_dead: Callable[[str], bool] | None = None,
+        con: duckdb.DuckDBPyConnection | None = None,
     ) -> Lease:
         """Take (or renew) the lease on an export for ``owner``, unless another owner holds it.
 
         A lease whose expiry has passed, or whose owner ``is_dead`` says died, is taken over.
         The check and the write are one transaction: DuckDB lets one process write at a time,
-        so two runs never both get the lease.
+        so two runs never both get the lease. With ``con``, in the caller's open transaction
+        (committed, or rolled back, with it).
         """
+        if con is not None:
+            return self._claim(con, provider, export_id, owner, ttl_seconds, is_dead)
         for attempt in range(20):
             try:
                 with self.warehouse.transaction() as con:
