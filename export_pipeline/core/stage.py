@@ -24,6 +24,7 @@ import logging
 import os
 import queue
 import re
+import shutil
 import threading
 import uuid
 from collections.abc import Sequence
@@ -107,7 +108,8 @@ class StagedLoad:
                     first = False
                 except BaseException as exc:  # reported by take(); the load goes on without
                     self.error = exc
-            link.unlink(missing_ok=True)
+            # The link stays until take(): while it exists its inode cannot be given to a file
+            # normalise writes later, so comparing inodes there cannot match a different file.
 
     def _insert(self, link: Path, *, first: bool) -> None:
         if self._con is None:
@@ -123,21 +125,26 @@ class StagedLoad:
             else:
                 self._con.execute(f"INSERT INTO {self.table} BY NAME SELECT * FROM {source}")
 
-    def _stop(self) -> None:
+    def _join(self) -> None:
         if self._thread is not None:
             self._files.put(None)
             self._thread.join()
             self._thread = None
 
+    def _stop(self) -> None:
+        self._join()
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
     def take(self, paths: Sequence[Path | str]) -> duckdb.DuckDBPyConnection | None:
         """When every file staged is one of ``paths`` and each of ``paths`` was staged once
         (normalise did not start again), the open transaction's connection, with the staging
         table holding exactly the rows of ``paths``; else None, the transaction rolled back."""
-        self._stop()
+        self._join()
         wanted = []
         for path in paths:
             info = Path(path).stat()
             wanted.append((info.st_dev, info.st_ino))
+        self._stop()  # only now: the links kept every told inode from being reused
         if self._con is not None and self.error is None and sorted(wanted) == sorted(self._told):
             return self._con
         if self.error is not None:

@@ -219,3 +219,29 @@ def test_staged_rows_stay_invisible_and_are_gone_when_the_load_fails(tmp_path: P
         assert con.execute(
             "SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'shop'"
         ).fetchone() == (0,)
+
+
+def test_an_empty_export_is_loaded_from_the_declared_schema_not_the_staged_guess(
+    tmp_path: Path,
+) -> None:
+    """``[]`` reads as one column named "json": the file told to the stager is replaced by one
+    with the declared columns. The staged guess must not be taken for it (the inode of the
+    file told is held until the comparison, so a new file cannot reuse it)."""
+    warehouse = DuckDBWarehouse(tmp_path / "wh.duckdb", publish_reads=False)
+    kind = ExportKind(
+        provider="shop",
+        name="orders",
+        primary_key=("id",),
+        columns={"id": "VARCHAR", "amount": "BIGINT"},
+    )
+    for n in range(6):  # an inode freed by one attempt is the likeliest for the next file
+        empty = tmp_path / f"raw{n}" / "orders.json"
+        empty.parent.mkdir()
+        empty.write_text("[]")
+        load, _, staged = staged_ingest(warehouse, kind, [empty], tmp_path / f"w{n}")
+        assert not staged and not load.renamed
+        assert (load.rows_in_export, load.table_rows) == (0, 0)
+    with warehouse.connect() as con:
+        cols = [r[0] for r in con.execute("DESCRIBE shop.orders").fetchall()]
+    assert cols[:2] == ["id", "amount"] and "json" not in cols
+    assert stage_tables(warehouse) == []
