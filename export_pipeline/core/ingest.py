@@ -602,7 +602,8 @@ class ExportRunner:
         _ACTIVE_ATTEMPTS.add(attempt)
         work = self.storage.work_dir(kind, export_id, attempt)
         try:
-            return self._ingest_attempt(kind, record, status, work, t0)
+            with self._staged_load(kind, work) as staged:
+                return self._ingest_attempt(kind, record, status, work, t0, staged)
         finally:
             _ACTIVE_ATTEMPTS.discard(attempt)
             # Only this attempt's own directory; verified raw files were moved out of it, and
@@ -618,30 +619,6 @@ class ExportRunner:
             return
         shutil.rmtree(work / "parquet", ignore_errors=True)
 
-    def _ingest_attempt(
-        self,
-        kind: ExportKind,
-        record: ExportRecord,
-        status: ExportStatus,
-        work: Path,
-        t0: float,
-    ) -> IngestResult:
-        export_id = record.export_id
-        raw_dir = self.storage.local_dir("raw", kind, export_id)  # verified files only
-        work_raw = work / "raw"
-        parquet_dir = work / "parquet"
-        work_raw.mkdir(parents=True, exist_ok=True)
-        parquet_dir.mkdir(parents=True, exist_ok=True)
-        self._adopt_partials(work, work_raw)
-
-        downloaded, status, reused = self._download(kind, status, raw_dir, work_raw)
-        self._renew(kind, export_id)
-        loaded_at = datetime.now(UTC)
-        with self._staged_load(kind, work) as staged:
-            return self._normalise_and_load(
-                kind, record, status, work, t0, downloaded, reused, loaded_at, staged
-            )
-
     def _staged_load(
         self, kind: ExportKind, work: Path
     ) -> contextlib.AbstractContextManager[StagedLoad | None]:
@@ -656,21 +633,26 @@ class ExportRunner:
             )
         return contextlib.nullcontext()
 
-    def _normalise_and_load(
+    def _ingest_attempt(
         self,
         kind: ExportKind,
         record: ExportRecord,
         status: ExportStatus,
         work: Path,
         t0: float,
-        downloaded: list[DownloadedFile],
-        reused: list[str],
-        loaded_at: datetime,
         staged: StagedLoad | None,
     ) -> IngestResult:
         export_id = record.export_id
-        raw_dir = self.storage.local_dir("raw", kind, export_id)
+        raw_dir = self.storage.local_dir("raw", kind, export_id)  # verified files only
+        work_raw = work / "raw"
         parquet_dir = work / "parquet"
+        work_raw.mkdir(parents=True, exist_ok=True)
+        parquet_dir.mkdir(parents=True, exist_ok=True)
+        self._adopt_partials(work, work_raw)
+
+        downloaded, status, reused = self._download(kind, status, raw_dir, work_raw)
+        self._renew(kind, export_id)
+        loaded_at = datetime.now(UTC)
         try:
             normalised = to_parquet(
                 [f.path for f in downloaded],
