@@ -880,7 +880,7 @@ def _sampled_steps(
         for number, chunk in enumerate(_chunk_files(partial)):
             targets.append(out_dir / f"{stem}-{number:04d}.parquet")
             os.replace(chunk, targets[-1])
-        partial.rmdir()
+        shutil.rmtree(partial, ignore_errors=True)  # the chunks moved out: an empty folder
     columns = _describe(con, f"SELECT * FROM read_parquet({_lit(str(targets[0]))})")
     present = {n for n, _ in columns}
     return NormaliseResult(

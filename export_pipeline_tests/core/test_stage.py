@@ -10,6 +10,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from export_pipeline.core.errors import ParseError
 from export_pipeline.core.load import load_parquet
 from export_pipeline.core.model import ExportKind, LoadMode
 from export_pipeline.core.normalise import to_parquet
@@ -245,3 +246,23 @@ def test_an_empty_export_is_loaded_from_the_declared_schema_not_the_staged_guess
         cols = [r[0] for r in con.execute("DESCRIBE shop.orders").fetchall()]
     assert cols[:2] == ["id", "amount"] and "json" not in cols
     assert stage_tables(warehouse) == []
+
+
+def test_a_bad_record_after_chunks_were_staged_fails_clearly_and_stages_nothing(
+    tmp_path: Path,
+) -> None:
+    """Chunks told before the parse fails are rolled back with the transaction; the error
+    names the file and the line, as without staging."""
+    warehouse = DuckDBWarehouse(tmp_path / "wh.duckdb", publish_reads=False)
+    source = tmp_path / "raw" / "orders.json"
+    source.parent.mkdir()
+    rows = [json.dumps({"id": f"o{i}", "amount": i}) for i in range(90_000)]
+    source.write_text("[\n" + ",\n".join(rows) + ',\n{"id": "broken", "amount": }\n]\n')
+    with pytest.raises(ParseError) as failed:
+        staged_ingest(warehouse, SNAPSHOT, [source], tmp_path / "w", chunk_bytes=1)
+    assert failed.value.file == "orders.json" and failed.value.line == 90_002
+    assert stage_tables(warehouse) == []
+    with warehouse.connect() as con:
+        assert con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'shop'"
+        ).fetchone() == (0,)
