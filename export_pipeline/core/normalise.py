@@ -3,7 +3,8 @@
 Why DuckDB's native readers: export files can be larger than memory, and a Python loop over
 rows is both slow and a memory trap. ``COPY (SELECT ... FROM read_json/read_csv) TO parquet``
 streams with bounded memory (spilling to ``out_dir/.tmp``), keeps nested objects as STRUCT/LIST,
-and gives one Parquet per source file that the load step reads back with ``read_parquet``.
+and gives one Parquet per source file (a big one in row-ordered chunks) that the load step
+reads back with ``read_parquet``.
 
 Every key of every record is read (JSON in one parse with the types of DuckDB's sample when
 checks show the sample lost nothing, else type-detected over all records; see
