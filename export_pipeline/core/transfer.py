@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import threading
 import time
 import zlib
@@ -257,8 +258,10 @@ def download_files(
     """Download several files with at most ``max_concurrency`` at a time, results in input order.
 
     An export is only useful complete, so the first failure stops the rest: queued downloads are
-    cancelled, running ones abort at their next chunk (and delete their partial file), and that
-    first error is raised. Already finished files stay on disk (the caller owns ``dest_dir``).
+    cancelled, running ones abort at their next chunk (and delete their partial file), a body
+    read blocked on a stalled host is cut (``_Downloader.abort``), and that first error is
+    raised (a host stalled before it answers still holds the error until the timeout).
+    Already finished files stay on disk (the caller owns ``dest_dir``).
 
     ``resume=True``: a ``<name>.part`` already in ``dest_dir`` (left by a killed or failed
     attempt) is continued with ``Range`` from its last byte when the server honours it, and
@@ -300,31 +303,30 @@ def download_files(
     cancel = threading.Event()
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download") as pool:
-            futures: list[Future[DownloadedFile]] = [
-                pool.submit(
-                    _Downloader(
-                        f,
-                        Path(dest_dir),
-                        provider=provider,
-                        export_id=export_id,
-                        headers=headers,
-                        api_host=api_host,
-                        policy=policy or RetryPolicy(),
-                        classify=classify,
-                        client=shared,
-                        chunk_size=chunk_size,
-                        timeout=timeout,
-                        max_redirects=max_redirects,
-                        cancel=cancel,
-                        progress=progress,
-                        url_policy=url_policy,
-                        limits=limits,
-                        resume=resume,
-                        on_finished=on_finished,
-                    ).run
+            downloaders = [
+                _Downloader(
+                    f,
+                    Path(dest_dir),
+                    provider=provider,
+                    export_id=export_id,
+                    headers=headers,
+                    api_host=api_host,
+                    policy=policy or RetryPolicy(),
+                    classify=classify,
+                    client=shared,
+                    chunk_size=chunk_size,
+                    timeout=timeout,
+                    max_redirects=max_redirects,
+                    cancel=cancel,
+                    progress=progress,
+                    url_policy=url_policy,
+                    limits=limits,
+                    resume=resume,
+                    on_finished=on_finished,
                 )
                 for f in files
             ]
+            futures: list[Future[DownloadedFile]] = [pool.submit(d.run) for d in downloaders]
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             first_error = next(
                 (fut.exception() for fut in futures if fut in done and fut.exception() is not None),
@@ -334,6 +336,8 @@ def download_files(
                 cancel.set()
                 for fut in futures:
                     fut.cancel()
+                for downloader in downloaders:
+                    downloader.abort()  # a body stalled mid-read would wait for its timeout
                 # Wait for running workers so no partial file is written after we return.
                 wait(futures)
                 raise first_error
@@ -428,6 +432,9 @@ class _Downloader:
         self.validator: str | None = None  # ETag / Last-Modified for If-Range
         self.total: int | None = None  # full size according to the server
         self.content_type: str | None = None
+        # The response whose body is being read, so a sibling's failure can cut it (abort()).
+        self._reading: httpx.Response | None = None
+        self._reading_lock = threading.Lock()
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -437,6 +444,20 @@ class _Downloader:
     def _check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
             raise _Cancelled()
+
+    def abort(self) -> None:
+        """Stop a body read that may be blocked (a host that stalls mid-file), from another
+        thread, once ``cancel`` is set: the socket is shut down, which wakes the blocked read
+        (closing it would not, on Linux). The reader then sees the cancel and stops."""
+        with self._reading_lock:
+            response = self._reading
+        if response is None:
+            return
+        stream = response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _restart(self) -> None:
         self.offset = 0
@@ -567,8 +588,17 @@ class _Downloader:
                 extra["If-Range"] = self.validator
         try:
             with self._open(client, extra) as response:
-                self._consume(response)
+                with self._reading_lock:
+                    self._reading = response
+                # abort() may have run just before: then the cancel is already set.
+                self._check_cancel()
+                try:
+                    self._consume(response)
+                finally:
+                    with self._reading_lock:
+                        self._reading = None
         except httpx.TransportError as exc:  # includes timeouts and a connection cut mid-body
+            self._check_cancel()  # cut by abort(): a sibling failed
             raise _Retry(f"{type(exc).__name__}: {exc}") from None
 
     @contextlib.contextmanager

@@ -261,3 +261,50 @@ def test_a_download_stopped_by_a_failing_sibling_keeps_its_bytes_to_resume(
     assert got.path.read_bytes() == body
     assert got.sha256 == hashlib.sha256(body).hexdigest()
     assert ranges == [None, f"bytes={len(kept)}-"]
+
+
+@pytest.mark.timeout(60)  # the download's read timeout is 120 s: without abort() this hangs
+def test_a_sibling_stalled_mid_body_is_cut_when_another_part_fails(tmp_path: Path) -> None:
+    """One part's host stops sending halfway and holds the connection open; another part's
+    link is dead. The export's error comes at once, not after the stalled read's timeout: the
+    stalled body is cut (its socket shut down) and its bytes kept for the resume."""
+    body = bytes(range(256)) * 4096  # 1 MiB
+    released: list[bool] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] == "/dead.bin":
+            part = tmp_path / "stall.bin.part"
+            for _ in range(3000):  # refused once the stalled part's half is on disk
+                if part.exists() and part.stat().st_size == len(body) // 2:
+                    break
+                await asyncio.sleep(0.01)
+            await Response("link expired", status_code=403)(scope, receive, send)
+            return
+        head = [(b"content-length", str(len(body)).encode()), (b"accept-ranges", b"bytes")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send(
+            {"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True}
+        )
+        for _ in range(12000):  # then nothing, until the test is over (at most 120 s)
+            if released:
+                return
+            await asyncio.sleep(0.01)
+
+    with RunningServer(app) as server:
+        stalled = RemoteFile(url=f"{server.base_url}/stall.bin", name="stall.bin")
+        dead = RemoteFile(url=f"{server.base_url}/dead.bin", name="dead.bin")
+        try:
+            with pytest.raises(LinkExpiredError):
+                download_files(
+                    [stalled, dead],
+                    tmp_path,
+                    provider="p",
+                    export_id="e1",
+                    resume=True,
+                    timeout=120.0,
+                )
+            assert not released  # the stalled host was still holding the body back
+        finally:
+            released.append(True)
+    kept = (tmp_path / "stall.bin.part").read_bytes()
+    assert kept == body[: len(body) // 2]
