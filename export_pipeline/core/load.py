@@ -167,7 +167,7 @@ def _stage(con: duckdb.DuckDBPyConnection, kind: ExportKind, stage: str, paths: 
     described = con.execute(f"DESCRIBE SELECT * FROM {reader}", [paths]).fetchall()
     names = {r[0] for r in described}
     _require_keys(kind, names)
-    files = "[" + ", ".join(_literal(p) for p in paths) + "]"
+    files = "[" + ", ".join(sql_literal(p) for p in paths) + "]"
     if not _has_duplicate_keys(con, kind, f"read_parquet({files}, union_by_name = true)"):
         con.execute(
             f"CREATE TEMP VIEW {stage} AS SELECT * FROM read_parquet({files}, union_by_name = true)"
@@ -186,7 +186,7 @@ def _stage(con: duckdb.DuckDBPyConnection, kind: ExportKind, stage: str, paths: 
     return "TABLE"
 
 
-def _literal(value: str) -> str:
+def sql_literal(value: str) -> str:
     """A SQL string literal (a view's definition cannot take parameters)."""
     return "'" + value.replace("'", "''") + "'"
 
@@ -337,7 +337,7 @@ def _settle_all(
     for name, path in paths:
         expr = quote_ident(name)
         for step in path:
-            expr = f"struct_extract({expr}, {_literal(step)})"
+            expr = f"struct_extract({expr}, {sql_literal(step)})"
         exprs.append(f"count({expr})")
     row = con.execute(f"SELECT {', '.join(exprs)} FROM {source}").fetchone() or ()
     empty = {p for p, n in zip(paths, row, strict=False) if not n}

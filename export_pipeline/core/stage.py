@@ -33,7 +33,7 @@ from types import TracebackType
 
 import duckdb
 
-from export_pipeline.core.load import one_thread, quote_ident
+from export_pipeline.core.load import one_thread, quote_ident, sql_literal
 from export_pipeline.core.model import ExportKind
 from export_pipeline.core.warehouse import Warehouse
 
@@ -118,7 +118,7 @@ class StagedLoad:
             self._con = self._transaction.__enter__()
             self._con.execute(f"SET memory_limit = '{self._memory_limit}'")
             self._con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.kind.schema)}")
-        source = f"read_parquet({_literal(str(link))})"
+        source = f"read_parquet({sql_literal(str(link))})"
         with one_thread(self._con):
             if first:
                 self._con.execute(f"CREATE TABLE {self.table} AS SELECT * FROM {source}")
@@ -175,7 +175,3 @@ def _fraction(limit: str, share: float) -> str:
     power = "KMGT".index(found.group(2).upper()) + 1
     kilobytes = float(found.group(1)) * base**power / base * share
     return f"{max(1, int(kilobytes))}{'KiB' if found.group(3) else 'KB'}"
-
-
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"

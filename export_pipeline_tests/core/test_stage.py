@@ -266,3 +266,12 @@ def test_a_bad_record_after_chunks_were_staged_fails_clearly_and_stages_nothing(
         assert con.execute(
             "SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'shop'"
         ).fetchone() == (0,)
+
+
+def test_staging_takes_a_quarter_of_the_memory_cap() -> None:
+    from export_pipeline.core.stage import _fraction
+
+    assert _fraction("400MB", 0.25) == "100000KB"
+    assert _fraction("1GB", 0.25) == "250000KB"
+    assert _fraction("2GiB", 0.25) == "524288KiB"
+    assert _fraction("80%", 0.25) == "80%"  # a form DuckDB reads but we do not: as given
