@@ -362,7 +362,8 @@ def to_parquet(
     every Parquet of one export has the same schema. A source with no rows yields a 0-row Parquet
     only when ``kind.columns`` gives its schema; otherwise it contributes no path.
 
-    A given ``con`` is used as is (its memory settings are the caller's); by default a private
+    A given ``con`` is used as is (its memory settings are the caller's; its time zone is set
+    to UTC, as the conversions need); by default a private
     in-memory connection is opened with ``memory_limit`` and a spill directory in out_dir/.tmp.
     On that private connection, unless ``threads`` is given, JSON array sources are converted
     with one thread: DuckDB reads a JSON array sequentially anyway, and a second thread only
@@ -390,6 +391,10 @@ def to_parquet(
         if threads is not None:
             config["threads"] = threads
         con = duckdb.connect(":memory:", config=config)
+    # DuckDB reads "...Z" and "+02:00" timestamps as UTC TIMESTAMPs; casting one to a declared
+    # TIMESTAMPTZ interprets it in the session's time zone, which defaults to the machine's:
+    # on a machine in New York every such value would move by five hours.
+    con.execute("SET TimeZone = 'UTC'")
     unbom_dir = out_dir / ".unbom"
     try:
         return _to_parquet(
@@ -773,6 +778,7 @@ def _sampled_steps(
     idle: queue.SimpleQueue[duckdb.DuckDBPyConnection] = queue.SimpleQueue()
     cursors = [con.cursor() for _ in range(workers)]
     for cur in cursors:
+        cur.execute("SET TimeZone = 'UTC'")  # a cursor starts with the default settings
         idle.put(cur)
 
     def on_cursor(step: Callable[[duckdb.DuckDBPyConnection], _T]) -> _T:

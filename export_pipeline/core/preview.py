@@ -12,6 +12,7 @@ import pandas as pd
 def preview_markdown(parquet_path: Path, rows: int = 5, width: int = 60) -> str:
     """First rows of the Parquet as a markdown table, long values cut to ``width``."""
     with duckdb.connect() as con:
+        con.execute("SET TimeZone = 'UTC'")  # timestamps as stored, not in the machine's zone
         cur = con.execute(
             f"SELECT * EXCLUDE (_export_id, _source_file, _loaded_at) "
             f"FROM read_parquet(?) LIMIT {int(rows)}",

@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -394,3 +397,54 @@ def test_parts_converted_side_by_side_fall_back_when_a_later_part_would_lose_a_v
             [[str(p) for p in result.parquet_paths]],
         ).fetchone()
     assert late == (2.5, "part-0001.jsonl")
+
+
+_TZ_SCRIPT = """
+import json, sys
+from datetime import UTC, datetime
+from pathlib import Path
+import duckdb
+from export_pipeline.core.model import ExportKind
+from export_pipeline.core.normalise import to_parquet
+kind = ExportKind(provider="p", name="k", primary_key=("id",), columns={
+    "id": "VARCHAR", "seen": "TIMESTAMPTZ", "evses": "STRUCT(seen TIMESTAMPTZ)[]"})
+out = {}
+for name in sys.argv[2:]:
+    src = Path(sys.argv[1]) / name
+    result = to_parquet([src], src.parent / ("out-" + name), kind=kind, export_id="e",
+                        loaded_at=datetime(2024, 5, 1, tzinfo=UTC))
+    with duckdb.connect() as con:
+        con.execute("SET TimeZone = 'UTC'")
+        out[name] = [str(v) for v in con.execute(
+            "SELECT seen, evses[1].seen FROM read_parquet(?)", [str(result.parquet_paths[0])]
+        ).fetchone()]
+print(json.dumps(out))
+"""
+
+
+def test_declared_timestamptz_does_not_move_with_the_machines_time_zone(tmp_path: Path) -> None:
+    """DuckDB reads "...Z" as a UTC TIMESTAMP; the cast to a declared TIMESTAMPTZ must not
+    interpret it in the machine's zone (a run in New York moved every value by 5 hours)."""
+
+    record = {
+        "id": "A",
+        "seen": "2024-01-15T10:00:00Z",
+        "evses": [{"seen": "2024-01-15T11:30:00Z"}],
+    }
+    (tmp_path / "a.json").write_text(json.dumps([record]))
+    (tmp_path / "a.jsonl").write_text(json.dumps(record) + "\n")
+    with open(tmp_path / "a.csv", "w", newline="") as out:
+        csv.writer(out).writerows(
+            [["id", "seen", "evses"], ["A", record["seen"], json.dumps(record["evses"])]]
+        )
+    env = {**os.environ, "TZ": "America/New_York"}
+    done = subprocess.run(
+        [sys.executable, "-c", _TZ_SCRIPT, str(tmp_path), "a.json", "a.jsonl", "a.csv"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = ["2024-01-15 10:00:00+00:00", "2024-01-15 11:30:00+00:00"]
+    assert found == {"a.json": expected, "a.jsonl": expected, "a.csv": expected}
