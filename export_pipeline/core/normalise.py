@@ -751,6 +751,8 @@ def _sampled_json_to_parquet(
             workers,
             chunked=chunked,
             on_file=on_file,
+            # A lone JSON array: its COPY starts before its sample, on the idle core (below).
+            speculate=per_step and len(sources) == 1 and workers >= 2,
         )
     finally:
         if per_step:
@@ -769,11 +771,19 @@ def _sampled_steps(
     *,
     chunked: set[Path],
     on_file: FileSink | None,
+    speculate: bool = False,
 ) -> NormaliseResult | None:
     """The steps of :func:`_sampled_json_to_parquet`, ``workers`` at a time, each on its own
     cursor; the first failure or lossy check stops the others. Each source's Parquet is
     written as ``<target>.part`` (a ``chunked`` source: ``.<stem>.chunks/``), told to
-    ``on_file`` when written, and renamed to its final name(s) when every check passed."""
+    ``on_file`` when written, and renamed to its final name(s) when every check passed.
+
+    With ``speculate`` (one source, two workers) the COPY does not wait for the type sample:
+    it starts at once with the declared types cast over whatever the reader detects
+    (:func:`_speculative_select`) while the sample runs beside it, and its files are told to
+    ``on_file`` only once the sample shows that this is exactly the select the sample would
+    have given. Otherwise the COPY is interrupted, its files removed, and it starts again
+    with the sampled select; the sample then cost what it costs without speculation."""
     # Cursors made here: a connection object is not to be shared by threads.
     idle: queue.SimpleQueue[duckdb.DuckDBPyConnection] = queue.SimpleQueue()
     cursors = [con.cursor() for _ in range(workers)]
@@ -795,6 +805,22 @@ def _sampled_steps(
             lambda cur: {n: schema.parse(t) for n, t in _describe(cur, f"SELECT * FROM {reader}")}
         )
 
+    def copy_job(
+        src: Path, select: str, partial: Path, sink: FileSink | None
+    ) -> Callable[[duckdb.DuckDBPyConnection], int]:
+        if src in chunked:
+            return lambda cur: _copy_announcing_chunks(
+                cur, select, partial, export_id, src.name, loaded_at, sink
+            )
+
+        def copy(cur: duckdb.DuckDBPyConnection) -> int:
+            rows = _copy_with_lineage(cur, select, partial, export_id, src.name, loaded_at)
+            if sink is not None:
+                sink(partial)
+            return rows
+
+        return copy
+
     def partial_copy(
         src: Path,
         own: Mapping[str, schema.Type],
@@ -814,18 +840,36 @@ def _sampled_steps(
         info = detected[src]
         reader = _json_reader(src, info.format, info.gzip, None, sampled=True)
         select = f"SELECT {', '.join(exprs)} FROM {reader}"
-        if src in chunked:
-            return lambda cur: _copy_announcing_chunks(
-                cur, select, partial, export_id, src.name, loaded_at, on_file
-            )
+        return copy_job(src, select, partial, on_file)
 
-        def copy(cur: duckdb.DuckDBPyConnection) -> int:
-            rows = _copy_with_lineage(cur, select, partial, export_id, src.name, loaded_at)
-            if on_file is not None:
-                on_file(partial)
-            return rows
+    def speculative(src: Path, partial: Path) -> tuple[Future[int], _Gate]:
+        """The COPY started before the sample, its files held by the returned gate."""
+        info = detected[src]
+        reader = _json_reader(src, info.format, info.gzip, None, sampled=True)
+        gate = _Gate(on_file)
+        job = copy_job(src, _speculative_select(reader, hints), partial, gate)
 
-        return copy
+        def run(cur: duckdb.DuckDBPyConnection) -> int:
+            gate.cursor = cur
+            if gate.refused:  # refused before it began: nothing to interrupt
+                raise _Refused
+            return job(cur)
+
+        return pool.submit(on_cursor, run), gate
+
+    def retract(spec: Future[int], gate: _Gate, partial: Path) -> None:
+        """Stop a refused speculative COPY and remove what it wrote."""
+        gate.refuse()
+        while not spec.done():
+            if gate.cursor is not None:
+                with contextlib.suppress(duckdb.Error):
+                    gate.cursor.interrupt()
+            with contextlib.suppress(BaseException):
+                spec.result(timeout=0.05)
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
 
     def partial_check(
         src: Path, own: Mapping[str, schema.Type]
@@ -844,10 +888,23 @@ def _sampled_steps(
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="normalise") as pool:
             try:
-                per_file = dict(zip(sources, pool.map(sample, sources), strict=True))
-                typed = _typed_union(per_file.values(), hints)
+                copies: list[Future[int]] = []
+                if speculate:
+                    spec, gate = speculative(sources[0], partials[0])
+                    steps = [spec]
+                    per_file = {sources[0]: sample(sources[0])}
+                    typed = _typed_union(per_file.values(), hints)
+                    if typed is not None and _as_speculated(per_file[sources[0]], hints) == typed:
+                        gate.admit()
+                        copies = [spec]
+                    else:
+                        retract(spec, gate, partials[0])
+                        steps = []
+                else:
+                    per_file = dict(zip(sources, pool.map(sample, sources), strict=True))
+                    typed = _typed_union(per_file.values(), hints)
                 if typed is not None:
-                    copies = [
+                    copies = copies or [
                         pool.submit(on_cursor, partial_copy(src, per_file[src], typed, partial))
                         for src, partial in zip(sources, partials, strict=True)
                     ]
@@ -896,6 +953,66 @@ def _sampled_steps(
         columns=columns,
         missing_columns=sorted(n for n in hints if n not in present),
     )
+
+
+class _Refused(Exception):
+    """A speculative COPY refused before it began."""
+
+
+class _Gate:
+    """Holds the files a speculative COPY reports until :meth:`admit` passes them (and the
+    later ones) on, in order, to ``sink``; after :meth:`refuse` they are dropped."""
+
+    def __init__(self, sink: FileSink | None) -> None:
+        self._sink = sink
+        self._lock = threading.Lock()
+        self._held: list[Path] = []
+        self._admitted = False
+        self.refused = False
+        self.cursor: duckdb.DuckDBPyConnection | None = None
+
+    def __call__(self, path: Path) -> None:
+        with self._lock:
+            if self.refused:
+                return
+            if not self._admitted:
+                self._held.append(path)
+            elif self._sink is not None:
+                self._sink(path)
+
+    def admit(self) -> None:
+        with self._lock:
+            self._admitted = True
+            held, self._held = self._held, []
+            for path in held:
+                if self._sink is not None:
+                    self._sink(path)
+
+    def refuse(self) -> None:
+        with self._lock:
+            self.refused = True
+            self._held = []
+
+
+def _speculative_select(reader: str, hints: Mapping[str, schema.Type]) -> str:
+    """Every column the reader detects, the declared ones cast to their declared types: what
+    the sampled select is whenever the data fits its declaration (:func:`_as_speculated`)."""
+    if not hints:
+        return f"SELECT * FROM {reader}"
+    casts = ", ".join(
+        f"CAST({_ident(n)} AS {schema.render(t)}) AS {_ident(n)}" for n, t in hints.items()
+    )
+    return f"SELECT * REPLACE ({casts}) FROM {reader}"
+
+
+def _as_speculated(
+    sampled: Mapping[str, schema.Type], hints: Mapping[str, schema.Type]
+) -> dict[str, str] | None:
+    """The columns :func:`_speculative_select` gives over a file with these sampled types;
+    None when it cannot bind (a declared column the file lacks)."""
+    if any(n not in sampled for n in hints):
+        return None
+    return {n: schema.render(hints.get(n, t)) for n, t in sampled.items()}
 
 
 def _typed_union(

@@ -4,6 +4,8 @@ renamed into the table when the load replaces it whole; any doubt falls back to 
 from __future__ import annotations
 
 import json
+import os
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -275,3 +277,91 @@ def test_staging_takes_a_quarter_of_the_memory_cap() -> None:
     assert _fraction("1GB", 0.25) == "250000KB"
     assert _fraction("2GiB", 0.25) == "524288KiB"
     assert _fraction("80%", 0.25) == "80%"  # a form DuckDB reads but we do not: as given
+
+
+def _slow_sample_and_copies(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Delay the type sample (the speculative COPY writes its chunks meanwhile) and record the
+    select of every chunked COPY."""
+    from export_pipeline.core import normalise
+
+    selects: list[str] = []
+    copy, describe = normalise._copy_announcing_chunks, normalise._describe
+
+    def recording_copy(cur: duckdb.DuckDBPyConnection, select: str, *args: object) -> int:
+        selects.append(select)
+        return copy(cur, select, *args)  # type: ignore[arg-type]
+
+    def slow_describe(con: duckdb.DuckDBPyConnection, sql: str) -> list[tuple[str, str]]:
+        if "read_json" in sql:
+            time.sleep(1.0)
+        return describe(con, sql)
+
+    monkeypatch.setattr(normalise, "_copy_announcing_chunks", recording_copy)
+    monkeypatch.setattr(normalise, "_describe", slow_describe)
+    return selects
+
+
+def _linking_sink(folder: Path) -> tuple[list[int], object]:
+    """A sink that keeps a hard link of each file told (so no inode is reused) and its inode."""
+    folder.mkdir()
+    told: list[int] = []
+
+    def on_file(path: Path) -> None:
+        link = folder / f"{len(told)}.parquet"
+        os.link(path, link)
+        told.append(link.stat().st_ino)
+
+    return told, on_file
+
+
+@pytest.mark.parametrize("extra_field", [False, True], ids=["fits", "undeclared-field"])
+def test_a_lone_json_array_is_copied_before_its_sample_and_only_a_confirmed_copy_is_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra_field: bool
+) -> None:
+    """The COPY of a lone JSON array starts before the type sample, with the declared types.
+    When the sample agrees, that COPY is the result and its files are told (held until then);
+    when the data has a field the declaration lacks, it is thrown away unseen and the sampled
+    COPY keeps the field."""
+    selects = _slow_sample_and_copies(monkeypatch)
+    meta = {"a": 1, "b": "kept"} if extra_field else {"a": 1}
+    source = tmp_path / "orders.json"
+    source.write_text(
+        json.dumps([{"id": i, "at": "2024-01-01T00:00:00Z", "meta": meta} for i in range(60_000)])
+    )
+    kind = ExportKind(
+        provider="shop",
+        name="orders",
+        primary_key=("id",),
+        columns={"id": "BIGINT", "at": "TIMESTAMPTZ", "meta": "STRUCT(a INTEGER)"},
+    )
+    told, on_file = _linking_sink(tmp_path / "told")
+    result = to_parquet(
+        [source],
+        tmp_path / "out",
+        kind=kind,
+        export_id="e",
+        loaded_at=LOADED_AT,
+        on_file=on_file,
+        chunk_bytes=1,  # type: ignore[arg-type]
+    )
+    assert "REPLACE" in selects[0]  # the speculative select went first
+    assert len(selects) == (2 if extra_field else 1)
+    assert len(result.parquet_paths) >= 2
+    assert told == [p.stat().st_ino for p in result.parquet_paths]  # only the kept COPY's files
+    types = dict(result.columns)
+    assert types["at"] == "TIMESTAMP WITH TIME ZONE"
+    with duckdb.connect() as con:
+        rows = con.execute(
+            "SELECT count(*), count(DISTINCT id), min(meta.a), max(meta.a) FROM read_parquet(?)",
+            [[str(p) for p in result.parquet_paths]],
+        ).fetchone()
+        assert rows == (60_000, 60_000, 1, 1)
+        if extra_field:
+            assert types["meta"] == "STRUCT(a INTEGER, b VARCHAR)"
+            kept = con.execute(
+                "SELECT count(*) FROM read_parquet(?) WHERE meta.b = 'kept'",
+                [[str(p) for p in result.parquet_paths]],
+            ).fetchone()
+            assert kept == (60_000,)
+        else:
+            assert types["meta"] == "STRUCT(a INTEGER)"
