@@ -27,6 +27,7 @@ import queue
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -892,6 +893,8 @@ def _sampled_steps(
                 if speculate:
                     spec, gate = speculative(sources[0], partials[0])
                     steps = [spec]
+                    if sources[0] in chunked:
+                        _await_first_chunk(partials[0], spec)
                     per_file = {sources[0]: sample(sources[0])}
                     typed = _typed_union(per_file.values(), hints)
                     if typed is not None and _as_speculated(per_file[sources[0]], hints) == typed:
@@ -992,6 +995,14 @@ class _Gate:
         with self._lock:
             self.refused = True
             self._held = []
+
+
+def _await_first_chunk(chunk_dir: Path, copy: Future[int]) -> None:
+    """Wait until the COPY has created its first chunk, that is, until its reader has done
+    its own type sample: two samples at once would hold two samples' records in memory
+    (locations: about 200 MB each)."""
+    while not copy.done() and not _chunk_files(chunk_dir):
+        time.sleep(0.005)
 
 
 def _speculative_select(reader: str, hints: Mapping[str, schema.Type]) -> str:
