@@ -63,7 +63,7 @@ _PARQUET = (
 # each (``<stem>-0000.parquet``, ...), handed to ``on_file`` one by one while the rest is still
 # being parsed, so the warehouse loads one while DuckDB writes the next (core/stage.py).
 CHUNK_BYTES = 32 << 20
-_CHUNK_ROW_GROUPS = 2
+_CHUNK_ROW_GROUPS = 1
 LINEAGE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("_export_id", "VARCHAR"),
     ("_source_file", "VARCHAR"),

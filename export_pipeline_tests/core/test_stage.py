@@ -365,3 +365,49 @@ def test_a_lone_json_array_is_copied_before_its_sample_and_only_a_confirmed_copy
             assert kept == (60_000,)
         else:
             assert types["meta"] == "STRUCT(a INTEGER)"
+
+
+def test_a_refused_speculative_copy_is_interrupted_not_run_to_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refusing the speculative COPY stops it where it is (its reader is interrupted) and its
+    files are gone before the sampled COPY writes the same names."""
+    from export_pipeline.core import normalise
+
+    outcomes: list[str] = []
+    copy = normalise._copy_announcing_chunks
+
+    def recording_copy(cur: duckdb.DuckDBPyConnection, select: str, *args: object) -> int:
+        try:
+            rows = copy(cur, select, *args)  # type: ignore[arg-type]
+        except BaseException as exc:
+            outcomes.append(type(exc).__name__)
+            raise
+        outcomes.append("done")
+        return rows
+
+    monkeypatch.setattr(normalise, "_copy_announcing_chunks", recording_copy)
+    source = tmp_path / "orders.json"
+    rows = 1_500_000  # ~70 MB: the COPY runs well past the sample
+    record = '{"id": %d, "meta": {"a": %d, "b": "x"}}'
+    source.write_text("[" + ",".join(record % (i, i) for i in range(rows)) + "]")
+    kind = ExportKind(
+        provider="shop",
+        name="orders",
+        primary_key=("id",),
+        columns={"id": "BIGINT", "meta": "STRUCT(a BIGINT)"},
+    )
+    told, on_file = _linking_sink(tmp_path / "told")
+    result = to_parquet(
+        [source],
+        tmp_path / "out",
+        kind=kind,
+        export_id="e",
+        loaded_at=LOADED_AT,
+        on_file=on_file,  # type: ignore[arg-type]
+        chunk_bytes=1,
+    )
+    assert outcomes == ["InterruptException", "done"]
+    assert told == [p.stat().st_ino for p in result.parquet_paths]
+    assert result.rows == rows
+    assert dict(result.columns)["meta"] == "STRUCT(a BIGINT, b VARCHAR)"
