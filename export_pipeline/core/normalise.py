@@ -835,6 +835,8 @@ def _sampled_steps(
                 exprs.append(f"CAST(NULL AS {t}) AS {col}")
             elif schema.render(own[name]) == t:
                 exprs.append(col)
+            elif schema.render(own[name]) == "TIMESTAMP" and t == _TIMESTAMPTZ:
+                exprs.append(f"{_utc_instant(col)} AS {col}")
             else:
                 # By name, so a struct gains the fields it lacks (as NULL).
                 exprs.append(f"CAST({col} AS {t}) AS {col}")
@@ -956,6 +958,17 @@ def _sampled_steps(
         columns=columns,
         missing_columns=sorted(n for n in hints if n not in present),
     )
+
+
+_TIMESTAMPTZ = "TIMESTAMP WITH TIME ZONE"
+
+
+def _utc_instant(col: str) -> str:
+    """A TIMESTAMP column (DuckDB reads "...Z" and "+02:00" as UTC) as the TIMESTAMPTZ of the
+    same instant, whatever the session's time zone: exact, and 5-10 times cheaper than the
+    ICU cast (Mews: 0.2 s of a 1.9 s part for its four timestamps). Infinities, for which
+    ``make_timestamptz`` gives NULL, take the cast."""
+    return f"coalesce(make_timestamptz(epoch_us({col})), CAST({col} AS {_TIMESTAMPTZ}))"
 
 
 class _Refused(Exception):
