@@ -15,7 +15,7 @@ import pytest
 from export_pipeline.core.errors import ParseError
 from export_pipeline.core.load import load_parquet
 from export_pipeline.core.model import ExportKind, LoadMode
-from export_pipeline.core.normalise import to_parquet
+from export_pipeline.core.normalise import NormaliseResult, to_parquet
 from export_pipeline.core.stage import StagedLoad
 from export_pipeline.core.warehouse import DuckDBWarehouse
 
@@ -301,17 +301,29 @@ def _slow_sample_and_copies(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return selects
 
 
-def _linking_sink(folder: Path) -> tuple[list[int], object]:
-    """A sink that keeps a hard link of each file told (so no inode is reused) and its inode."""
-    folder.mkdir()
+def _normalise_telling(
+    source: Path, kind: ExportKind, folder: Path
+) -> tuple[NormaliseResult, list[int]]:
+    """``to_parquet`` in chunks, telling a sink that hard-links each file told (so no inode is
+    reused while the test runs) and keeps its inode."""
+    (folder / "told").mkdir()
     told: list[int] = []
 
     def on_file(path: Path) -> None:
-        link = folder / f"{len(told)}.parquet"
+        link = folder / "told" / f"{len(told)}.parquet"
         os.link(path, link)
         told.append(link.stat().st_ino)
 
-    return told, on_file
+    result = to_parquet(
+        [source],
+        folder / "out",
+        kind=kind,
+        export_id="e",
+        loaded_at=LOADED_AT,
+        on_file=on_file,
+        chunk_bytes=1,
+    )
+    return result, told
 
 
 @pytest.mark.parametrize("extra_field", [False, True], ids=["fits", "undeclared-field"])
@@ -334,16 +346,7 @@ def test_a_lone_json_array_is_copied_before_its_sample_and_only_a_confirmed_copy
         primary_key=("id",),
         columns={"id": "BIGINT", "at": "TIMESTAMPTZ", "meta": "STRUCT(a INTEGER)"},
     )
-    told, on_file = _linking_sink(tmp_path / "told")
-    result = to_parquet(
-        [source],
-        tmp_path / "out",
-        kind=kind,
-        export_id="e",
-        loaded_at=LOADED_AT,
-        on_file=on_file,
-        chunk_bytes=1,  # type: ignore[arg-type]
-    )
+    result, told = _normalise_telling(source, kind, tmp_path)
     assert "REPLACE" in selects[0]  # the speculative select went first
     assert len(selects) == (2 if extra_field else 1)
     assert len(result.parquet_paths) >= 2
@@ -397,16 +400,7 @@ def test_a_refused_speculative_copy_is_interrupted_not_run_to_its_end(
         primary_key=("id",),
         columns={"id": "BIGINT", "meta": "STRUCT(a BIGINT)"},
     )
-    told, on_file = _linking_sink(tmp_path / "told")
-    result = to_parquet(
-        [source],
-        tmp_path / "out",
-        kind=kind,
-        export_id="e",
-        loaded_at=LOADED_AT,
-        on_file=on_file,  # type: ignore[arg-type]
-        chunk_bytes=1,
-    )
+    result, told = _normalise_telling(source, kind, tmp_path)
     assert outcomes == ["InterruptException", "done"]
     assert told == [p.stat().st_ino for p in result.parquet_paths]
     assert result.rows == rows
