@@ -782,9 +782,10 @@ def _sampled_steps(
     With ``speculate`` (one source, two workers) the COPY does not wait for the type sample:
     it starts at once with the declared types cast over whatever the reader detects
     (:func:`_speculative_select`) while the sample runs beside it, and its files are told to
-    ``on_file`` only once the sample shows that this is exactly the select the sample would
-    have given. Otherwise the COPY is interrupted, its files removed, and it starts again
-    with the sampled select; the sample then cost what it costs without speculation."""
+    ``on_file`` only once the sample shows that it writes the columns and types the sampled
+    select would (and so the same values). Otherwise the COPY is interrupted, its files
+    removed, and it starts again with the sampled select; the sample then cost what it costs
+    without speculation."""
     # Cursors made here: a connection object is not to be shared by threads.
     idle: queue.SimpleQueue[duckdb.DuckDBPyConnection] = queue.SimpleQueue()
     cursors = [con.cursor() for _ in range(workers)]
