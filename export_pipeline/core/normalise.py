@@ -881,6 +881,10 @@ def _sampled_steps(
         info = detected[src]
         return lambda cur: _silently_converted(cur, [src], info.format, info.gzip, own)
 
+    def mangled(src: Path, partial: Path) -> Callable[[duckdb.DuckDBPyConnection], bool]:
+        written = _chunk_files(partial) if src in chunked else [partial]
+        return lambda cur: _mangled_times(cur, written, src, detected[src], per_file[src])
+
     taken: set[str] = set()
     stems = [_output_stem(src, taken) for src in sources]
     partials = [
@@ -921,6 +925,11 @@ def _sampled_steps(
                     # A failed step or a value the sample would have converted stops the rest.
                     if not any(done.result() and done in checks for done in as_completed(steps)):
                         rows = [copy.result() for copy in copies]
+                        if any(
+                            on_cursor(mangled(src, partial))
+                            for src, partial in zip(sources, partials, strict=True)
+                        ):
+                            rows = None
             except (duckdb.Error, ValueError):
                 rows = None
             finally:
@@ -1117,40 +1126,98 @@ _INTEGER_TYPES = frozenset(
 _FLOAT_TYPES = frozenset({"FLOAT", "DOUBLE"})
 # A timestamp string read into a sampled TIME keeps only its time of day.
 _TIME_TYPES = frozenset({"TIME", "TIME WITH TIME ZONE"})
+# DuckDB 1.4's sampled JSON reader turns these strings, in any case, into 1900-01-01 at a
+# TIMESTAMP or DATE position (its detection accepts them, its format parser does not); read
+# with declared types (the full scan) they are infinity, -infinity and 1970-01-01.
+_DATE_TYPES = frozenset({"TIMESTAMP", "TIMESTAMP WITH TIME ZONE", "DATE"})
+_SPECIAL_TIMES = ("infinity", "-infinity", "epoch")
 
 
-def _risky(t: schema.Type) -> schema.Type | None:
-    """The part of a sampled type whose values DuckDB converts without an error (every
-    scalar there read as JSON text to check it), or None when there is none."""
+def _time_leaves(t: schema.Type, path: str) -> Iterator[str]:
+    """The Parquet ``path_in_schema`` of each TIMESTAMP or DATE value inside a column."""
     if isinstance(t, schema.Struct):
-        fields = tuple((n, r) for n, f in t.fields if (r := _risky(f)) is not None)
+        for name, field_type in t.fields:
+            yield from _time_leaves(field_type, f"{path}, {name}")
+    elif isinstance(t, schema.List):
+        yield from _time_leaves(t.element, f"{path}, list, element")
+    elif t.text in _DATE_TYPES:
+        yield path
+
+
+def _mangled_times(
+    con: duckdb.DuckDBPyConnection,
+    written: Sequence[Path],
+    src: Path,
+    info: DetectedFormat,
+    sampled: Mapping[str, schema.Type],
+) -> bool:
+    """Whether the sampled read of ``src`` turned a special timestamp string into 1900-01-01
+    (see _SPECIAL_TIMES). Only when the Parquet statistics of ``written`` show a TIMESTAMP or
+    DATE on or before that day are the positions read again as JSON text to tell; otherwise
+    it costs one look at the files' footers."""
+    leaves = [leaf for name, t in sampled.items() for leaf in _time_leaves(t, name)]
+    if not leaves:
+        return False
+    row = con.execute(
+        "SELECT count(*) FROM parquet_metadata(?) WHERE list_contains(?, path_in_schema) "
+        "AND coalesce(left(stats_min, 10) <= '1900-01-01', "
+        "stats_null_count IS DISTINCT FROM num_values)",
+        [[str(p) for p in written], leaves],
+    ).fetchone()
+    if not row or not row[0]:
+        return False
+    return _silently_converted(con, [src], info.format, info.gzip, sampled, times=True)
+
+
+def _risky(t: schema.Type, *, times: bool = False) -> schema.Type | None:
+    """The part of a sampled type whose values DuckDB converts without an error (every
+    scalar there read as JSON text to check it), or None when there is none; with ``times``,
+    its TIMESTAMP and DATE positions instead (:func:`_mangled_times`)."""
+    if isinstance(t, schema.Struct):
+        fields = tuple((n, r) for n, f in t.fields if (r := _risky(f, times=times)) is not None)
         return schema.Struct(fields) if fields else None
     if isinstance(t, schema.List):
-        element = _risky(t.element)
+        element = _risky(t.element, times=times)
         return None if element is None else schema.List(element)
-    checked = _INTEGER_TYPES | _FLOAT_TYPES | _TIME_TYPES | {"BOOLEAN", "JSON", "NULL", '"NULL"'}
+    if times:
+        checked = _DATE_TYPES
+    else:
+        checked = (
+            _INTEGER_TYPES | _FLOAT_TYPES | _TIME_TYPES | {"BOOLEAN", "JSON", "NULL", '"NULL"'}
+        )
     if t.text in checked:
         return schema.Scalar("JSON")
     return None
 
 
-def _bad_values(expr: str, sampled: schema.Type, depth: int = 0) -> str | None:
+def _bad_values(
+    expr: str, sampled: schema.Type, depth: int = 0, *, times: bool = False
+) -> str | None:
     """A boolean SQL expression: does ``expr`` (read with :func:`_risky`'s type) hold a value
     its sampled type would have converted silently? None when nothing there is at risk."""
     if isinstance(sampled, schema.Struct):
         parts = [
             bad
             for name, field_type in sampled.fields
-            if (bad := _bad_values(f"struct_extract({expr}, {_lit(name)})", field_type, depth))
+            if (
+                bad := _bad_values(
+                    f"struct_extract({expr}, {_lit(name)})", field_type, depth, times=times
+                )
+            )
         ]
         return " OR ".join(f"coalesce({p}, false)" for p in parts) if parts else None
     if isinstance(sampled, schema.List):
         var = f"x{depth}"
-        inner = _bad_values(var, sampled.element, depth + 1)
+        inner = _bad_values(var, sampled.element, depth + 1, times=times)
         if inner is None:
             return None
         return f"coalesce(len(list_filter({expr}, lambda {var}: {inner})) > 0, false)"
     text = sampled.text
+    if times:
+        if text not in _DATE_TYPES:
+            return None
+        specials = ", ".join(_lit(f'"{word}"') for word in _SPECIAL_TIMES)
+        return f"lower(CAST({expr} AS VARCHAR)) IN ({specials})"
     if text in _INTEGER_TYPES:
         return f"NOT regexp_full_match(CAST({expr} AS VARCHAR), '-?[0-9]+')"
     if text in _FLOAT_TYPES:
@@ -1173,14 +1240,16 @@ def _silently_converted(
     fmt: FileFormat,
     gz: bool,
     sampled: Mapping[str, schema.Type],
+    *,
+    times: bool = False,
 ) -> bool:
-    """Whether some value of ``files`` does not have the kind its sampled type expects; one
-    pass reading only those positions."""
+    """Whether some value of ``files`` does not have the kind its sampled type expects (with
+    ``times``: is a special timestamp string); one pass reading only those positions."""
     columns: dict[str, str] = {}
     checks: list[str] = []
     for name, t in sampled.items():
-        risky = _risky(t)
-        bad = _bad_values(_ident(name), t) if risky is not None else None
+        risky = _risky(t, times=times)
+        bad = _bad_values(_ident(name), t, times=times) if risky is not None else None
         if risky is None or bad is None:
             continue
         columns[name] = schema.render(risky)

@@ -448,3 +448,65 @@ def test_declared_timestamptz_does_not_move_with_the_machines_time_zone(tmp_path
     found = json.loads(done.stdout.strip().splitlines()[-1])
     expected = ["2024-01-15 10:00:00+00:00", "2024-01-15 11:30:00+00:00"]
     assert found == {"a.json": expected, "a.jsonl": expected, "a.csv": expected}
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+@pytest.mark.parametrize("at", [5, 22_000], ids=["in-sample", "past-sample"])
+def test_special_timestamp_strings_land_as_their_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str, at: int
+) -> None:
+    """DuckDB's sampled JSON reader stores "infinity", "-infinity" and "epoch" in a timestamp
+    or date as 1900-01-01; they must land as infinity, -infinity and 1970-01-01, top level and
+    nested, and an honest date before 1900 must not cost a second read."""
+    import export_pipeline.core.normalise as normalise
+
+    def record(i: int) -> dict[str, Any]:
+        seen, day, nested = "2024-01-15T10:00:00Z", "2024-01-15", "2024-01-15T11:00:00Z"
+        if i == at:
+            seen, day, nested = "Infinity", "-infinity", "epoch"
+        return {"id": i, "seen": seen, "day": day, "evses": [{"seen": nested}]}
+
+    records = [record(i) for i in range(25_000)]
+    source = tmp_path / f"a{suffix}"
+    if suffix == ".json":
+        source.write_text(json.dumps(records))
+    else:
+        source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = to_parquet(
+        [source], tmp_path / "out", kind=AUTO_KIND, export_id="e", loaded_at=LOADED_AT
+    )
+    with duckdb.connect() as con:
+        con.execute("SET TimeZone = 'UTC'")
+        got = con.execute(
+            "SELECT CAST(seen AS VARCHAR), CAST(day AS VARCHAR), CAST(evses[1].seen AS VARCHAR) "
+            "FROM read_parquet(?) WHERE id = ?",
+            [[str(p) for p in result.parquet_paths], at],
+        ).fetchone()
+        early = con.execute(
+            "SELECT count(*) FROM read_parquet(?) WHERE CAST(day AS VARCHAR) LIKE '1900%'",
+            [[str(p) for p in result.parquet_paths]],
+        ).fetchone()
+    assert got is not None and got[0] == "infinity" and got[1] == "-infinity"
+    assert got[2].startswith("1970-01-01 00:00:00")
+    assert early == (0,)
+
+    # A real date before 1900 is looked at (the statistics say so) but read once.
+    full_scans: list[object] = []
+    auto_schema = normalise._auto_schema
+    monkeypatch.setattr(
+        normalise, "_auto_schema", lambda *a: full_scans.append(a) or auto_schema(*a)
+    )
+    records[at] = {
+        "id": at,
+        "seen": "1850-03-01T00:00:00Z",
+        "day": "1850-03-01",
+        "evses": [{"seen": "1850-03-01T00:00:00Z"}],
+    }
+    source.write_text(
+        json.dumps(records) if suffix == ".json" else "".join(json.dumps(r) + "\n" for r in records)
+    )
+    result = to_parquet(
+        [source], tmp_path / "out2", kind=AUTO_KIND, export_id="e", loaded_at=LOADED_AT
+    )
+    assert full_scans == []
+    assert result.rows == 25_000
