@@ -8,8 +8,8 @@ from typing import Any
 import duckdb
 
 from export_pipeline.core.ledger import LEDGER_SCHEMA, ExportRecord, Ledger
-from export_pipeline.core.load import quote_ident
 from export_pipeline.core.model import ExportKind, LoadMode
+from export_pipeline.core.sql import quote_ident
 
 
 @dataclass(frozen=True)

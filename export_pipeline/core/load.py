@@ -20,6 +20,7 @@ import duckdb
 from export_pipeline.core import schema
 from export_pipeline.core.errors import ConfigurationError, IntegrityError
 from export_pipeline.core.model import ExportKind, LoadMode, SchemaContract
+from export_pipeline.core.sql import quote_ident, sql_literal
 from export_pipeline.core.warehouse import evolve_statements
 
 # Error code of an export whose rows belong to another partition than the one it was loaded
@@ -46,11 +47,6 @@ class LoadResult:
     # The rows were not copied: the table staged while parsing became the kind's table by a
     # rename (``load_parquet(staged=...)``, core/stage.py).
     renamed: bool = False
-
-
-def quote_ident(name: str) -> str:
-    """Quote a DuckDB identifier (doubling inner quotes), so any column name is safe in SQL."""
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _qualified(kind: ExportKind, name: str | None = None) -> str:
@@ -184,11 +180,6 @@ def _stage(con: duckdb.DuckDBPyConnection, kind: ExportKind, stage: str, paths: 
         [paths],
     )
     return "TABLE"
-
-
-def sql_literal(value: str) -> str:
-    """A SQL string literal (a view's definition cannot take parameters)."""
-    return "'" + value.replace("'", "''") + "'"
 
 
 def _require_keys(kind: ExportKind, names: set[str]) -> None:

@@ -40,6 +40,7 @@ import duckdb
 from export_pipeline.core import schema
 from export_pipeline.core.errors import ParseError
 from export_pipeline.core.model import ExportKind, FileFormat
+from export_pipeline.core.sql import quote_ident, sql_literal
 
 GZIP_MAGIC = b"\x1f\x8b"
 _PEEK_BYTES = 8192
@@ -130,22 +131,13 @@ def detect_format(path: Path, content_type: str | None = None) -> DetectedFormat
     return DetectedFormat(FileFormat.CSV, is_gzip)
 
 
-def _lit(value: str) -> str:
-    """A SQL string literal (file paths and column names inside reader options)."""
-    return "'" + value.replace("'", "''") + "'"
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _is_nested(duck_type: str) -> bool:
     t = duck_type.strip().upper()
     return t.endswith("]") or t.startswith(("STRUCT", "MAP", "LIST", "JSON", "UNION"))
 
 
 def _struct_literal(columns: Mapping[str, str]) -> str:
-    return "{" + ", ".join(f"{_lit(n)}: {_lit(t)}" for n, t in columns.items()) + "}"
+    return "{" + ", ".join(f"{sql_literal(n)}: {sql_literal(t)}" for n, t in columns.items()) + "}"
 
 
 def _json_reader(
@@ -159,7 +151,7 @@ def _json_reader(
     """``read_json`` of one file: with the given ``columns``, else auto-detecting over every
     record, or (``sampled``) over DuckDB's default sample of the first records."""
     options = [
-        _lit(str(path)),
+        sql_literal(str(path)),
         "format := " + ("'array'" if fmt is FileFormat.JSON_ARRAY else "'newline_delimited'"),
         "compression := " + ("'gzip'" if gz else "'uncompressed'"),
     ]
@@ -172,7 +164,7 @@ def _json_reader(
 
 def _json_reader_many(paths: Sequence[Path], fmt: FileFormat, gz: bool) -> str:
     """Auto-detecting reader over several files, unifying their columns by name."""
-    files = "[" + ", ".join(_lit(str(p)) for p in paths) + "]"
+    files = "[" + ", ".join(sql_literal(str(p)) for p in paths) + "]"
     return (
         f"read_json({files}, format := "
         + ("'array'" if fmt is FileFormat.JSON_ARRAY else "'newline_delimited'")
@@ -203,7 +195,7 @@ def _failing_source(
 
 def _csv_reader(path: Path, gz: bool, *, all_varchar: bool) -> str:
     options = [
-        _lit(str(path)),
+        sql_literal(str(path)),
         "header := true",
         # RFC 4180, not sniffed: a sniffer that cannot make a ragged file fit picks another
         # dialect (one column holding whole lines) instead of failing.
@@ -558,7 +550,7 @@ def _to_parquet(
             con.execute(
                 f"COPY (SELECT src.*, CAST($1 AS VARCHAR) AS _export_id, "
                 f"CAST($2 AS VARCHAR) AS _source_file, CAST($3 AS TIMESTAMPTZ) AS _loaded_at "
-                f"FROM ({select}) AS src) TO {_lit(str(partial))} (FORMAT parquet)",
+                f"FROM ({select}) AS src) TO {sql_literal(str(partial))} (FORMAT parquet)",
                 [export_id, src.name, loaded_at],
             )
         os.replace(partial, target)
@@ -566,7 +558,7 @@ def _to_parquet(
         total += rows
 
     if paths:
-        columns = _describe(con, f"SELECT * FROM read_parquet({_lit(str(paths[0]))})")
+        columns = _describe(con, f"SELECT * FROM read_parquet({sql_literal(str(paths[0]))})")
     elif kind.columns is not None:
         columns = [*kind.columns.items(), *LINEAGE_COLUMNS]
     else:
@@ -601,7 +593,7 @@ def _copy_with_lineage(
     row = con.execute(
         f"COPY (SELECT src.*, CAST($1 AS VARCHAR) AS _export_id, "
         f"CAST($2 AS VARCHAR) AS _source_file, CAST($3 AS TIMESTAMPTZ) AS _loaded_at "
-        f"FROM ({select}) AS src) TO {_lit(str(target))} ({options})",
+        f"FROM ({select}) AS src) TO {sql_literal(str(target))} ({options})",
         [export_id, source_name, loaded_at],
     ).fetchone()
     return int(row[0]) if row else 0
@@ -831,7 +823,7 @@ def _sampled_steps(
     ) -> Callable[[duckdb.DuckDBPyConnection], int]:
         exprs = []
         for name, t in typed.items():
-            col = _ident(name)
+            col = quote_ident(name)
             if name not in own:
                 exprs.append(f"CAST(NULL AS {t}) AS {col}")
             elif schema.render(own[name]) == t:
@@ -960,7 +952,7 @@ def _sampled_steps(
             targets.append(out_dir / f"{stem}-{number:04d}.parquet")
             os.replace(chunk, targets[-1])
         shutil.rmtree(partial, ignore_errors=True)  # the chunks moved out: an empty folder
-    columns = _describe(con, f"SELECT * FROM read_parquet({_lit(str(targets[0]))})")
+    columns = _describe(con, f"SELECT * FROM read_parquet({sql_literal(str(targets[0]))})")
     present = {n for n, _ in columns}
     return NormaliseResult(
         parquet_paths=targets,
@@ -1034,7 +1026,8 @@ def _speculative_select(reader: str, hints: Mapping[str, schema.Type]) -> str:
     if not hints:
         return f"SELECT * FROM {reader}"
     casts = ", ".join(
-        f"CAST({_ident(n)} AS {schema.render(t)}) AS {_ident(n)}" for n, t in hints.items()
+        f"CAST({quote_ident(n)} AS {schema.render(t)}) AS {quote_ident(n)}"
+        for n, t in hints.items()
     )
     return f"SELECT * REPLACE ({casts}) FROM {reader}"
 
@@ -1201,7 +1194,7 @@ def _bad_values(
             for name, field_type in sampled.fields
             if (
                 bad := _bad_values(
-                    f"struct_extract({expr}, {_lit(name)})", field_type, depth, times=times
+                    f"struct_extract({expr}, {sql_literal(name)})", field_type, depth, times=times
                 )
             )
         ]
@@ -1216,7 +1209,7 @@ def _bad_values(
     if times:
         if text not in _DATE_TYPES:
             return None
-        specials = ", ".join(_lit(f'"{word}"') for word in _SPECIAL_TIMES)
+        specials = ", ".join(sql_literal(f'"{word}"') for word in _SPECIAL_TIMES)
         return f"lower(CAST({expr} AS VARCHAR)) IN ({specials})"
     if text in _INTEGER_TYPES:
         return f"NOT regexp_full_match(CAST({expr} AS VARCHAR), '-?[0-9]+')"
@@ -1249,14 +1242,14 @@ def _silently_converted(
     checks: list[str] = []
     for name, t in sampled.items():
         risky = _risky(t, times=times)
-        bad = _bad_values(_ident(name), t, times=times) if risky is not None else None
+        bad = _bad_values(quote_ident(name), t, times=times) if risky is not None else None
         if risky is None or bad is None:
             continue
         columns[name] = schema.render(risky)
         checks.append(f"coalesce({bad}, false)")
     if not checks:
         return False
-    paths = "[" + ", ".join(_lit(str(p)) for p in files) + "]"
+    paths = "[" + ", ".join(sql_literal(str(p)) for p in files) + "]"
     reader = (
         f"read_json({paths}, "
         + "format := "
@@ -1333,7 +1326,8 @@ def _json_selects(
 def _drifting(con: duckdb.DuckDBPyConnection, reader: str, wanted: Mapping[str, str]) -> list[str]:
     """Columns of ``reader`` holding a non-NULL value that does not cast to its wanted type."""
     counts = ", ".join(
-        f"count(*) FILTER (WHERE {_ident(n)} IS NOT NULL AND TRY_CAST({_ident(n)} AS {t}) IS NULL)"
+        f"count(*) FILTER (WHERE {quote_ident(n)} IS NOT NULL "
+        f"AND TRY_CAST({quote_ident(n)} AS {t}) IS NULL)"
         for n, t in wanted.items()
     )
     row = con.execute(f"SELECT {counts} FROM {reader}").fetchone() or ()
@@ -1397,7 +1391,7 @@ def _auto_schema(
 
 
 def _empty_select(columns: Mapping[str, str]) -> _Plan:
-    cols = ", ".join(f"CAST(NULL AS {t}) AS {_ident(n)}" for n, t in columns.items())
+    cols = ", ".join(f"CAST(NULL AS {t}) AS {quote_ident(n)}" for n, t in columns.items())
     return f"SELECT {cols} LIMIT 0", {}
 
 
@@ -1437,7 +1431,7 @@ def _csv_selects(
     structures: dict[str, schema.Type] = {}
     if nested:
         aggs = ", ".join(
-            f"json_group_structure(CAST(NULLIF({_ident(n)}, '') AS JSON))" for n in nested
+            f"json_group_structure(CAST(NULLIF({quote_ident(n)}, '') AS JSON))" for n in nested
         )
         try:
             row = con.execute(f"SELECT {aggs} FROM {reader}").fetchone()
@@ -1449,14 +1443,14 @@ def _csv_selects(
     exprs: dict[str, str] = {}
     scalars: dict[str, str] = {}
     for name in header:
-        col = _ident(name)
+        col = quote_ident(name)
         hint = hints.get(name)
         if hint is not None and name in nested:
             merged = hint if name not in structures else schema.apply_hint(hint, structures[name])
             if isinstance(merged, schema.Scalar):
                 expr = f"CAST(NULLIF({col}, '') AS {schema.render(merged)})"
             else:
-                expr = f"json_transform(NULLIF({col}, ''), {_lit(schema.structure(merged))})"
+                expr = f"json_transform(NULLIF({col}, ''), {sql_literal(schema.structure(merged))})"
             exprs[name] = f"{expr} AS {col}"
             continue
         duck_type = schema.render(
@@ -1471,7 +1465,7 @@ def _csv_selects(
         bad = _drifting(con, reader, scalars) if scalars else []
         if not bad:
             return None
-        kept = {**exprs, **{n: _ident(n) for n in bad}}
+        kept = {**exprs, **{n: quote_ident(n) for n in bad}}
         return f"SELECT {', '.join(kept.values())} FROM {reader}", dict.fromkeys(bad, "VARCHAR")
 
     return f"SELECT {', '.join(exprs.values())} FROM {reader}", on_drift
@@ -1484,7 +1478,7 @@ def _first_bad_json_cell(
     for name in nested:
         try:
             con.execute(
-                f"SELECT count(CAST(NULLIF({_ident(name)}, '') AS JSON)) FROM {reader}"
+                f"SELECT count(CAST(NULLIF({quote_ident(name)}, '') AS JSON)) FROM {reader}"
             ).fetchone()
         except duckdb.Error as exc:
             return f"column {name!r} is not valid JSON: {str(exc).splitlines()[0][:300]}"
@@ -1515,13 +1509,13 @@ def _csv_conversion_error(
     if not types:
         return exc
     reader = (
-        f"read_csv({_lit(str(src))}, header := true, "
+        f"read_csv({sql_literal(str(src))}, header := true, "
         f"compression := {'gzip' if gz else 'uncompressed'!r}, "
         f"types := {_struct_literal(types)})"
     )
     try:
         # An aggregate over every typed column: a bare count(*) would skip converting them.
-        cols = ", ".join(_ident(n) for n in types)
+        cols = ", ".join(quote_ident(n) for n in types)
         con.execute(f"SELECT max(hash({cols})) FROM {reader}").fetchone()
     except duckdb.Error as typed:
         if _ANY_LINE.search(str(typed)):

@@ -45,6 +45,7 @@ import duckdb
 
 from export_pipeline.core import schema as types
 from export_pipeline.core.load import one_thread
+from export_pipeline.core.sql import quote_ident, sql_literal
 
 REPLICA_NAME = "warehouse.duckdb"
 MANIFEST_NAME = "manifest.json"
@@ -55,14 +56,6 @@ _SYSTEM_SCHEMAS = ("information_schema", "pg_catalog")
 # rows whatever their width).
 _ROW_GROUP_ROWS = 20_000
 _PUBLISH_LOCK = threading.Lock()  # one publisher per process; the DuckDB file lock does the rest
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def read_manifest(read_dir: Path) -> dict[str, Any]:
@@ -172,8 +165,9 @@ def publish(
                     target = folder / f"{version:08d}.parquet"
                     tmp = target.with_name(f".{target.name}.tmp")
                     con.execute(
-                        f"COPY (SELECT * FROM {_quote(schema)}.{_quote(table)}) TO "
-                        f"{_literal(str(tmp))} (FORMAT parquet, ROW_GROUP_SIZE {_ROW_GROUP_ROWS})"
+                        f"COPY (SELECT * FROM {quote_ident(schema)}.{quote_ident(table)}) TO "
+                        f"{sql_literal(str(tmp))} "
+                        f"(FORMAT parquet, ROW_GROUP_SIZE {_ROW_GROUP_ROWS})"
                     )
                     os.replace(tmp, target)
                     written = [str(target)]
@@ -215,7 +209,7 @@ def _same_content(
     else the columns the replica's view must cast to the table's type: a column (or struct
     field, or list element) that is JSON in the files and VARCHAR in the table, e.g. one null
     in every row, which the table types VARCHAR. Both are the same strings in Parquet."""
-    qualified = f"{_quote(schema)}.{_quote(table)}"
+    qualified = f"{quote_ident(schema)}.{quote_ident(table)}"
     want = [(r[0], r[1]) for r in con.execute(f"DESCRIBE SELECT * FROM {qualified}").fetchall()]
     rows = 0
     seen: list[tuple[str, str]] | None = None
@@ -279,15 +273,15 @@ def _build_replica(
     with duckdb.connect(str(path)) as rep:
         for name, files in sorted(tables.items()):
             schema, table = name.split(".", 1)
-            rep.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(schema)}")
-            listed = ", ".join(_literal(f) for f in files)
+            rep.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
+            listed = ", ".join(sql_literal(f) for f in files)
             replace = ", ".join(
-                f"CAST({_quote(col)} AS {type_}) AS {_quote(col)}"
+                f"CAST({quote_ident(col)} AS {type_}) AS {quote_ident(col)}"
                 for col, type_ in casts.get(name, {}).items()
             )
             star = f"* REPLACE ({replace})" if replace else "*"
             rep.execute(
-                f"CREATE VIEW {_quote(schema)}.{_quote(table)} AS "
+                f"CREATE VIEW {quote_ident(schema)}.{quote_ident(table)} AS "
                 f"SELECT {star} FROM read_parquet([{listed}])"
             )
         for sql in views:
@@ -304,7 +298,7 @@ def open_replica(read_dir: Path) -> duckdb.DuckDBPyConnection:
     if not path.exists():
         raise FileNotFoundError(path)
     con = duckdb.connect(str(path), read_only=True)
-    con.execute(f"SET allowed_directories = [{_literal(str(read_dir / 'tables') + os.sep)}]")
+    con.execute(f"SET allowed_directories = [{sql_literal(str(read_dir / 'tables') + os.sep)}]")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con

@@ -18,6 +18,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from export_pipeline.core.sql import quote_ident
+
 NUMERIC_ORDER = (
     "BOOLEAN",
     "TINYINT",
@@ -183,13 +185,9 @@ def parse(text: str) -> Type:
     return _Parser(text).parse()
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def render(t: Type) -> str:
     if isinstance(t, Struct):
-        return "STRUCT(" + ", ".join(f"{_quote(n)} {render(f)}" for n, f in t.fields) + ")"
+        return "STRUCT(" + ", ".join(f"{quote_ident(n)} {render(f)}" for n, f in t.fields) + ")"
     if isinstance(t, List):
         return render(t.element) + "[]"
     return t.text
@@ -471,7 +469,7 @@ def convert_sql(expr: str, old: Type, new: Type, _depth: int = 0) -> str:
                     _depth + 1,
                 )
             )
-            fields.append(f"{_quote(name)} := {value}")
+            fields.append(f"{quote_ident(name)} := {value}")
         return f"CASE WHEN {expr} IS NULL THEN NULL ELSE struct_pack({', '.join(fields)}) END"
     if isinstance(old, List) and isinstance(new, List):
         var = f"_e{_depth}"

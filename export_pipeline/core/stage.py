@@ -33,8 +33,9 @@ from types import TracebackType
 
 import duckdb
 
-from export_pipeline.core.load import one_thread, quote_ident, sql_literal
+from export_pipeline.core.load import one_thread
 from export_pipeline.core.model import ExportKind
+from export_pipeline.core.sql import quote_ident, sql_literal
 from export_pipeline.core.warehouse import Warehouse
 
 log = logging.getLogger(__name__)

@@ -39,6 +39,7 @@ import duckdb
 
 from export_pipeline.core import schema
 from export_pipeline.core.errors import ConfigurationError, WarehouseBusyError
+from export_pipeline.core.sql import quote_ident, sql_literal
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,6 @@ def is_lake(con: duckdb.DuckDBPyConnection) -> bool:
     return bool(row) and row[0] == "ducklake"
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def evolve_statements(
     con: duckdb.DuckDBPyConnection,
     schema_name: str,
@@ -87,13 +84,13 @@ def evolve_statements(
       :func:`schema.promotes_in_place`. When any other retype is needed, or a new column or
       field is (or holds) JSON, the table is rewritten instead (:func:`_lake_rewrite`).
     """
-    target = f"{_quote(schema_name)}.{_quote(table)}"
+    target = f"{quote_ident(schema_name)}.{quote_ident(table)}"
     lake = is_lake(con)
     alters: list[str] = []
     retypes: list[str] = []
     rewrite = False
     for name, t in new.items():
-        col = _quote(name)
+        col = quote_ident(name)
         was = old.get(name)
         if lake and schema.adds_json(was, t):
             # DuckLake 1.4.4 leaves a JSON type added by ALTER unresolved in the transaction:
@@ -107,7 +104,7 @@ def evolve_statements(
         fields = schema.added_fields(was, t)
         if fields is not None:
             for path, field_type in fields:
-                dotted = ".".join(_quote(p) for p in (name, *path))
+                dotted = ".".join(quote_ident(p) for p in (name, *path))
                 alters.append(
                     f"ALTER TABLE {target} ADD COLUMN {dotted} {schema.render(field_type)}"
                 )
@@ -140,11 +137,11 @@ def _lake_rewrite(
     fails the writes after it. Columns keep their order; time travel to earlier snapshots reads
     the old table; comments are written again after the load (``apply_comments``).
     """
-    target = f"{_quote(schema_name)}.{_quote(table)}"
+    target = f"{quote_ident(schema_name)}.{quote_ident(table)}"
     scratch = f"_evolve_{table}_{uuid.uuid4().hex[:8]}"
     exprs = []
     for name, t in new.items():
-        col = _quote(name)
+        col = quote_ident(name)
         was = old.get(name)
         if was is None:
             exprs.append(f"CAST(NULL AS {schema.render(t)}) AS {col}")
@@ -153,10 +150,11 @@ def _lake_rewrite(
         else:
             exprs.append(f"{schema.convert_sql(col, was, t)} AS {col}")
     return [
-        f"CREATE TABLE {_quote(schema_name)}.{_quote(scratch)} AS "
+        f"CREATE TABLE {quote_ident(schema_name)}.{quote_ident(scratch)} AS "
         f"SELECT {', '.join(exprs)} FROM {target}",
         f"DROP TABLE {target}",
-        f"ALTER TABLE {_quote(schema_name)}.{_quote(scratch)} RENAME TO {_quote(table)}",
+        f"ALTER TABLE {quote_ident(schema_name)}.{quote_ident(scratch)} "
+        f"RENAME TO {quote_ident(table)}",
     ]
 
 
@@ -483,10 +481,6 @@ def parse_catalog(catalog: str) -> tuple[str, str]:
     return "sqlite", value
 
 
-def _sql_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 # One attached lake per (catalog, data path) and process: loading the extensions and attaching
 # costs about half a second, and a sensor or a run opens many short connections.
 _LAKES: dict[tuple[str, str], duckdb.DuckDBPyConnection] = {}
@@ -574,11 +568,11 @@ class DuckLakeWarehouse(Warehouse):
 
     def attach_sql(self, *, alias: str = LAKE_ALIAS, read_only: bool = False) -> str:
         """The ATTACH statement an analyst (or this class) runs. Holds the DSN: never log it."""
-        options = [f"DATA_PATH {_sql_literal(self.data_path)}"]
+        options = [f"DATA_PATH {sql_literal(self.data_path)}"]
         if read_only:
             options.append("READ_ONLY")
         target = f"ducklake:{self.catalog_kind}:{self.catalog_target}"
-        return f"ATTACH {_sql_literal(target)} AS {alias} ({', '.join(options)})"
+        return f"ATTACH {sql_literal(target)} AS {alias} ({', '.join(options)})"
 
     def _key(self) -> tuple[str, str]:
         return (f"{self.catalog_kind}:{self.catalog_target}", self.data_path)
@@ -683,17 +677,17 @@ class DuckLakeWarehouse(Warehouse):
             )
         parts = [
             "TYPE s3",
-            f"KEY_ID {_sql_literal(key)}",
-            f"SECRET {_sql_literal(secret)}",
+            f"KEY_ID {sql_literal(key)}",
+            f"SECRET {sql_literal(secret)}",
         ]
         token = os.environ.get("AWS_SESSION_TOKEN")
         if token:
-            parts.append(f"SESSION_TOKEN {_sql_literal(token)}")
+            parts.append(f"SESSION_TOKEN {sql_literal(token)}")
         region = (
             self.s3_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         )
         if region:
-            parts.append(f"REGION {_sql_literal(region)}")
+            parts.append(f"REGION {sql_literal(region)}")
         endpoint = (
             self.s3_endpoint
             or os.environ.get("AWS_ENDPOINT_URL_S3")
@@ -702,7 +696,7 @@ class DuckLakeWarehouse(Warehouse):
         if endpoint:
             scheme, _, host = endpoint.partition("://")
             parts += [
-                f"ENDPOINT {_sql_literal(host.rstrip('/') if host else endpoint)}",
+                f"ENDPOINT {sql_literal(host.rstrip('/') if host else endpoint)}",
                 "URL_STYLE 'path'",
                 f"USE_SSL {'true' if scheme == 'https' else 'false'}",
             ]

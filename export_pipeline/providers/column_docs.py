@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from export_pipeline.core.model import ExportKind
+from export_pipeline.core.sql import sql_literal
 
 LINEAGE: Mapping[str, tuple[str, str]] = {
     "_export_id": ("VARCHAR", "Provider's id of the export this row was last loaded from."),
@@ -58,10 +59,6 @@ def view_docs(kind: ExportKind, view: str) -> list[tuple[str, str, str]]:
     return [(n, "", d) for n, d in docs.items()]
 
 
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def apply_comments(con: Any, kind: ExportKind) -> int:
     """Write the descriptions as DuckDB ``COMMENT``s on the kind's table, its views and their
     columns (those that exist). Returns how many were written."""
@@ -100,13 +97,13 @@ def apply_comments(con: Any, kind: ExportKind) -> int:
             continue
         qualified = f'"{kind.schema}"."{name}"'
         if (described.get(name) or "") != (description or ""):
-            con.execute(f"COMMENT ON {what} {qualified} IS {_literal(description)}")
+            con.execute(f"COMMENT ON {what} {qualified} IS {sql_literal(description)}")
             done += 1
         if what == "VIEW" and lake:
             continue
         for column, _, text in columns:
             if text and (name, column) in existing and existing[(name, column)] != text:
-                con.execute(f'COMMENT ON COLUMN {qualified}."{column}" IS {_literal(text)}')
+                con.execute(f'COMMENT ON COLUMN {qualified}."{column}" IS {sql_literal(text)}')
                 done += 1
     return done
 
