@@ -11,8 +11,9 @@ import duckdb
 import pytest
 
 from export_pipeline.core.errors import IntegrityError
-from export_pipeline.core.load import ensure_views, load_parquet, quote_ident
+from export_pipeline.core.load import ensure_views, load_parquet
 from export_pipeline.core.model import ExportKind, LoadMode
+from export_pipeline.core.sql import quote_ident
 from export_pipeline.core.warehouse import close_lakes
 from export_pipeline_tests.conftest import open_warehouse
 

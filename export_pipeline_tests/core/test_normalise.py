@@ -466,12 +466,15 @@ def test_special_timestamp_strings_land_as_their_values(
             seen, day, nested = "Infinity", "-infinity", "epoch"
         return {"id": i, "seen": seen, "day": day, "evses": [{"seen": nested}]}
 
+    def write(records: list[dict[str, Any]]) -> None:
+        lines = suffix == ".jsonl"
+        source.write_text(
+            "".join(json.dumps(r) + "\n" for r in records) if lines else json.dumps(records)
+        )
+
     records = [record(i) for i in range(25_000)]
     source = tmp_path / f"a{suffix}"
-    if suffix == ".json":
-        source.write_text(json.dumps(records))
-    else:
-        source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write(records)
     result = to_parquet(
         [source], tmp_path / "out", kind=AUTO_KIND, export_id="e", loaded_at=LOADED_AT
     )
@@ -502,9 +505,7 @@ def test_special_timestamp_strings_land_as_their_values(
         "day": "1850-03-01",
         "evses": [{"seen": "1850-03-01T00:00:00Z"}],
     }
-    source.write_text(
-        json.dumps(records) if suffix == ".json" else "".join(json.dumps(r) + "\n" for r in records)
-    )
+    write(records)
     result = to_parquet(
         [source], tmp_path / "out2", kind=AUTO_KIND, export_id="e", loaded_at=LOADED_AT
     )
