@@ -662,6 +662,7 @@ class ExportRunner:
                 loaded_at=loaded_at,
                 memory_limit=self.settings.duckdb_memory_limit,
                 on_file=staged.add if staged is not None else None,
+                slots=staged.slots if staged is not None else None,
             )
         except (ExportPipelineError, OSError, MemoryError):
             raise

@@ -40,6 +40,7 @@ import duckdb
 from export_pipeline.core import schema
 from export_pipeline.core.errors import ParseError
 from export_pipeline.core.model import ExportKind, FileFormat
+from export_pipeline.core.slots import CpuSlots
 from export_pipeline.core.sql import quote_ident, sql_literal
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -340,6 +341,7 @@ def to_parquet(
     threads: int | None = None,
     on_file: FileSink | None = None,
     chunk_bytes: int = CHUNK_BYTES,
+    slots: CpuSlots | None = None,
 ) -> NormaliseResult:
     """Write one zstd Parquet per source (``out_dir/<stem>.parquet``) with lineage columns.
 
@@ -401,6 +403,7 @@ def to_parquet(
             own_threads=own and threads is None,
             on_file=on_file,
             chunk_bytes=chunk_bytes,
+            slots=slots,
         )
     finally:
         shutil.rmtree(unbom_dir, ignore_errors=True)
@@ -440,6 +443,7 @@ def _to_parquet(
     own_threads: bool = False,
     on_file: FileSink | None = None,
     chunk_bytes: int = CHUNK_BYTES,
+    slots: CpuSlots | None = None,
 ) -> NormaliseResult:
     detected: dict[Path, DetectedFormat] = {}
     for src in sources:
@@ -477,6 +481,7 @@ def _to_parquet(
         own_threads,
         on_file=on_file,
         chunk_bytes=chunk_bytes,
+        slots=slots,
     )
     if fast is not None:
         return fast
@@ -684,6 +689,7 @@ def _sampled_json_to_parquet(
     *,
     on_file: FileSink | None = None,
     chunk_bytes: int = CHUNK_BYTES,
+    slots: CpuSlots | None = None,
 ) -> NormaliseResult | None:
     """JSON read in one parse, with types detected from DuckDB's default sample; ``None`` when
     the sample may not speak for the whole file (then the caller detects over every record).
@@ -728,8 +734,15 @@ def _sampled_json_to_parquet(
         len(sources) > 1 or detected[sources[0]].format is FileFormat.JSON_ARRAY
     )
     workers = max(threads, 1) if per_step else (2 if own_threads else 1)
+    # Parts side by side fill every core, so the staged load takes turns with their steps
+    # (core/slots.py). A lone source leaves a core to share (its COPY is one thread): there
+    # the staging runs beside the sample and the check, as an insert waiting behind the
+    # check would only move to the end.
+    shared = slots if per_step and len(sources) > 1 else None
     if per_step:
         con.execute("SET threads = 1")
+    if shared is not None:
+        shared.limit(workers)
     # Chunks only where one thread writes the file, so they come in row order.
     chunked = {s for s in sources if per_step and s.stat().st_size >= chunk_bytes}
     try:
@@ -746,10 +759,13 @@ def _sampled_json_to_parquet(
             on_file=on_file,
             # A lone JSON array: its COPY starts before its sample, on the idle core (below).
             speculate=per_step and len(sources) == 1 and workers >= 2,
+            slots=shared,
         )
     finally:
         if per_step:
             con.execute("RESET threads")
+        if shared is not None:
+            shared.limit(None)
 
 
 def _sampled_steps(
@@ -765,6 +781,7 @@ def _sampled_steps(
     chunked: set[Path],
     on_file: FileSink | None,
     speculate: bool = False,
+    slots: CpuSlots | None = None,
 ) -> NormaliseResult | None:
     """The steps of :func:`_sampled_json_to_parquet`, ``workers`` at a time, each on its own
     cursor; the first failure or lossy check stops the others. Each source's Parquet is
@@ -777,7 +794,10 @@ def _sampled_steps(
     ``on_file`` only once the sample shows that it writes the columns and types the sampled
     select would (and so the same values). Otherwise the COPY is interrupted, its files
     removed, and it starts again with the sampled select; the sample then cost what it costs
-    without speculation."""
+    without speculation.
+
+    With ``slots`` (shared with the staged load, core/slots.py) each step holds a slot while it
+    runs, so the staging INSERTs take turns with the steps instead of adding a busy thread."""
     # Cursors made here: a connection object is not to be shared by threads.
     idle: queue.SimpleQueue[duckdb.DuckDBPyConnection] = queue.SimpleQueue()
     cursors = [con.cursor() for _ in range(workers)]
@@ -785,10 +805,15 @@ def _sampled_steps(
         cur.execute("SET TimeZone = 'UTC'")  # a cursor starts with the default settings
         idle.put(cur)
 
+    stopping = threading.Event()
+
     def on_cursor(step: Callable[[duckdb.DuckDBPyConnection], _T]) -> _T:
         cur = idle.get()
         try:
-            return step(cur)
+            with slots.hold() if slots is not None else contextlib.nullcontext():
+                if stopping.is_set():  # stopped while it waited for a slot: not begun at all
+                    raise _Refused
+                return step(cur)
         finally:
             idle.put(cur)
 
@@ -926,6 +951,7 @@ def _sampled_steps(
                 rows = None
             finally:
                 if rows is None:
+                    stopping.set()
                     for step in steps:
                         step.cancel()
                     for cur in cursors:
@@ -972,7 +998,7 @@ def _utc_instant(col: str) -> str:
 
 
 class _Refused(Exception):
-    """A speculative COPY refused before it began."""
+    """A step not to begin: a speculative COPY refused, or any step once the others stop."""
 
 
 class _Gate:

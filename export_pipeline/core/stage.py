@@ -35,6 +35,7 @@ import duckdb
 
 from export_pipeline.core.load import one_thread
 from export_pipeline.core.model import ExportKind
+from export_pipeline.core.slots import CpuSlots
 from export_pipeline.core.sql import quote_ident, sql_literal
 from export_pipeline.core.warehouse import Warehouse
 
@@ -55,6 +56,9 @@ class StagedLoad:
         name = f"_stage_{kind.name}_{uuid.uuid4().hex[:12]}"
         self.table = f"{quote_ident(kind.schema)}.{quote_ident(name)}"
         self._scratch = scratch
+        # For normalise to share (``to_parquet(slots=...)``, core/slots.py): an insert waits
+        # for a free core, first in line, instead of adding a busy thread to busy cores.
+        self.slots = CpuSlots()
         # Normalise's own DuckDB works at the same time within its cap: the staging gets a
         # quarter (an INSERT from Parquet on one thread needs little; the rest would only keep
         # written blocks cached), so the process stays near one cap, not two.
@@ -120,7 +124,7 @@ class StagedLoad:
             self._con.execute(f"SET memory_limit = '{self._memory_limit}'")
             self._con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.kind.schema)}")
         source = f"read_parquet({sql_literal(str(link))})"
-        with one_thread(self._con):
+        with self.slots.hold(urgent=True), one_thread(self._con):
             if first:
                 self._con.execute(f"CREATE TABLE {self.table} AS SELECT * FROM {source}")
             else:

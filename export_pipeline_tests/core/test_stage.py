@@ -3,9 +3,12 @@ renamed into the table when the load replaces it whole; any doubt falls back to 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from export_pipeline.core.errors import ParseError
 from export_pipeline.core.load import load_parquet
 from export_pipeline.core.model import ExportKind, LoadMode
 from export_pipeline.core.normalise import NormaliseResult, to_parquet
+from export_pipeline.core.slots import CpuSlots
 from export_pipeline.core.stage import StagedLoad
 from export_pipeline.core.warehouse import DuckDBWarehouse
 
@@ -56,6 +60,7 @@ def staged_ingest(
             export_id="e1",
             loaded_at=LOADED_AT,
             on_file=staged.add,
+            slots=staged.slots,
             **kw,
         )
         con = staged.take(result.parquet_paths)
@@ -189,6 +194,64 @@ def test_a_value_past_the_sample_discards_what_was_staged_and_loses_nothing(
         assert con.execute("SELECT amount FROM shop.orders WHERE id = 'late'").fetchone() == (2.5,)
         assert con.execute("SELECT count(*) FROM shop.orders").fetchone() == (2 * PAST_SAMPLE + 1,)
     assert stage_tables(warehouse) == []
+
+
+class _WatchedSlots(CpuSlots):
+    """Slots noting each hold (insert or not, under which limit) and the most held at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+        self.held: list[tuple[bool, int | None]] = []
+
+    @contextlib.contextmanager
+    def hold(self, *, urgent: bool = False) -> Iterator[None]:
+        with super().hold(urgent=urgent):
+            with self._lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+                self.held.append((urgent, self.capacity))
+            try:
+                yield
+            finally:
+                with self._lock:
+                    self.running -= 1
+
+
+def test_parts_and_their_staging_take_turns_on_the_cores(tmp_path: Path) -> None:
+    """Parts converted side by side keep every core busy, so each step and each insert of the
+    staged load holds one of as many slots as normalise runs steps: never a busy DuckDB
+    thread more than cores, and all rows staged and loaded."""
+    warehouse = DuckDBWarehouse(tmp_path / "wh.duckdb", publish_reads=False)
+    sources = write_parts(tmp_path / "raw", parts=3, rows=PAST_SAMPLE)
+    with duckdb.connect() as probe:
+        cores = int(probe.execute("SELECT current_setting('threads')").fetchone()[0])  # type: ignore[index]
+    with StagedLoad(warehouse, SNAPSHOT, tmp_path / "stage", memory_limit="200MB") as staged:
+        watched = staged.slots = _WatchedSlots()
+        result = to_parquet(
+            sources,
+            tmp_path / "parquet",
+            kind=SNAPSHOT,
+            export_id="e1",
+            loaded_at=LOADED_AT,
+            on_file=staged.add,
+            slots=staged.slots,
+            chunk_bytes=1,  # several files per part, told while the others are parsed
+        )
+        con = staged.take(result.parquet_paths)
+        assert con is not None
+        load = load_parquet(con, SNAPSHOT, result.parquet_paths, staged=staged.table)
+        staged.commit()
+    steps = [limit for urgent, limit in watched.held if not urgent]
+    inserts = [limit for urgent, limit in watched.held if urgent]
+    assert len(inserts) == len(result.parquet_paths) > len(sources)
+    assert len(steps) >= 3 * len(sources)  # each part's sample, COPY and check at least
+    assert set(steps) == {cores}
+    assert watched.most <= cores
+    assert watched.capacity is None  # lifted when normalise ends: later inserts never wait
+    assert load.table_rows == 3 * PAST_SAMPLE
 
 
 def test_staged_rows_stay_invisible_and_are_gone_when_the_load_fails(tmp_path: Path) -> None:
