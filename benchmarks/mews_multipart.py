@@ -54,6 +54,7 @@ from benchmarks._common import (
     current_rss_mb,
     download_child,
     emit_json,
+    load_like_a_run_worker,
     measure_download_floor,
     median,
     rounded,
@@ -107,6 +108,7 @@ def _child_ingest(base_url: str, workdir: Path, memory_limit: str | None) -> dic
     from export_pipeline.core.storage import LocalStorage
     from export_pipeline.providers.mews import MewsProvider
 
+    load_like_a_run_worker()
     rss_at_start = current_rss_mb()  # interpreter + imports: the floor of any peak
     workdir.mkdir(parents=True, exist_ok=True)
     warehouse_path = workdir / "warehouse.duckdb"
@@ -175,6 +177,7 @@ def _child_ingest(base_url: str, workdir: Path, memory_limit: str | None) -> dic
         "publish_seconds": s.get("publish", 0.0),
         # The load transaction's COMMIT statement (the data written durably), publish excluded.
         "commit_seconds": s.get("commit", 0.0),
+        "staging_tail_seconds": s.get("staging_tail", 0.0),
         "duckdb_memory_limit": settings.duckdb_memory_limit,
     }
 
@@ -351,6 +354,7 @@ def _summary(
         "snapshot_replace_seconds",
         "publish_seconds",
         "commit_seconds",
+        "staging_tail_seconds",
         "wait_seconds",
         "sync_seconds",
     )
