@@ -847,20 +847,24 @@ def _sampled_steps(
         partial: Path,
     ) -> Callable[[duckdb.DuckDBPyConnection], int]:
         exprs = []
+        tz: dict[str, schema.Type] = {}
         for name, t in typed.items():
             col = quote_ident(name)
+            wanted = schema.parse(t)
             if name not in own:
                 exprs.append(f"CAST(NULL AS {t}) AS {col}")
             elif schema.render(own[name]) == t:
                 exprs.append(col)
-            elif schema.render(own[name]) == "TIMESTAMP" and t == _TIMESTAMPTZ:
-                exprs.append(f"{_utc_instant(col)} AS {col}")
+            elif _has_tz(wanted) and _tz_read_as_timestamp(own[name], wanted):
+                # Timestamps to instants without ICU, one level up (_converting_tz).
+                exprs.append(f"CAST({col} AS {schema.render(_without_tz(wanted))}) AS {col}")
+                tz[name] = wanted
             else:
                 # By name, so a struct gains the fields it lacks (as NULL).
                 exprs.append(f"CAST({col} AS {t}) AS {col}")
         info = detected[src]
         reader = _json_reader(src, info.format, info.gzip, None, sampled=True)
-        select = f"SELECT {', '.join(exprs)} FROM {reader}"
+        select = _converting_tz(f"SELECT {', '.join(exprs)} FROM {reader}", tz)
         return copy_job(src, select, partial, on_file)
 
     def speculative(src: Path, partial: Path) -> tuple[Future[int], _Gate]:
@@ -997,6 +1001,69 @@ def _utc_instant(col: str) -> str:
     return f"coalesce(make_timestamptz(epoch_us({col})), CAST({col} AS {_TIMESTAMPTZ}))"
 
 
+def _has_tz(t: schema.Type) -> bool:
+    if isinstance(t, schema.Struct):
+        return any(_has_tz(f) for _, f in t.fields)
+    if isinstance(t, schema.List):
+        return _has_tz(t.element)
+    return t.text == _TIMESTAMPTZ
+
+
+def _without_tz(t: schema.Type) -> schema.Type:
+    """``t`` with every TIMESTAMPTZ leaf a TIMESTAMP: what the reader's values are cast to
+    first, without ICU (:func:`_tz_from_utc` then makes the leaves instants)."""
+    if isinstance(t, schema.Struct):
+        return schema.Struct(tuple((n, _without_tz(f)) for n, f in t.fields))
+    if isinstance(t, schema.List):
+        return schema.List(_without_tz(t.element))
+    return schema.Scalar("TIMESTAMP") if t.text == _TIMESTAMPTZ else t
+
+
+def _tz_from_utc(expr: str, t: schema.Type, depth: int = 0) -> str:
+    """``expr``, of type ``_without_tz(t)``, as type ``t``: each TIMESTAMP leaf declared
+    TIMESTAMPTZ becomes the same UTC instant with :func:`_utc_instant`. The ICU cast of a
+    struct or list does the same leaf by leaf at several times the cost (locations: the COPY
+    took 2.56-3.11 s with it, 2.30 s without any conversion)."""
+    if isinstance(t, schema.Struct):
+        fields = ", ".join(
+            f"{quote_ident(name)} := "
+            + _tz_from_utc(f"struct_extract({expr}, {sql_literal(name)})", f, depth)
+            for name, f in t.fields
+        )
+        # struct_pack of a NULL struct would be a struct of NULLs.
+        return f"CASE WHEN {expr} IS NULL THEN NULL ELSE struct_pack({fields}) END"
+    if isinstance(t, schema.List):
+        var = f"tz{depth}"
+        return f"list_transform({expr}, lambda {var}: {_tz_from_utc(var, t.element, depth + 1)})"
+    return _utc_instant(expr) if t.text == _TIMESTAMPTZ else expr
+
+
+def _tz_read_as_timestamp(own: schema.Type | None, declared: schema.Type) -> bool:
+    """Whether every TIMESTAMPTZ leaf of ``declared`` was sampled as a TIMESTAMP (or is not
+    there, so the cast adds it as NULL): then casting to ``_without_tz(declared)`` and
+    :func:`_tz_from_utc` give what ``CAST(col AS declared)`` gives."""
+    if own is None or not _has_tz(declared):
+        return True
+    if isinstance(declared, schema.Struct):
+        return isinstance(own, schema.Struct) and all(
+            _tz_read_as_timestamp(own.get(name), f) for name, f in declared.fields
+        )
+    if isinstance(declared, schema.List):
+        return isinstance(own, schema.List) and _tz_read_as_timestamp(own.element, declared.element)
+    return isinstance(own, schema.Scalar) and own.text == "TIMESTAMP"
+
+
+def _converting_tz(select: str, tz: Mapping[str, schema.Type]) -> str:
+    """``select`` with each column of ``tz`` (there of its ``_without_tz`` type) turned into
+    its declared type by :func:`_tz_from_utc`, one level up so the inner cast runs once."""
+    if not tz:
+        return select
+    outer = ", ".join(
+        f"{_tz_from_utc(quote_ident(n), t)} AS {quote_ident(n)}" for n, t in tz.items()
+    )
+    return f"SELECT * REPLACE ({outer}) FROM ({select})"
+
+
 class _Refused(Exception):
     """A step not to begin: a speculative COPY refused, or any step once the others stop."""
 
@@ -1050,18 +1117,20 @@ def _speculative_select(reader: str, hints: Mapping[str, schema.Type]) -> str:
     if not hints:
         return f"SELECT * FROM {reader}"
     casts = ", ".join(
-        f"CAST({quote_ident(n)} AS {schema.render(t)}) AS {quote_ident(n)}"
+        f"CAST({quote_ident(n)} AS {schema.render(_without_tz(t))}) AS {quote_ident(n)}"
         for n, t in hints.items()
     )
-    return f"SELECT * REPLACE ({casts}) FROM {reader}"
+    tz = {n: t for n, t in hints.items() if _has_tz(t)}
+    return _converting_tz(f"SELECT * REPLACE ({casts}) FROM {reader}", tz)
 
 
 def _as_speculated(
     sampled: Mapping[str, schema.Type], hints: Mapping[str, schema.Type]
 ) -> dict[str, str] | None:
     """The columns :func:`_speculative_select` gives over a file with these sampled types;
-    None when it cannot bind (a declared column the file lacks)."""
-    if any(n not in sampled for n in hints):
+    None when it cannot bind (a declared column the file lacks) or when a declared
+    TIMESTAMPTZ was not sampled as a TIMESTAMP (its conversion assumes one)."""
+    if any(n not in sampled or not _tz_read_as_timestamp(sampled[n], t) for n, t in hints.items()):
         return None
     return {n: schema.render(hints.get(n, t)) for n, t in sampled.items()}
 

@@ -450,6 +450,78 @@ def test_declared_timestamptz_does_not_move_with_the_machines_time_zone(tmp_path
     assert found == {"a.json": expected, "a.jsonl": expected, "a.csv": expected}
 
 
+_TZ_KIND = ExportKind(
+    provider="p",
+    name="k",
+    primary_key=("id",),
+    columns={
+        "id": "VARCHAR",
+        "seen": "TIMESTAMPTZ",
+        "evses": "STRUCT(seen TIMESTAMPTZ, kw INTEGER)[]",
+    },
+)
+
+
+@pytest.mark.parametrize("layout", ["array", "lines", "parts"])
+@pytest.mark.parametrize("zone", ["utc", "offsets"])
+def test_declared_timestamptz_lands_as_the_same_instant_nested_or_not(
+    tmp_path: Path, layout: str, zone: str
+) -> None:
+    """Declared TIMESTAMPTZ values sampled as TIMESTAMPs become instants without ICU, leaf by
+    leaf inside lists and structs (NULL lists, elements and fields stay NULL). Offsets mixed
+    with "Z" make DuckDB's sample say VARCHAR, and there only the real cast is right:
+    10:00+02:00 is 08:00 UTC, not 10:00 (the shortcut reads the clock time)."""
+    plus = "+02:00" if zone == "offsets" else "Z"
+    records = [
+        {
+            "id": "a",
+            "seen": f"2024-01-15T10:00:00{plus}",
+            "evses": [{"seen": f"2024-01-15T11:30:00{plus}", "kw": 7}, None, {"kw": 3}],
+        },
+        {"id": "b", "seen": "2024-01-15T10:00:00Z", "evses": [{"seen": "2024-01-15T12:00:00Z"}]},
+        {"id": "c", "seen": None, "evses": None},
+    ]
+    if layout == "array":
+        sources = [tmp_path / "a.json"]
+        sources[0].write_text(json.dumps(records))
+    elif layout == "lines":
+        sources = [tmp_path / "a.jsonl"]
+        sources[0].write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        sources = [tmp_path / "p0.jsonl", tmp_path / "p1.jsonl"]
+        sources[0].write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
+        sources[1].write_text(json.dumps(records[2]) + "\n")
+    result = to_parquet(
+        sources, tmp_path / "out", kind=_TZ_KIND, export_id="e", loaded_at=LOADED_AT
+    )
+    with duckdb.connect() as con:
+        con.execute("SET TimeZone = 'UTC'")
+        rows = con.execute(
+            "SELECT id, CAST(seen AS VARCHAR), CAST(evses AS VARCHAR) FROM read_parquet(?) "
+            "ORDER BY id",
+            [[str(p) for p in result.parquet_paths]],
+        ).fetchall()
+        types = dict(
+            con.execute(
+                "SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM read_parquet(?))",
+                [str(result.parquet_paths[0])],
+            ).fetchall()
+        )
+    hour = "08" if zone == "offsets" else "10"
+    early = "09:30" if zone == "offsets" else "11:30"
+    assert rows == [
+        (
+            "a",
+            f"2024-01-15 {hour}:00:00+00",
+            f"[{{'seen': '2024-01-15 {early}:00+00', 'kw': 7}}, NULL, {{'seen': NULL, 'kw': 3}}]",
+        ),
+        ("b", "2024-01-15 10:00:00+00", "[{'seen': '2024-01-15 12:00:00+00', 'kw': NULL}]"),
+        ("c", None, None),
+    ]
+    assert types["seen"] == "TIMESTAMP WITH TIME ZONE"
+    assert types["evses"] == "STRUCT(seen TIMESTAMP WITH TIME ZONE, kw INTEGER)[]"
+
+
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
 @pytest.mark.parametrize("at", [5, 22_000], ids=["in-sample", "past-sample"])
 def test_special_timestamp_strings_land_as_their_values(
