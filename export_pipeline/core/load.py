@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,21 +228,23 @@ def _ensure_table(
         for r in con.execute(f"DESCRIBE SELECT * FROM {stage}").fetchall()
     ]
     frozen = kind.schema_contract is SchemaContract.FREEZE
+    declared = {n: schema.parse(t) for n, t in (kind.columns or {}).items()}
     if not _table_exists(con, kind):
         if frozen and kind.columns is not None:
             allowed = set(kind.columns) | set(LINEAGE)
             unknown = [n for n, _ in staged if n not in allowed]
             if unknown:
                 raise _frozen(kind, f"the export has undeclared column(s) {unknown}")
-        first = _first_types(con, stage, staged)
+        first = _first_types(con, stage, staged, declared)
         cols = ", ".join(f"{quote_ident(n)} {schema.render(first[n])}" for n, _ in staged)
         con.execute(f"CREATE TABLE {target} ({cols})")
         return [], []
     have = {n: schema.parse(t) for n, t in _columns(con, kind.schema, kind.name).items()}
     added: list[str] = []
     changed: list[str] = []
+    drifted: list[str] = []  # changes away from the declaration (a guess taking it is not)
     final = dict(have)  # the table's columns after this load, in order (new ones at the end)
-    first = _first_types(con, stage, [(n, t) for n, t in staged if n not in have])
+    first = _first_types(con, stage, [(n, t) for n, t in staged if n not in have], declared)
     for name, new in staged:
         old = have.get(name)
         if old is None:
@@ -253,17 +255,19 @@ def _ensure_table(
             continue
         # A value (or struct field) null in every row says nothing about its type: on either
         # side it yields to the other's type, so a column typed by a guess takes the real one.
-        merged = schema.no_null(
-            schema.widen(_settle(con, target, name, old), _settle(con, stage, name, new))
-        )
+        merged = schema.widen(_settle(con, target, name, old), _settle(con, stage, name, new))
+        # Null on both sides: the declared type, as a new column gets.
+        merged = schema.no_null(_fill_nulls(merged, declared.get(name)))
         if merged == old:
             continue
         changed += schema.changes(old, merged, name)
+        if merged != declared.get(name):
+            drifted += schema.changes(old, merged, name)
         final[name] = merged
-    if frozen and (added or changed):
+    if frozen and (added or drifted):
         problems = [f"unknown column(s) {added}"] if added else []
-        if changed:
-            problems.append(f"type change(s): {', '.join(changed)}")
+        if drifted:
+            problems.append(f"type change(s): {', '.join(drifted)}")
         raise _frozen(kind, "; ".join(problems))
     # ALTERs where the backend can (DuckLake refuses most retypes in place): see evolve_statements.
     for statement in evolve_statements(con, kind.schema, kind.name, have, final):
@@ -290,12 +294,30 @@ def _frozen(kind: ExportKind, what: str) -> IntegrityError:
 
 
 def _first_types(
-    con: duckdb.DuckDBPyConnection, stage: str, columns: list[tuple[str, schema.Type]]
+    con: duckdb.DuckDBPyConnection,
+    stage: str,
+    columns: list[tuple[str, schema.Type]],
+    declared: Mapping[str, schema.Type],
 ) -> dict[str, schema.Type]:
     """The types columns are created with: never NULL; a value or struct field null in every
-    row is VARCHAR (DuckDB's full-scan detection calls such a key JSON). One query."""
+    row takes its declared type, else VARCHAR (DuckDB's full-scan detection calls such a key
+    JSON). One query."""
     settled = _settle_all(con, stage, columns, _CREATE_GUESSES)
-    return {n: schema.no_null(t) for n, t in settled.items()}
+    return {n: schema.no_null(_fill_nulls(t, declared.get(n))) for n, t in settled.items()}
+
+
+def _fill_nulls(t: schema.Type, hint: schema.Type | None) -> schema.Type:
+    """``t`` with each NULL position (a column or struct field null in every row) of the
+    declared ``hint``'s type there, where the declaration has that position."""
+    if hint is None:
+        return t
+    if isinstance(t, schema.Scalar) and t.text in ("NULL", '"NULL"'):
+        return hint
+    if isinstance(t, schema.Struct) and isinstance(hint, schema.Struct):
+        return schema.Struct(tuple((n, _fill_nulls(f, hint.get(n))) for n, f in t.fields))
+    if isinstance(t, schema.List) and isinstance(hint, schema.List):
+        return schema.List(_fill_nulls(t.element, hint.element))
+    return t
 
 
 def _settle(con: duckdb.DuckDBPyConnection, source: str, name: str, t: schema.Type) -> schema.Type:

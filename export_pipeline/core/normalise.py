@@ -1040,7 +1040,7 @@ def _tz_from_utc(expr: str, t: schema.Type, depth: int = 0) -> str:
 
 def _tz_read_as_timestamp(own: schema.Type | None, declared: schema.Type) -> bool:
     """Whether every TIMESTAMPTZ leaf of ``declared`` was sampled as a TIMESTAMP (or is not
-    there, so the cast adds it as NULL): then casting to ``_without_tz(declared)`` and
+    there, or only null, so the cast gives NULL): then casting to ``_without_tz(declared)`` and
     :func:`_tz_from_utc` give what ``CAST(col AS declared)`` gives."""
     if own is None or not _has_tz(declared):
         return True
@@ -1050,7 +1050,8 @@ def _tz_read_as_timestamp(own: schema.Type | None, declared: schema.Type) -> boo
         )
     if isinstance(declared, schema.List):
         return isinstance(own, schema.List) and _tz_read_as_timestamp(own.element, declared.element)
-    return isinstance(own, schema.Scalar) and own.text == "TIMESTAMP"
+    # JSON: null throughout the sample (and the file, or the check sends it down the full scan).
+    return isinstance(own, schema.Scalar) and own.text in ("TIMESTAMP", "JSON")
 
 
 def _converting_tz(select: str, tz: Mapping[str, schema.Type]) -> str:
@@ -1149,11 +1150,11 @@ def _typed_union(
             union[name] = t if name not in union else _union_sampled(union[name], t)
     typed: dict[str, str] = {}
     for name, t in union.items():
-        found = _null_as_json(t)
         hint = hints.get(name)
-        typed[name] = schema.render(
-            schema.no_null(found) if hint is None else schema.apply_hint(hint, found)
-        )
+        # A position null in every file takes its declared type (the check makes sure the
+        # files hold no value there), else DuckDB's own JSON.
+        found = _null_as_json(t if hint is None else schema.apply_hint(hint, t))
+        typed[name] = schema.render(schema.no_null(found))
     return typed
 
 

@@ -206,6 +206,81 @@ def test_all_null_column_is_typed_then_widened_by_the_next_export(
     ]
 
 
+_BILL = ExportKind(
+    provider="mews",
+    name="bill",
+    primary_key=("Id",),
+    load_mode=LoadMode.MERGE,
+    columns={
+        "Id": "VARCHAR",
+        "PaidUtc": "TIMESTAMPTZ",
+        "CompanyId": "UUID",
+        "Owner": "STRUCT(Id UUID, Since TIMESTAMPTZ)",
+    },
+)
+
+
+@pytest.mark.parametrize("scan", ["sampled", "full"])
+def test_an_all_null_declared_column_takes_its_declared_type(
+    tmp_path: Path, warehouse: Warehouse, monkeypatch: pytest.MonkeyPatch, scan: str
+) -> None:
+    """A declared column (or struct field) null in every record of an export is created with
+    its declared type, in the Parquet and in the table, not as the VARCHAR of a guess: Mews
+    sends CompanyId and ReleasedUtc as null until a reservation has them."""
+    if scan == "full":
+        import export_pipeline.core.normalise as normalise
+
+        monkeypatch.setattr(normalise, "_sampled_json_to_parquet", lambda *a, **k: None)
+    first = tmp_path / "a.jsonl"
+    first.write_text(
+        '{"Id": "1", "PaidUtc": null, "CompanyId": null, "Owner": {"Id": null, "Since": null}}\n'
+        '{"Id": "2", "PaidUtc": null, "CompanyId": null, "Owner": null, "Note": null}\n'
+    )
+    _, normalised = _ingest(tmp_path, _BILL, [first], "A", warehouse)
+    parquet = dict(normalised.columns)
+    if scan == "sampled":
+        assert parquet["PaidUtc"] == "TIMESTAMP WITH TIME ZONE"
+        assert parquet["CompanyId"] == "UUID"
+    types = _types(warehouse, "mews.bill")
+    assert types["PaidUtc"] == "TIMESTAMP WITH TIME ZONE"
+    assert types["CompanyId"] == "UUID"
+    assert types["Owner"] == "STRUCT(Id UUID, Since TIMESTAMP WITH TIME ZONE)"
+    assert types["Note"] == "VARCHAR"  # undeclared: VARCHAR, never NULL
+    second = tmp_path / "b.jsonl"
+    second.write_text(
+        '{"Id": "3", "PaidUtc": "2024-01-02T03:04:05Z", '
+        '"CompanyId": "6f1c3b2a-1d2e-4f5a-8b9c-0d1e2f3a4b5c", "Owner": null}\n'
+    )
+    _ingest(tmp_path, _BILL, [second], "B", warehouse)
+    assert _types(warehouse, "mews.bill")["CompanyId"] == "UUID"
+    assert _query(
+        warehouse, "SELECT Id, CAST(CompanyId AS VARCHAR), year(PaidUtc) FROM mews.bill ORDER BY Id"
+    ) == [("1", None, None), ("2", None, None), ("3", "6f1c3b2a-1d2e-4f5a-8b9c-0d1e2f3a4b5c", 2024)]
+
+
+@pytest.mark.parametrize("scan", ["sampled", "full"])
+def test_a_column_created_as_a_guess_takes_its_declared_type_at_the_next_load(
+    tmp_path: Path, warehouse: Warehouse, monkeypatch: pytest.MonkeyPatch, scan: str
+) -> None:
+    """A table made before the column was declared (or by an earlier version) holds an all-null
+    column as VARCHAR; the next load, with the declaration, gives it the declared type."""
+    if scan == "full":
+        import export_pipeline.core.normalise as normalise
+
+        monkeypatch.setattr(normalise, "_sampled_json_to_parquet", lambda *a, **k: None)
+    undeclared = replace(_BILL, columns={"Id": "VARCHAR"})
+    first = tmp_path / "a.jsonl"
+    first.write_text('{"Id": "1", "CompanyId": null}\n')
+    _ingest(tmp_path, undeclared, [first], "A", warehouse)
+    assert _types(warehouse, "mews.bill")["CompanyId"] == "VARCHAR"
+    second = tmp_path / "b.jsonl"
+    second.write_text('{"Id": "2", "CompanyId": null}\n')
+    result, _ = _ingest(tmp_path, _BILL, [second], "B", warehouse)
+    assert _types(warehouse, "mews.bill")["CompanyId"] == "UUID"
+    assert any(c.startswith("CompanyId") for c in result.columns_changed)
+    assert _query(warehouse, "SELECT count(*) FROM mews.bill WHERE CompanyId IS NULL") == [(2,)]
+
+
 def test_type_change_across_two_exports_widens_and_keeps_every_value(
     tmp_path: Path, warehouse: Warehouse
 ) -> None:
@@ -338,6 +413,27 @@ def test_frozen_schema_fails_clearly_and_changes_nothing(
     assert info.value.code == SCHEMA_FROZEN and "surprise" in str(info.value)
     assert _query(embedded, "SELECT id FROM p.f") == [(1,)]
     assert "surprise" not in _types(embedded, "p.f")
+
+
+def test_a_frozen_schema_lets_a_guess_take_the_declared_type_but_fails_a_drift(
+    tmp_path: Path, embedded: Warehouse
+) -> None:
+    """Freezing holds the table to the declaration: an all-null column created as VARCHAR
+    before it was declared takes its declared type; a declared column widening fails."""
+    frozen = replace(_BILL, schema_contract=SchemaContract.FREEZE)
+    a = tmp_path / "a.jsonl"
+    a.write_text('{"Id": "1", "CompanyId": null}\n')
+    _ingest(tmp_path, replace(_BILL, columns={"Id": "VARCHAR"}), [a], "A", embedded)
+    b = tmp_path / "b.jsonl"
+    b.write_text('{"Id": "2", "CompanyId": null}\n')
+    _ingest(tmp_path, frozen, [b], "B", embedded)
+    assert _types(embedded, "mews.bill")["CompanyId"] == "UUID"
+    c = tmp_path / "c.jsonl"
+    c.write_text('{"Id": "3", "CompanyId": "not a uuid"}\n')
+    with pytest.raises(IntegrityError) as info:
+        _ingest(tmp_path, frozen, [c], "C", embedded)
+    assert info.value.code == SCHEMA_FROZEN and "CompanyId" in str(info.value)
+    assert _types(embedded, "mews.bill")["CompanyId"] == "UUID"
 
 
 def test_line_numbers_one_per_message(tmp_path: Path) -> None:
