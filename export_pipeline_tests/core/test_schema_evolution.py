@@ -258,6 +258,19 @@ def test_an_all_null_declared_column_takes_its_declared_type(
     ) == [("1", None, None), ("2", None, None), ("3", "6f1c3b2a-1d2e-4f5a-8b9c-0d1e2f3a4b5c", 2024)]
 
 
+def _guess_then_declared(tmp_path: Path, warehouse: Warehouse, declared: ExportKind) -> LoadResult:
+    """An export of ``CompanyId`` null in every record loaded undeclared (the table gets the
+    VARCHAR of a guess), then one more loaded as ``declared``; the second load's result."""
+    first = tmp_path / "a.jsonl"
+    first.write_text('{"Id": "1", "CompanyId": null}\n')
+    undeclared = replace(declared, columns={"Id": "VARCHAR"}, schema_contract=SchemaContract.EVOLVE)
+    _ingest(tmp_path, undeclared, [first], "A", warehouse)
+    assert _types(warehouse, "mews.bill")["CompanyId"] == "VARCHAR"
+    second = tmp_path / "b.jsonl"
+    second.write_text('{"Id": "2", "CompanyId": null}\n')
+    return _ingest(tmp_path, declared, [second], "B", warehouse)[0]
+
+
 @pytest.mark.parametrize("scan", ["sampled", "full"])
 def test_a_column_created_as_a_guess_takes_its_declared_type_at_the_next_load(
     tmp_path: Path, warehouse: Warehouse, monkeypatch: pytest.MonkeyPatch, scan: str
@@ -268,14 +281,7 @@ def test_a_column_created_as_a_guess_takes_its_declared_type_at_the_next_load(
         import export_pipeline.core.normalise as normalise
 
         monkeypatch.setattr(normalise, "_sampled_json_to_parquet", lambda *a, **k: None)
-    undeclared = replace(_BILL, columns={"Id": "VARCHAR"})
-    first = tmp_path / "a.jsonl"
-    first.write_text('{"Id": "1", "CompanyId": null}\n')
-    _ingest(tmp_path, undeclared, [first], "A", warehouse)
-    assert _types(warehouse, "mews.bill")["CompanyId"] == "VARCHAR"
-    second = tmp_path / "b.jsonl"
-    second.write_text('{"Id": "2", "CompanyId": null}\n')
-    result, _ = _ingest(tmp_path, _BILL, [second], "B", warehouse)
+    result = _guess_then_declared(tmp_path, warehouse, _BILL)
     assert _types(warehouse, "mews.bill")["CompanyId"] == "UUID"
     assert any(c.startswith("CompanyId") for c in result.columns_changed)
     assert _query(warehouse, "SELECT count(*) FROM mews.bill WHERE CompanyId IS NULL") == [(2,)]
@@ -421,12 +427,7 @@ def test_a_frozen_schema_lets_a_guess_take_the_declared_type_but_fails_a_drift(
     """Freezing holds the table to the declaration: an all-null column created as VARCHAR
     before it was declared takes its declared type; a declared column widening fails."""
     frozen = replace(_BILL, schema_contract=SchemaContract.FREEZE)
-    a = tmp_path / "a.jsonl"
-    a.write_text('{"Id": "1", "CompanyId": null}\n')
-    _ingest(tmp_path, replace(_BILL, columns={"Id": "VARCHAR"}), [a], "A", embedded)
-    b = tmp_path / "b.jsonl"
-    b.write_text('{"Id": "2", "CompanyId": null}\n')
-    _ingest(tmp_path, frozen, [b], "B", embedded)
+    _guess_then_declared(tmp_path, embedded, frozen)
     assert _types(embedded, "mews.bill")["CompanyId"] == "UUID"
     c = tmp_path / "c.jsonl"
     c.write_text('{"Id": "3", "CompanyId": "not a uuid"}\n')

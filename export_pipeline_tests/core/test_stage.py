@@ -47,12 +47,21 @@ def write_parts(folder: Path, parts: int, rows: int, *, late: str | None = None)
 
 
 def staged_ingest(
-    warehouse: DuckDBWarehouse, kind: ExportKind, sources: list[Path], work: Path, **kw: int
+    warehouse: DuckDBWarehouse,
+    kind: ExportKind,
+    sources: list[Path],
+    work: Path,
+    *,
+    slots: CpuSlots | None = None,
+    **kw: int,
 ) -> tuple[object, list[Path], bool]:
     """What the runner does: normalise telling the stager each file, then the load in the
     staged transaction when it can be used, else in a transaction of its own. Returns the load
-    result, the Parquet files, and whether the staged transaction was used."""
+    result, the Parquet files, and whether the staged transaction was used. ``slots`` replaces
+    the stager's own (to watch them)."""
     with StagedLoad(warehouse, kind, work / "stage", memory_limit="200MB") as staged:
+        if slots is not None:
+            staged.slots = slots
         result = to_parquet(
             sources,
             work / "parquet",
@@ -228,30 +237,20 @@ def test_parts_and_their_staging_take_turns_on_the_cores(tmp_path: Path) -> None
     sources = write_parts(tmp_path / "raw", parts=3, rows=PAST_SAMPLE)
     with duckdb.connect() as probe:
         cores = int(probe.execute("SELECT current_setting('threads')").fetchone()[0])  # type: ignore[index]
-    with StagedLoad(warehouse, SNAPSHOT, tmp_path / "stage", memory_limit="200MB") as staged:
-        watched = staged.slots = _WatchedSlots()
-        result = to_parquet(
-            sources,
-            tmp_path / "parquet",
-            kind=SNAPSHOT,
-            export_id="e1",
-            loaded_at=LOADED_AT,
-            on_file=staged.add,
-            slots=staged.slots,
-            chunk_bytes=1,  # several files per part, told while the others are parsed
-        )
-        con = staged.take(result.parquet_paths)
-        assert con is not None
-        load = load_parquet(con, SNAPSHOT, result.parquet_paths, staged=staged.table)
-        staged.commit()
+    watched = _WatchedSlots()
+    # chunk_bytes=1: several files per part, told while the others are parsed.
+    load, paths, staged = staged_ingest(
+        warehouse, SNAPSHOT, sources, tmp_path, slots=watched, chunk_bytes=1
+    )
+    assert staged
     steps = [limit for urgent, limit in watched.held if not urgent]
     inserts = [limit for urgent, limit in watched.held if urgent]
-    assert len(inserts) == len(result.parquet_paths) > len(sources)
+    assert len(inserts) == len(paths) > len(sources)
     assert len(steps) >= 3 * len(sources)  # each part's sample, COPY and check at least
     assert set(steps) == {cores}
     assert watched.most <= cores
     assert watched.capacity is None  # lifted when normalise ends: later inserts never wait
-    assert load.table_rows == 3 * PAST_SAMPLE
+    assert load.table_rows == 3 * PAST_SAMPLE  # type: ignore[attr-defined]
 
 
 def test_staged_rows_stay_invisible_and_are_gone_when_the_load_fails(tmp_path: Path) -> None:
