@@ -348,4 +348,16 @@ def compare_summary(
     if len(ingests) > 1:
         summary["seconds_all"] = [rounded(run.result["seconds"]) for run in ingests]
         summary["baseline_seconds_all"] = [rounded(run.result["seconds"]) for run in baselines]
+        # Each repeat against the baseline run right after it: on a shared machine whose speed
+        # drifts, the spread of these says how far apart two figures must be to mean anything.
+        pairs = list(zip(ingests, baselines, strict=False))
+        summary["ratio_without_download_all"] = [
+            rounded((i.result["seconds"] - i.result["download_seconds"]) / b.result["seconds"])
+            for i, b in pairs
+        ]
+        if len(floors) == len(ingests):
+            summary["ratio_end_to_end_all"] = [
+                rounded(i.result["seconds"] / (f.result["seconds"] + b.result["seconds"]))
+                for (i, b), f in zip(pairs, floors, strict=True)
+            ]
     return summary
