@@ -258,9 +258,9 @@ def download_files(
     """Download several files with at most ``max_concurrency`` at a time, results in input order.
 
     An export is only useful complete, so the first failure stops the rest: queued downloads are
-    cancelled, running ones abort at their next chunk (and delete their partial file), a body
-    read blocked on a stalled host is cut (``_Downloader.abort``), and that first error is
-    raised (a host stalled before it answers still holds the error until the timeout).
+    cancelled, running ones abort at their next chunk (and delete their partial file), a read
+    blocked on a stalled host, before its answer or mid-body, is cut (``_Downloader.abort``),
+    and that first error is raised.
     Already finished files stay on disk (the caller owns ``dest_dir``).
 
     ``resume=True``: a ``<name>.part`` already in ``dest_dir`` (left by a killed or failed
@@ -433,8 +433,10 @@ class _Downloader:
         self.total: int | None = None  # full size according to the server
         self.content_type: str | None = None
         # The response whose body is being read, so a sibling's failure can cut it (abort()).
-        self._reading: httpx.Response | None = None
-        self._reading_lock = threading.Lock()
+        # The socket of the request in flight, from its connect on (httpcore's trace hook) or
+        # from its answer (a pooled connection): what abort() shuts down.
+        self._socket: socket.socket | None = None
+        self._socket_lock = threading.Lock()
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -446,18 +448,30 @@ class _Downloader:
             raise _Cancelled()
 
     def abort(self) -> None:
-        """Stop a body read that may be blocked (a host that stalls mid-file), from another
-        thread, once ``cancel`` is set: the socket is shut down, which wakes the blocked read
-        (closing it would not, on Linux). The reader then sees the cancel and stops."""
-        with self._reading_lock:
-            response = self._reading
-        if response is None:
-            return
-        stream = response.extensions.get("network_stream")
-        sock = stream.get_extra_info("socket") if stream is not None else None
-        if isinstance(sock, socket.socket):
+        """Stop a read that may be blocked (a host that stalls before it answers or mid-file),
+        from another thread, once ``cancel`` is set: the socket is shut down, which wakes the
+        blocked read (closing it would not, on Linux). The reader then sees the cancel and
+        stops."""
+        with self._socket_lock:
+            sock = self._socket
+        if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+    def _trace(self, event: str, info: Mapping[str, Any]) -> None:
+        """httpcore's trace hook (``extensions={"trace": ...}``): a new connection's socket
+        is known from its connect on, before any answer."""
+        if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            self._hold_socket(info.get("return_value"))
+
+    def _hold_socket(self, stream: Any) -> None:
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if not isinstance(sock, socket.socket):
+            return
+        with self._socket_lock:
+            self._socket = sock
+        if self.cancel is not None and self.cancel.is_set():
+            self.abort()  # cancelled before the socket was known
 
     def _restart(self) -> None:
         self.offset = 0
@@ -588,18 +602,17 @@ class _Downloader:
                 extra["If-Range"] = self.validator
         try:
             with self._open(client, extra) as response:
-                with self._reading_lock:
-                    self._reading = response
+                self._hold_socket(response.extensions.get("network_stream"))
                 # abort() may have run just before: then the cancel is already set.
                 self._check_cancel()
-                try:
-                    self._consume(response)
-                finally:
-                    with self._reading_lock:
-                        self._reading = None
+                self._consume(response)
         except httpx.TransportError as exc:  # includes timeouts and a connection cut mid-body
             self._check_cancel()  # cut by abort(): a sibling failed
             raise _Retry(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            # The connection may go back to the pool for another download: not ours to cut.
+            with self._socket_lock:
+                self._socket = None
 
     @contextlib.contextmanager
     def _open(self, client: httpx.Client, extra: Mapping[str, str]) -> Iterator[httpx.Response]:
@@ -624,12 +637,15 @@ class _Downloader:
             pinned_headers = {**extra, "Host": url.netloc.decode("ascii")}
             if url.scheme == "https":
                 pinned_headers["Connection"] = "close"
+            extensions: dict[str, Any] = {"trace": self._trace}
+            if url.scheme == "https":
+                extensions["sni_hostname"] = url.host
             request = client.build_request(
                 "GET",
                 target.pinned_url(),
                 headers=pinned_headers,
                 timeout=self.timeout,
-                extensions={"sni_hostname": url.host} if url.scheme == "https" else None,
+                extensions=extensions,
             )
             send_credentials = self.file.authenticated and _host_matches(url, self.api_host)
             if send_credentials:
@@ -642,6 +658,8 @@ class _Downloader:
             response = client.send(request, stream=True)
             if response.status_code in REDIRECT_STATUS and "location" in response.headers:
                 response.close()
+                with self._socket_lock:
+                    self._socket = None  # back in the pool: the next hop's socket is noted
                 try:
                     url = url.join(response.headers["location"])
                 except (httpx.InvalidURL, ValueError):

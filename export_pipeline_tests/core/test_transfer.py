@@ -264,6 +264,40 @@ def test_a_download_stopped_by_a_failing_sibling_keeps_its_bytes_to_resume(
 
 
 @pytest.mark.timeout(60)  # the download's read timeout is 120 s: without abort() this hangs
+def test_a_sibling_stalled_before_its_answer_is_cut_when_another_part_fails(
+    tmp_path: Path,
+) -> None:
+    """One part's host takes the request and never answers; another part's link is dead. The
+    export's error comes at once, not after the read timeout: the socket the stalled request
+    connected with is shut down (known from the connect on, before any answer)."""
+    asked = asyncio.Event()
+    released: list[bool] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] == "/dead.bin":
+            await asyncio.wait_for(asked.wait(), 30)  # refused once the other part is waiting
+            await Response("link expired", status_code=403)(scope, receive, send)
+            return
+        asked.set()
+        for _ in range(12000):  # no answer at all, until the test is over (at most 120 s)
+            if released:
+                return
+            await asyncio.sleep(0.01)
+
+    with RunningServer(app) as server:
+        stalled = RemoteFile(url=f"{server.base_url}/stall.bin", name="stall.bin")
+        dead = RemoteFile(url=f"{server.base_url}/dead.bin", name="dead.bin")
+        try:
+            with pytest.raises(LinkExpiredError):
+                download_files(
+                    [stalled, dead], tmp_path, provider="p", export_id="e1", timeout=120.0
+                )
+            assert not released  # the stalled host was still holding its answer back
+        finally:
+            released.append(True)
+
+
+@pytest.mark.timeout(60)  # the download's read timeout is 120 s: without abort() this hangs
 def test_a_sibling_stalled_mid_body_is_cut_when_another_part_fails(tmp_path: Path) -> None:
     """One part's host stops sending halfway and holds the connection open; another part's
     link is dead. The export's error comes at once, not after the stalled read's timeout: the
