@@ -327,19 +327,29 @@ def download_files(
                 for f in files
             ]
             futures: list[Future[DownloadedFile]] = [pool.submit(d.run) for d in downloaders]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+
+            def stop_all() -> None:
+                cancel.set()
+                for fut in futures:
+                    fut.cancel()
+                for downloader in downloaders:
+                    downloader.abort()  # a stalled read would wait for its timeout
+                # Wait for running workers so no partial file is written after we return.
+                wait(futures)
+
+            try:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:
+                # Interrupted here (a run terminated, Ctrl-C): every download stops now, not
+                # when it ends or times out.
+                stop_all()
+                raise
             first_error = next(
                 (fut.exception() for fut in futures if fut in done and fut.exception() is not None),
                 None,
             )
             if first_error is not None:
-                cancel.set()
-                for fut in futures:
-                    fut.cancel()
-                for downloader in downloaders:
-                    downloader.abort()  # a body stalled mid-read would wait for its timeout
-                # Wait for running workers so no partial file is written after we return.
-                wait(futures)
+                stop_all()
                 raise first_error
             return [fut.result() for fut in futures]
     finally:

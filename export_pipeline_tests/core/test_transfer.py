@@ -297,6 +297,51 @@ def test_a_sibling_stalled_before_its_answer_is_cut_when_another_part_fails(
             released.append(True)
 
 
+def test_an_interrupted_download_stops_every_part_at_once(tmp_path: Path) -> None:
+    """The run is terminated (here: a signal raising in the waiting thread, as Dagster's
+    termination and Ctrl-C do) while one host never answers and another sends slowly: the
+    interruption comes through at once, not when the parts end or time out."""
+    import signal
+
+    released: list[bool] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] == "/slow.bin":
+            head = [(b"content-length", str(1 << 30).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": head})
+        for _ in range(12000):  # a trickle, or no answer at all (at most 120 s)
+            if released:
+                return
+            if scope["path"] == "/slow.bin":
+                await send({"type": "http.response.body", "body": b"x" * 64, "more_body": True})
+            await asyncio.sleep(0.01)
+
+    class Terminated(Exception):
+        pass
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGALRM, terminate)
+    with RunningServer(app) as server:
+        files = [
+            RemoteFile(url=f"{server.base_url}/silent.bin", name="silent.bin"),
+            RemoteFile(url=f"{server.base_url}/slow.bin", name="slow.bin"),
+        ]
+        start = time.monotonic()
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 1.0)
+            with pytest.raises(Terminated):
+                download_files(files, tmp_path, provider="p", export_id="e1", timeout=120.0)
+            # Without stopping them the parts would hold the interruption for 120 s.
+            assert time.monotonic() - start < 30
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+            released.append(True)
+    assert not (tmp_path / "slow.bin").exists()
+
+
 @pytest.mark.timeout(60)  # the download's read timeout is 120 s: without abort() this hangs
 def test_a_sibling_stalled_mid_body_is_cut_when_another_part_fails(tmp_path: Path) -> None:
     """One part's host stops sending halfway and holds the connection open; another part's
