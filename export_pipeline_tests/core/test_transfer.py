@@ -7,6 +7,7 @@ import functools
 import hashlib
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -263,6 +264,35 @@ def test_a_download_stopped_by_a_failing_sibling_keeps_its_bytes_to_resume(
     assert ranges == [None, f"bytes={len(kept)}-"]
 
 
+async def _hold(released: list[bool]) -> None:
+    """Keep the connection open and silent until the test is over (at most 120 s)."""
+    for _ in range(12000):
+        if released:
+            return
+        await asyncio.sleep(0.01)
+
+
+def _fails_while_stalled(app: Any, tmp_path: Path, released: list[bool], **kwargs: Any) -> None:
+    """Download ``/stall.bin`` and ``/dead.bin`` with a 120 s read timeout: the dead link's
+    error must come while the stalled host still holds its connection."""
+    with RunningServer(app) as server:
+        stalled = RemoteFile(url=f"{server.base_url}/stall.bin", name="stall.bin")
+        dead = RemoteFile(url=f"{server.base_url}/dead.bin", name="dead.bin")
+        try:
+            with pytest.raises(LinkExpiredError):
+                download_files(
+                    [stalled, dead],
+                    tmp_path,
+                    provider="p",
+                    export_id="e1",
+                    timeout=120.0,
+                    **kwargs,
+                )
+            assert not released  # the stalled host was still holding its bytes back
+        finally:
+            released.append(True)
+
+
 @pytest.mark.timeout(60)  # the download's read timeout is 120 s: without abort() this hangs
 def test_a_sibling_stalled_before_its_answer_is_cut_when_another_part_fails(
     tmp_path: Path,
@@ -279,22 +309,9 @@ def test_a_sibling_stalled_before_its_answer_is_cut_when_another_part_fails(
             await Response("link expired", status_code=403)(scope, receive, send)
             return
         asked.set()
-        for _ in range(12000):  # no answer at all, until the test is over (at most 120 s)
-            if released:
-                return
-            await asyncio.sleep(0.01)
+        await _hold(released)  # no answer at all
 
-    with RunningServer(app) as server:
-        stalled = RemoteFile(url=f"{server.base_url}/stall.bin", name="stall.bin")
-        dead = RemoteFile(url=f"{server.base_url}/dead.bin", name="dead.bin")
-        try:
-            with pytest.raises(LinkExpiredError):
-                download_files(
-                    [stalled, dead], tmp_path, provider="p", export_id="e1", timeout=120.0
-                )
-            assert not released  # the stalled host was still holding its answer back
-        finally:
-            released.append(True)
+    _fails_while_stalled(app, tmp_path, released)
 
 
 def test_an_interrupted_download_stops_every_part_at_once(tmp_path: Path) -> None:
@@ -364,26 +381,8 @@ def test_a_sibling_stalled_mid_body_is_cut_when_another_part_fails(tmp_path: Pat
         await send(
             {"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True}
         )
-        for _ in range(12000):  # then nothing, until the test is over (at most 120 s)
-            if released:
-                return
-            await asyncio.sleep(0.01)
+        await _hold(released)  # then nothing
 
-    with RunningServer(app) as server:
-        stalled = RemoteFile(url=f"{server.base_url}/stall.bin", name="stall.bin")
-        dead = RemoteFile(url=f"{server.base_url}/dead.bin", name="dead.bin")
-        try:
-            with pytest.raises(LinkExpiredError):
-                download_files(
-                    [stalled, dead],
-                    tmp_path,
-                    provider="p",
-                    export_id="e1",
-                    resume=True,
-                    timeout=120.0,
-                )
-            assert not released  # the stalled host was still holding the body back
-        finally:
-            released.append(True)
+    _fails_while_stalled(app, tmp_path, released, resume=True)
     kept = (tmp_path / "stall.bin.part").read_bytes()
     assert kept == body[: len(body) // 2]
