@@ -257,7 +257,7 @@ def _ensure_table(
         # side it yields to the other's type, so a column typed by a guess takes the real one.
         merged = schema.widen(_settle(con, target, name, old), _settle(con, stage, name, new))
         # Null on both sides: the declared type, as a new column gets.
-        merged = schema.no_null(_fill_nulls(merged, declared.get(name)))
+        merged = schema.no_null(schema.fill_nulls(merged, declared.get(name)))
         if merged == old:
             continue
         changed += schema.changes(old, merged, name)
@@ -303,21 +303,7 @@ def _first_types(
     row takes its declared type, else VARCHAR (DuckDB's full-scan detection calls such a key
     JSON). One query."""
     settled = _settle_all(con, stage, columns, _CREATE_GUESSES)
-    return {n: schema.no_null(_fill_nulls(t, declared.get(n))) for n, t in settled.items()}
-
-
-def _fill_nulls(t: schema.Type, hint: schema.Type | None) -> schema.Type:
-    """``t`` with each NULL position (a column or struct field null in every row) of the
-    declared ``hint``'s type there, where the declaration has that position."""
-    if hint is None:
-        return t
-    if isinstance(t, schema.Scalar) and t.text in ("NULL", '"NULL"'):
-        return hint
-    if isinstance(t, schema.Struct) and isinstance(hint, schema.Struct):
-        return schema.Struct(tuple((n, _fill_nulls(f, hint.get(n))) for n, f in t.fields))
-    if isinstance(t, schema.List) and isinstance(hint, schema.List):
-        return schema.List(_fill_nulls(t.element, hint.element))
-    return t
+    return {n: schema.no_null(schema.fill_nulls(t, declared.get(n))) for n, t in settled.items()}
 
 
 def _settle(con: duckdb.DuckDBPyConnection, source: str, name: str, t: schema.Type) -> schema.Type:

@@ -1012,11 +1012,9 @@ def _has_tz(t: schema.Type) -> bool:
 def _without_tz(t: schema.Type) -> schema.Type:
     """``t`` with every TIMESTAMPTZ leaf a TIMESTAMP: what the reader's values are cast to
     first, without ICU (:func:`_tz_from_utc` then makes the leaves instants)."""
-    if isinstance(t, schema.Struct):
-        return schema.Struct(tuple((n, _without_tz(f)) for n, f in t.fields))
-    if isinstance(t, schema.List):
-        return schema.List(_without_tz(t.element))
-    return schema.Scalar("TIMESTAMP") if t.text == _TIMESTAMPTZ else t
+    return schema.map_scalars(
+        t, lambda s: schema.Scalar("TIMESTAMP") if s.text == _TIMESTAMPTZ else s
+    )
 
 
 def _tz_from_utc(expr: str, t: schema.Type, depth: int = 0) -> str:
@@ -1163,20 +1161,14 @@ def _json_as_null(t: schema.Type) -> schema.Type:
     holds only nulls there (the check makes sure the whole file does), so across the files of
     one export such a position takes the type another file found, as the scan over every
     record would."""
-    if isinstance(t, schema.Struct):
-        return schema.Struct(tuple((n, _json_as_null(f)) for n, f in t.fields))
-    if isinstance(t, schema.List):
-        return schema.List(_json_as_null(t.element))
-    return schema.Scalar("NULL") if t.text == "JSON" else t
+    return schema.map_scalars(t, lambda s: schema.Scalar("NULL") if s.text == "JSON" else s)
 
 
 def _null_as_json(t: schema.Type) -> schema.Type:
     """Positions null in every file back to JSON, DuckDB's own type for them."""
-    if isinstance(t, schema.Struct):
-        return schema.Struct(tuple((n, _null_as_json(f)) for n, f in t.fields))
-    if isinstance(t, schema.List):
-        return schema.List(_null_as_json(t.element))
-    return schema.Scalar("JSON") if t.text in ("NULL", '"NULL"') else t
+    return schema.map_scalars(
+        t, lambda s: schema.Scalar("JSON") if s.text in ("NULL", '"NULL"') else s
+    )
 
 
 def _union_sampled(a: schema.Type, b: schema.Type) -> schema.Type:

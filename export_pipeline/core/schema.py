@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from export_pipeline.core.sql import quote_ident
+from export_pipeline.core.sql import quote_ident, sql_literal
 
 NUMERIC_ORDER = (
     "BOOLEAN",
@@ -228,13 +228,32 @@ def _numeric(text: str) -> str | None:
     return text if text in _NUMERIC_RANK else None
 
 
+def map_scalars(t: Type, change: Callable[[Scalar], Type]) -> Type:
+    """``t`` with each scalar, at any depth inside structs and lists, replaced by ``change``."""
+    if isinstance(t, Struct):
+        return Struct(tuple((n, map_scalars(f, change)) for n, f in t.fields))
+    if isinstance(t, List):
+        return List(map_scalars(t.element, change))
+    return change(t)
+
+
 def no_null(t: Type) -> Type:
     """Replace every NULL type (all values null) by VARCHAR, at any depth."""
-    if isinstance(t, Struct):
-        return Struct(tuple((n, no_null(f)) for n, f in t.fields))
-    if isinstance(t, List):
-        return List(no_null(t.element))
-    return Scalar("VARCHAR") if t.text in ("NULL", '"NULL"') else t
+    return map_scalars(t, lambda s: Scalar("VARCHAR") if _is_null(s) else s)
+
+
+def fill_nulls(t: Type, hint: Type | None) -> Type:
+    """``t`` with each NULL position (a column or struct field null in every row) of the
+    declared ``hint``'s type there, where the declaration has that position."""
+    if hint is None:
+        return t
+    if _is_null(t):
+        return hint
+    if isinstance(t, Struct) and isinstance(hint, Struct):
+        return Struct(tuple((n, fill_nulls(f, hint.get(n))) for n, f in t.fields))
+    if isinstance(t, List) and isinstance(hint, List):
+        return List(fill_nulls(t.element, hint.element))
+    return t
 
 
 def _is_null(t: Type) -> bool:
@@ -463,7 +482,7 @@ def convert_sql(expr: str, old: Type, new: Type, _depth: int = 0) -> str:
                 f"CAST(NULL AS {render(field_type)})"
                 if was is None
                 else convert_sql(
-                    f"struct_extract({expr}, '{name.replace(chr(39), chr(39) * 2)}')",
+                    f"struct_extract({expr}, {sql_literal(name)})",
                     was,
                     field_type,
                     _depth + 1,
