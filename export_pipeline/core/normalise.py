@@ -760,6 +760,10 @@ def _sampled_json_to_parquet(
             # A lone JSON array: its COPY starts before its sample, on the idle core (below).
             speculate=per_step and len(sources) == 1 and workers >= 2,
             slots=shared,
+            # Parts side by side: each part's check is a test inside its COPY's one parse
+            # (_guarded_reader). A lone file keeps its check beside its COPY, on the core the
+            # COPY leaves (a witness file would also stop DuckDB from reading it in parallel).
+            guard=per_step and len(sources) > 1,
         )
     finally:
         if per_step:
@@ -782,6 +786,7 @@ def _sampled_steps(
     on_file: FileSink | None,
     speculate: bool = False,
     slots: CpuSlots | None = None,
+    guard: bool = False,
 ) -> NormaliseResult | None:
     """The steps of :func:`_sampled_json_to_parquet`, ``workers`` at a time, each on its own
     cursor; the first failure or lossy check stops the others. Each source's Parquet is
@@ -797,7 +802,11 @@ def _sampled_steps(
     without speculation.
 
     With ``slots`` (shared with the staged load, core/slots.py) each step holds a slot while it
-    runs, so the staging INSERTs take turns with the steps instead of adding a busy thread."""
+    runs, so the staging INSERTs take turns with the steps instead of adding a busy thread.
+
+    With ``guard`` a source's COPY reads it through :func:`_guarded_reader` (a witness written
+    as ``.<stem>.witness`` beside its Parquet), which fails where the check would find a value
+    converted silently; that source then has no check step."""
     # Cursors made here: a connection object is not to be shared by threads.
     idle: queue.SimpleQueue[duckdb.DuckDBPyConnection] = queue.SimpleQueue()
     cursors = [con.cursor() for _ in range(workers)]
@@ -863,7 +872,7 @@ def _sampled_steps(
                 # By name, so a struct gains the fields it lacks (as NULL).
                 exprs.append(f"CAST({col} AS {t}) AS {col}")
         info = detected[src]
-        reader = _json_reader(src, info.format, info.gzip, None, sampled=True)
+        reader = guarded.get(src) or _json_reader(src, info.format, info.gzip, None, sampled=True)
         select = _converting_tz(f"SELECT {', '.join(exprs)} FROM {reader}", tz)
         return copy_job(src, select, partial, on_file)
 
@@ -912,6 +921,9 @@ def _sampled_steps(
         out_dir / (f".{stem}.chunks" if src in chunked else f"{stem}.parquet.part")
         for src, stem in zip(sources, stems, strict=True)
     ]
+    witnesses = [out_dir / f".{stem}.witness" for stem in stems]
+    # The guarded read of each source that has one (a subquery), built once its sample is known.
+    guarded: dict[Path, str] = {}
     steps: list[Future[int] | Future[bool]] = []
     rows: list[int] | None = None
     try:
@@ -935,12 +947,19 @@ def _sampled_steps(
                     per_file = dict(zip(sources, pool.map(sample, sources), strict=True))
                     typed = _typed_union(per_file.values(), hints)
                 if typed is not None:
+                    for src, witness in zip(sources, witnesses, strict=True):
+                        if guard and (
+                            read := _guarded_reader(src, detected[src], per_file[src], witness)
+                        ):
+                            guarded[src] = f"({read})"
                     copies = copies or [
                         pool.submit(on_cursor, partial_copy(src, per_file[src], typed, partial))
                         for src, partial in zip(sources, partials, strict=True)
                     ]
                     checks = [
-                        pool.submit(on_cursor, partial_check(src, per_file[src])) for src in sources
+                        pool.submit(on_cursor, partial_check(src, per_file[src]))
+                        for src in sources
+                        if src not in guarded
                     ]
                     steps = [*copies, *checks]
                     # A failed step or a value the sample would have converted stops the rest.
@@ -964,6 +983,9 @@ def _sampled_steps(
     finally:
         for cur in cursors:
             cur.close()
+        for witness in witnesses:
+            with contextlib.suppress(FileNotFoundError):
+                witness.unlink()
         if rows is None or not all(rows):
             for partial in partials:
                 if partial.is_dir():
@@ -1348,6 +1370,160 @@ def _silently_converted(
         f"SELECT count(*) FILTER (WHERE {' OR '.join(checks)}) FROM {reader}"
     ).fetchone()
     return bool(row and row[0])
+
+
+# The two witness records put before a part (see _guarded_reader): an object, then a number, at
+# a position make DuckDB's type detection give it JSON, whatever the sample holds there.
+_WITNESS_VALUES = ({"_": 0}, 0)
+# The column of ``read_json(..., filename := ...)`` that tells the witness records apart.
+_WITNESS_COLUMN = "_export_pipeline_witness_file"
+# DuckDB's default type sample, in records (read_json's ``sample_size``).
+_DEFAULT_SAMPLE = 20_480
+
+
+def _witness(t: schema.Type) -> tuple[object, object] | None:
+    """The value of each witness record for a sampled type: at every position :func:`_risky`
+    names, one record holds an object and the other a number; None when nothing is at risk.
+    A struct lists every field, in order (null where nothing is at risk): DuckDB orders a
+    struct's fields as its sample first shows them."""
+    if isinstance(t, schema.Struct):
+        fields = [(name, _witness(f)) for name, f in t.fields]
+        if all(w is None for _, w in fields):
+            return None
+        first, second = ({n: None if w is None else w[i] for n, w in fields} for i in range(2))
+        return first, second
+    if isinstance(t, schema.List):
+        element = _witness(t.element)
+        return None if element is None else ([*element], [*element])
+    return _WITNESS_VALUES if _risky(t) is not None else None
+
+
+def _witnessed(t: schema.Type) -> schema.Type:
+    """``t`` as the witnessed read types it: each position :func:`_risky` names is JSON."""
+    if isinstance(t, schema.Struct):
+        return schema.Struct(tuple((n, _witnessed(f)) for n, f in t.fields))
+    if isinstance(t, schema.List):
+        return schema.List(_witnessed(t.element))
+    return schema.Scalar("JSON") if _risky(t) is not None else t
+
+
+def _rebuilt(
+    expr: str, t: schema.Type, leaf: Callable[[str, schema.Scalar], str | None], depth: int = 0
+) -> str | None:
+    """``expr`` with each scalar that ``leaf`` gives SQL for replaced by that SQL, through
+    structs (``struct_pack`` in ``t``'s field order) and lists; None when ``leaf`` changes
+    nothing."""
+    if isinstance(t, schema.Struct):
+        parts = [
+            (name, _rebuilt(f"struct_extract({expr}, {sql_literal(name)})", f, leaf, depth))
+            for name, f in t.fields
+        ]
+        if all(p is None for _, p in parts):
+            return None
+        fields = ", ".join(
+            f"{quote_ident(name)} := "
+            + (p if p is not None else f"struct_extract({expr}, {sql_literal(name)})")
+            for name, p in parts
+        )
+        # struct_pack of a NULL struct would be a struct of NULLs.
+        return f"CASE WHEN {expr} IS NULL THEN NULL ELSE struct_pack({fields}) END"
+    if isinstance(t, schema.List):
+        var = f"g{depth}"
+        inner = _rebuilt(var, t.element, leaf, depth + 1)
+        return None if inner is None else f"list_transform({expr}, lambda {var}: {inner})"
+    return leaf(expr, t)
+
+
+_UNFORESEEN = "error('a value the type sample did not foresee')"
+
+
+def _checked_leaf(expr: str, sampled: schema.Scalar) -> str | None:
+    """``expr`` (the JSON text the witnessed read gives at a :func:`_risky` position) as its
+    sampled type when the value is of the kind that type expects, else an error: what the
+    sampled read would have converted silently (1.5 into an integer) fails instead. A
+    number's text starts with ``-`` or a digit (strings, booleans, objects and arrays do not),
+    and DuckDB writes a fraction or exponent with ``.`` or ``e``."""
+    if _risky(sampled) is None:
+        return None
+    text = f"CAST({expr} AS VARCHAR)"
+    number = f"{text} >= '-' AND {text} < ':'"
+    kind = sampled.text
+    if kind in _INTEGER_TYPES:
+        fraction = " OR ".join(f"contains({text}, {c!r})" for c in ".eE")
+        good = f"{number} AND NOT ({fraction})"
+        value = f"CAST({text} AS {kind})"
+    elif kind in _FLOAT_TYPES:
+        good, value = number, f"CAST({text} AS {kind})"
+    elif kind == "BOOLEAN":
+        good, value = f"{text} IN ('true', 'false')", f"{text} = 'true'"
+    elif kind in _TIME_TYPES:
+        good = f"NOT ({_bad_values(expr, sampled)})"
+        value = f"CAST({expr} AS {kind})"
+    else:  # null throughout the sample: any value would be kept as JSON text
+        good, value = "false", f"CAST(NULL AS {schema.render(_witnessed(sampled))})"
+    return f"CASE WHEN {expr} IS NULL THEN NULL WHEN {good} THEN {value} ELSE {_UNFORESEEN} END"
+
+
+def _plain_names(t: schema.Type) -> bool:
+    """Whether no two keys of a struct (or the columns) differ only in case, at any depth:
+    DuckDB renames such keys, and a witness record would then hold a key of its own."""
+    if isinstance(t, schema.Struct):
+        names = [n.lower() for n, _ in t.fields]
+        return len(set(names)) == len(names) and all(_plain_names(f) for _, f in t.fields)
+    if isinstance(t, schema.List):
+        return _plain_names(t.element)
+    return True
+
+
+def _guarded_reader(
+    src: Path, info: DetectedFormat, sampled: Mapping[str, schema.Type], witness: Path
+) -> str | None:
+    """A SELECT giving what the sampled read of ``src`` gives (``sampled``: its columns and
+    types), that fails where that read would convert a value silently. It replaces the check
+    (:func:`_silently_converted`), a second parse of the file, by a test in the one parse.
+
+    Two witness records (written to ``witness``) are read first: their values make
+    DuckDB's detection type every position at risk JSON (:func:`_witness`), the rest of its
+    sample (the same records the sampled read looks at) types everything else, and keys it
+    never saw still fail the read. :func:`_checked_leaf` turns each JSON text into the sampled
+    type or fails. A bound type other than the expected one fails the read before its first
+    row (``typeof`` is known when the query is planned).
+
+    None when nothing is at risk (no check needed) or the witness cannot be told apart."""
+    columns = dict(sampled)
+    risky = {n: w for n, t in columns.items() if (w := _witness(t)) is not None}
+    names = schema.Struct(tuple(columns.items()))
+    if not risky or _WITNESS_COLUMN in columns or not _plain_names(names):
+        return None
+    records = [{n: w[i] for n, w in risky.items()} for i in range(2)]
+    if info.format is FileFormat.JSON_ARRAY:
+        text = json.dumps(records)
+    else:
+        text = "".join(json.dumps(r) + "\n" for r in records)
+    with gzip.open(witness, "wt") if info.gzip else open(witness, "w") as fh:
+        fh.write(text)
+    reader = (
+        f"read_json([{sql_literal(str(witness))}, {sql_literal(str(src))}], format := "
+        + ("'array'" if info.format is FileFormat.JSON_ARRAY else "'newline_delimited'")
+        + f", compression := {'gzip' if info.gzip else 'uncompressed'!r}, "
+        f"sample_size := {_DEFAULT_SAMPLE + len(records)}, "
+        f"filename := {sql_literal(_WITNESS_COLUMN)})"
+    )
+    exprs = []
+    for name, t in columns.items():
+        col = quote_ident(name)
+        checked = _rebuilt(col, t, _checked_leaf) if name in risky else None
+        exprs.append(f"{checked} AS {col}" if checked is not None else col)
+    bound = " OR ".join(
+        f"typeof({quote_ident(n)}) <> typeof(CAST(NULL AS {schema.render(_witnessed(t))}))"
+        for n, t in columns.items()
+    )
+    return (
+        f"SELECT {', '.join(exprs)} FROM {reader} WHERE CASE "
+        f"WHEN {bound} THEN error('the witnessed read bound other types') "
+        f"WHEN {quote_ident(_WITNESS_COLUMN)} = {sql_literal(str(witness))} THEN false "
+        "ELSE true END"
+    )
 
 
 _DUCKDB_LINE = re.compile(

@@ -81,9 +81,11 @@ def write_csv(path: Path, opener: Any = open) -> Path:
     return path
 
 
-def table(path: Path) -> tuple[list[tuple[str, str]], list[tuple[Any, ...]]]:
+def table(path: Path | list[Path]) -> tuple[list[tuple[str, str]], list[tuple[Any, ...]]]:
+    """The schema and the rows (by id) of one Parquet file, or of several read as one."""
     con = duckdb.connect()
-    rel = f"(SELECT * EXCLUDE (_source_file) FROM read_parquet('{path}'))"
+    files = [str(p) for p in path] if isinstance(path, list) else [str(path)]
+    rel = f"(SELECT * EXCLUDE (_source_file) FROM read_parquet({files}))"
     schema = [(r[0], r[1]) for r in con.execute(f"DESCRIBE {rel}").fetchall()]
     rows = con.execute(f"SELECT * FROM {rel} ORDER BY id").fetchall()
     return schema, rows
@@ -261,45 +263,72 @@ _PAST_SAMPLE = 25_000
 
 
 def _typed_over_every_record(
-    monkeypatch: pytest.MonkeyPatch, src: Path, out: Path, kind: ExportKind
+    monkeypatch: pytest.MonkeyPatch, src: Path | list[Path], out: Path, kind: ExportKind
 ) -> tuple[list[tuple[str, str]], list[tuple[Any, ...]]]:
     """What the type scan over every record makes of ``src`` (the one-parse path disabled)."""
     from export_pipeline.core import normalise
 
+    sources = src if isinstance(src, list) else [src]
     with monkeypatch.context() as patch:
         patch.setattr(normalise, "_sampled_json_to_parquet", lambda *a, **k: None)
-        result = to_parquet([src], out, kind=kind, export_id="e", loaded_at=LOADED_AT)
-    return table(result.parquet_paths[0])
+        result = to_parquet(sources, out, kind=kind, export_id="e", loaded_at=LOADED_AT)
+    return table(result.parquet_paths)
 
 
+def _parts_with_a_late_record(
+    tmp_path: Path, parts: int, early: str, late: str, name: str = "late"
+) -> list[Path]:
+    """``parts`` JSON Lines files of records ``{"id", "v", "n": {"list": [{"v"}]}}`` with
+    ``early`` values; the last part ends, past its type sample, with ``late`` ones."""
+    nested = '"n": {{"list": [{{"v": {}}}]}}}}\n'
+    paths = []
+    for part in range(parts):
+        src = tmp_path / (f"{name}.jsonl" if parts == 1 else f"{name}-{part:04d}.jsonl")
+        with src.open("w") as fh:
+            for i in range(_PAST_SAMPLE):
+                fh.write(f'{{"id": "{part}-{i:06d}", "v": {early}, ' + nested.format(early))
+            if part == parts - 1:
+                fh.write(f'{{"id": "late", "v": {late}, ' + nested.format(late))
+        paths.append(src)
+    return paths
+
+
+@pytest.mark.parametrize("parts", [1, 2])
 @pytest.mark.parametrize(
     ("early", "late", "value"),
     [
         ("1", "1.5", 1.5),  # an integer column would store 2
         ("1", "true", "true"),  # ... or 1
         ("1", '"12"', "12"),  # ... or 12
+        ("1", '{"a": 1}', {"a": 1}),  # DuckDB fails this one (parts: the guard must too)
         ("1.5", "true", "true"),  # a float column would store 1.0
+        ("1.5", '"2.5"', "2.5"),  # ... or 2.5
         ("true", "5", "5"),  # a boolean column would store true
         ('"10:00:00"', '"2024-01-01T10:30:00Z"', "2024-01-01T10:30:00Z"),  # a TIME: 10:30:00
         ("null", '{"k": [1, 2]}', {"k": [1, 2]}),  # typed as the data, not left as JSON text
+        ("null", "7", 7),
     ],
 )
 def test_a_value_of_another_kind_after_the_type_sample_keeps_its_value(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, early: str, late: str, value: object
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    parts: int,
+    early: str,
+    late: str,
+    value: object,
 ) -> None:
     """Types come from a sample of the first records only when that loses nothing: a later
     value DuckDB would convert silently into the sampled type is found (top level and inside
-    a list of structs), and the file is then typed over every record."""
+    a list of structs), and the export is then typed over every record. A lone file is
+    checked in a second pass; parts side by side inside their one parse (_guarded_reader)."""
     kind = ExportKind(provider="p", name="kinds", primary_key=("id",))
-    src = tmp_path / "late.jsonl"
-    with src.open("w") as fh:
-        for i in range(_PAST_SAMPLE):
-            fh.write(f'{{"id": "{i:06d}", "v": {early}, "n": {{"list": [{{"v": {early}}}]}}}}\n')
-        fh.write(f'{{"id": "late", "v": {late}, "n": {{"list": [{{"v": {late}}}]}}}}\n')
-    result = to_parquet([src], tmp_path / "out", kind=kind, export_id="e", loaded_at=LOADED_AT)
-    assert result.rows == _PAST_SAMPLE + 1
-    got = table(result.parquet_paths[0])
-    assert got == _typed_over_every_record(monkeypatch, src, tmp_path / "full", kind)
+    sources = _parts_with_a_late_record(tmp_path, parts, early, late)
+    out = tmp_path / "out"
+    result = to_parquet(sources, out, kind=kind, export_id="e", loaded_at=LOADED_AT)
+    assert result.rows == parts * _PAST_SAMPLE + 1
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in result.parquet_paths)
+    got = table(result.parquet_paths)
+    assert got == _typed_over_every_record(monkeypatch, sources, tmp_path / "full", kind)
     late_row = dict(zip([n for n, _ in got[0]], got[1][-1], strict=True))
     assert late_row["id"] == "late"
     for found in (late_row["v"], late_row["n"]["list"][0]["v"]):
@@ -397,6 +426,124 @@ def test_parts_converted_side_by_side_fall_back_when_a_later_part_would_lose_a_v
             [[str(p) for p in result.parquet_paths]],
         ).fetchone()
     assert late == (2.5, "part-0001.jsonl")
+
+
+_CHECKED = [
+    {
+        "id": f"r{i}",
+        "count": i,
+        "price": i + 0.5,
+        "paid": i % 2 == 0,
+        "closed": None,
+        "at": "10:15:00",
+        "lines": [{"code": "A", "qty": i, "tax": {"rate": 0.2, "due": None}}, None],
+        "meta": None if i % 3 == 0 else {"flag": i % 2 == 1, "note": "x"},
+    }
+    for i in range(40)
+]
+
+
+def _write_parts(tmp_path: Path, fmt: str, chunks: list[list[dict[str, Any]]]) -> list[Path]:
+    """Each chunk of records as one part: JSON Lines, gzipped JSON Lines or a JSON array."""
+    paths = []
+    for n, records in enumerate(chunks):
+        if fmt == "json":
+            path = tmp_path / f"part-{n}.json"
+            path.write_text(json.dumps(records))
+        else:
+            path = tmp_path / (f"part-{n}.jsonl" + (".gz" if fmt == "jsonl.gz" else ""))
+            with (gzip.open if fmt == "jsonl.gz" else open)(path, "wt") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in records)
+        paths.append(path)
+    return paths
+
+
+def _no_second_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail a test whose export is read again to check its types or typed over every record."""
+    from export_pipeline.core import normalise
+
+    checked = normalise._silently_converted
+
+    def second_pass(*args: Any, times: bool = False) -> bool:
+        if not times:
+            raise AssertionError("checked in a second parse")
+        return checked(*args, times=times)
+
+    def full_scan(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("typed over every record although the samples were enough")
+
+    monkeypatch.setattr(normalise, "_silently_converted", second_pass)
+    monkeypatch.setattr(normalise, "_auto_schema", full_scan)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "json"])
+def test_parts_side_by_side_are_checked_inside_their_one_parse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """Integers, fractions, booleans, times and all-null keys, top level and in lists of
+    structs: each part is read once, its check inside that read, and gives exactly what the
+    scan over every record gives. Nothing but the Parquet is left behind."""
+    parts = _write_parts(tmp_path, fmt, [_CHECKED[:20], _CHECKED[20:]])
+    full = _typed_over_every_record(monkeypatch, parts, tmp_path / "full", AUTO_KIND)
+    with monkeypatch.context() as patch:
+        _no_second_pass(patch)
+        out = tmp_path / "out"
+        result = to_parquet(parts, out, kind=AUTO_KIND, export_id="e", loaded_at=LOADED_AT)
+    assert sorted(p.name for p in out.iterdir()) == ["part-0.parquet", "part-1.parquet"]
+    assert table(result.parquet_paths) == full
+    types = dict(full[0])
+    assert (types["count"], types["price"], types["paid"], types["at"]) == (
+        "BIGINT",
+        "DOUBLE",
+        "BOOLEAN",
+        "TIME",
+    )
+
+
+@pytest.mark.parametrize("where", ["top", "nested"])
+def test_a_key_past_the_sample_of_a_later_part_lands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A key the second part's sample never saw, at the top level or inside a list of structs,
+    lands: its guarded read (_guarded_reader) still fails on a key it does not know."""
+    late = dict(_CHECKED[1])
+    late["id"] = "late"
+    if where == "top":
+        late["extra"] = {"note": "only here"}
+    else:
+        late["lines"] = [{"code": "B", "qty": 1, "tax": {"rate": 0.1, "due": None}, "extra": 5}]
+    first = [dict(_CHECKED[i % 40], id=f"a{i}") for i in range(_PAST_SAMPLE)]
+    second = [dict(_CHECKED[i % 40], id=f"b{i}") for i in range(_PAST_SAMPLE)] + [late]
+    parts = _write_parts(tmp_path, "jsonl", [first, second])
+    result = to_parquet(parts, tmp_path / "out", kind=AUTO_KIND, export_id="e", loaded_at=LOADED_AT)
+    assert result.rows == 2 * _PAST_SAMPLE + 1
+    column = "extra.note" if where == "top" else "lines[1].extra"
+    with duckdb.connect() as con:
+        got = con.execute(
+            f"SELECT {column} FROM read_parquet(?) WHERE id = 'late'",
+            [[str(p) for p in result.parquet_paths]],
+        ).fetchone()
+    assert got == (("only here",) if where == "top" else (5,))
+
+
+def test_a_witness_that_does_not_take_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should DuckDB type a guarded position other than JSON despite the witness records, the
+    guarded read fails before its first row (its bound types are checked) rather than letting
+    the sampled type round 1.5 into 2."""
+    from export_pipeline.core import normalise
+
+    monkeypatch.setattr(normalise, "_WITNESS_VALUES", (0, 0))  # integers: no JSON
+    parts = _parts_with_a_late_record(tmp_path, 2, "1", "1.5")
+    result = to_parquet(parts, tmp_path / "out", kind=AUTO_KIND, export_id="e", loaded_at=LOADED_AT)
+    assert dict(result.columns)["v"] == "DOUBLE"
+    with duckdb.connect() as con:
+        got = con.execute(
+            "SELECT v, n.list[1].v FROM read_parquet(?) WHERE id = 'late'",
+            [[str(p) for p in result.parquet_paths]],
+        ).fetchone()
+    assert got == (1.5, 1.5)
 
 
 _TZ_SCRIPT = """
