@@ -733,6 +733,7 @@ class ExportRunner:
                 load_paths,
                 partition_value=record.partition_key or None,
                 staged=staged_table,
+                keys_unique=staged.keys_unique if staged is not None and staged_table else None,
             )
             warehouse.note_table_files(con, kind.schema, kind.name, load.table_files)
             ensure_views(con, kind)

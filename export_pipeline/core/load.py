@@ -95,6 +95,7 @@ def load_parquet(
     *,
     partition_value: str | None = None,
     staged: str | None = None,
+    keys_unique: bool | None = None,
 ) -> LoadResult:
     """Apply one export's Parquet files to ``kind.table`` according to ``kind.load_mode``.
 
@@ -106,6 +107,8 @@ def load_parquet(
     rows of ``parquet_paths`` (core/stage.py). When the load replaces the whole table with the
     export, that table becomes the kind's table by a rename (no INSERT); otherwise it is the
     stage; either way it is gone afterwards. With duplicate keys the files are staged as usual.
+    ``keys_unique`` says whether each key occurs once in the files, when the caller checked
+    already (:func:`files_have_duplicate_keys`); None: the staged table is checked here.
     """
     mode = kind.load_mode
     pk = list(kind.primary_key)
@@ -131,7 +134,7 @@ def load_parquet(
     stage = quote_ident(f"_stage_{kind.provider}_{kind.name}_{uuid.uuid4().hex[:12]}")
     staged_as = "TABLE"
     try:
-        if staged is not None and _usable_stage(con, kind, staged):
+        if staged is not None and _usable_stage(con, kind, staged, keys_unique):
             stage, staged_as = staged, "STAGED"
         else:
             if staged is not None:
@@ -192,10 +195,24 @@ def _require_keys(kind: ExportKind, names: set[str]) -> None:
         )
 
 
-def _usable_stage(con: duckdb.DuckDBPyConnection, kind: ExportKind, staged: str) -> bool:
+def _usable_stage(
+    con: duckdb.DuckDBPyConnection, kind: ExportKind, staged: str, keys_unique: bool | None
+) -> bool:
     """Whether the staged table can be the stage as it is: each key once."""
     _require_keys(kind, {r[0] for r in con.execute(f"DESCRIBE {staged}").fetchall()})
+    if keys_unique is not None:
+        return keys_unique
     return not _has_duplicate_keys(con, kind, staged)
+
+
+def files_have_duplicate_keys(
+    kind: ExportKind, parquet_paths: Sequence[Path | str], *, memory_limit: str
+) -> bool:
+    """:func:`_has_duplicate_keys` over Parquet files, on a DuckDB connection of its own (one
+    thread, at most ``memory_limit``), so it can run beside a load."""
+    files = "[" + ", ".join(sql_literal(str(p)) for p in parquet_paths) + "]"
+    with duckdb.connect(config={"threads": 1, "memory_limit": memory_limit}) as con:
+        return _has_duplicate_keys(con, kind, f"read_parquet({files}, union_by_name = true)")
 
 
 def _has_duplicate_keys(con: duckdb.DuckDBPyConnection, kind: ExportKind, source: str) -> bool:

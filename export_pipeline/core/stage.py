@@ -33,7 +33,7 @@ from types import TracebackType
 
 import duckdb
 
-from export_pipeline.core.load import one_thread
+from export_pipeline.core.load import files_have_duplicate_keys, one_thread
 from export_pipeline.core.model import ExportKind
 from export_pipeline.core.slots import CpuSlots
 from export_pipeline.core.sql import quote_ident, sql_literal
@@ -71,6 +71,9 @@ class StagedLoad:
         self._transaction = None
         self._con: duckdb.DuckDBPyConnection | None = None
         self.error: BaseException | None = None
+        # Whether each primary key occurs once in the files :meth:`take` was given (None: not
+        # known); ``load_parquet(keys_unique=...)`` then need not group the staged rows.
+        self.keys_unique: bool | None = None
 
     def __enter__(self) -> StagedLoad:
         return self
@@ -143,8 +146,25 @@ class StagedLoad:
     def take(self, paths: Sequence[Path | str]) -> duckdb.DuckDBPyConnection | None:
         """When every file staged is one of ``paths`` and each of ``paths`` was staged once
         (normalise did not start again), the open transaction's connection, with the staging
-        table holding exactly the rows of ``paths``; else None, the transaction rolled back."""
+        table holding exactly the rows of ``paths``; else None, the transaction rolled back.
+
+        While the last inserts finish (on one core), the key columns of ``paths`` are checked
+        for duplicates on the other (:attr:`keys_unique`), which the load would otherwise do
+        after them."""
+        checked: list[bool] = []
+        keys = threading.Thread(
+            target=lambda: checked.append(
+                not files_have_duplicate_keys(self.kind, paths, memory_limit=self._memory_limit)
+            ),
+            name="stage-keys",
+            daemon=True,
+        )
+        if self.kind.primary_key and paths:
+            keys.start()
         self._join()
+        if keys.ident is not None:
+            keys.join()
+        self.keys_unique = checked[0] if checked else None
         wanted = []
         for path in paths:
             info = Path(path).stat()

@@ -74,7 +74,15 @@ def staged_ingest(
         )
         con = staged.take(result.parquet_paths)
         if con is not None:
-            load = load_parquet(con, kind, result.parquet_paths, staged=staged.table)
+            # As the runner does: the keys were checked over the files beside the last inserts.
+            assert staged.keys_unique is not None or not kind.primary_key
+            load = load_parquet(
+                con,
+                kind,
+                result.parquet_paths,
+                staged=staged.table,
+                keys_unique=staged.keys_unique,
+            )
             staged.commit()
             return load, result.parquet_paths, True
     with warehouse.transaction() as con:
