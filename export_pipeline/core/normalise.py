@@ -1377,6 +1377,10 @@ def _silently_converted(
 _WITNESS_VALUES = ({"_": 0}, 0)
 # The column of ``read_json(..., filename := ...)`` that tells the witness records apart.
 _WITNESS_COLUMN = "_export_pipeline_witness_file"
+# The guarded read's table alias: its row, whose type is checked when the query is planned.
+_WITNESS_ROW = "_witnessed_row"
+_VARCHAR = schema.Scalar("VARCHAR")
+_JSON = schema.Scalar("JSON")
 # DuckDB's default type sample, in records (read_json's ``sample_size``).
 _DEFAULT_SAMPLE = 20_480
 
@@ -1400,11 +1404,7 @@ def _witness(t: schema.Type) -> tuple[object, object] | None:
 
 def _witnessed(t: schema.Type) -> schema.Type:
     """``t`` as the witnessed read types it: each position :func:`_risky` names is JSON."""
-    if isinstance(t, schema.Struct):
-        return schema.Struct(tuple((n, _witnessed(f)) for n, f in t.fields))
-    if isinstance(t, schema.List):
-        return schema.List(_witnessed(t.element))
-    return schema.Scalar("JSON") if _risky(t) is not None else t
+    return schema.map_scalars(t, lambda s: _JSON if _risky(s) is not None else s)
 
 
 def _rebuilt(
@@ -1486,16 +1486,16 @@ def _guarded_reader(
     DuckDB's detection type every position at risk JSON (:func:`_witness`), the rest of its
     sample (the same records the sampled read looks at) types everything else, and keys it
     never saw still fail the read. :func:`_checked_leaf` turns each JSON text into the sampled
-    type or fails. A bound type other than the expected one fails the read before its first
-    row (``typeof`` is known when the query is planned).
+    type or fails. Bound columns or types other than the expected ones fail the read before
+    its first row (``typeof`` of the row is known when the query is planned).
 
     None when nothing is at risk (no check needed) or the witness cannot be told apart."""
     columns = dict(sampled)
-    risky = {n: w for n, t in columns.items() if (w := _witness(t)) is not None}
-    names = schema.Struct(tuple(columns.items()))
-    if not risky or _WITNESS_COLUMN in columns or not _plain_names(names):
+    row = schema.Struct(tuple(columns.items()))
+    # Every column, in order (null where nothing is at risk), like a struct's fields.
+    records = _witness(row)
+    if records is None or _WITNESS_COLUMN in columns or not _plain_names(row):
         return None
-    records = [{n: w[i] for n, w in risky.items()} for i in range(2)]
     if info.format is FileFormat.JSON_ARRAY:
         text = json.dumps(records)
     else:
@@ -1512,15 +1512,17 @@ def _guarded_reader(
     exprs = []
     for name, t in columns.items():
         col = quote_ident(name)
-        checked = _rebuilt(col, t, _checked_leaf) if name in risky else None
+        checked = _rebuilt(col, t, _checked_leaf)
         exprs.append(f"{checked} AS {col}" if checked is not None else col)
-    bound = " OR ".join(
-        f"typeof({quote_ident(n)}) <> typeof(CAST(NULL AS {schema.render(_witnessed(t))}))"
-        for n, t in columns.items()
+    # The whole row: a column the select does not name (a key only the read's own sample
+    # saw) would be dropped unseen, as DuckDB then stops failing on unknown keys.
+    bound = schema.Struct(
+        (*((n, _witnessed(t)) for n, t in columns.items()), (_WITNESS_COLUMN, _VARCHAR))
     )
     return (
-        f"SELECT {', '.join(exprs)} FROM {reader} WHERE CASE "
-        f"WHEN {bound} THEN error('the witnessed read bound other types') "
+        f"SELECT {', '.join(exprs)} FROM {reader} AS {_WITNESS_ROW} WHERE CASE "
+        f"WHEN typeof({_WITNESS_ROW}) <> typeof(CAST(NULL AS {schema.render(bound)})) "
+        "THEN error('the witnessed read bound other columns or types') "
         f"WHEN {quote_ident(_WITNESS_COLUMN)} = {sql_literal(str(witness))} THEN false "
         "ELSE true END"
     )

@@ -546,6 +546,27 @@ def test_a_witness_that_does_not_take_is_refused(
     assert got == (1.5, 1.5)
 
 
+def test_a_key_only_the_guarded_reads_own_sample_saw_is_not_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should the guarded read's own type sample see a key the part's sample did not (here: it
+    samples further), that column is not silently left out of the select: the read's whole row
+    type is checked, it fails, and the export is typed over every record."""
+    from export_pipeline.core import normalise
+
+    monkeypatch.setattr(normalise, "_DEFAULT_SAMPLE", 22_000)
+    records = [dict(_CHECKED[i % 40], id=f"b{i}") for i in range(_PAST_SAMPLE)]
+    records[21_000]["seen_late"] = "kept"
+    parts = _write_parts(tmp_path, "jsonl", [_CHECKED, records])
+    result = to_parquet(parts, tmp_path / "out", kind=AUTO_KIND, export_id="e", loaded_at=LOADED_AT)
+    with duckdb.connect() as con:
+        got = con.execute(
+            "SELECT seen_late FROM read_parquet(?, union_by_name = true) WHERE id = 'b21000'",
+            [[str(p) for p in result.parquet_paths]],
+        ).fetchone()
+    assert got == ("kept",)
+
+
 _TZ_SCRIPT = """
 import json, sys
 from datetime import UTC, datetime
