@@ -126,12 +126,12 @@ def test_readme_path_in_a_real_browser(ui: tuple[str, Path], tmp_path: Path) -> 
         )
         page = browser.new_page()
         page.set_default_timeout(60_000)
+        # The UI's community dialog (an e-mail field and "Skip", first visit only) can open
+        # after the page settled and then takes every click: skip it whenever it shows.
+        page.add_locator_handler(page.get_by_role("button", name="Skip"), lambda skip: skip.click())
 
         # Every asset in the graph: expand each group, then pan through it.
         page.goto(f"{base}/asset-groups", wait_until="networkidle")
-        skip = page.get_by_role("button", name="Skip")  # the community dialog, first visit only
-        if skip.count():
-            skip.click()
         for group in reversed(ASSETS):  # bottom up: expanding one moves those below it
             page.get_by_text(group, exact=True).filter(visible=True).last.click()
             page.wait_for_timeout(300)
