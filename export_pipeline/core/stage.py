@@ -40,6 +40,10 @@ from export_pipeline.core.sql import quote_ident, sql_literal
 from export_pipeline.core.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
+# Files still queued for insert at take() from which the key check runs beside them (an insert
+# of a 20,000-row chunk takes ~0.08 s; the check of 1,000,000 Mews ids 0.2 s, of 200,000
+# locations 0.05 s).
+_TAIL_FOR_KEYS = 2
 
 
 class StagedLoad:
@@ -74,6 +78,7 @@ class StagedLoad:
         # Whether each primary key occurs once in the files :meth:`take` was given (None: not
         # known); ``load_parquet(keys_unique=...)`` then need not group the staged rows.
         self.keys_unique: bool | None = None
+        self.tail_for_keys = _TAIL_FOR_KEYS
 
     def __enter__(self) -> StagedLoad:
         return self
@@ -150,7 +155,8 @@ class StagedLoad:
 
         While the last inserts finish (on one core), the key columns of ``paths`` are checked
         for duplicates on the other (:attr:`keys_unique`), which the load would otherwise do
-        after them."""
+        after them; only when inserts are still queued (a short tail would only wait for the
+        check instead)."""
         checked: list[bool] = []
         keys = threading.Thread(
             target=lambda: checked.append(
@@ -159,7 +165,7 @@ class StagedLoad:
             name="stage-keys",
             daemon=True,
         )
-        if self.kind.primary_key and paths:
+        if self.kind.primary_key and paths and self._files.qsize() >= self.tail_for_keys:
             keys.start()
         self._join()
         if keys.ident is not None:

@@ -53,15 +53,19 @@ def staged_ingest(
     work: Path,
     *,
     slots: CpuSlots | None = None,
+    keys_beside: bool = False,
     **kw: int,
 ) -> tuple[object, list[Path], bool]:
     """What the runner does: normalise telling the stager each file, then the load in the
     staged transaction when it can be used, else in a transaction of its own. Returns the load
     result, the Parquet files, and whether the staged transaction was used. ``slots`` replaces
-    the stager's own (to watch them)."""
+    the stager's own (to watch them). ``keys_beside``: the keys are checked beside the last
+    inserts however few are left."""
     with StagedLoad(warehouse, kind, work / "stage", memory_limit="200MB") as staged:
         if slots is not None:
             staged.slots = slots
+        if keys_beside:
+            staged.tail_for_keys = 0
         result = to_parquet(
             sources,
             work / "parquet",
@@ -74,8 +78,8 @@ def staged_ingest(
         )
         con = staged.take(result.parquet_paths)
         if con is not None:
-            # As the runner does: the keys were checked over the files beside the last inserts.
-            assert staged.keys_unique is not None or not kind.primary_key
+            # As the runner does: the keys checked beside the last inserts, if they were.
+            assert staged.keys_unique is not None or not keys_beside or not kind.primary_key
             load = load_parquet(
                 con,
                 kind,
@@ -131,10 +135,15 @@ def test_a_big_json_array_is_written_in_chunks_each_told_once_complete(tmp_path:
     assert ids == list(range(90_000))  # the files, in name order, hold the rows in file order
 
 
-def test_a_snapshot_staged_while_parsing_becomes_the_table_by_a_rename(tmp_path: Path) -> None:
+@pytest.mark.parametrize("keys_beside", [False, True])
+def test_a_snapshot_staged_while_parsing_becomes_the_table_by_a_rename(
+    tmp_path: Path, keys_beside: bool
+) -> None:
     warehouse = DuckDBWarehouse(tmp_path / "wh.duckdb", publish_reads=False)
     sources = write_parts(tmp_path / "raw", parts=3, rows=1_000)
-    load, paths, staged = staged_ingest(warehouse, SNAPSHOT, sources, tmp_path / "w1")
+    load, paths, staged = staged_ingest(
+        warehouse, SNAPSHOT, sources, tmp_path / "w1", keys_beside=keys_beside
+    )
     assert staged and load.renamed
     assert (load.rows_inserted, load.table_rows) == (3_000, 3_000)
     assert load.table_files == tuple(str(p) for p in paths)
@@ -181,13 +190,19 @@ def test_a_snapshot_keeps_a_column_the_table_has_and_the_export_lacks(tmp_path: 
     assert stage_tables(warehouse) == []
 
 
-def test_duplicate_keys_are_loaded_from_the_files_last_occurrence_winning(tmp_path: Path) -> None:
+@pytest.mark.parametrize("keys_beside", [False, True])
+def test_duplicate_keys_are_loaded_from_the_files_last_occurrence_winning(
+    tmp_path: Path, keys_beside: bool
+) -> None:
+    """Found by the load's own check, or by the one beside the last staging inserts."""
     warehouse = DuckDBWarehouse(tmp_path / "wh.duckdb", publish_reads=False)
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "part-0.jsonl").write_text('{"id": "a", "amount": 1}\n{"id": "b", "amount": 2}\n')
     (raw / "part-1.jsonl").write_text('{"id": "a", "amount": 3}\n')
-    load, _, staged = staged_ingest(warehouse, SNAPSHOT, sorted(raw.iterdir()), tmp_path / "w")
+    load, _, staged = staged_ingest(
+        warehouse, SNAPSHOT, sorted(raw.iterdir()), tmp_path / "w", keys_beside=keys_beside
+    )
     assert staged and not load.renamed
     with warehouse.connect() as con:
         rows = con.execute("SELECT id, amount FROM shop.orders ORDER BY id").fetchall()
