@@ -206,13 +206,12 @@ def _usable_stage(
 
 
 def files_have_duplicate_keys(
-    kind: ExportKind, parquet_paths: Sequence[Path | str], *, memory_limit: str
+    con: duckdb.DuckDBPyConnection, kind: ExportKind, parquet_paths: Sequence[Path | str]
 ) -> bool:
-    """:func:`_has_duplicate_keys` over Parquet files, on a DuckDB connection of its own (one
-    thread, at most ``memory_limit``), so it can run beside a load."""
+    """:func:`_has_duplicate_keys` over Parquet files (on any connection: a private one can
+    run it beside a load)."""
     files = "[" + ", ".join(sql_literal(str(p)) for p in parquet_paths) + "]"
-    with duckdb.connect(config={"threads": 1, "memory_limit": memory_limit}) as con:
-        return _has_duplicate_keys(con, kind, f"read_parquet({files}, union_by_name = true)")
+    return _has_duplicate_keys(con, kind, f"read_parquet({files}, union_by_name = true)")
 
 
 def _has_duplicate_keys(con: duckdb.DuckDBPyConnection, kind: ExportKind, source: str) -> bool:

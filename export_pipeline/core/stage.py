@@ -40,10 +40,6 @@ from export_pipeline.core.sql import quote_ident, sql_literal
 from export_pipeline.core.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
-# Files still queued for insert at take() from which the key check runs beside them (an insert
-# of a 20,000-row chunk takes ~0.08 s; the check of 1,000,000 Mews ids 0.2 s, of 200,000
-# locations 0.05 s).
-_TAIL_FOR_KEYS = 2
 
 
 class StagedLoad:
@@ -78,7 +74,7 @@ class StagedLoad:
         # Whether each primary key occurs once in the files :meth:`take` was given (None: not
         # known); ``load_parquet(keys_unique=...)`` then need not group the staged rows.
         self.keys_unique: bool | None = None
-        self.tail_for_keys = _TAIL_FOR_KEYS
+        self.wait_for_keys = False  # True: :meth:`take` lets the key check end (tests)
 
     def __enter__(self) -> StagedLoad:
         return self
@@ -155,22 +151,12 @@ class StagedLoad:
 
         While the last inserts finish (on one core), the key columns of ``paths`` are checked
         for duplicates on the other (:attr:`keys_unique`), which the load would otherwise do
-        after them; only when inserts are still queued (a short tail would only wait for the
-        check instead)."""
-        checked: list[bool] = []
-        keys = threading.Thread(
-            target=lambda: checked.append(
-                not files_have_duplicate_keys(self.kind, paths, memory_limit=self._memory_limit)
-            ),
-            name="stage-keys",
-            daemon=True,
-        )
-        if self.kind.primary_key and paths and self._files.qsize() >= self.tail_for_keys:
-            keys.start()
+        after them; a check not done when they are is stopped, and the load does it."""
+        keys = None
+        if self.kind.primary_key and paths:
+            keys = _KeyCheck(self.kind, paths, self._memory_limit)
         self._join()
-        if keys.ident is not None:
-            keys.join()
-        self.keys_unique = checked[0] if checked else None
+        self.keys_unique = keys.result(wait=self.wait_for_keys) if keys is not None else None
         wanted = []
         for path in paths:
             info = Path(path).stat()
@@ -206,3 +192,29 @@ def _fraction(limit: str, share: float) -> str:
     power = "KMGT".index(found.group(2).upper()) + 1
     kilobytes = float(found.group(1)) * base**power / base * share
     return f"{max(1, int(kilobytes))}{'KiB' if found.group(3) else 'KB'}"
+
+
+class _KeyCheck:
+    """Whether each primary key occurs once in Parquet files, found on a thread and a DuckDB
+    connection of their own (one thread, at most ``memory_limit``) while the caller waits for
+    something else; :meth:`result` stops it if it is not done by then."""
+
+    def __init__(self, kind: ExportKind, paths: Sequence[Path | str], memory_limit: str) -> None:
+        self._con = duckdb.connect(config={"threads": 1, "memory_limit": memory_limit})
+        self._unique: bool | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(kind, list(paths)), name="stage-keys", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, kind: ExportKind, paths: list[Path | str]) -> None:
+        with contextlib.suppress(duckdb.Error):  # stopped, or failed: not known
+            self._unique = not files_have_duplicate_keys(self._con, kind, paths)
+
+    def result(self, *, wait: bool = False) -> bool | None:
+        """True or False when the check was done, else None (stopped now, unless ``wait``)."""
+        if self._thread.is_alive() and not wait:
+            self._con.interrupt()
+        self._thread.join()
+        self._con.close()
+        return self._unique

@@ -59,13 +59,12 @@ def staged_ingest(
     """What the runner does: normalise telling the stager each file, then the load in the
     staged transaction when it can be used, else in a transaction of its own. Returns the load
     result, the Parquet files, and whether the staged transaction was used. ``slots`` replaces
-    the stager's own (to watch them). ``keys_beside``: the keys are checked beside the last
-    inserts however few are left."""
+    the stager's own (to watch them). ``keys_beside``: the key check beside the last inserts
+    is let finish however soon they do."""
     with StagedLoad(warehouse, kind, work / "stage", memory_limit="200MB") as staged:
         if slots is not None:
             staged.slots = slots
-        if keys_beside:
-            staged.tail_for_keys = 0
+        staged.wait_for_keys = keys_beside
         result = to_parquet(
             sources,
             work / "parquet",
@@ -274,6 +273,22 @@ def test_parts_and_their_staging_take_turns_on_the_cores(tmp_path: Path) -> None
     assert watched.most <= cores
     assert watched.capacity is None  # lifted when normalise ends: later inserts never wait
     assert load.table_rows == 3 * PAST_SAMPLE  # type: ignore[attr-defined]
+
+
+def test_a_key_check_not_done_when_the_inserts_are_is_stopped(tmp_path: Path) -> None:
+    """The check beside the staging tail never makes the load wait: not done when asked, it is
+    interrupted and its answer unknown (the load then checks the staged rows itself)."""
+    from export_pipeline.core.stage import _KeyCheck
+
+    big = tmp_path / "big.parquet"
+    with duckdb.connect() as con:
+        con.execute(f"COPY (SELECT uuid() AS id FROM range(3000000)) TO '{big}' (FORMAT parquet)")
+    dup = tmp_path / "dup.parquet"
+    with duckdb.connect() as con:
+        con.execute(f"COPY (SELECT 'a' AS id FROM range(2)) TO '{dup}' (FORMAT parquet)")
+    assert _KeyCheck(SNAPSHOT, [big], "200MB").result() is None
+    assert _KeyCheck(SNAPSHOT, [big], "200MB").result(wait=True) is True
+    assert _KeyCheck(SNAPSHOT, [dup, dup], "200MB").result(wait=True) is False
 
 
 def test_staged_rows_stay_invisible_and_are_gone_when_the_load_fails(tmp_path: Path) -> None:
