@@ -155,8 +155,10 @@ class StagedLoad:
         keys = None
         if self.kind.primary_key and paths:
             keys = _KeyCheck(self.kind, paths, self._memory_limit)
-        self._join()
-        self.keys_unique = keys.result(wait=self.wait_for_keys) if keys is not None else None
+        try:
+            self._join()
+        finally:
+            self.keys_unique = keys.result(wait=self.wait_for_keys) if keys is not None else None
         wanted = []
         for path in paths:
             info = Path(path).stat()
@@ -213,8 +215,11 @@ class _KeyCheck:
 
     def result(self, *, wait: bool = False) -> bool | None:
         """True or False when the check was done, else None (stopped now, unless ``wait``)."""
-        if self._thread.is_alive() and not wait:
-            self._con.interrupt()
+        if not wait:
+            # Again until it ends: an interrupt that comes before the query starts is lost.
+            while self._thread.is_alive():
+                self._con.interrupt()
+                self._thread.join(0.01)
         self._thread.join()
         self._con.close()
         return self._unique
