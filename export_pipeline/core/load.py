@@ -167,7 +167,7 @@ def _stage(con: duckdb.DuckDBPyConnection, kind: ExportKind, stage: str, paths: 
     names = {r[0] for r in described}
     _require_keys(kind, names)
     files = "[" + ", ".join(sql_literal(p) for p in paths) + "]"
-    if not _has_duplicate_keys(con, kind, f"read_parquet({files}, union_by_name = true)"):
+    if not files_have_duplicate_keys(con, kind, paths):
         con.execute(
             f"CREATE TEMP VIEW {stage} AS SELECT * FROM read_parquet({files}, union_by_name = true)"
         )

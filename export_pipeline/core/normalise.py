@@ -921,7 +921,7 @@ def _sampled_steps(
         out_dir / (f".{stem}.chunks" if src in chunked else f"{stem}.parquet.part")
         for src, stem in zip(sources, stems, strict=True)
     ]
-    witnesses = [out_dir / f".{stem}.witness" for stem in stems]
+    witnesses = [out_dir / f".{stem}.witness" for stem in stems] if guard else []
     # The guarded read of each source that has one (a subquery), built once its sample is known.
     guarded: dict[Path, str] = {}
     steps: list[Future[int] | Future[bool]] = []
@@ -947,10 +947,8 @@ def _sampled_steps(
                     per_file = dict(zip(sources, pool.map(sample, sources), strict=True))
                     typed = _typed_union(per_file.values(), hints)
                 if typed is not None:
-                    for src, witness in zip(sources, witnesses, strict=True):
-                        if guard and (
-                            read := _guarded_reader(src, detected[src], per_file[src], witness)
-                        ):
+                    for src, witness in zip(sources, witnesses, strict=False):  # none: no guard
+                        if read := _guarded_reader(src, detected[src], per_file[src], witness):
                             guarded[src] = f"({read})"
                     copies = copies or [
                         pool.submit(on_cursor, partial_copy(src, per_file[src], typed, partial))
