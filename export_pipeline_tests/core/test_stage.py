@@ -251,6 +251,44 @@ class _WatchedSlots(CpuSlots):
                     self.running -= 1
 
 
+def test_a_part_whose_types_change_the_exports_loads_every_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts beyond the first round are read with its types; the last one's own (fractions
+    where the first parts had integers) change the export's, so every part is read again
+    while the staging was told the first files: the staged rows are not used unless they are
+    exactly the final files', and every value lands as written."""
+    warehouse = DuckDBWarehouse(tmp_path / "wh.duckdb", publish_reads=False)
+    with duckdb.connect() as probe:
+        cores = int(probe.execute("SELECT current_setting('threads')").fetchone()[0])  # type: ignore[index]
+    sources = write_parts(tmp_path / "raw", parts=cores + 2, rows=3_000)
+    with sources[-1].open("w") as fh:
+        fh.writelines(
+            f'{{"id": "last-{i}", "amount": {i}.25, "note": null}}\n' for i in range(3_000)
+        )
+    from export_pipeline.core import normalise
+
+    runs = []
+    steps = normalise._sampled_steps
+    monkeypatch.setattr(
+        normalise, "_sampled_steps", lambda *a, **k: runs.append(k) or steps(*a, **k)
+    )
+    load, _, _ = staged_ingest(warehouse, SNAPSHOT, sources, tmp_path, chunk_bytes=1)
+    assert [bool(k.get("known")) for k in runs] == [False, True]  # read again, known samples kept
+    assert load.table_rows == (cores + 2) * 3_000  # type: ignore[attr-defined]
+    with warehouse.connect() as con:
+        got = con.execute(
+            "SELECT any_value(typeof(amount)), sum(amount), count(DISTINCT _source_file) "
+            "FROM shop.orders"
+        ).fetchone()
+    assert got == (
+        "DOUBLE",
+        (cores + 1) * sum(range(3_000)) + sum(i + 0.25 for i in range(3_000)),
+        cores + 2,
+    )
+    assert stage_tables(warehouse) == []
+
+
 def test_parts_and_their_staging_take_turns_on_the_cores(tmp_path: Path) -> None:
     """Parts converted side by side keep every core busy, so each step and each insert of the
     staged load holds one of as many slots as normalise runs steps: never a busy DuckDB
