@@ -1006,18 +1006,18 @@ def _sampled_steps(
                     if any(src not in guarded for src in predicted):
                         # A prediction only a guarded read can verify: sample every part.
                         raise _Replan({s: per_file[s] for s in sources if s not in predicted})
-                    # Predicted parts first: one whose own types differ shows it at once.
-                    submitted = {
-                        src: pool.submit(
-                            on_cursor,
-                            predicted_copy(src, typed, partial_of[src])
-                            if src in predicted
-                            else partial_copy(src, per_file[src], typed, partial_of[src]),
-                        )
-                        for src in sorted(sources, key=lambda src: src not in predicted)
-                        if not copies
-                    }
-                    copies = copies or [submitted[src] for src in sources]
+                    if not copies:
+                        # Predicted parts first: one whose own types differ shows it at once.
+                        submitted = {
+                            src: pool.submit(
+                                on_cursor,
+                                predicted_copy(src, typed, partial_of[src])
+                                if src in predicted
+                                else partial_copy(src, per_file[src], typed, partial_of[src]),
+                            )
+                            for src in sorted(sources, key=lambda src: src not in predicted)
+                        }
+                        copies = [submitted[src] for src in sources]
                     checks = [
                         pool.submit(on_cursor, partial_check(src, per_file[src]))
                         for src in sources
