@@ -60,6 +60,7 @@ from benchmarks._common import (
     rounded,
     run_child,
     self_peak_rss_mb,
+    settled,
     time_closing_steps,
 )
 
@@ -133,7 +134,7 @@ def _child_ingest(base_url: str, workdir: Path, memory_limit: str | None) -> dic
     )
     phases = Phases()
     runner.start = phases.wrap("request", runner.start)  # type: ignore[method-assign]
-    runner.wait_until_ready = phases.wrap("wait", runner.wait_until_ready)  # type: ignore[method-assign]
+    runner.wait_until_ready = phases.wrap("wait", settled(runner.wait_until_ready))  # type: ignore[method-assign]
     runner._download = phases.wrap("download", runner._download)  # type: ignore[method-assign]
     ingest_module.to_parquet = phases.wrap("normalise", ingest_module.to_parquet)  # type: ignore[assignment]
     ingest_module.load_parquet = phases.wrap("snapshot_replace", ingest_module.load_parquet)  # type: ignore[assignment]
