@@ -153,6 +153,8 @@ def _child_ingest(
         "bytes": result.bytes_downloaded,
         "raw_file": str(Path(result.raw_uri) / result.files[0]),
         "seconds": s["sync"] - s.get("wait", 0.0),
+        "cpu_seconds": phases.cpu_seconds["sync"] - phases.cpu_seconds.get("wait", 0.0),
+        "download_cpu_seconds": phases.cpu_seconds.get("download", 0.0),
         "sync_seconds": s["sync"],
         "wait_seconds": s.get("wait", 0.0),
         "request_seconds": s.get("request", 0.0),
@@ -190,11 +192,12 @@ def _child_baseline(source: Path, db_path: Path, fmt: str) -> dict[str, Any]:
         reader = f"read_json({path}, format := 'array')"
     else:
         reader = f"read_csv({path}, header := true)"
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     con = duckdb.connect(str(db_path))
     con.execute(f"CREATE TABLE locations AS SELECT * FROM {reader}")
     con.close()
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu
     peak = self_peak_rss_mb()
     full_scan_seconds = None
     if fmt == "json":
@@ -212,6 +215,7 @@ def _child_baseline(source: Path, db_path: Path, fmt: str) -> dict[str, Any]:
     return {
         "rows": int(row[0]) if row else 0,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "full_scan_seconds": full_scan_seconds,
         "peak_rss_mb": round(peak, 1),
         "rss_at_start_mb": round(rss_at_start, 1),

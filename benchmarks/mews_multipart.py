@@ -162,6 +162,8 @@ def _child_ingest(base_url: str, workdir: Path, memory_limit: str | None) -> dic
         "bytes": result.bytes_downloaded,
         "raw_files": [str(Path(result.raw_uri) / name) for name in result.files],
         "seconds": s["sync"] - s.get("wait", 0.0),
+        "cpu_seconds": phases.cpu_seconds["sync"] - phases.cpu_seconds.get("wait", 0.0),
+        "download_cpu_seconds": phases.cpu_seconds.get("download", 0.0),
         "sync_seconds": s["sync"],
         "wait_seconds": s.get("wait", 0.0),
         "request_seconds": s.get("request", 0.0),
@@ -195,7 +197,7 @@ def _child_baseline(files: list[Path], db_path: Path) -> dict[str, Any]:
     for stale in (db_path, db_path.with_name(db_path.name + ".wal")):
         stale.unlink(missing_ok=True)
     paths = "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     con = duckdb.connect(str(db_path))
     con.execute(
         "CREATE TABLE reservation AS SELECT * FROM "
@@ -203,6 +205,7 @@ def _child_baseline(files: list[Path], db_path: Path) -> dict[str, Any]:
     )
     con.close()
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu
     peak = self_peak_rss_mb()
     # Context, not the baseline: read_json's default guesses types from a 20,480-record sample
     # (keys seen only later are dropped); the pipeline must scan everything, as this does.
@@ -218,6 +221,7 @@ def _child_baseline(files: list[Path], db_path: Path) -> dict[str, Any]:
     return {
         "rows": int(rows),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "full_scan_seconds": full_scan_seconds,
         "peak_rss_mb": round(peak, 1),
         "rss_at_start_mb": round(rss_at_start, 1),

@@ -36,6 +36,18 @@ def test_ingest_benchmark_reports_json_last_line(capsys: pytest.CaptureFixture[s
     )
     for phase in ("download_seconds", "normalise_seconds", "load_seconds"):
         assert result[phase] >= 0, phase
+    # The same ratios in each child's CPU seconds (steadier on a shared machine).
+    assert result["cpu_seconds"] > 0 and result["baseline_cpu_seconds"] > 0
+    assert result["cpu_ratio_end_to_end"] == pytest.approx(
+        result["cpu_seconds"]
+        / (result["download_floor_cpu_seconds"] + result["baseline_cpu_seconds"]),
+        rel=0.01,
+    )
+    assert (
+        0
+        < result["cpu_ratio_without_download"]
+        < result["cpu_seconds"] / result["baseline_cpu_seconds"]
+    )
     # Progress lines come before the JSON.
     assert any("ingest:" in line for line in lines[:-1])
 
@@ -71,6 +83,7 @@ def test_mews_multipart_benchmark_reports_json_last_line(
         result["download_floor_sequential_seconds"], result["download_floor_parallel_seconds"]
     )
     assert result["peak_rss_mb"] > 0 and result["baseline_peak_rss_mb"] > 0
+    assert result["cpu_ratio_without_download"] > 0 and result["cpu_ratio_end_to_end"] > 0
 
 
 def test_small_syncs_benchmark_reports_json_last_line(capsys: pytest.CaptureFixture[str]) -> None:
