@@ -967,9 +967,9 @@ def _sampled_steps(
         for src, stem in zip(sources, stems, strict=True)
     ]
     partial_of = dict(zip(sources, partials, strict=True))
-    witness_of = {s: out_dir / f".{stem}.witness" for s, stem in zip(sources, stems, strict=True)}
-    if not guard:
-        witness_of = {}
+    witness_of = {
+        s: out_dir / f".{stem}.witness" for s, stem in zip(sources, stems, strict=True) if guard
+    }
     # The guarded read of each source that has one (a subquery), built once its sample is known.
     guarded: dict[Path, str] = {}
     # Sources read with the types of the first round of samples, not their own (none unless

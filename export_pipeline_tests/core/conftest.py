@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import duckdb
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -161,3 +162,9 @@ def file_hosts() -> Iterator[FileHosts]:
     ):
         storage_url = f"http://localhost:{st_srv.port}"
         yield FileHosts(api=api, api_url=api_srv.base_url, storage=storage, storage_url=storage_url)
+
+
+def duckdb_threads() -> int:
+    """DuckDB's threads on this machine: as many parts as normalise converts side by side."""
+    with duckdb.connect() as con:
+        return int(con.execute("SELECT current_setting('threads')").fetchone()[0])  # type: ignore[index]

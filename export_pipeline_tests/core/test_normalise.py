@@ -18,6 +18,7 @@ import pytest
 from export_pipeline.core.errors import ParseError
 from export_pipeline.core.model import ExportKind, FileFormat
 from export_pipeline.core.normalise import DetectedFormat, detect_format, to_parquet
+from export_pipeline_tests.core.conftest import duckdb_threads
 
 EVSES = "STRUCT(uid VARCHAR, connectors STRUCT(id VARCHAR, max_power DOUBLE)[])[]"
 COLUMNS = {
@@ -567,12 +568,6 @@ def test_a_key_only_the_guarded_reads_own_sample_saw_is_not_dropped(
     assert got == ("kept",)
 
 
-def _workers() -> int:
-    """Parts normalise converts side by side: DuckDB's threads on this machine."""
-    with duckdb.connect() as con:
-        return int(con.execute("SELECT current_setting('threads')").fetchone()[0])  # type: ignore[index]
-
-
 def _count_samples(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The files whose types normalise samples (a DESCRIBE of the sampled read), in order."""
     from export_pipeline.core import normalise
@@ -606,7 +601,7 @@ def test_parts_alike_are_sampled_one_round_only(
     """When the first round of samples (a part per worker) agree, the other parts are read
     with those types, not sampled each (0.3-0.4 CPU-s per part of Mews reservations): their
     guarded reads verify the prediction. The table is the scan over every record's."""
-    parts = _alike_parts(tmp_path, _workers() + 2)
+    parts = _alike_parts(tmp_path, duckdb_threads() + 2)
     full = _typed_over_every_record(monkeypatch, parts, tmp_path / "full", AUTO_KIND)
     with monkeypatch.context() as patch:
         _no_second_pass(patch)
@@ -614,7 +609,7 @@ def test_parts_alike_are_sampled_one_round_only(
         result = to_parquet(
             parts, tmp_path / "out", kind=AUTO_KIND, export_id="e", loaded_at=LOADED_AT
         )
-    assert sampled == [str(p) for p in parts[: _workers()]]
+    assert sampled == [str(p) for p in parts[: duckdb_threads()]]
     assert table(result.parquet_paths) == full
 
 
@@ -647,7 +642,7 @@ def test_a_part_unlike_the_sampled_ones_is_read_with_its_own_types(
             record["count"] = i + 0.25
         else:
             record["closed"] = {"at": f"2024-01-{1 + i % 28:02d}", "by": i}
-    parts = _alike_parts(tmp_path, _workers() + 2, last=records)
+    parts = _alike_parts(tmp_path, duckdb_threads() + 2, last=records)
     full = _typed_over_every_record(monkeypatch, parts, tmp_path / "full", AUTO_KIND)
     with monkeypatch.context() as patch:
         _no_second_pass(patch)
@@ -656,10 +651,10 @@ def test_a_part_unlike_the_sampled_ones_is_read_with_its_own_types(
         result = to_parquet(parts, out, kind=AUTO_KIND, export_id="e", loaded_at=LOADED_AT)
     assert table(result.parquet_paths) == full
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in result.parquet_paths)
-    first_round = [str(p) for p in parts[: _workers()]]
+    first_round = [str(p) for p in parts[: duckdb_threads()]]
     # Once per part sampled first, once for the odd part; with new types, the parts that
     # were only predicted are sampled too, and nothing twice.
-    again = [str(p) for p in parts[_workers() : -1]] if types_change else []
+    again = [str(p) for p in parts[duckdb_threads() : -1]] if types_change else []
     assert sorted(sampled) == sorted([*first_round, str(parts[-1]), *again])
 
 

@@ -22,6 +22,7 @@ from export_pipeline.core.normalise import NormaliseResult, to_parquet
 from export_pipeline.core.slots import CpuSlots
 from export_pipeline.core.stage import StagedLoad
 from export_pipeline.core.warehouse import DuckDBWarehouse
+from export_pipeline_tests.core.conftest import duckdb_threads
 
 LOADED_AT = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 SNAPSHOT = ExportKind(
@@ -259,8 +260,7 @@ def test_a_part_whose_types_change_the_exports_loads_every_value(
     while the staging was told the first files: the staged rows are not used unless they are
     exactly the final files', and every value lands as written."""
     warehouse = DuckDBWarehouse(tmp_path / "wh.duckdb", publish_reads=False)
-    with duckdb.connect() as probe:
-        cores = int(probe.execute("SELECT current_setting('threads')").fetchone()[0])  # type: ignore[index]
+    cores = duckdb_threads()
     sources = write_parts(tmp_path / "raw", parts=cores + 2, rows=3_000)
     with sources[-1].open("w") as fh:
         fh.writelines(
@@ -295,8 +295,7 @@ def test_parts_and_their_staging_take_turns_on_the_cores(tmp_path: Path) -> None
     thread more than cores, and all rows staged and loaded."""
     warehouse = DuckDBWarehouse(tmp_path / "wh.duckdb", publish_reads=False)
     sources = write_parts(tmp_path / "raw", parts=3, rows=PAST_SAMPLE)
-    with duckdb.connect() as probe:
-        cores = int(probe.execute("SELECT current_setting('threads')").fetchone()[0])  # type: ignore[index]
+    cores = duckdb_threads()
     watched = _WatchedSlots()
     # chunk_bytes=1: several files per part, told while the others are parsed.
     load, paths, staged = staged_ingest(
