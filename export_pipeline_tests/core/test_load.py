@@ -82,6 +82,22 @@ def test_duplicate_keys_keep_last_occurrence(
     assert table(con) == [(1, 11), (2, 22)]
 
 
+@pytest.mark.parametrize("mode", [LoadMode.SNAPSHOT, LoadMode.MERGE])
+def test_keys_with_nulls_are_equal_when_duplicates_are_found(
+    con: duckdb.DuckDBPyConnection, tmp_path: Path, mode: LoadMode
+) -> None:
+    """A composite key with a NULL part occurs twice: found as a duplicate (the merge matches
+    keys with IS NOT DISTINCT FROM), so the last occurrence is the one row loaded."""
+    kind = replace(KIND, primary_key=("id", "site"), load_mode=mode)
+    select = (
+        "SELECT *, 'part-1.jsonl' AS _source_file FROM "
+        "(VALUES (1, NULL, 10), (2, 'b', 20), (1, NULL, 11)) AS v(id, site, amount)"
+    )
+    result = load(con, kind, [parquet(tmp_path, "p", select)])
+    assert result.rows_in_export == 2
+    assert table(con, "SELECT id, site, amount FROM shop.orders") == [(1, None, 11), (2, "b", 20)]
+
+
 def test_new_column_is_added_and_missing_become_null(
     con: duckdb.DuckDBPyConnection, tmp_path: Path
 ) -> None:
