@@ -51,10 +51,10 @@ from export_pipeline.core.model import (
     ExportStatus,
 )
 from export_pipeline.core.netpolicy import UrlPolicy
-from export_pipeline.core.normalise import detect_format, to_parquet
+from export_pipeline.core.normalise import FileSink, detect_format, to_parquet
 from export_pipeline.core.redact import get_logger
 from export_pipeline.core.stage import StagedLoad
-from export_pipeline.core.storage import LocalStorage, Storage
+from export_pipeline.core.storage import Flusher, LocalStorage, Storage
 from export_pipeline.core.transfer import DownloadedFile, DownloadLimits, download_files
 from export_pipeline.core.warehouse import DuckDBWarehouse
 from export_pipeline.core.windows import next_cursor
@@ -602,8 +602,8 @@ class ExportRunner:
         _ACTIVE_ATTEMPTS.add(attempt)
         work = self.storage.work_dir(kind, export_id, attempt)
         try:
-            with self._staged_load(kind, work) as staged:
-                return self._ingest_attempt(kind, record, status, work, t0, staged)
+            with self._staged_load(kind, work) as staged, self._flusher() as flusher:
+                return self._ingest_attempt(kind, record, status, work, t0, staged, flusher)
         finally:
             _ACTIVE_ATTEMPTS.discard(attempt)
             # Only this attempt's own directory; verified raw files were moved out of it, and
@@ -633,6 +633,11 @@ class ExportRunner:
             )
         return contextlib.nullcontext()
 
+    def _flusher(self) -> contextlib.AbstractContextManager[Flusher | None]:
+        # Local files are published by an fsync (so are their tiers' files on the local disk);
+        # remote tiers are durable once uploaded.
+        return Flusher() if isinstance(self.storage, LocalStorage) else contextlib.nullcontext()
+
     def _ingest_attempt(
         self,
         kind: ExportKind,
@@ -641,6 +646,7 @@ class ExportRunner:
         work: Path,
         t0: float,
         staged: StagedLoad | None,
+        flusher: Flusher | None,
     ) -> IngestResult:
         export_id = record.export_id
         raw_dir = self.storage.local_dir("raw", kind, export_id)  # verified files only
@@ -650,7 +656,7 @@ class ExportRunner:
         parquet_dir.mkdir(parents=True, exist_ok=True)
         self._adopt_partials(work, work_raw)
 
-        downloaded, status, reused = self._download(kind, status, raw_dir, work_raw)
+        downloaded, status, reused = self._download(kind, status, raw_dir, work_raw, flusher)
         self._renew(kind, export_id)
         loaded_at = datetime.now(UTC)
         try:
@@ -661,7 +667,7 @@ class ExportRunner:
                 export_id=export_id,
                 loaded_at=loaded_at,
                 memory_limit=self.settings.duckdb_memory_limit,
-                on_file=staged.add if staged is not None else None,
+                on_file=_told(staged, flusher),
                 slots=staged.slots if staged is not None else None,
             )
         except (ExportPipelineError, OSError, MemoryError):
@@ -880,7 +886,12 @@ class ExportRunner:
         return fetched
 
     def _download(
-        self, kind: ExportKind, status: ExportStatus, raw_dir: Path, work_raw: Path
+        self,
+        kind: ExportKind,
+        status: ExportStatus,
+        raw_dir: Path,
+        work_raw: Path,
+        flusher: Flusher | None = None,
     ) -> tuple[list[DownloadedFile], ExportStatus, list[str]]:
         """Every file of the export in ``raw_dir``: files an earlier attempt verified are
         re-read, the rest downloaded into this attempt's ``work_raw`` (several at once) and
@@ -896,6 +907,8 @@ class ExportRunner:
             # On the download thread, the moment the file is complete and checked.
             target = raw_dir / f.name
             os.replace(f.path, target)
+            if flusher is not None:
+                flusher.add(target)
             landed = replace(f, path=target)
             with landing:
                 by_name[f.name] = landed
@@ -1007,6 +1020,19 @@ class ExportRunner:
                 )
                 adopted = False
         raise AssertionError("unreachable")
+
+
+def _told(staged: StagedLoad | None, flusher: Flusher | None) -> FileSink | None:
+    """What normalise tells each finished Parquet file: the staged load, and the flusher."""
+    sinks = [sink.add for sink in (staged, flusher) if sink is not None]
+    if len(sinks) < 2:
+        return sinks[0] if sinks else None
+
+    def tell(path: Path) -> None:
+        for sink in sinks:
+            sink(path)
+
+    return tell
 
 
 def describe_window(request: ExportRequest) -> str:

@@ -12,7 +12,8 @@ Each attempt at an export works in its own directory (:meth:`work_dir`,
 each other's files; only what an attempt *publishes* lands in the shared layout above, and a
 publish is atomic (a directory rename) for the local tier.
 
-``LocalStorage`` roots it in the data dir and publishing is a rename into place;
+``LocalStorage`` roots it in the data dir and publishing is an fsync of every file and a rename
+into place (the ledger, committed next, must never name files a power loss could truncate);
 ``S3Storage`` works in a local cache dir and uploads on publish (``upload_file``: streamed,
 multipart for big files, never read into memory). The boto3 client comes from a factory,
 typically dagster-aws's ``S3Resource.get_client``, so credentials and endpoint follow the
@@ -21,10 +22,12 @@ deployment's resource config.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -50,6 +53,63 @@ def _relative(tier: str, kind: ExportKind, export_id: str) -> Path:
 def _check_attempt(attempt: str) -> None:
     if not attempt or "/" in attempt or attempt in {".", ".."}:
         raise ValueError(f"unsafe attempt id for a path: {attempt!r}")
+
+
+def fsync_file(path: Path) -> None:
+    """Write ``path``'s data to the disk (``fsync``): it then survives a power loss, not only a
+    killed process, whose written pages the kernel still has."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Write ``path``'s entries (the names created or renamed in it) to the disk. Where a
+    directory cannot be opened (Windows), its entries are the file system's to keep."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (PermissionError, IsADirectoryError):
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """:func:`fsync_file` every file under ``root``, then :func:`fsync_dir` each directory,
+    deepest first."""
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_file(Path(folder) / name)
+        fsync_dir(Path(folder))
+
+
+class Flusher:
+    """Writes finished files to the disk on a thread of its own while the caller goes on, so
+    the fsync a publish needs before the ledger commits finds them written: the disk works
+    while the CPU parses (1.4 GB of Mews parts take ~2 s to write here; at publish time they
+    would be 2 s of waiting). Best effort: a file that fails here fails the publish's fsync.
+    Use as a context manager; files not reached when it closes are left to the publish."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="flush")
+
+    def __enter__(self) -> Flusher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def add(self, path: Path) -> None:
+        self._pool.submit(self._flush, Path(path))
+
+    @staticmethod
+    def _flush(path: Path) -> None:
+        with contextlib.suppress(OSError):  # gone (renamed, removed) or failing: publish says
+            fsync_file(path)
 
 
 class Storage(Protocol):
@@ -87,12 +147,15 @@ class LocalStorage:
         return _work_dir(self.data_dir, kind, export_id, attempt)
 
     def publish(self, tier: str, kind: ExportKind, export_id: str, local_dir: Path) -> str:
-        """No upload: the directory is already durable. A directory written elsewhere (an
-        attempt's work dir) replaces the published one in one rename, so a reader sees the
-        old set of files or the new one, never a mix or a half-written file."""
+        """No upload: every file and directory is written to the disk (:func:`fsync_tree`),
+        and a directory written elsewhere (an attempt's work dir) replaces the published one in
+        one rename, so a reader sees the old set of files or the new one, never a mix or a
+        half-written file."""
         target = self.data_dir / _relative(tier, kind, export_id)
         source = Path(local_dir)
         if target.exists() and source.resolve() == target.resolve():
+            fsync_tree(target)
+            fsync_dir(target.parent)
             return str(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         tag = uuid.uuid4().hex[:12]
@@ -101,12 +164,14 @@ class LocalStorage:
             os.rename(source, staging)  # same file system: the work dir is under data_dir
         except OSError:
             shutil.copytree(source, staging)
+        fsync_tree(staging)
         old = target.with_name(f".{export_id}.{tag}.old")
         if target.exists():
             # What stands there was published by an earlier attempt that never committed (a
             # committed export is never re-published); the caller holds the export's lease.
             os.rename(target, old)
         os.rename(staging, target)
+        fsync_dir(target.parent)
         shutil.rmtree(old, ignore_errors=True)
         return str(target)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -172,3 +173,40 @@ def test_the_duckdb_file_is_loaded_while_parsing_into_the_same_table(
         return described, rows
 
     assert table(runner) == table(copied)
+
+
+def test_the_ledger_names_only_files_already_on_disk(
+    runner: ExportRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The raw and Parquet files, and the directories that name them, are written to the disk
+    (fsync) before the load's transaction records them in the ledger: after a power loss the
+    ledger never names a file the kernel had kept only in memory. A power loss cannot be made
+    here, so ``os.fsync`` is watched (and still called)."""
+    synced: set[tuple[int, int]] = set()
+    real_fsync = os.fsync
+
+    def watched(fd: int) -> None:
+        real_fsync(fd)
+        info = os.fstat(fd)
+        synced.add((info.st_dev, info.st_ino))
+
+    monkeypatch.setattr(os, "fsync", watched)
+    seen: dict[str, object] = {}
+
+    class Watching(Ledger):
+        def mark_loaded(self, con, kind, export_id, **kwargs) -> None:  # type: ignore[override]
+            seen["synced"] = set(synced)
+            seen["uris"] = (kwargs["raw_uri"], kwargs["parquet_uri"])
+            super().mark_loaded(con, kind, export_id, **kwargs)
+
+    watching = ExportRunner(
+        runner.provider, Watching(runner.ledger.warehouse), runner.storage, runner.settings
+    )
+    result = watching.sync(LOCATIONS, ExportRequest())
+    assert result.rows == N_LOCATIONS
+    raw, parquet = (Path(str(uri)) for uri in seen["uris"])  # type: ignore[union-attr]
+    named = [raw, raw.parent, parquet, parquet.parent, *raw.iterdir(), *parquet.iterdir()]
+    assert any(p.suffix == ".parquet" for p in parquet.iterdir())
+    assert any(p.is_file() for p in raw.iterdir())
+    unsynced = [p for p in named if (p.stat().st_dev, p.stat().st_ino) not in seen["synced"]]  # type: ignore[operator]
+    assert unsynced == []
