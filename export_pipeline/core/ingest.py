@@ -7,7 +7,6 @@ the ledger, so a crash at any point leaves a record that the next run or sensor 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -55,7 +54,12 @@ from export_pipeline.core.normalise import FileSink, detect_format, to_parquet
 from export_pipeline.core.redact import get_logger
 from export_pipeline.core.stage import StagedLoad
 from export_pipeline.core.storage import Flusher, LocalStorage, Storage
-from export_pipeline.core.transfer import DownloadedFile, DownloadLimits, download_files
+from export_pipeline.core.transfer import (
+    BackgroundDigests,
+    DownloadedFile,
+    DownloadLimits,
+    download_files,
+)
 from export_pipeline.core.warehouse import DuckDBWarehouse
 from export_pipeline.core.windows import next_cursor
 
@@ -602,8 +606,14 @@ class ExportRunner:
         _ACTIVE_ATTEMPTS.add(attempt)
         work = self.storage.work_dir(kind, export_id, attempt)
         try:
-            with self._staged_load(kind, work) as staged, self._flusher() as flusher:
-                return self._ingest_attempt(kind, record, status, work, t0, staged, flusher)
+            with (
+                self._staged_load(kind, work) as staged,
+                self._flusher() as flusher,
+                BackgroundDigests() as digests,
+            ):
+                return self._ingest_attempt(
+                    kind, record, status, work, t0, staged, flusher, digests
+                )
         finally:
             _ACTIVE_ATTEMPTS.discard(attempt)
             # Only this attempt's own directory; verified raw files were moved out of it, and
@@ -647,6 +657,7 @@ class ExportRunner:
         t0: float,
         staged: StagedLoad | None,
         flusher: Flusher | None,
+        digests: BackgroundDigests,
     ) -> IngestResult:
         export_id = record.export_id
         raw_dir = self.storage.local_dir("raw", kind, export_id)  # verified files only
@@ -658,10 +669,11 @@ class ExportRunner:
 
         downloaded, status, reused = self._download(kind, status, raw_dir, work_raw)
         self._renew(kind, export_id)
-        if flusher is not None:
-            # Only now: the lease's commit (an fsync of the warehouse) waited behind the raw
-            # files' writeback when they were flushed as they landed (locations: 0.19 s).
-            for f in downloaded:
+        for f in downloaded:
+            digests.add(f.path)  # for the ledger, beside the parse (BackgroundDigests)
+            if flusher is not None:
+                # Only now: the lease's commit (an fsync of the warehouse) waited behind the
+                # raw files' writeback when they were flushed as they landed (locations: 0.19 s).
                 flusher.add(f.path)
         loaded_at = datetime.now(UTC)
         try:
@@ -720,12 +732,13 @@ class ExportRunner:
             written = list(normalised.parquet_paths)
         load_paths = self._published_parquet(kind, export_id, parquet_uri, written, readback_dir)
         cursor = next_cursor(kind, record.request, status.provider_timestamp)
+        sums = digests.result([f.path for f in downloaded])
         files = [
             {
                 "name": f.name,
                 "announced_bytes": remote.size_bytes,
                 "size_bytes": f.size_bytes,
-                "sha256": f.sha256,
+                "sha256": sums[f.path],
             }
             for f, remote in zip(downloaded, status.files, strict=True)
         ]
@@ -940,6 +953,7 @@ class ExportRunner:
                     timeout=getattr(self.provider.api, "timeout", 60.0),
                     resume=True,
                     on_finished=land,
+                    digest=False,  # hashed beside the parse instead (BackgroundDigests)
                 )
                 break
             except LinkExpiredError:
@@ -973,16 +987,8 @@ class ExportRunner:
             size = path.stat().st_size
             if f.size_bytes is not None and size != f.size_bytes:
                 continue
-            hasher = hashlib.sha256()
-            with open(path, "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    hasher.update(chunk)
             found[f.name] = DownloadedFile(
-                name=f.name,
-                path=path,
-                size_bytes=size,
-                sha256=hasher.hexdigest(),
-                content_type=None,
+                name=f.name, path=path, size_bytes=size, sha256=None, content_type=None
             )
         return found
 

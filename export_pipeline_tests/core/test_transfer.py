@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import os
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from export_pipeline.core.errors import (
 from export_pipeline.core.http import RetryPolicy
 from export_pipeline.core.model import RemoteFile
 from export_pipeline.core.netpolicy import UrlPolicy
+from export_pipeline.core.transfer import BackgroundDigests
 from export_pipeline.core.transfer import download_file as _download_file
 from export_pipeline.core.transfer import download_files as _download_files
 from export_pipeline.sandbox.server import RunningServer
@@ -53,6 +57,27 @@ def test_streams_file_to_disk_with_hash_and_size(file_hosts: FileHosts, tmp_path
     assert got.sha256 == PAYLOAD_SHA256
     assert got.content_type == "application/octet-stream"
     assert _files_left(tmp_path) == ["a.bin"]  # no .part left behind
+
+
+def test_files_downloaded_without_a_digest_are_hashed_beside_at_the_lowest_priority(
+    file_hosts: FileHosts, tmp_path: Path
+) -> None:
+    """``digest=False`` keeps the hash off the download's threads; BackgroundDigests hashes the
+    files on a thread of its own, at nice 19 where threads have their own priority (Linux)."""
+    files = [
+        RemoteFile(url=f"{file_hosts.api_url}/files/{n}", name=n, size_bytes=len(PAYLOAD))
+        for n in ("a.bin", "b.bin")
+    ]
+    got = download_files(files, tmp_path, provider="p", export_id="e1", digest=False)
+    assert [d.sha256 for d in got] == [None, None]
+    with BackgroundDigests() as digests:
+        digests.add(got[0].path)
+        sums = digests.result([d.path for d in got])  # b.bin is added by result()
+        (thread,) = [t for t in threading.enumerate() if t.name.startswith("digest")]
+        priority = os.getpriority(os.PRIO_PROCESS, thread.native_id or 0)
+    assert sums == {d.path: PAYLOAD_SHA256 for d in got}
+    if sys.platform == "linux":
+        assert priority == 19
 
 
 def test_429_retry_after_is_honoured(file_hosts: FileHosts, tmp_path: Path) -> None:
