@@ -904,11 +904,7 @@ class ExportRunner:
         return fetched
 
     def _download(
-        self,
-        kind: ExportKind,
-        status: ExportStatus,
-        raw_dir: Path,
-        work_raw: Path,
+        self, kind: ExportKind, status: ExportStatus, raw_dir: Path, work_raw: Path
     ) -> tuple[list[DownloadedFile], ExportStatus, list[str]]:
         """Every file of the export in ``raw_dir``: files an earlier attempt verified are
         re-read, the rest downloaded into this attempt's ``work_raw`` (several at once) and
