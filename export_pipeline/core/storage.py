@@ -90,8 +90,9 @@ def fsync_tree(root: Path) -> None:
 class Flusher:
     """Writes finished files to the disk on a thread of its own while the caller goes on, so
     the fsync a publish needs before the ledger commits finds them written: the disk works
-    while the CPU parses (1.4 GB of Mews parts take ~2 s to write here; at publish time they
-    would be 2 s of waiting). Best effort: a file that fails here fails the publish's fsync.
+    while the CPU parses (1.4 GB of Mews parts, 1-8 s after their download: 0.51-0.73 s of
+    fsync at publish without it, 0.00 s with it). Best effort: a file that fails here fails the
+    publish's fsync.
     Use as a context manager; files not reached when it closes are left to the publish."""
 
     def __init__(self) -> None:
