@@ -68,14 +68,8 @@ def fsync_file(path: Path) -> None:
 def fsync_dir(path: Path) -> None:
     """Write ``path``'s entries (the names created or renamed in it) to the disk. Where a
     directory cannot be opened (Windows), its entries are the file system's to keep."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except (PermissionError, IsADirectoryError):
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with contextlib.suppress(PermissionError, IsADirectoryError):
+        fsync_file(path)
 
 
 def fsync_tree(root: Path) -> None:
@@ -105,7 +99,7 @@ class Flusher:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def add(self, path: Path) -> None:
-        self._pool.submit(self._flush, Path(path))
+        self._pool.submit(self._flush, path)
 
     @staticmethod
     def _flush(path: Path) -> None:
