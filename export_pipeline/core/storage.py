@@ -81,6 +81,25 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(folder))
 
 
+def fsync_changed(root: Path, since_ns: int) -> None:
+    """Write to the disk what changed under ``root`` since ``since_ns`` (``time.time_ns()``):
+    each file whose status changed since then, in a directory whose entries did, and those
+    directories, deepest first. For files another program writes (DuckLake's data files): it
+    only adds files, so a directory that gained none holds none to write, and only the
+    directories are looked at (a lake's files are not each stat'ed). Files gone meanwhile are
+    skipped."""
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(folder).st_ctime_ns < since_ns:
+                continue
+            for name in files:
+                path = Path(folder) / name
+                with contextlib.suppress(FileNotFoundError):
+                    if path.stat().st_ctime_ns >= since_ns:
+                        fsync_file(path)
+            fsync_dir(Path(folder))
+
+
 class Flusher:
     """Writes finished files to the disk on a thread of its own while the caller goes on, so
     the fsync a publish needs before the ledger commits finds them written: the disk works

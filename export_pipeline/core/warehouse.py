@@ -40,10 +40,14 @@ import duckdb
 from export_pipeline.core import schema
 from export_pipeline.core.errors import ConfigurationError, WarehouseBusyError
 from export_pipeline.core.sql import quote_ident, sql_literal
+from export_pipeline.core.storage import fsync_changed, fsync_dir
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("duckdb", "ducklake")
+# How much earlier than its BEGIN a lake transaction looks for the files it wrote (their times
+# come from the kernel's coarse clock, a few milliseconds behind time.time_ns()).
+_CHANGE_SLACK_NS = 1_000_000_000
 LAKE_ALIAS = "lake"
 # Extensions the lake may need, by the name of their file in the duckdb-ext-* wheels.
 LAKE_EXTENSIONS = ("ducklake", "sqlite_scanner", "postgres_scanner", "httpfs")
@@ -548,8 +552,8 @@ class DuckLakeWarehouse(Warehouse):
         self.catalog_kind, self.catalog_target = parse_catalog(catalog)
         if self.catalog_kind == "sqlite":
             self.catalog_target = str(Path(self.catalog_target).resolve())
-        remote = data_path.startswith(("s3://", "gs://", "http://", "https://"))
-        self.data_path = data_path if remote else str(Path(data_path).resolve())
+        self.remote = data_path.startswith(("s3://", "gs://", "http://", "https://"))
+        self.data_path = data_path if self.remote else str(Path(data_path).resolve())
         if not self.data_path.endswith("/"):
             self.data_path += "/"
         self.lock_timeout = lock_timeout
@@ -630,6 +634,7 @@ class DuckLakeWarehouse(Warehouse):
                 db.execute(self._s3_secret_sql())
             else:
                 Path(self.data_path).mkdir(parents=True, exist_ok=True)
+                fsync_dir(Path(self.data_path).parent)  # the data path itself, once
             with self._writer_lock():
                 db.execute(self.attach_sql())
                 db.execute(f"USE {LAKE_ALIAS}")
@@ -766,10 +771,19 @@ class DuckLakeWarehouse(Warehouse):
         # Attach first: attaching takes the writer lock itself. The transaction keeps this
         # instance even if another thread evicts it meanwhile (its statements then fail).
         db = self._database()
-        with self._writer_lock(), self._session(db) as con, self._transaction_on(con):
-            yield con
+        with self._writer_lock(), self._session(db) as con:
+            # Earlier by the slack: a file's time comes from the kernel's coarse clock.
+            self._local.began_ns = time.time_ns() - _CHANGE_SLACK_NS
+            with self._transaction_on(con):
+                yield con
 
     def _commit(self, con: duckdb.DuckDBPyConnection) -> None:
+        if not self.remote:
+            # DuckDB writes Parquet without an fsync (a closed file is enough for a process
+            # that dies), and DuckLake commits its catalog right after: after a power loss
+            # the catalog could name a data file the kernel had kept only in memory. So the
+            # files this transaction wrote reach the disk first. (S3: durable once written.)
+            fsync_changed(Path(self.data_path), self._local.began_ns)
         try:
             con.execute("COMMIT")
         except duckdb.Error:

@@ -3,8 +3,11 @@ a commit that collides and runs again, analysts attaching read-only, other tools
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
+import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +98,58 @@ def test_each_load_is_one_snapshot_and_time_travel_reaches_every_export(
         assert data <= marks, version
         assert max(marks, default="") == max(data, default=""), version
     con.close()
+
+
+def test_the_catalog_names_only_data_files_already_on_disk(
+    lake: DuckLakeWarehouse, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DuckDB writes Parquet without an fsync and DuckLake commits its catalog right after, so
+    the data and delete files a load wrote, and the directories naming them, are fsynced before
+    the commit that names them: after a power loss the catalog never names a file the kernel
+    had kept only in memory. A power loss cannot be made here: ``os.fsync`` is watched (and
+    still called), and at each call the committed catalog (SQLite) is read."""
+    catalog_path = Path(lake.catalog_target)
+
+    def named_by_catalog() -> set[str]:
+        if not catalog_path.exists():
+            return set()
+        with contextlib.closing(sqlite3.connect(f"file:{catalog_path}?mode=ro", uri=True)) as db:
+            try:
+                rows = db.execute(
+                    "SELECT path FROM ducklake_data_file UNION ALL "
+                    "SELECT path FROM ducklake_delete_file"
+                ).fetchall()
+            except sqlite3.OperationalError:  # the catalog's tables are not made yet
+                return set()
+        return {Path(path).name for (path,) in rows}
+
+    synced: dict[tuple[int, int], set[str]] = {}
+    real_fsync = os.fsync
+
+    def watched(fd: int) -> None:
+        real_fsync(fd)
+        info = os.fstat(fd)
+        synced.setdefault((info.st_dev, info.st_ino), named_by_catalog())
+
+    monkeypatch.setattr(os, "fsync", watched)
+    # Then rows 10..14 again: the second load deletes their old versions (a delete file).
+    for n, first in enumerate((0, 10)):
+        parquet = write_parquet(tmp_path / f"{n}.parquet", "alpha", f"e{n}", first=first, rows=15)
+        assert load_export(lake, "alpha", f"e{n}", parquet, body_runs=[]) is not None
+
+    named = named_by_catalog()
+    files = {p.name: p for p in Path(lake.data_path).rglob("*.parquet")}
+    assert any(name in named for name in files) and set(named) <= set(files)
+    with contextlib.closing(sqlite3.connect(f"file:{catalog_path}?mode=ro", uri=True)) as db:
+        assert db.execute("SELECT count(*) FROM ducklake_delete_file").fetchone()[0] > 0
+    for name in named:
+        info = files[name].stat()
+        key = (info.st_dev, info.st_ino)
+        assert key in synced, f"{files[name]} was never written to the disk"
+        assert name not in synced[key], f"{files[name]} was named before it was on disk"
+        for folder in files[name].relative_to(lake.data_path).parents:
+            folder_info = (Path(lake.data_path) / folder).stat()
+            assert (folder_info.st_dev, folder_info.st_ino) in synced, folder
 
 
 def test_a_commit_that_collides_runs_again_whole(lake: DuckLakeWarehouse, tmp_path: Path) -> None:
