@@ -5,8 +5,8 @@ as class data; the fields are what a user sets: the origins when they are not th
 (a sandbox), the secrets, and the few settings a provider module adds (mapping's
 ``download_path``). ``SpecApiResource.from_env(cls)`` is the resource the project's Definitions
 use: every setting the spec names a variable for (``base_url_env``, ``auth.token_env``,
-``auth.body_fields``) as a ``dg.EnvVar``, so secrets are read when a run or tick starts, never
-at import, and never shown in the UI.
+``auth.body_fields``, and those of ``origin_env`` that are set) as a ``dg.EnvVar``, so secrets
+are read when a run or tick starts, never at import, and never shown in the UI.
 
 Dagster builds only the resources a run's assets (or a sensor, a schedule) require, and resolves
 only their EnvVars: a Stripe-only run needs ``STRIPE_API_KEY`` and none of the other providers'
@@ -15,6 +15,7 @@ variables (``export_pipeline_tests/dagster/test_resources.py``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -73,6 +74,11 @@ class SpecApiResource(ProviderResource):
         settings: dict[str, Any] = {}
         if spec.base_url_env:
             settings["base_url"] = dg.EnvVar(spec.base_url_env)
+        # Optional origins (spec.origin_env, e.g. a sandbox's): only a variable set where the
+        # definitions load is used, as an EnvVar like the rest; unset, the spec's origin.
+        for field, variable in spec.origin_env.items():
+            if variable in os.environ:
+                settings[field] = dg.EnvVar(variable)
         if auth.style == "body":
             settings["body_credentials"] = {f: dg.EnvVar(e) for f, e in auth.body_fields.items()}
         else:

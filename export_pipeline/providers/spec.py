@@ -365,6 +365,11 @@ class Sandbox(_Spec):
 
     module: str = Field(description="Module with the simulator's ``State`` and ``create_app``.")
     port: int = Field(description="Its fixed port (`export-pipeline sandbox serve`).")
+    files_port: int | None = Field(
+        None,
+        description="Fixed port of its file host, for an API whose files are on a host of their "
+        "own (download.credentials: files_host; the module then has ``create_files_app``).",
+    )
 
 
 class ExportApiSpec(_Spec):
@@ -375,6 +380,11 @@ class ExportApiSpec(_Spec):
         None,
         description="Environment variable the deployment sets the API origin in (required then: "
         "an API whose documents name no origin, or a sandbox). None: `base_url`.",
+    )
+    origin_env: dict[Literal["base_url", "files_base_url"], str] = Field(
+        default_factory=dict,
+        description="Variables that, when set, replace the production origins `base_url` and "
+        "`download.files_base_url` (a sandbox, a proxy); unset, the spec's own are used.",
     )
     auth: Auth
     param_defaults: dict[str, Any] = Field(

@@ -1,4 +1,4 @@
-"""All four simulators (and the S3 server behind the message-log API) on loopback at once.
+"""All five simulators (and the S3 server behind the message-log API) on loopback at once.
 
 Used by ``export-pipeline sandbox serve``, ``export-pipeline demo`` and the Dagster-level tests.
 ``env()`` gives the environment variables that point the project's resources at it.
@@ -16,11 +16,11 @@ from typing import Any
 import httpx
 
 from export_pipeline.providers.spec import Sandbox as ProviderSandbox
-from export_pipeline.sandbox import deliveries, locations, mapping, mews
+from export_pipeline.sandbox import deliveries, locations, mapping, mews, stripe
 from export_pipeline.sandbox.s3 import S3Server
 from export_pipeline.sandbox.server import RunningServer
 
-SIMULATORS = ("locations", "mews", "deliveries", "mapping")
+SIMULATORS = ("locations", "mews", "deliveries", "mapping", "stripe")
 
 
 # Each simulator's URL and secrets under the names its provider's spec reads them from.
@@ -33,6 +33,12 @@ _SIMULATOR_ENV: dict[str, Callable[[Any, str], dict[str, str]]] = {
     },
     "deliveries": lambda s, url: {"DELIVERIES_API_URL": url, "DELIVERIES_API_KEY": s.token},
     "mapping": lambda s, url: {"MAPPING_API_URL": url, "MAPPING_API_TOKEN": s.token},
+    # Stripe's origins are optional variables (the spec's origin_env): set, they win.
+    "stripe": lambda s, url: {
+        "STRIPE_API_URL": url,
+        "STRIPE_FILES_URL": s.files_base_url,
+        "STRIPE_API_KEY": s.token,
+    },
 }
 
 
@@ -41,6 +47,8 @@ class Sandbox:
     states: dict[str, Any]  # provider -> its simulator's State, for the simulators started
     s3: S3Server
     urls: dict[str, str] = field(default_factory=dict)
+    # provider -> its file host, for an API whose files are on a host of their own (Stripe)
+    files_urls: dict[str, str] = field(default_factory=dict)
     _stack: ExitStack = field(default_factory=ExitStack, repr=False)
 
     def _state(self, name: str) -> Any:
@@ -67,6 +75,10 @@ class Sandbox:
     def mapping(self) -> mapping.State:
         return self._state("mapping")
 
+    @property
+    def stripe(self) -> stripe.State:
+        return self._state("stripe")
+
     def env(self) -> dict[str, str]:
         """Environment variables that point the provider resources at the simulators started."""
         env = {
@@ -84,7 +96,7 @@ class Sandbox:
         Loopback is refused by the download policy unless allowed; the sandbox (and the demo,
         ``dev`` and the tests that use it) allow exactly these ports, nothing else.
         """
-        origins = [*self.urls.values(), self.s3.endpoint_url]
+        origins = [*self.urls.values(), *self.files_urls.values(), self.s3.endpoint_url]
         return ",".join(sorted({httpx.URL(u).netloc.decode("ascii") for u in origins}))
 
     def simulate_activity(self, changes: int) -> None:
@@ -102,7 +114,7 @@ class Sandbox:
         s = self.states
         for name, value in faults.items():
             if name == "rate_limit":
-                for sim in ("locations", "deliveries"):
+                for sim in ("locations", "deliveries", "stripe"):
                     if sim in s:
                         s[sim].rate_limit_next = int(value)
             elif name == "slow":
@@ -110,6 +122,7 @@ class Sandbox:
                     ("locations", "ready_after_seconds"),
                     ("mews", "processing_seconds"),
                     ("mapping", "ready_after_seconds"),
+                    ("stripe", "ready_after_seconds"),
                 ):
                     if sim in s:
                         setattr(s[sim], attr, float(value))
@@ -150,7 +163,12 @@ def fixed_ports() -> dict[str, int]:
     from export_pipeline.providers.registry import PROVIDERS
 
     ports = {cls.name: cls.sandbox.port for cls in PROVIDERS if cls.sandbox is not None}
-    return {**ports, "s3": S3_PORT}
+    files = {
+        f"{cls.name}_files": cls.sandbox.files_port
+        for cls in PROVIDERS
+        if cls.sandbox is not None and cls.sandbox.files_port is not None
+    }
+    return {**ports, **files, "s3": S3_PORT}
 
 
 def start_sandbox(
@@ -189,22 +207,30 @@ def start_sandbox(
                 s3=s3, log_start=now - timedelta(days=7), log_span=timedelta(days=7)
             ),
             "mapping": mapping.State,
+            "stripe": stripe.State,
         }
         states: dict[str, Any] = {name: make[name]() for name in SIMULATORS if name in only}
         for job_id, n_results in (mapping_jobs or {}).items():
             if "mapping" in states:
                 states["mapping"].add_job(n_results, job_id=job_id)
-        urls = {}
+        urls, files_urls = {}, {}
         for name, state in states.items():
             # The simulator module each provider declares (ExportProvider.sandbox).
-            create = importlib.import_module(_declared(name).module).create_app
-            server = RunningServer(create(state), port=ports.get(name, 0)).start()
+            declared = _declared(name)
+            module = importlib.import_module(declared.module)
+            if declared.files_port is not None:  # its file host first: the API links to it
+                files = RunningServer(
+                    module.create_files_app(state), port=ports.get(f"{name}_files", 0)
+                ).start()
+                stack.callback(files.stop)
+                files_urls[name] = state.files_base_url = files.base_url
+            server = RunningServer(module.create_app(state), port=ports.get(name, 0)).start()
             stack.callback(server.stop)
             urls[name] = server.base_url
         for state in states.values():
             if hasattr(state, "close"):
                 stack.callback(state.close)
-        return Sandbox(states=states, s3=s3, urls=urls, _stack=stack)
+        return Sandbox(states=states, s3=s3, urls=urls, files_urls=files_urls, _stack=stack)
     except BaseException:
         stack.close()
         raise

@@ -326,6 +326,11 @@ def create_files_app(state: State) -> Starlette:
     return Starlette(routes=[Route("/v1/files/{file_id}/contents", contents, methods=["GET"])])
 
 
+# What the sandbox bundle starts for every provider (its API); the file host is
+# ``create_files_app``, which the bundle starts too (the spec's sandbox.files_port).
+create_app = create_api_app
+
+
 class StripeSandbox:
     """Both servers on free loopback ports; ``api_url`` / ``files_url`` once started."""
 

@@ -50,7 +50,7 @@ class DagsterSetup:
     def for_provider(self, name: str) -> dict[str, object]:
         """The resources without the other providers' ``<name>_api``: what Dagster builds for
         a run, sensor or schedule of this provider (only what they require), so the other
-        providers' variables (Stripe's, which the sandbox does not serve) need not be set."""
+        providers' variables (those of simulators the test did not start) need not be set."""
         return {
             key: value
             for key, value in self.resources.items()
