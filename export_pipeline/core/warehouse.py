@@ -783,7 +783,7 @@ class DuckLakeWarehouse(Warehouse):
             # that dies), and DuckLake commits its catalog right after: after a power loss
             # the catalog could name a data file the kernel had kept only in memory. So the
             # files this transaction wrote reach the disk first. (S3: durable once written.)
-            fsync_changed(Path(self.data_path), self._local.began_ns)
+            fsync_changed(Path(self.data_path), getattr(self._local, "began_ns", 0))
         try:
             con.execute("COMMIT")
         except duckdb.Error:

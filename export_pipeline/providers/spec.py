@@ -413,6 +413,11 @@ class ExportApiSpec(_Spec):
             raise ValueError("provider_window needs incremental.bounds and fields.timestamp")
         if self.download.credentials == "files_host" and not self.download.files_base_url:
             raise ValueError("download.credentials=files_host needs download.files_base_url")
+        files_host = self.download.files_base_url is not None
+        if "files_base_url" in self.origin_env and not files_host:
+            raise ValueError("origin_env.files_base_url replaces download.files_base_url: set it")
+        if self.sandbox is not None and self.sandbox.files_port is not None and not files_host:
+            raise ValueError("sandbox.files_port is the port of download.files_base_url's host")
         return self
 
     def export_kinds(self) -> tuple[ExportKind, ...]:

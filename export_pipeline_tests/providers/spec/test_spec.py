@@ -89,6 +89,9 @@ def test_kinds_follow_the_incremental_style() -> None:
         ({"status": {"path": "/s", "batch_size": 50}}, "needs `records`"),
         ({"incremental": {"style": "provider_window"}}, "needs incremental.bounds"),
         ({"download": {"credentials": "files_host"}}, "needs download.files_base_url"),
+        ({"origin_env": {"files_base_url": "X_FILES_URL"}}, "replaces download.files_base_url"),
+        ({"origin_env": {"token": "X"}}, "origin_env.token"),
+        ({"sandbox": {"module": "m", "port": 1, "files_port": 2}}, "files_base_url's host"),
         ({"kinds": [{"name": "Bad Name", "primary_key": ["id"]}]}, "must match"),
         ({"colour": "blue"}, "Extra inputs"),
         (
