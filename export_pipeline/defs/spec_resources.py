@@ -5,8 +5,9 @@ as class data; the fields are what a user sets: the origins when they are not th
 (a sandbox), the secrets, and the few settings a provider module adds (mapping's
 ``download_path``). ``SpecApiResource.from_env(cls)`` is the resource the project's Definitions
 use: every setting the spec names a variable for (``base_url_env``, ``auth.token_env``,
-``auth.body_fields``, and those of ``origin_env`` that are set) as a ``dg.EnvVar``, so secrets
-are read when a run or tick starts, never at import, and never shown in the UI.
+``auth.body_fields``) as a ``dg.EnvVar``, so secrets are read when a run or tick starts, never
+at import, and never shown in the UI. The optional origins of ``origin_env`` are read when the
+provider is built.
 
 Dagster builds only the resources a run's assets (or a sensor, a schedule) require, and resolves
 only their EnvVars: a Stripe-only run needs ``STRIPE_API_KEY`` and none of the other providers'
@@ -50,11 +51,14 @@ class SpecApiResource(ProviderResource):
     )
 
     def build(self, retry: RetryPolicy | None = None) -> ExportProvider:
+        # The spec's optional origins (origin_env: a sandbox's, a proxy's), read when a run
+        # builds the provider; an origin set on the resource wins, and unset, the spec's own.
+        origins = {f: os.environ.get(v) for f, v in self.provider_class.spec.origin_env.items()}
         return self.provider_class.from_settings(
             token=self.token or "",
             body_credentials=self.body_credentials,
-            base_url=self.base_url,
-            files_base_url=self.files_base_url,
+            base_url=self.base_url or origins.get("base_url"),
+            files_base_url=self.files_base_url or origins.get("files_base_url"),
             timeout=self.timeout_seconds,
             retry=retry,
             **self.options,
@@ -74,11 +78,6 @@ class SpecApiResource(ProviderResource):
         settings: dict[str, Any] = {}
         if spec.base_url_env:
             settings["base_url"] = dg.EnvVar(spec.base_url_env)
-        # Optional origins (spec.origin_env, e.g. a sandbox's): only a variable set where the
-        # definitions load is used, as an EnvVar like the rest; unset, the spec's origin.
-        for field, variable in spec.origin_env.items():
-            if variable in os.environ:
-                settings[field] = dg.EnvVar(variable)
         if auth.style == "body":
             settings["body_credentials"] = {f: dg.EnvVar(e) for f, e in auth.body_fields.items()}
         else:

@@ -5,6 +5,7 @@ Stripe's production origins."""
 
 from __future__ import annotations
 
+import dagster as dg
 import duckdb
 import pytest
 
@@ -56,22 +57,29 @@ def test_the_sandbox_points_the_projects_stripe_at_its_simulator(
 def test_without_the_origin_variables_stripe_keeps_its_production_origins(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    def origins(resource: SpecApiResource) -> tuple[str, str | None]:
+        with dg.build_resources({"api": resource}) as built:  # as a run builds it
+            provider = built.api.build()
+        try:
+            return provider.api.base_url, provider.files_base_url  # type: ignore[attr-defined]
+        finally:
+            provider.close()
+
+    monkeypatch.setenv("STRIPE_API_KEY", "sk_test_x")
     for variable in ("STRIPE_API_URL", "STRIPE_FILES_URL"):
         monkeypatch.delenv(variable, raising=False)
     resource = SpecApiResource.from_env(StripeProvider)
-    assert resource.base_url is None and resource.files_base_url is None
+    assert origins(resource) == ("https://api.stripe.com", "https://files.stripe.com")
     # What a deployment must set: the key only.
     assert environment_variables(resource) == {"STRIPE_API_KEY"}
 
+    # Read when the provider is built (a run), not when the definitions load.
     monkeypatch.setenv("STRIPE_API_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("STRIPE_FILES_URL", "http://127.0.0.1:10")
-    resource = SpecApiResource.from_env(StripeProvider)
-    # As EnvVars, read when a run starts like the key (not copied into the definitions).
-    assert environment_variables(resource) == {
-        "STRIPE_API_KEY",
-        "STRIPE_API_URL",
-        "STRIPE_FILES_URL",
-    }
+    assert origins(resource) == ("http://127.0.0.1:9", "http://127.0.0.1:10")
+    # An origin set on the resource (a component's attribute) wins.
+    explicit = SpecApiResource.from_env(StripeProvider, base_url="http://127.0.0.1:11")
+    assert origins(explicit) == ("http://127.0.0.1:11", "http://127.0.0.1:10")
 
 
 def test_sandbox_serve_has_fixed_ports_for_both_stripe_hosts() -> None:
