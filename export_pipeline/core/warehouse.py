@@ -40,7 +40,7 @@ import duckdb
 from export_pipeline.core import schema
 from export_pipeline.core.errors import ConfigurationError, WarehouseBusyError
 from export_pipeline.core.sql import quote_ident, sql_literal
-from export_pipeline.core.storage import fsync_changed, fsync_dir
+from export_pipeline.core.storage import NewFiles, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -772,6 +772,8 @@ class DuckLakeWarehouse(Warehouse):
         # instance even if another thread evicts it meanwhile (its statements then fail).
         db = self._database()
         with self._writer_lock(), self._session(db) as con:
+            if not self.remote:
+                _new_files(self.data_path).start()
             # Earlier by the slack: a file's time comes from the kernel's coarse clock.
             self._local.began_ns = time.time_ns() - _CHANGE_SLACK_NS
             with self._transaction_on(con):
@@ -783,7 +785,7 @@ class DuckLakeWarehouse(Warehouse):
             # that dies), and DuckLake commits its catalog right after: after a power loss
             # the catalog could name a data file the kernel had kept only in memory. So the
             # files this transaction wrote reach the disk first. (S3: durable once written.)
-            fsync_changed(Path(self.data_path), getattr(self._local, "began_ns", 0))
+            _new_files(self.data_path).sync(getattr(self._local, "began_ns", 0))
         try:
             con.execute("COMMIT")
         except duckdb.Error:
@@ -859,11 +861,20 @@ class DuckLakeWarehouse(Warehouse):
             _close_database(db)
 
 
+_NEW_FILES: dict[str, NewFiles] = {}  # data path -> its files' listings, for the process
+
+
+def _new_files(data_path: str) -> NewFiles:
+    with _LAKES_LOCK:
+        return _NEW_FILES.setdefault(data_path, NewFiles(Path(data_path)))
+
+
 def close_lakes() -> None:
     """Detach every lake this process attached (tests, and a clean shutdown)."""
     with _LAKES_LOCK:
         databases = list(_LAKES.values())
         _LAKES.clear()
+        _NEW_FILES.clear()
     for db in databases:
         _close_database(db)
 

@@ -10,6 +10,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -18,6 +19,7 @@ import pytest
 
 from export_pipeline.core.errors import ConfigurationError
 from export_pipeline.core.model import ExportKind
+from export_pipeline.core.storage import NewFiles
 from export_pipeline.core.warehouse import (
     DuckLakeWarehouse,
     close_lakes,
@@ -401,3 +403,44 @@ def test_a_lake_instance_duckdb_invalidated_is_attached_again(tmp_path: Path) ->
     # The first attempt failed ("database has been invalidated"), the second committed.
     assert seen["runs"] == ["run", "run", "committed"], seen
     assert seen["rows"] == [1, 10]
+
+
+def test_new_files_are_found_by_name_and_only_they_are_written_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the lake's commit uses: files there before :meth:`NewFiles.start` are not new; a
+    file added since is, and so are the files of a directory made since; the directories that
+    gained entries are written too. A file written once is not written again."""
+    root = tmp_path / "files"
+    (root / "t").mkdir(parents=True)
+    (root / "t" / "old.parquet").write_bytes(b"old")
+    new_files = NewFiles(root)
+    new_files.start()
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def watched(fd: int) -> None:
+        real_fsync(fd)
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    monkeypatch.setattr(os, "fsync", watched)
+    since = time.time_ns() - 1_000_000_000
+    (root / "t" / "new.parquet").write_bytes(b"new")
+    (root / "u").mkdir()
+    (root / "u" / "first.parquet").write_bytes(b"first")
+    new_files.sync(since)
+    expected = [root / "t" / "new.parquet", root / "t", root / "u" / "first.parquet", root / "u"]
+    assert sorted(synced) == sorted(str(p) for p in [*expected, root])
+
+    # The next commit: nothing added, nothing written; then one more file in t.
+    synced.clear()
+    new_files.sync(time.time_ns())
+    assert synced == []
+    since = time.time_ns() - 1_000_000_000
+    (root / "t" / "next.parquet").write_bytes(b"next")
+    new_files.sync(since)
+    # (Directories changed within the slack are written again; files listed before are not.)
+    assert {str(root / "t" / "next.parquet"), str(root / "t")} <= set(synced)
+    assert not {str(p) for p in expected[::2]} & set(synced)
+    assert str(root / "t" / "old.parquet") not in synced
