@@ -122,8 +122,12 @@ class NewFiles:
         if known is not None and not changed:
             subdirs, files = known
         else:
-            with os.scandir(folder) as entries:
-                listing = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+            try:
+                with os.scandir(folder) as entries:
+                    listing = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+            except FileNotFoundError:  # removed since the stat above
+                self._listed.pop(folder, None)
+                return
             subdirs = tuple(name for name, is_dir in listing if is_dir)
             files = frozenset(name for name, is_dir in listing if not is_dir)
         for sub in subdirs:
