@@ -866,7 +866,9 @@ _NEW_FILES: dict[str, NewFiles] = {}  # data path -> its files' listings, for th
 
 def _new_files(data_path: str) -> NewFiles:
     with _LAKES_LOCK:
-        return _NEW_FILES.setdefault(data_path, NewFiles(Path(data_path)))
+        if data_path not in _NEW_FILES:
+            _NEW_FILES[data_path] = NewFiles(Path(data_path))
+        return _NEW_FILES[data_path]
 
 
 def close_lakes() -> None:

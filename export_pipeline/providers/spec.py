@@ -368,7 +368,8 @@ class Sandbox(_Spec):
     files_port: int | None = Field(
         None,
         description="Fixed port of its file host, for an API whose files are on a host of their "
-        "own (download.credentials: files_host; the module then has ``create_files_app``).",
+        "own (download.credentials: files_host). The module then has ``create_files_app``, "
+        "and its ``State`` a ``files_base_url`` the bundle sets to that host's URL.",
     )
 
 
