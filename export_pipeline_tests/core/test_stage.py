@@ -509,6 +509,55 @@ def test_a_lone_json_array_is_copied_before_its_sample_and_only_a_confirmed_copy
             assert types["meta"] == "STRUCT(a INTEGER)"
 
 
+@pytest.mark.parametrize("late", ["fraction", "nested-key"])
+def test_a_speculative_copy_is_kept_only_where_its_small_sample_types_as_the_default_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, late: str
+) -> None:
+    """The speculative COPY detects types over fewer records than DuckDB's default sample. A
+    value past its sample but inside the default one that types differently (a fraction
+    where integers came first; a struct key first seen there) refuses it, and the value
+    lands as the default sample types it."""
+    from export_pipeline.core import normalise
+
+    selects = _slow_sample_and_copies(monkeypatch)
+    first_late = normalise._SPECULATIVE_SAMPLE + 500
+    assert first_late < normalise._DEFAULT_SAMPLE
+
+    def record(i: int) -> dict[str, object]:
+        meta: dict[str, object] = {"a": 1}
+        if late == "nested-key" and i == first_late:
+            meta["late"] = "kept"
+        return {
+            "id": i,
+            "amount": 1.5 if late == "fraction" and i == first_late else i,
+            "note": "x" * 20,
+            "meta": meta,
+        }
+
+    source = tmp_path / "orders.json"
+    source.write_text(json.dumps([record(i) for i in range(60_000)]))
+    kind = ExportKind(provider="shop", name="orders", primary_key=("id",), columns={"id": "BIGINT"})
+    result, told = _normalise_telling(source, kind, tmp_path)
+    assert "REPLACE" in selects[0]  # the speculative select went first ...
+    assert len(selects) == 2  # ... and was refused
+    assert told == [p.stat().st_ino for p in result.parquet_paths]
+    paths = [str(p) for p in result.parquet_paths]
+    with duckdb.connect() as con:
+        if late == "fraction":
+            assert dict(result.columns)["amount"] == "DOUBLE"
+            got = con.execute(
+                "SELECT amount FROM read_parquet(?) WHERE id = ?", [paths, first_late]
+            ).fetchone()
+            assert got == (1.5,)
+        else:
+            assert dict(result.columns)["meta"] == "STRUCT(a BIGINT, late VARCHAR)"
+            got = con.execute(
+                "SELECT id FROM read_parquet(?) WHERE meta.late = 'kept'", [paths]
+            ).fetchall()
+            assert got == [(first_late,)]
+        assert con.execute("SELECT count(*) FROM read_parquet(?)", [paths]).fetchone() == (60_000,)
+
+
 def test_a_refused_speculative_copy_is_interrupted_not_run_to_its_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
