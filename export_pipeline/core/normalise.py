@@ -901,9 +901,29 @@ def _sampled_steps(
                 # By name, so a struct gains the fields it lacks (as NULL).
                 exprs.append(f"CAST({col} AS {t}) AS {col}")
         info = detected[src]
-        reader = guarded.get(src) or _json_reader(src, info.format, info.gzip, None, sampled=True)
-        select = _converting_tz(f"SELECT {', '.join(exprs)} FROM {reader}", tz)
-        return copy_job(src, select, partial, on_file)
+        readers = guarded.get(src) or (
+            _json_reader(src, info.format, info.gzip, None, sampled=True),
+        )
+        jobs = [
+            copy_job(
+                src, _converting_tz(f"SELECT {', '.join(exprs)} FROM {r}", tz), partial, on_file
+            )
+            for r in readers
+        ]
+        if len(jobs) == 1:
+            return jobs[0]
+
+        def run(cur: duckdb.DuckDBPyConnection) -> int:
+            try:
+                return jobs[0](cur)
+            except duckdb.Error as exc:
+                if _OTHER_ROW_TYPE not in str(exc):
+                    raise
+            # Its smaller sample typed it otherwise (found before the first row): the default.
+            _remove(partial)
+            return jobs[1](cur)
+
+        return run
 
     def predicted_copy(
         src: Path, typed: Mapping[str, str], partial: Path
@@ -927,10 +947,10 @@ def _sampled_steps(
                 if own == predicted_types:
                     raise  # the part's own sample would not have foreseen it either
             per_file[src] = own
-            read = _guarded_reader(src, detected[src], own, witness_of[src])
-            if read is None or _typed_union(list(per_file.values()), hints) != typed:
+            reads = guarded_reads(src, own)
+            if reads is None or _typed_union(list(per_file.values()), hints) != typed:
                 raise _Replan({s: per_file[s] for s in sources if s not in predicted or s == src})
-            guarded[src] = f"({read})"
+            guarded[src] = reads
             return partial_copy(src, per_file[src], typed, partial)(cur)
 
         return run
@@ -965,6 +985,15 @@ def _sampled_steps(
         info = detected[src]
         return lambda cur: _silently_converted(cur, [src], info.format, info.gzip, own)
 
+    def guarded_reads(src: Path, own: Mapping[str, schema.Type]) -> tuple[str, str] | None:
+        """The guarded read of ``src`` detecting its types over :data:`_SPECULATIVE_SAMPLE`
+        records, then over DuckDB's default sample (for when the first binds other types)."""
+        reads = [
+            _guarded_reader(src, detected[src], own, witness_of[src], sample)
+            for sample in (_SPECULATIVE_SAMPLE, _DEFAULT_SAMPLE)
+        ]
+        return None if reads[0] is None or reads[1] is None else (f"({reads[0]})", f"({reads[1]})")
+
     def mangled(src: Path, partial: Path) -> Callable[[duckdb.DuckDBPyConnection], bool]:
         written = _chunk_files(partial) if src in chunked else [partial]
         return lambda cur: _mangled_times(cur, written, src, detected[src], per_file[src])
@@ -979,8 +1008,9 @@ def _sampled_steps(
     witness_of = {
         s: out_dir / f".{stem}.witness" for s, stem in zip(sources, stems, strict=True) if guard
     }
-    # The guarded read of each source that has one (a subquery), built once its sample is known.
-    guarded: dict[Path, str] = {}
+    # The guarded reads of each source that has them (subqueries: :func:`guarded_reads`), built
+    # once its sample is known.
+    guarded: dict[Path, tuple[str, str]] = {}
     # Sources read with the types of the first round of samples, not their own (none unless
     # ``predict``); their guarded reads fail at once where their own samples differ.
     predicted: set[Path] = set()
@@ -1018,9 +1048,9 @@ def _sampled_steps(
                     )
                     typed = _typed_union(per_file.values(), hints)
                 if typed is not None:
-                    for src, witness in witness_of.items():  # none: no guard
-                        if read := _guarded_reader(src, detected[src], per_file[src], witness):
-                            guarded[src] = f"({read})"
+                    for src in witness_of:  # none: no guard
+                        if reads := guarded_reads(src, per_file[src]):
+                            guarded[src] = reads
                     if any(src not in guarded for src in predicted):
                         # A prediction only a guarded read can verify: sample every part.
                         raise _Replan({s: per_file[s] for s in sources if s not in predicted})
@@ -1579,7 +1609,11 @@ def _plain_names(t: schema.Type) -> bool:
 
 
 def _guarded_reader(
-    src: Path, info: DetectedFormat, sampled: Mapping[str, schema.Type], witness: Path
+    src: Path,
+    info: DetectedFormat,
+    sampled: Mapping[str, schema.Type],
+    witness: Path,
+    sample: int = _DEFAULT_SAMPLE,
 ) -> str | None:
     """A SELECT giving what the sampled read of ``src`` gives (``sampled``: its columns and
     types), that fails where that read would convert a value silently. It replaces the check
@@ -1587,8 +1621,8 @@ def _guarded_reader(
 
     Two witness records (written to ``witness``) are read first: their values make
     DuckDB's detection type every position at risk JSON (:func:`_witness`), the rest of its
-    sample (the same records the sampled read looks at) types everything else, and keys it
-    never saw still fail the read. :func:`_checked_leaf` turns each JSON text into the sampled
+    sample (its first ``sample`` records: by default those the sampled read looks at) types
+    everything else, and keys it never saw still fail the read. :func:`_checked_leaf` turns each JSON text into the sampled
     type or fails. Bound columns or types other than the expected ones fail the read before
     its first row (``typeof`` of the row is known when the query is planned).
 
@@ -1609,7 +1643,7 @@ def _guarded_reader(
         f"read_json([{sql_literal(str(witness))}, {sql_literal(str(src))}], format := "
         + ("'array'" if info.format is FileFormat.JSON_ARRAY else "'newline_delimited'")
         + f", compression := {'gzip' if info.gzip else 'uncompressed'!r}, "
-        f"sample_size := {_DEFAULT_SAMPLE + len(records)}, "
+        f"sample_size := {sample + len(records)}, "
         f"filename := {sql_literal(_WITNESS_COLUMN)})"
     )
     exprs = []

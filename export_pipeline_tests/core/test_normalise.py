@@ -527,6 +527,55 @@ def test_a_key_past_the_sample_of_a_later_part_lands(
     assert got == (("only here",) if where == "top" else (5,))
 
 
+@pytest.mark.parametrize("where", ["top", "nested"])
+def test_a_part_its_small_sample_types_otherwise_is_read_again_with_the_default_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A part's guarded read first detects types over fewer records than DuckDB's default
+    sample. A key first seen past those records but inside the default sample binds other
+    types, which fails that read before its first row; the part is read again with the
+    default sample: the key lands, with no second parse and no scan over every record."""
+    from export_pipeline.core import normalise
+
+    selects: list[str] = []
+    copy = normalise._copy_with_lineage
+
+    def recording_copy(cur: duckdb.DuckDBPyConnection, select: str, *args: Any, **kw: Any) -> int:
+        try:
+            return copy(cur, select, *args, **kw)
+        finally:
+            selects.append(select)
+
+    monkeypatch.setattr(normalise, "_copy_with_lineage", recording_copy)
+    at = normalise._SPECULATIVE_SAMPLE + 300
+    records = [dict(_CHECKED[i % 40], id=f"b{i}", note="x" * 20) for i in range(at + 1000)]
+    if where == "top":
+        records[at]["extra"] = {"note": "only here"}
+    else:
+        records[at]["lines"] = [
+            {"code": "B", "qty": 1, "tax": {"rate": 0.1, "due": None}, "extra": "five"}
+        ]
+    first = [dict(_CHECKED[i % 40], id=f"a{i}", note="x" * 20) for i in range(at + 1000)]
+    parts = _write_parts(tmp_path, "jsonl", [first, records])
+    with monkeypatch.context() as patch:
+        _no_second_pass(patch)
+        result = to_parquet(
+            parts, tmp_path / "out", kind=AUTO_KIND, export_id="e", loaded_at=LOADED_AT
+        )
+    assert result.rows == 2 * (at + 1000)
+    small = f"sample_size := {normalise._SPECULATIVE_SAMPLE + 2}"
+    default = f"sample_size := {normalise._DEFAULT_SAMPLE + 2}"
+    second = [q for q in selects if "part-1" in q]
+    assert [small in q for q in second] == [True, False] and default in second[1]
+    column = "extra.note" if where == "top" else "lines[1].extra"
+    with duckdb.connect() as con:
+        got = con.execute(
+            f"SELECT {column} FROM read_parquet(?) WHERE id = ?",
+            [[str(p) for p in result.parquet_paths], f"b{at}"],
+        ).fetchone()
+    assert got == (("only here",) if where == "top" else ("five",))
+
+
 def test_a_witness_that_does_not_take_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
