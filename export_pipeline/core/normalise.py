@@ -339,6 +339,18 @@ def _describe(con: duckdb.DuckDBPyConnection, select_sql: str) -> list[tuple[str
     return [(row[0], row[1]) for row in con.execute(f"DESCRIBE {select_sql}").fetchall()]
 
 
+def _described(con: duckdb.DuckDBPyConnection, reader: str) -> list[tuple[str, schema.Type]]:
+    """The columns and types ``reader`` (a ``read_json``) binds, in order."""
+    return [(n, schema.parse(t)) for n, t in _describe(con, f"SELECT * FROM {reader}")]
+
+
+def _reads_as(
+    con: duckdb.DuckDBPyConnection, reader: str, sampled: Mapping[str, schema.Type]
+) -> bool:
+    """Whether ``reader`` binds exactly the ``sampled`` columns and types, in their order."""
+    return _described(con, reader) == list(sampled.items())
+
+
 def to_parquet(
     sources: Sequence[Path],
     out_dir: Path,
@@ -901,27 +913,27 @@ def _sampled_steps(
                 # By name, so a struct gains the fields it lacks (as NULL).
                 exprs.append(f"CAST({col} AS {t}) AS {col}")
         info = detected[src]
-        readers = guarded.get(src) or (
-            _json_reader(src, info.format, info.gzip, None, sampled=True),
-        )
-        jobs = [
+        small = _json_reader(src, info.format, info.gzip, None, sample_size=_SPECULATIVE_SAMPLE)
+        default = _json_reader(src, info.format, info.gzip, None, sampled=True)
+        first, second = [
             copy_job(
                 src, _converting_tz(f"SELECT {', '.join(exprs)} FROM {r}", tz), partial, on_file
             )
-            for r in readers
+            for r in guarded.get(src) or (small, default)
         ]
-        if len(jobs) == 1:
-            return jobs[0]
 
         def run(cur: duckdb.DuckDBPyConnection) -> int:
+            if src not in guarded:
+                # The smaller sample's read only where it reads the sampled types.
+                return (first if _reads_as(cur, small, own) else second)(cur)
             try:
-                return jobs[0](cur)
+                return first(cur)
             except duckdb.Error as exc:
                 if _OTHER_ROW_TYPE not in str(exc):
                     raise
             # Its smaller sample typed it otherwise (found before the first row): the default.
             _remove(partial)
-            return jobs[1](cur)
+            return second(cur)
 
         return run
 
@@ -1028,13 +1040,12 @@ def _sampled_steps(
                     spec, gate = speculative(sources[0], partials[0], reader)
                     steps = [spec]
                     # The types the speculative COPY reads with: those of its smaller sample.
-                    read_as = on_cursor(lambda cur: _describe(cur, f"SELECT * FROM {reader}"))
+                    read_as = on_cursor(lambda cur: _described(cur, reader))
                     per_file = {sources[0]: sample(sources[0])}
                     typed = _typed_union(per_file.values(), hints)
                     if (
                         typed is not None
-                        and [(n, schema.parse(t)) for n, t in read_as]
-                        == list(per_file[sources[0]].items())
+                        and read_as == list(per_file[sources[0]].items())
                         and _as_speculated(per_file[sources[0]], hints) == typed
                     ):
                         gate.admit()
@@ -1622,9 +1633,10 @@ def _guarded_reader(
     Two witness records (written to ``witness``) are read first: their values make
     DuckDB's detection type every position at risk JSON (:func:`_witness`), the rest of its
     sample (its first ``sample`` records: by default those the sampled read looks at) types
-    everything else, and keys it never saw still fail the read. :func:`_checked_leaf` turns each JSON text into the sampled
-    type or fails. Bound columns or types other than the expected ones fail the read before
-    its first row (``typeof`` of the row is known when the query is planned).
+    everything else, and keys it never saw still fail the read. :func:`_checked_leaf` turns
+    each JSON text into the sampled type or fails. Bound columns or types other than the
+    expected ones fail the read before its first row (``typeof`` of the row is known when the
+    query is planned).
 
     None when nothing is at risk (no check needed) or the witness cannot be told apart."""
     columns = dict(sampled)

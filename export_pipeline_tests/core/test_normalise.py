@@ -576,6 +576,48 @@ def test_a_part_its_small_sample_types_otherwise_is_read_again_with_the_default_
     assert got == (("only here",) if where == "top" else ("five",))
 
 
+@pytest.mark.parametrize("late", [False, True], ids=["alike", "late-key"])
+def test_a_lone_file_is_read_with_a_small_sample_only_where_it_types_as_the_default_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, late: bool
+) -> None:
+    """A lone JSON Lines file is read with the types of its first 2,048 records when they are
+    those of DuckDB's default sample (cheaper to detect), else with the default sample: a key
+    first seen in between lands, with no scan over every record."""
+    from export_pipeline.core import normalise
+
+    selects: list[str] = []
+    copy = normalise._copy_with_lineage
+
+    def recording_copy(cur: duckdb.DuckDBPyConnection, select: str, *args: Any, **kw: Any) -> int:
+        selects.append(select)
+        return copy(cur, select, *args, **kw)
+
+    def full_scan(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("typed over every record although the sample was enough")
+
+    monkeypatch.setattr(normalise, "_copy_with_lineage", recording_copy)
+    monkeypatch.setattr(normalise, "_auto_schema", full_scan)
+    at = normalise._SPECULATIVE_SAMPLE + 300
+    records = [dict(_CHECKED[i % 40], id=f"r{i}", note="x" * 20) for i in range(at + 1000)]
+    if late:
+        records[at]["extra"] = {"note": "only here"}
+    (part,) = _write_parts(tmp_path, "jsonl", [records])
+    result = to_parquet(
+        [part], tmp_path / "out", kind=AUTO_KIND, export_id="e", loaded_at=LOADED_AT
+    )
+    assert result.rows == at + 1000
+    assert len(selects) == 1
+    small = f"sample_size := {normalise._SPECULATIVE_SAMPLE}"
+    assert (small in selects[0]) is not late
+    if late:
+        with duckdb.connect() as con:
+            got = con.execute(
+                "SELECT extra.note FROM read_parquet(?) WHERE id = ?",
+                [[str(p) for p in result.parquet_paths], f"r{at}"],
+            ).fetchone()
+        assert got == ("only here",)
+
+
 def test_a_witness_that_does_not_take_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
