@@ -35,6 +35,9 @@ class RetentionSettings:
     raw_days: float | None = 14.0  # raw files of LOADED exports
     failed_days: float | None = 30.0  # raw + Parquet of FAILED / EXPIRED / LOST exports
     cache_hours: float | None = 24.0  # S3 read-back copies, and local copies of S3-stored tiers
+    # A DuckLake warehouse's snapshots (time travel) older than this are expired and the files
+    # only they named deleted, after its small files are merged; None leaves the lake alone.
+    lake_snapshot_days: float | None = None
     dry_run: bool = False
 
 

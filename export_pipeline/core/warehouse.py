@@ -32,6 +32,8 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,10 @@ BACKENDS = ("duckdb", "ducklake")
 # come from the kernel's coarse clock, a few milliseconds behind time.time_ns()).
 _CHANGE_SLACK_NS = 1_000_000_000
 LAKE_ALIAS = "lake"
+_LAKE = sql_literal(LAKE_ALIAS)
+# Files a lake let go stay this long before maintenance deletes them: a query that began
+# before may still read them (DuckLake's advice: a few days; ours, queries of under a day).
+CLEANUP_GRACE = timedelta(days=1)
 # Extensions the lake may need, by the name of their file in the duckdb-ext-* wheels.
 LAKE_EXTENSIONS = ("ducklake", "sqlite_scanner", "postgres_scanner", "httpfs")
 
@@ -853,12 +859,72 @@ class DuckLakeWarehouse(Warehouse):
             ).fetchone()
         return int(row[0]) if row and row[0] is not None else None
 
+    def maintain(
+        self,
+        keep: timedelta,
+        *,
+        grace: timedelta = CLEANUP_GRACE,
+        dry_run: bool = False,
+    ) -> LakeMaintenance:
+        """DuckLake's maintenance, in order: merge adjacent small data files (each load, ledger
+        writes included, adds at least one), expire the snapshots older than ``keep`` (time
+        travel then reaches back that far, no further), and delete the files no snapshot
+        names any more once they were let go more than ``grace`` ago (a query that started
+        before may still read them). Each step is a transaction of its own, so the merged files
+        reach the disk before the catalog names them (:meth:`_commit`). ``dry_run``: nothing
+        is merged, expired or deleted; the counts say what would be."""
+        now = datetime.now(UTC)
+        current = (
+            f"SELECT count(*) FROM __ducklake_metadata_{LAKE_ALIAS}.ducklake_data_file "
+            "WHERE end_snapshot IS NULL"
+        )
+        with self.connect(read_only=True) as con:
+            before = int(con.execute(current).fetchone()[0])  # type: ignore[index]
+        if not dry_run:
+            for attempt in self.transactions():
+                with attempt as con:
+                    con.execute(f"CALL ducklake_merge_adjacent_files({_LAKE})").fetchall()
+        expired: list[tuple[Any, ...]] = []
+        for attempt in self.transactions():
+            with attempt as con:
+                expired = con.execute(
+                    f"CALL ducklake_expire_snapshots({_LAKE}, older_than => ?::TIMESTAMPTZ, "
+                    "dry_run => ?)",
+                    [now - keep, dry_run],
+                ).fetchall()
+        deleted: list[tuple[Any, ...]] = []
+        for attempt in self.transactions():
+            with attempt as con:
+                deleted = con.execute(
+                    f"CALL ducklake_cleanup_old_files({_LAKE}, older_than => ?::TIMESTAMPTZ, "
+                    "dry_run => ?)",
+                    [now - grace, dry_run],
+                ).fetchall()
+        with self.connect(read_only=True) as con:
+            after = int(con.execute(current).fetchone()[0])  # type: ignore[index]
+        return LakeMaintenance(
+            data_files_before=before,
+            data_files_after=after,
+            snapshots_expired=len(expired),
+            files_deleted=len(deleted),
+        )
+
     def close(self) -> None:
         """Detach this lake from the process (tests; a process normally keeps it)."""
         with _LAKES_LOCK:
             db = _LAKES.pop(self._key(), None)
         if db is not None:
             _close_database(db)
+
+
+@dataclass(frozen=True)
+class LakeMaintenance:
+    """What :meth:`DuckLakeWarehouse.maintain` did (or, in a dry run, would do)."""
+
+    data_files_before: int  # data files the current snapshot names
+    data_files_after: int
+    snapshots_expired: int
+    files_deleted: int  # from the disk (or S3)
 
 
 _NEW_FILES: dict[str, NewFiles] = {}  # data path -> its files' listings, for the process

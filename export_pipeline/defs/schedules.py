@@ -2,6 +2,7 @@
 the ledger's cursor (the provider's own timestamp of the last *loaded* export) and put in the
 run config, so a user can see in the run exactly what was requested."""
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from pydantic import Field
 from export_pipeline.core.errors import WarehouseBusyError
 from export_pipeline.core.model import ExportKind, Incremental
 from export_pipeline.core.retention import RetentionSettings, clean
+from export_pipeline.core.warehouse import DuckLakeWarehouse
 from export_pipeline.core.windows import due_requests
 from export_pipeline.defs.assets import (
     TRIGGER_TAG,
@@ -119,6 +121,12 @@ class RetentionResource(dg.ConfigurableResource):
     cache_hours: float | None = Field(
         24.0, description="S3 read-back copies (and local copies when storage is s3://)."
     )
+    lake_snapshot_days: float | None = Field(
+        None,
+        description="DuckLake warehouse only: merge its small files, expire the snapshots older "
+        "than this (time travel reaches back this far, no further) and delete the files only "
+        "they named. Null: the lake is left alone and every export stays reachable.",
+    )
     dry_run: bool = Field(False, description="Report what would go; remove nothing.")
 
     def settings(self) -> RetentionSettings:
@@ -126,6 +134,7 @@ class RetentionResource(dg.ConfigurableResource):
             raw_days=self.raw_days,
             failed_days=self.failed_days,
             cache_hours=self.cache_hours,
+            lake_snapshot_days=self.lake_snapshot_days,
             dry_run=self.dry_run,
         )
 
@@ -133,31 +142,42 @@ class RetentionResource(dg.ConfigurableResource):
 @dg.op(
     name="retention_cleanup",
     description="Remove raw files, failed-export evidence and cached copies past their "
-    "retention; never what an open export still needs.",
+    "retention; never what an open export still needs. With lake_snapshot_days, also merge a "
+    "DuckLake warehouse's small files and expire its snapshots past that window.",
     required_resource_keys={"warehouse", "retention"},
 )
 def retention_cleanup(context: dg.OpExecutionContext) -> dg.Output[None]:
     warehouse = context.resources.warehouse
     remote = warehouse.storage.startswith("s3://")
     root = Path(warehouse.data_dir) / "cache" if remote else Path(warehouse.data_dir)
-    report = clean(
-        root, warehouse.ledger(), context.resources.retention.settings(), remote_storage=remote
-    )
+    settings = context.resources.retention.settings()
+    report = clean(root, warehouse.ledger(), settings, remote_storage=remote)
     for label in report.removed:
         context.log.info(f"removed {label}")
     context.log.info(
         f"retention: removed {len(report.removed)} export directories "
         f"({report.bytes_freed:,} bytes); kept {len(report.kept_open)} of open exports"
     )
-    return dg.Output(
-        None,
-        metadata={
-            "removed": dg.MetadataValue.int(len(report.removed)),
-            "bytes_freed": dg.MetadataValue.int(report.bytes_freed),
-            "kept_open": dg.MetadataValue.int(len(report.kept_open)),
-            "dry_run": context.resources.retention.dry_run,
-        },
-    )
+    metadata: dict[str, Any] = {
+        "removed": dg.MetadataValue.int(len(report.removed)),
+        "bytes_freed": dg.MetadataValue.int(report.bytes_freed),
+        "kept_open": dg.MetadataValue.int(len(report.kept_open)),
+        "dry_run": settings.dry_run,
+    }
+    lake = warehouse.warehouse() if settings.lake_snapshot_days is not None else None
+    if isinstance(lake, DuckLakeWarehouse) and settings.lake_snapshot_days is not None:
+        done = lake.maintain(timedelta(days=settings.lake_snapshot_days), dry_run=settings.dry_run)
+        context.log.info(
+            f"lake: {done.data_files_before} data files merged into {done.data_files_after}; "
+            f"{done.snapshots_expired} snapshots older than {settings.lake_snapshot_days:g} "
+            f"days expired; {done.files_deleted} files deleted"
+        )
+        metadata |= {
+            "lake_data_files": dg.MetadataValue.int(done.data_files_after),
+            "lake_snapshots_expired": dg.MetadataValue.int(done.snapshots_expired),
+            "lake_files_deleted": dg.MetadataValue.int(done.files_deleted),
+        }
+    return dg.Output(None, metadata=metadata)
 
 
 @dg.job(name="retention_job", description="Apply the retention settings to data/ (see docs).")

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import duckdb
@@ -444,3 +445,109 @@ def test_new_files_are_found_by_name_and_only_they_are_written_again(
     assert {str(root / "t" / "next.parquet"), str(root / "t")} <= set(synced)
     assert not {str(p) for p in expected[::2]} & set(synced)
     assert str(root / "t" / "old.parquet") not in synced
+
+
+def _parquet_on_disk(lake: DuckLakeWarehouse) -> set[str]:
+    return {str(p) for p in Path(lake.data_path).rglob("*.parquet")}
+
+
+def test_maintenance_merges_small_files_and_forgets_only_what_is_past_the_window(
+    lake: DuckLakeWarehouse, tmp_path: Path
+) -> None:
+    """Each load adds small files (data, ledger). Maintenance merges them; a window that
+    reaches every snapshot keeps time travel to every export and deletes nothing; a window of
+    zero expires every snapshot but the last and deletes the files only they named. The data
+    as of now never changes; a dry run changes nothing. (The merged files reach the disk before
+    the catalog names them: :meth:`_commit`, tested above.)"""
+    snapshots = []
+    for n in range(4):
+        parquet = write_parquet(tmp_path / f"{n}.parquet", "alpha", f"e{n}", first=n * 10, rows=15)
+        snapshots.append(load_export(lake, "alpha", f"e{n}", parquet, body_runs=[]))
+    con = analyst(lake)
+
+    def now() -> tuple[object, ...]:
+        return (
+            con.execute("SELECT count(*), max(id), sum(id) FROM lake.alpha.items").fetchone(),
+            con.execute(
+                "SELECT export_id, state FROM lake.pipeline.exports ORDER BY export_id"
+            ).fetchall(),
+        )
+
+    current = now()
+    files = _parquet_on_disk(lake)
+
+    dry = lake.maintain(timedelta(0), grace=timedelta(0), dry_run=True)
+    assert dry.snapshots_expired > 0 and dry.data_files_after == dry.data_files_before
+    assert _parquet_on_disk(lake) == files and len(lake.snapshots()) > len(snapshots)
+
+    kept = lake.maintain(timedelta(days=1), grace=timedelta(0))
+    assert kept.data_files_after < kept.data_files_before
+    # Nothing expired: only files no snapshot ever showed (a load's own staging) may go.
+    assert kept.snapshots_expired == 0
+    for n, version in enumerate(snapshots):
+        rows = con.execute(
+            f"SELECT count(*), max(id) FROM lake.alpha.items AT (VERSION => {version})"
+        ).fetchone()
+        assert rows == (n * 10 + 15, n * 10 + 14)
+    assert now() == current
+
+    done = lake.maintain(timedelta(0), grace=timedelta(0))
+    assert done.snapshots_expired > 0 and done.files_deleted > 0
+    assert [s["snapshot_id"] for s in lake.snapshots()] == [lake.snapshots()[-1]["snapshot_id"]]
+    # Left on disk: exactly the files the last snapshot names, fewer than before.
+    named: set[str] = set()
+    for schema_name, table_name in con.execute(
+        "SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = 'lake'"
+    ).fetchall():
+        for data_file, delete_file in con.execute(
+            "SELECT data_file, delete_file FROM ducklake_list_files('lake', ?, schema => ?)",
+            [table_name, schema_name],
+        ).fetchall():
+            named |= {data_file} | ({delete_file} if delete_file else set())
+    assert _parquet_on_disk(lake) == named and len(named) < len(files)
+    assert now() == current
+    with pytest.raises(duckdb.Error):
+        con.execute(f"SELECT count(*) FROM lake.alpha.items AT (VERSION => {snapshots[0]})")
+    con.close()
+
+
+def test_the_retention_job_maintains_a_lake_only_when_told(
+    lake: DuckLakeWarehouse, tmp_path: Path
+) -> None:
+    """``retention_job`` leaves a lake alone by default (every export stays reachable); with
+    ``lake_snapshot_days`` it merges the lake's small files and expires the older snapshots,
+    and says so in its metadata."""
+    import dagster as dg
+
+    from export_pipeline.defs.resources import WarehouseResource
+    from export_pipeline.defs.schedules import RetentionResource, retention_job
+
+    for n in range(3):
+        parquet = write_parquet(tmp_path / f"{n}.parquet", "alpha", f"e{n}", first=n * 10, rows=15)
+        load_export(lake, "alpha", f"e{n}", parquet, body_runs=[])
+    resource = WarehouseResource(
+        backend="ducklake",
+        lake_catalog=lake.catalog_target,
+        lake_data_path=lake.data_path,
+        data_dir=str(tmp_path / "data"),
+    )
+    snapshots = len(lake.snapshots())
+
+    def run(retention: RetentionResource) -> dict[str, object]:
+        result = retention_job.execute_in_process(
+            instance=dg.DagsterInstance.ephemeral(),
+            resources={"warehouse": resource, "retention": retention},
+        )
+        assert result.success
+        (event,) = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+        return {k: v.value for k, v in event.step_output_data.metadata.items()}
+
+    untouched = run(RetentionResource())
+    assert "lake_snapshots_expired" not in untouched and len(lake.snapshots()) == snapshots
+
+    maintained = run(RetentionResource(lake_snapshot_days=0))
+    assert maintained["lake_snapshots_expired"] == snapshots  # all but the merge's own
+    assert [s["snapshot_id"] for s in lake.snapshots()] == [lake.snapshots()[-1]["snapshot_id"]]
+    con = analyst(lake)
+    assert con.execute("SELECT count(*), max(id) FROM lake.alpha.items").fetchone() == (35, 34)
+    con.close()
