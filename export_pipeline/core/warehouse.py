@@ -898,7 +898,7 @@ class DuckLakeWarehouse(Warehouse):
                 deleted = con.execute(
                     f"CALL ducklake_cleanup_old_files({_LAKE}, older_than => ?::TIMESTAMPTZ, "
                     "dry_run => ?)",
-                    [now - grace, dry_run],
+                    [datetime.now(UTC) - grace, dry_run],
                 ).fetchall()
         with self.connect(read_only=True) as con:
             after = int(con.execute(current).fetchone()[0])  # type: ignore[index]

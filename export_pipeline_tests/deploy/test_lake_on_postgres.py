@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -205,4 +206,22 @@ def test_two_providers_load_into_the_lake_at_once_while_an_analyst_reads(
         runs = instance.get_runs()
         assert sorted(r.job_name for r in runs) == sorted(JOBS)
         assert {r.status for r in runs} == {dg.DagsterRunStatus.SUCCESS}
+
+    # Maintenance on PostgreSQL and S3: a zero window leaves one snapshot, the data as of now,
+    # and on S3 only the files that snapshot names.
+    counts = (
+        "SELECT (SELECT count(*) FROM lake.locations.locations), "
+        "(SELECT count(*) FROM lake.pipeline.exports)"
+    )
+    before = con.execute(counts).fetchone()
+    done = lake.maintain(timedelta(0), grace=timedelta(0))
+    assert done.snapshots_expired >= 3 and done.files_deleted > 0
+    assert postgres.query(lake_db, "SELECT count(*) FROM ducklake_snapshot")[0] == (1,)
+    assert con.execute(counts).fetchone() == before
+    after = [
+        o["Key"]
+        for o in client.list_objects_v2(Bucket=LAKE_BUCKET, Prefix=prefix).get("Contents", [])
+        if o["Key"].endswith(".parquet")
+    ]
+    assert 0 < len(after) < len(keys)
     close_lakes()
