@@ -66,12 +66,11 @@ _PARQUET = (
 # being parsed, so the warehouse loads one while DuckDB writes the next (core/stage.py).
 CHUNK_BYTES = 32 << 20
 _CHUNK_ROW_GROUPS = 1
-# Records the speculative COPY of a lone JSON array samples for its own types. DuckDB's type
-# sample costs about 7x per record what reading does, so its default 20,480 records are a
-# seventh of the locations COPY (200,000 records, one thread: 3.6 s against 3.0-3.1 s). The
-# COPY is kept only where these records give the types the default sample gives, taken beside
-# it (_sampled_steps); otherwise it is retracted and the sampled COPY runs, as when the data
-# does not fit its declaration.
+# Records a COPY's reader detects its types over. DuckDB's type detection costs about 7x per
+# record what reading does, so its default 20,480 records are a seventh of the locations COPY
+# (200,000 records, one thread: 3.6 s against 3.0-3.1 s). What is trusted is still decided by
+# the default sample: a read of these records is kept only where it gives the same types
+# (_sampled_steps: the speculative COPY, partial_copy, guarded_reads).
 _SPECULATIVE_SAMPLE = 2_048
 LINEAGE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("_export_id", "VARCHAR"),
@@ -830,8 +829,9 @@ def _sampled_steps(
     runs beside it, and its files are told to ``on_file`` only once the sample shows that it
     reads the types and writes the columns the sampled select would (and so the same values).
     Otherwise the COPY is interrupted, its files removed, and it starts again with the sampled
-    select; the sample then cost what it costs without speculation. Its small sample holds a
-    tenth of the records of the one beside it, so the two need not take turns for memory.
+    select (which then knows whether the small sample will do), and the sample cost what it
+    costs without speculation. The COPY's reader and the sample run at once: the peak memory
+    holds both (locations: ~575 MB, docs/architecture.md).
 
     With ``slots`` (shared with the staged load, core/slots.py) each step holds a slot while it
     runs, so the staging INSERTs take turns with the steps instead of adding a busy thread.
@@ -925,7 +925,8 @@ def _sampled_steps(
         def run(cur: duckdb.DuckDBPyConnection) -> int:
             if src not in guarded:
                 # The smaller sample's read only where it reads the sampled types.
-                return (first if _reads_as(cur, small, own) else second)(cur)
+                fits = small_fits[src] if src in small_fits else _reads_as(cur, small, own)
+                return (first if fits else second)(cur)
             try:
                 return first(cur)
             except duckdb.Error as exc:
@@ -1023,6 +1024,8 @@ def _sampled_steps(
     # The guarded reads of each source that has them (subqueries: :func:`guarded_reads`), built
     # once its sample is known.
     guarded: dict[Path, tuple[str, str]] = {}
+    # Whether a source's first _SPECULATIVE_SAMPLE records give its sampled types, where known.
+    small_fits: dict[Path, bool] = {}
     # Sources read with the types of the first round of samples, not their own (none unless
     # ``predict``); their guarded reads fail at once where their own samples differ.
     predicted: set[Path] = set()
@@ -1043,9 +1046,10 @@ def _sampled_steps(
                     read_as = on_cursor(lambda cur: _described(cur, reader))
                     per_file = {sources[0]: sample(sources[0])}
                     typed = _typed_union(per_file.values(), hints)
+                    small_fits[sources[0]] = read_as == list(per_file[sources[0]].items())
                     if (
                         typed is not None
-                        and read_as == list(per_file[sources[0]].items())
+                        and small_fits[sources[0]]
                         and _as_speculated(per_file[sources[0]], hints) == typed
                     ):
                         gate.admit()
