@@ -123,6 +123,7 @@ class RetentionResource(dg.ConfigurableResource):
     )
     lake_snapshot_days: float | None = Field(
         None,
+        ge=0,
         description="DuckLake warehouse only: merge its small files, expire the snapshots older "
         "than this (time travel reaches back this far, no further) and delete the files only "
         "they named. Null: the lake is left alone and every export stays reachable.",
