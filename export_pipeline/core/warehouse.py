@@ -884,29 +884,28 @@ class DuckLakeWarehouse(Warehouse):
             for attempt in self.transactions():
                 with attempt as con:
                     con.execute(f"CALL ducklake_merge_adjacent_files({_LAKE})").fetchall()
-        expired: list[tuple[Any, ...]] = []
-        for attempt in self.transactions():
-            with attempt as con:
-                expired = con.execute(
-                    f"CALL ducklake_expire_snapshots({_LAKE}, older_than => ?::TIMESTAMPTZ, "
-                    "dry_run => ?)",
-                    [now - keep, dry_run],
-                ).fetchall()
-        deleted: list[tuple[Any, ...]] = []
-        for attempt in self.transactions():
-            with attempt as con:
-                deleted = con.execute(
-                    f"CALL ducklake_cleanup_old_files({_LAKE}, older_than => ?::TIMESTAMPTZ, "
-                    "dry_run => ?)",
-                    [datetime.now(UTC) - grace, dry_run],
-                ).fetchall()
+
+        def forget(function: str, cutoff: datetime) -> int:
+            """Rows of DuckLake's ``function`` (expire, clean up) for what is older than
+            ``cutoff``: snapshots expired or files deleted (or that would be, ``dry_run``)."""
+            rows: list[tuple[Any, ...]] = []
+            for attempt in self.transactions():
+                with attempt as con:
+                    rows = con.execute(
+                        f"CALL {function}({_LAKE}, older_than => ?::TIMESTAMPTZ, dry_run => ?)",
+                        [cutoff, dry_run],
+                    ).fetchall()
+            return len(rows)
+
+        expired = forget("ducklake_expire_snapshots", now - keep)
+        deleted = forget("ducklake_cleanup_old_files", datetime.now(UTC) - grace)
         with self.connect(read_only=True) as con:
             after = int(con.execute(current).fetchone()[0])  # type: ignore[index]
         return LakeMaintenance(
             data_files_before=before,
             data_files_after=after,
-            snapshots_expired=len(expired),
-            files_deleted=len(deleted),
+            snapshots_expired=expired,
+            files_deleted=deleted,
         )
 
     def close(self) -> None:
