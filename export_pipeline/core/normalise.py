@@ -869,7 +869,7 @@ def _sampled_steps(
             return dict(known[src])
         info = detected[src]
         reader = _json_reader(src, info.format, info.gzip, None, sampled=True)
-        return {n: schema.parse(t) for n, t in _describe(cur, f"SELECT * FROM {reader}")}
+        return dict(_described(cur, reader))
 
     def sample(src: Path) -> dict[str, schema.Type]:
         return on_cursor(lambda cur: own_sample(cur, src))
@@ -1001,11 +1001,9 @@ def _sampled_steps(
     def guarded_reads(src: Path, own: Mapping[str, schema.Type]) -> tuple[str, str] | None:
         """The guarded read of ``src`` detecting its types over :data:`_SPECULATIVE_SAMPLE`
         records, then over DuckDB's default sample (for when the first binds other types)."""
-        reads = [
-            _guarded_reader(src, detected[src], own, witness_of[src], sample)
-            for sample in (_SPECULATIVE_SAMPLE, _DEFAULT_SAMPLE)
-        ]
-        return None if reads[0] is None or reads[1] is None else (f"({reads[0]})", f"({reads[1]})")
+        samples = (_SPECULATIVE_SAMPLE, _DEFAULT_SAMPLE)
+        reads = _guarded_reader(src, detected[src], own, witness_of[src], samples)
+        return None if reads is None else (f"({reads[0]})", f"({reads[1]})")
 
     def mangled(src: Path, partial: Path) -> Callable[[duckdb.DuckDBPyConnection], bool]:
         written = _chunk_files(partial) if src in chunked else [partial]
@@ -1628,15 +1626,16 @@ def _guarded_reader(
     info: DetectedFormat,
     sampled: Mapping[str, schema.Type],
     witness: Path,
-    sample: int = _DEFAULT_SAMPLE,
-) -> str | None:
-    """A SELECT giving what the sampled read of ``src`` gives (``sampled``: its columns and
-    types), that fails where that read would convert a value silently. It replaces the check
+    samples: Sequence[int] = (_DEFAULT_SAMPLE,),
+) -> tuple[str, ...] | None:
+    """SELECTs giving what the sampled read of ``src`` gives (``sampled``: its columns and
+    types), that fail where that read would convert a value silently: one for each size in
+    ``samples``, the records its detection looks at. It replaces the check
     (:func:`_silently_converted`), a second parse of the file, by a test in the one parse.
 
-    Two witness records (written to ``witness``) are read first: their values make
+    Two witness records (written once to ``witness``) are read first: their values make
     DuckDB's detection type every position at risk JSON (:func:`_witness`), the rest of its
-    sample (its first ``sample`` records: by default those the sampled read looks at) types
+    sample (DuckDB's default: the records the sampled read looks at) types
     everything else, and keys it never saw still fail the read. :func:`_checked_leaf` turns
     each JSON text into the sampled type or fails. Bound columns or types other than the
     expected ones fail the read before its first row (``typeof`` of the row is known when the
@@ -1655,13 +1654,14 @@ def _guarded_reader(
         text = "".join(json.dumps(r) + "\n" for r in records)
     with gzip.open(witness, "wt") if info.gzip else open(witness, "w") as fh:
         fh.write(text)
-    reader = (
+    readers = [
         f"read_json([{sql_literal(str(witness))}, {sql_literal(str(src))}], format := "
         + ("'array'" if info.format is FileFormat.JSON_ARRAY else "'newline_delimited'")
         + f", compression := {'gzip' if info.gzip else 'uncompressed'!r}, "
         f"sample_size := {sample + len(records)}, "
         f"filename := {sql_literal(_WITNESS_COLUMN)})"
-    )
+        for sample in samples
+    ]
     exprs = []
     for name, t in columns.items():
         col = quote_ident(name)
@@ -1672,12 +1672,13 @@ def _guarded_reader(
     bound = schema.Struct(
         (*((n, _witnessed(t)) for n, t in columns.items()), (_WITNESS_COLUMN, _VARCHAR))
     )
-    return (
+    return tuple(
         f"SELECT {', '.join(exprs)} FROM {reader} AS {_WITNESS_ROW} WHERE CASE "
         f"WHEN typeof({_WITNESS_ROW}) <> typeof(CAST(NULL AS {schema.render(bound)})) "
         f"THEN error({sql_literal(_OTHER_ROW_TYPE)}) "
         f"WHEN {quote_ident(_WITNESS_COLUMN)} = {sql_literal(str(witness))} THEN false "
         "ELSE true END"
+        for reader in readers
     )
 
 

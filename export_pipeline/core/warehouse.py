@@ -873,7 +873,6 @@ class DuckLakeWarehouse(Warehouse):
         before may still read them). Each step is a transaction of its own, so the merged files
         reach the disk before the catalog names them (:meth:`_commit`). ``dry_run``: nothing
         is merged, expired or deleted; the counts say what would be."""
-        now = datetime.now(UTC)
         current = (
             f"SELECT count(*) FROM __ducklake_metadata_{LAKE_ALIAS}.ducklake_data_file "
             "WHERE end_snapshot IS NULL"
@@ -885,20 +884,20 @@ class DuckLakeWarehouse(Warehouse):
                 with attempt as con:
                     con.execute(f"CALL ducklake_merge_adjacent_files({_LAKE})").fetchall()
 
-        def forget(function: str, cutoff: datetime) -> int:
-            """Rows of DuckLake's ``function`` (expire, clean up) for what is older than
-            ``cutoff``: snapshots expired or files deleted (or that would be, ``dry_run``)."""
+        def forget(function: str, age: timedelta) -> int:
+            """Rows of DuckLake's ``function`` (expire, clean up) for what is older than ``age``
+            when it runs: snapshots expired or files deleted (or that would be, ``dry_run``)."""
             rows: list[tuple[Any, ...]] = []
             for attempt in self.transactions():
                 with attempt as con:
                     rows = con.execute(
                         f"CALL {function}({_LAKE}, older_than => ?::TIMESTAMPTZ, dry_run => ?)",
-                        [cutoff, dry_run],
+                        [datetime.now(UTC) - age, dry_run],
                     ).fetchall()
             return len(rows)
 
-        expired = forget("ducklake_expire_snapshots", now - keep)
-        deleted = forget("ducklake_cleanup_old_files", datetime.now(UTC) - grace)
+        expired = forget("ducklake_expire_snapshots", keep)
+        deleted = forget("ducklake_cleanup_old_files", grace)
         with self.connect(read_only=True) as con:
             after = int(con.execute(current).fetchone()[0])  # type: ignore[index]
         return LakeMaintenance(
