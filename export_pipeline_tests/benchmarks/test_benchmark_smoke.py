@@ -96,3 +96,20 @@ def test_small_syncs_benchmark_reports_json_last_line(capsys: pytest.CaptureFixt
     # the asset and its 2 views (its checks run after the load, in a run of their own)
     assert result["rows"] == 50 and result["steps"] == 3
     assert result["seconds"] > 0
+
+
+def test_small_syncs_baseline_plans_the_same_steps_as_the_sync_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The baseline differs only in its executor: the checks the sync job leaves to
+    data_checks_sensor are not steps of the baseline either."""
+    from benchmarks import small_syncs
+
+    monkeypatch.setenv(small_syncs._JOB_ENV, "mews_sync")
+    plans = {}
+    for executor in ("project", "multiprocess"):
+        monkeypatch.setenv(small_syncs._EXECUTOR_ENV, executor)
+        job = small_syncs._job()
+        plans[executor] = sorted(node.name for node in job.graph.nodes)
+    assert len(plans["project"]) == 9  # the 9 Mews kinds
+    assert plans["multiprocess"] == plans["project"]
