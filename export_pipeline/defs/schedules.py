@@ -165,13 +165,15 @@ def retention_cleanup(context: dg.OpExecutionContext) -> dg.Output[None]:
         "kept_open": dg.MetadataValue.int(len(report.kept_open)),
         "dry_run": settings.dry_run,
     }
-    lake = warehouse.warehouse() if settings.lake_snapshot_days is not None else None
-    if isinstance(lake, DuckLakeWarehouse) and settings.lake_snapshot_days is not None:
-        done = lake.maintain(timedelta(days=settings.lake_snapshot_days), dry_run=settings.dry_run)
+    days = settings.lake_snapshot_days
+    # The warehouse is built only when there is a lake to maintain.
+    if days is not None and isinstance(lake := warehouse.warehouse(), DuckLakeWarehouse):
+        done = lake.maintain(timedelta(days=days), dry_run=settings.dry_run)
+        verb = "would be" if settings.dry_run else "were"
         context.log.info(
-            f"lake: {done.data_files_before} data files merged into {done.data_files_after}; "
-            f"{done.snapshots_expired} snapshots older than {settings.lake_snapshot_days:g} "
-            f"days expired; {done.files_deleted} files deleted"
+            f"lake: {done.data_files_before} data files before merging, "
+            f"{done.data_files_after} after; {done.snapshots_expired} snapshots older than "
+            f"{days:g} days {verb} expired and {done.files_deleted} files {verb} deleted"
         )
         metadata |= {
             "lake_data_files": dg.MetadataValue.int(done.data_files_after),

@@ -459,6 +459,16 @@ def _write_parts(tmp_path: Path, fmt: str, chunks: list[list[dict[str, Any]]]) -
     return paths
 
 
+def _no_full_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail a test whose export is typed over every record."""
+    from export_pipeline.core import normalise
+
+    def full_scan(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("typed over every record although the samples were enough")
+
+    monkeypatch.setattr(normalise, "_auto_schema", full_scan)
+
+
 def _no_second_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail a test whose export is read again to check its types or typed over every record."""
     from export_pipeline.core import normalise
@@ -470,11 +480,23 @@ def _no_second_pass(monkeypatch: pytest.MonkeyPatch) -> None:
             raise AssertionError("checked in a second parse")
         return checked(*args, times=times)
 
-    def full_scan(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("typed over every record although the samples were enough")
-
     monkeypatch.setattr(normalise, "_silently_converted", second_pass)
-    monkeypatch.setattr(normalise, "_auto_schema", full_scan)
+    _no_full_scan(monkeypatch)
+
+
+def _recorded_copies(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The SELECT of every COPY normalise runs from now on, in order, failed ones included."""
+    from export_pipeline.core import normalise
+
+    selects: list[str] = []
+    copy = normalise._copy_with_lineage
+
+    def recording_copy(cur: duckdb.DuckDBPyConnection, select: str, *args: Any, **kw: Any) -> int:
+        selects.append(select)
+        return copy(cur, select, *args, **kw)
+
+    monkeypatch.setattr(normalise, "_copy_with_lineage", recording_copy)
+    return selects
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "json"])
@@ -537,16 +559,7 @@ def test_a_part_its_small_sample_types_otherwise_is_read_again_with_the_default_
     default sample: the key lands, with no second parse and no scan over every record."""
     from export_pipeline.core import normalise
 
-    selects: list[str] = []
-    copy = normalise._copy_with_lineage
-
-    def recording_copy(cur: duckdb.DuckDBPyConnection, select: str, *args: Any, **kw: Any) -> int:
-        try:
-            return copy(cur, select, *args, **kw)
-        finally:
-            selects.append(select)
-
-    monkeypatch.setattr(normalise, "_copy_with_lineage", recording_copy)
+    selects = _recorded_copies(monkeypatch)
     at = normalise._SPECULATIVE_SAMPLE + 300
     records = [dict(_CHECKED[i % 40], id=f"b{i}", note="x" * 20) for i in range(at + 1000)]
     if where == "top":
@@ -585,18 +598,8 @@ def test_a_lone_file_is_read_with_a_small_sample_only_where_it_types_as_the_defa
     first seen in between lands, with no scan over every record."""
     from export_pipeline.core import normalise
 
-    selects: list[str] = []
-    copy = normalise._copy_with_lineage
-
-    def recording_copy(cur: duckdb.DuckDBPyConnection, select: str, *args: Any, **kw: Any) -> int:
-        selects.append(select)
-        return copy(cur, select, *args, **kw)
-
-    def full_scan(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("typed over every record although the sample was enough")
-
-    monkeypatch.setattr(normalise, "_copy_with_lineage", recording_copy)
-    monkeypatch.setattr(normalise, "_auto_schema", full_scan)
+    selects = _recorded_copies(monkeypatch)
+    _no_full_scan(monkeypatch)
     at = normalise._SPECULATIVE_SAMPLE + 300
     records = [dict(_CHECKED[i % 40], id=f"r{i}", note="x" * 20) for i in range(at + 1000)]
     if late:
