@@ -27,9 +27,13 @@ What runs where:
 ``seconds`` is the ingest's ``sync()`` minus the time spent waiting for Mews to produce the
 export (``wait_seconds``, reported): the simulator generating a million records is not the
 pipeline's work, and the baseline, reading finished files, does not pay it either;
-``seconds_without_download`` also leaves out the download, whose pace is the simulator's server
-(in the parent, on the same CPUs). Peak RSS follows ``IngestSettings.duckdb_memory_limit``
-(``--memory-limit``): DuckDB keeps what it wrote cached up to that cap. Each child
+``seconds_without_download`` is a run without the download, whose pace is the simulator's server
+(in the parent, on the same CPUs): the **local child** ingests the same export from the parts
+the ingest child downloaded, linked into a fresh storage's raw tier, where the runner re-reads
+verified files instead of downloading them. (The sync parses each part while the later ones
+download, so its time less the download's would leave out work done meanwhile.) Peak RSS
+follows ``IngestSettings.duckdb_memory_limit`` (``--memory-limit``): DuckDB keeps what it
+wrote cached up to that cap; ``peak_rss_mb`` is the higher of the two ingests'. Each child
 reports its own peak RSS (``ru_maxrss``); the parent also polls it every 20 ms. The last line of
 output is one JSON object with the figures.
 """
@@ -94,11 +98,22 @@ TOKEN_ENV = ("MEWS_CLIENT_TOKEN", "MEWS_ACCESS_TOKEN")
 # --------------------------------------------------------------------------- children
 
 
-def _child_ingest(base_url: str, workdir: Path, memory_limit: str | None) -> dict[str, Any]:
+def _child_ingest(
+    base_url: str,
+    workdir: Path,
+    memory_limit: str | None,
+    local: tuple[str, list[Path]] | None = None,
+) -> dict[str, Any]:
     """One Mews export of every reservation through the real code path, phase by phase.
 
     The wrappers only time the real functions (same arguments, same results). ``memory_limit``
     overrides ``IngestSettings.duckdb_memory_limit`` (None: the project's default).
+
+    ``local`` (an export id and its downloaded parts): the pipeline without the download. The
+    parts are linked into a fresh storage's raw tier, where a run finds them verified and
+    re-reads them (``ExportRunner._verified``), and ``ingest`` loads that export: everything
+    a sync does after the download, by the same code. (The sync overlaps its download with the
+    parse, so its time less the download's is not this.)
     """
     import duckdb
 
@@ -140,8 +155,18 @@ def _child_ingest(base_url: str, workdir: Path, memory_limit: str | None) -> dic
     ingest_module.load_parquet = phases.wrap("snapshot_replace", ingest_module.load_parquet)  # type: ignore[assignment]
     time_closing_steps(phases)
 
+    if local is not None:
+        export_id, parts = local
+        raw = runner.storage.local_dir("raw", kind, export_id)
+        for part in parts:
+            os.link(part, raw / part.name)
     with phases.time("sync"):
-        result = runner.sync(kind, ExportRequest(), source="benchmark")
+        if local is not None:
+            result = runner.ingest(kind, local[0], source="benchmark")
+        else:
+            result = runner.sync(kind, ExportRequest(), source="benchmark")
+    if local is not None and len(result.reused_files) != len(local[1]):
+        raise RuntimeError(f"re-read {len(result.reused_files)} of {len(local[1])} parts")
     peak = self_peak_rss_mb()
     provider.close()
     s = phases.seconds
@@ -256,6 +281,7 @@ def _run(
     ingests: list[ChildRun] = []
     baselines: list[ChildRun] = []
     floors: list[ChildRun] = []
+    locals_: list[ChildRun] = []
     try:
         state = State(
             counts={ENTITY_TYPE: rows},
@@ -313,6 +339,33 @@ def _run(
                         expected_bytes=r["bytes"],
                     )
                 )
+                local = run_child(
+                    MODULE,
+                    [
+                        "--child",
+                        "local",
+                        "--base-url",
+                        server.base_url,
+                        "--workdir",
+                        str(root / f"local{i}"),
+                        "--export-id",
+                        r["export_id"],
+                        "--files",
+                        *r["raw_files"],
+                        *limit,
+                    ],
+                    env=env,
+                )
+                if local.result["table_rows"] != rows:
+                    raise RuntimeError(f"local ingest loaded {local.result['table_rows']} rows")
+                print(
+                    f"{label}ingest of the downloaded parts (no download): "
+                    f"{local.result['seconds']:.2f}s, peak RSS "
+                    f"{local.result['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
+                locals_.append(local)
+                shutil.rmtree(root / f"local{i}", ignore_errors=True)
                 baseline = run_child(
                     MODULE,
                     [
@@ -341,7 +394,7 @@ def _run(
     finally:
         if tmp_ctx is not None:
             tmp_ctx.cleanup()
-    return _summary(rows, parts, ingests, baselines, floors)
+    return _summary(rows, parts, ingests, baselines, floors, locals_)
 
 
 def _summary(
@@ -350,6 +403,7 @@ def _summary(
     ingests: list[ChildRun],
     baselines: list[ChildRun],
     floors: list[ChildRun] = (),  # type: ignore[assignment]
+    locals_: list[ChildRun] = (),  # type: ignore[assignment]
 ) -> dict[str, Any]:
     phases = (
         "request_seconds",
@@ -366,7 +420,7 @@ def _summary(
     summary = {
         "rows": rows,
         "parts": parts,
-        **compare_summary(ingests, baselines, phases, floors),
+        **compare_summary(ingests, baselines, phases, floors, without_download=locals_),
     }
     full_scan = median([run.result["full_scan_seconds"] for run in baselines])
     summary["baseline_full_scan_seconds"] = rounded(full_scan)
@@ -397,7 +451,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     # Hidden: how the parent starts the measured children.
     parser.add_argument(
-        "--child", choices=("ingest", "baseline", "download"), help=argparse.SUPPRESS
+        "--child", choices=("ingest", "local", "baseline", "download"), help=argparse.SUPPRESS
     )
     parser.add_argument("--export-id", help=argparse.SUPPRESS)
     parser.add_argument("--base-url", help=argparse.SUPPRESS)
@@ -411,6 +465,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.child == "ingest":
         emit_json(_child_ingest(args.base_url, args.workdir, args.memory_limit))
+        return 0
+    if args.child == "local":
+        local = (args.export_id, list(args.files))
+        emit_json(_child_ingest(args.base_url, args.workdir, args.memory_limit, local))
         return 0
     if args.child == "baseline":
         emit_json(_child_baseline(args.files, args.db))

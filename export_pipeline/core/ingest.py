@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -117,7 +118,10 @@ class IngestSettings:
     poll_initial_seconds: float = 1.0
     poll_max_seconds: float = 30.0
     wait_timeout_seconds: float = 900.0
-    download_concurrency: int = 4
+    # Parts of a multi-part export downloaded at once. Two, not one per part: parts then land
+    # in pairs, and the first ones are parsed while the rest download (parse_while_downloading);
+    # all at once, every part lands at the end (docs/benchmarks.md).
+    download_concurrency: int = 2
     # How often a dead signed link is replaced by asking the provider again.
     link_refreshes: int = 2
     # How often a truly expired export is requested anew (same window) within one sync.
@@ -132,6 +136,9 @@ class IngestSettings:
     # next is parsed, in the load's transaction (core/stage.py). The write lock is then held
     # from the first finished file, not only for the load.
     stage_while_parsing: bool = True
+    # A multi-part export: parse each part as soon as it has landed, while the later parts
+    # download (they then come in order, ``download_concurrency`` at a time).
+    parse_while_downloading: bool = True
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     # Which hosts provider-supplied URLs may reach (public only unless allowed) and how big a
     # file may be; see core.netpolicy and transfer.DownloadLimits.
@@ -667,40 +674,64 @@ class ExportRunner:
         parquet_dir.mkdir(parents=True, exist_ok=True)
         self._adopt_partials(work, work_raw)
 
-        downloaded, status, reused = self._download(kind, status, raw_dir, work_raw)
-        self._renew(kind, export_id)
-        for f in downloaded:
-            digests.add(f.path)  # for the ledger, beside the parse (BackgroundDigests)
-            if flusher is not None:
-                # Only now: the lease's commit (an fsync of the warehouse) waited behind the
-                # raw files' writeback when they were flushed as they landed (locations: 0.19 s).
-                flusher.add(f.path)
+        # A multi-part export is parsed part by part as the parts land (``arriving``), while
+        # the later ones download on a thread of their own; one file is downloaded first.
+        landing = (
+            _Landing([raw_dir / f.name for f in status.files], digests)
+            if self.settings.parse_while_downloading and len(status.files) > 1
+            else None
+        )
         loaded_at = datetime.now(UTC)
-        try:
-            normalised = to_parquet(
-                [f.path for f in downloaded],
-                parquet_dir,
-                kind=kind,
-                export_id=export_id,
-                loaded_at=loaded_at,
-                memory_limit=self.settings.duckdb_memory_limit,
-                on_file=_told(staged, flusher),
-                slots=staged.slots if staged is not None else None,
-            )
-        except (ExportPipelineError, OSError, MemoryError):
-            raise
-        except Exception as exc:
-            # A file shape the reader does not handle: reading the same verified files again
-            # fails the same way, so it is a parse failure of this export (it counts against
-            # the poison budget) rather than an anonymous crash that keeps the export open.
-            raise ParseError(
-                f"cannot read the export's files ({type(exc).__name__}: {exc})",
-                provider=self.name,
-                kind=kind.name,
-                export_id=export_id,
-                file=downloaded[0].name if len(downloaded) == 1 else None,
-                hint="the files are kept in the raw tier for inspection; nothing was loaded",
-            ) from exc
+        fetching: Future[tuple[list[DownloadedFile], ExportStatus, list[str]]] | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="fetch") as pool:
+            if landing is None:
+                downloaded, status, reused = self._fetch(kind, status, raw_dir, work_raw, flusher)
+                self._renew(kind, export_id)
+                for f in downloaded:
+                    digests.add(f.path)  # for the ledger, beside the parse (BackgroundDigests)
+                sources = [f.path for f in downloaded]
+            else:
+                fetching = pool.submit(
+                    self._fetch, kind, status, raw_dir, work_raw, flusher, landing
+                )
+                sources = landing.paths
+            try:
+                normalised = to_parquet(
+                    sources,
+                    parquet_dir,
+                    kind=kind,
+                    export_id=export_id,
+                    loaded_at=loaded_at,
+                    memory_limit=self.settings.duckdb_memory_limit,
+                    on_file=_told(staged, flusher),
+                    slots=staged.slots if staged is not None else None,
+                    arriving=landing.wait if landing is not None else None,
+                )
+            except _DownloadStopped as stopped:
+                assert fetching is not None
+                fetching.result()  # the download's own error, not the parse's
+                raise _files_changed(kind, export_id) from stopped
+            except (ExportPipelineError, OSError, MemoryError):
+                raise
+            except Exception as exc:
+                # A file shape the reader does not handle: reading the same verified files
+                # again fails the same way, so it is a parse failure of this export (it counts
+                # against the poison budget) rather than an anonymous crash that keeps the
+                # export open.
+                raise ParseError(
+                    f"cannot read the export's files ({type(exc).__name__}: {exc})",
+                    provider=self.name,
+                    kind=kind.name,
+                    export_id=export_id,
+                    file=sources[0].name if len(sources) == 1 else None,
+                    hint="the files are kept in the raw tier for inspection; nothing was loaded",
+                ) from exc
+            if fetching is not None:
+                downloaded, status, reused = fetching.result()
+                if [f.path for f in downloaded] != sources:
+                    raise _files_changed(kind, export_id)
+                # (The lease is renewed next, in the staged transaction: one open since the
+                # first part landed would conflict with a renewal beside it.)
         self.log.info(
             "%s export %s: parsed %d rows from %d file(s) into Parquet",
             kind.key,
@@ -903,18 +934,56 @@ class ExportRunner:
             )
         return fetched
 
+    def _fetch(
+        self,
+        kind: ExportKind,
+        status: ExportStatus,
+        raw_dir: Path,
+        work_raw: Path,
+        flusher: Flusher | None,
+        landing: _Landing | None = None,
+    ) -> tuple[list[DownloadedFile], ExportStatus, list[str]]:
+        """:meth:`_download`, telling ``landing`` each file as it lands and when no more will."""
+        try:
+            fetched = self._download(
+                kind, status, raw_dir, work_raw, on_landed=landing and landing.landed
+            )
+        except BaseException as exc:
+            if landing is not None:
+                landing.stop(exc)
+            raise
+        if landing is not None:
+            landing.stop(None)  # a file the parse still waits for will not land
+        if flusher is not None:
+            for f in fetched[0]:
+                # Only now: the lease's commit (an fsync of the warehouse) waited behind the
+                # raw files' writeback when they were flushed as they landed (locations: 0.19 s).
+                flusher.add(f.path)
+        return fetched
+
     def _download(
-        self, kind: ExportKind, status: ExportStatus, raw_dir: Path, work_raw: Path
+        self,
+        kind: ExportKind,
+        status: ExportStatus,
+        raw_dir: Path,
+        work_raw: Path,
+        *,
+        on_landed: Callable[[Path], None] | None = None,
     ) -> tuple[list[DownloadedFile], ExportStatus, list[str]]:
         """Every file of the export in ``raw_dir``: files an earlier attempt verified are
         re-read, the rest downloaded into this attempt's ``work_raw`` (several at once) and
         each, as soon as it is verified, moved into ``raw_dir`` (one rename). A dead signed
         link is replaced by asking for the status again; only the files still missing are
         fetched then (a part stopped halfway resumes from its bytes), and a run killed
-        mid-download leaves its finished files in ``raw_dir`` for the next one."""
+        mid-download leaves its finished files in ``raw_dir`` for the next one.
+        ``on_landed`` is told each file's path in ``raw_dir`` as it is there (from the download
+        threads)."""
         reused = self._verified(status, raw_dir)
         by_name = dict(reused)
         landing = threading.Lock()
+        for f in reused.values():
+            if on_landed is not None:
+                on_landed(f.path)
 
         def land(f: DownloadedFile) -> DownloadedFile:
             # On the download thread, the moment the file is complete and checked.
@@ -923,6 +992,8 @@ class ExportRunner:
             landed = replace(f, path=target)
             with landing:
                 by_name[f.name] = landed
+            if on_landed is not None:
+                on_landed(target)
             return landed
 
         for attempt in range(self.settings.link_refreshes + 1):
@@ -1024,6 +1095,57 @@ class ExportRunner:
                 )
                 adopted = False
         raise AssertionError("unreachable")
+
+
+def _files_changed(kind: ExportKind, export_id: str) -> ExportPipelineError:
+    """A fresh link's status named other files than the ones the parse began to read."""
+    changed = ExportPipelineError(
+        "the export's files changed while they downloaded",
+        provider=kind.provider,
+        kind=kind.name,
+        export_id=export_id,
+        hint="it runs again: the files that landed are re-read, not downloaded",
+    )
+    changed.retryable = True
+    return changed
+
+
+class _DownloadStopped(Exception):
+    """A file the parse waits for will not land: the download failed (its own error says why)
+    or its status no longer names the file."""
+
+
+class _Landing:
+    """The files of an export as they land, for a parse that began before the last one did
+    (``to_parquet``'s ``arriving``). Each landed file is also handed to ``digests``."""
+
+    def __init__(self, paths: Sequence[Path], digests: BackgroundDigests) -> None:
+        self.paths = list(paths)
+        self._digests = digests
+        self._landed: set[Path] = set()
+        self._stopped = False
+        self._failed: BaseException | None = None
+        self._changed = threading.Condition()
+
+    def landed(self, path: Path) -> None:
+        self._digests.add(path)
+        with self._changed:
+            self._landed.add(path)
+            self._changed.notify_all()
+
+    def stop(self, failure: BaseException | None) -> None:
+        """No file lands after this; ``failure``: why the download ended early, if it did."""
+        with self._changed:
+            self._stopped = True
+            self._failed = failure
+            self._changed.notify_all()
+
+    def wait(self, path: Path) -> None:
+        with self._changed:
+            while path not in self._landed:
+                if self._stopped:
+                    raise _DownloadStopped(f"{path.name} did not land") from self._failed
+                self._changed.wait()
 
 
 def _told(staged: StagedLoad | None, flusher: Flusher | None) -> FileSink | None:

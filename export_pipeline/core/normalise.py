@@ -84,6 +84,9 @@ _T = TypeVar("_T")
 _Fail = Callable[..., ParseError]
 # Told each finished Parquet file of the export, from normalise's threads (see ``to_parquet``).
 FileSink = Callable[[Path], None]
+# Returns once the given source is on disk, complete and verified (it may still be downloading
+# when normalise begins); raises when it never will be (see ``to_parquet``).
+Arriving = Callable[[Path], None]
 
 
 @dataclass(frozen=True)
@@ -364,6 +367,7 @@ def to_parquet(
     on_file: FileSink | None = None,
     chunk_bytes: int = CHUNK_BYTES,
     slots: CpuSlots | None = None,
+    arriving: Arriving | None = None,
 ) -> NormaliseResult:
     """Write one zstd Parquet per source (``out_dir/<stem>.parquet``) with lineage columns.
 
@@ -389,6 +393,11 @@ def to_parquet(
     same speed). For the same reason, when the types come from DuckDB's sample (the usual
     case), the parts of a multi-part JSON export are converted side by side, one thread each,
     as many at once as the connection has threads (``_sampled_json_to_parquet``).
+
+    With ``arriving``, the sources are the files of an export still being downloaded, in the
+    order they land: each part is parsed as soon as ``arriving`` says it is there, while the
+    later ones download (:func:`_while_landing`). Only the first source need be there at the
+    call; ``arriving`` is called for every source before the result is returned.
     """
     if loaded_at.tzinfo is None:
         raise ValueError("loaded_at must be timezone-aware")
@@ -413,10 +422,31 @@ def to_parquet(
     # on a machine in New York every such value would move by five hours.
     con.execute("SET TimeZone = 'UTC'")
     unbom_dir = out_dir / ".unbom"
+    sources = [Path(s) for s in sources]
+    tried = False
     try:
+        if arriving is not None:
+            tried, landed = _while_landing(
+                con,
+                sources,
+                arriving,
+                out_dir,
+                kind,
+                export_id,
+                loaded_at,
+                fmt,
+                own_threads=own and threads is None,
+                on_file=on_file,
+                chunk_bytes=chunk_bytes,
+                slots=slots,
+            )
+            if landed is not None:
+                return landed
+            for src in sources:  # the usual way, once every part is there
+                arriving(src)
         return _to_parquet(
             con,
-            [_without_jsonl_bom(Path(s), unbom_dir, fmt) for s in sources],
+            [_without_jsonl_bom(s, unbom_dir, fmt) for s in sources],
             out_dir,
             kind,
             export_id,
@@ -426,12 +456,74 @@ def to_parquet(
             on_file=on_file,
             chunk_bytes=chunk_bytes,
             slots=slots,
+            sampled=not tried,
         )
     finally:
         shutil.rmtree(unbom_dir, ignore_errors=True)
         if own:
             con.close()
             shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+class _NotAlike(ValueError):
+    """A part landed unlike the first (another format or compression, empty, a byte-order
+    mark): the export is read the usual way once every part is there."""
+
+
+def _while_landing(
+    con: duckdb.DuckDBPyConnection,
+    sources: list[Path],
+    arriving: Arriving,
+    out_dir: Path,
+    kind: ExportKind,
+    export_id: str,
+    loaded_at: datetime,
+    fmt: FileFormat | None,
+    *,
+    own_threads: bool,
+    on_file: FileSink | None,
+    chunk_bytes: int,
+    slots: CpuSlots | None,
+) -> tuple[bool, NormaliseResult | None]:
+    """The parts of a multi-part JSON export parsed while the later ones download, as
+    :func:`_sampled_json_to_parquet` would parse them once landed: (whether that was tried,
+    its result). Not tried, or no result, the caller waits for every part and reads them as
+    usual (not tried: the sampled path first).
+
+    The parts of one export are files of one format: the later parts are taken to have the
+    first one's until each lands and is checked (:class:`_NotAlike` otherwise). The first
+    part's types are predicted for the rest (their guarded reads verify that before a row is
+    written), and the parts are copied in the order they land."""
+    first = sources[0]
+    arriving(first)
+    found = detect_format(first)
+    assumed = DetectedFormat(fmt or found.format, found.gzip)
+
+    def alike(src: Path) -> bool:
+        arriving(src)
+        here = detect_format(src)
+        return (
+            DetectedFormat(fmt or here.format, here.gzip) == assumed
+            and src.stat().st_size > 0
+            and not (assumed.format is FileFormat.JSONL and _peek(src)[0].startswith(_BOM))
+        )
+
+    if len(sources) < 2 or not own_threads or not alike(first):
+        return False, None
+    return True, _sampled_json_to_parquet(
+        con,
+        sources,
+        dict.fromkeys(sources, assumed),
+        out_dir,
+        kind,
+        export_id,
+        loaded_at,
+        own_threads,
+        on_file=on_file,
+        chunk_bytes=chunk_bytes,
+        slots=slots,
+        landing=alike,
+    )
 
 
 def _without_jsonl_bom(src: Path, scratch: Path, fmt: FileFormat | None) -> Path:
@@ -466,6 +558,7 @@ def _to_parquet(
     on_file: FileSink | None = None,
     chunk_bytes: int = CHUNK_BYTES,
     slots: CpuSlots | None = None,
+    sampled: bool = True,
 ) -> NormaliseResult:
     detected: dict[Path, DetectedFormat] = {}
     for src in sources:
@@ -492,18 +585,23 @@ def _to_parquet(
             line=line,
         )
 
-    fast = _sampled_json_to_parquet(
-        con,
-        sources,
-        detected,
-        out_dir,
-        kind,
-        export_id,
-        loaded_at,
-        own_threads,
-        on_file=on_file,
-        chunk_bytes=chunk_bytes,
-        slots=slots,
+    # (``sampled`` False: that path was tried already, while the parts landed.)
+    fast = (
+        _sampled_json_to_parquet(
+            con,
+            sources,
+            detected,
+            out_dir,
+            kind,
+            export_id,
+            loaded_at,
+            own_threads,
+            on_file=on_file,
+            chunk_bytes=chunk_bytes,
+            slots=slots,
+        )
+        if sampled
+        else None
     )
     if fast is not None:
         return fast
@@ -712,6 +810,7 @@ def _sampled_json_to_parquet(
     on_file: FileSink | None = None,
     chunk_bytes: int = CHUNK_BYTES,
     slots: CpuSlots | None = None,
+    landing: Callable[[Path], bool] | None = None,
 ) -> NormaliseResult | None:
     """JSON read in one parse, with types detected from DuckDB's default sample; ``None`` when
     the sample may not speak for the whole file (then the caller detects over every record).
@@ -745,8 +844,13 @@ def _sampled_json_to_parquet(
     (the full scan would type a column mixing strings and objects JSON; no value is lost).
     Anything unexpected (a DuckDB error, an empty file, no rows) also falls back, and the full
     path then reports a bad file with its line.
+
+    With ``landing`` (:func:`_while_landing`) only the first source need be on disk: each step
+    on a source first waits for it with ``landing``, which says whether it is like the first
+    (``detected`` holds the first one's format for all of them until then).
     """
-    if any(detected[s].format is FileFormat.CSV or s.stat().st_size == 0 for s in sources):
+    present = sources if landing is None else sources[:1]
+    if any(detected[s].format is FileFormat.CSV or s.stat().st_size == 0 for s in present):
         return None
     hints = {n: schema.parse(t) for n, t in (kind.columns or {}).items()}
     threads = int(con.execute("SELECT current_setting('threads')").fetchone()[0])  # type: ignore[index]
@@ -765,8 +869,6 @@ def _sampled_json_to_parquet(
         con.execute("SET threads = 1")
     if shared is not None:
         shared.limit(workers)
-    # Chunks only where one thread writes the file, so they come in row order.
-    chunked = {s for s in sources if per_step and s.stat().st_size >= chunk_bytes}
     steps = functools.partial(
         _sampled_steps,
         con,
@@ -777,7 +879,8 @@ def _sampled_json_to_parquet(
         export_id,
         loaded_at,
         workers,
-        chunked=chunked,
+        # Chunks only where one thread writes the file, so they come in row order.
+        chunk_bytes=chunk_bytes if per_step else None,
         on_file=on_file,
         # A lone JSON array: its COPY starts before its sample, on the idle core (below).
         speculate=per_step and len(sources) == 1 and workers >= 2,
@@ -786,6 +889,7 @@ def _sampled_json_to_parquet(
         # (_guarded_reader). A lone file keeps its check beside its COPY, on the core the
         # COPY leaves (a witness file would also stop DuckDB from reading it in parallel).
         guard=per_step and len(sources) > 1,
+        landing=landing,
     )
     try:
         try:
@@ -810,18 +914,23 @@ def _sampled_steps(
     loaded_at: datetime,
     workers: int,
     *,
-    chunked: set[Path],
+    chunk_bytes: int | None,
     on_file: FileSink | None,
     speculate: bool = False,
     slots: CpuSlots | None = None,
     guard: bool = False,
     predict: bool = False,
     known: Mapping[Path, Mapping[str, schema.Type]] | None = None,
+    landing: Callable[[Path], bool] | None = None,
 ) -> NormaliseResult | None:
     """The steps of :func:`_sampled_json_to_parquet`, ``workers`` at a time, each on its own
     cursor; the first failure or lossy check stops the others. Each source's Parquet is
-    written as ``<target>.part`` (a ``chunked`` source: ``.<stem>.chunks/``), told to
-    ``on_file`` when written, and renamed to its final name(s) when every check passed.
+    written as ``<target>.part`` (a source of at least ``chunk_bytes``: ``.<stem>.chunks/``),
+    told to ``on_file`` when written, and renamed to its final name(s) when every check passed.
+
+    With ``landing`` a source's steps first wait for it (:func:`_while_landing`): the first
+    source alone is sampled, its types are predicted for the others, and the parts are copied
+    in their order, the order they land in.
 
     With ``speculate`` (one source, two workers) the COPY does not wait for the type sample:
     it starts at once with the declared types cast over whatever its reader detects in the
@@ -872,7 +981,15 @@ def _sampled_steps(
         return dict(_described(cur, reader))
 
     def sample(src: Path) -> dict[str, schema.Type]:
+        land(src)
         return on_cursor(lambda cur: own_sample(cur, src))
+
+    def on_source(
+        src: Path, step: Callable[[Path], Callable[[duckdb.DuckDBPyConnection], _T]]
+    ) -> _T:
+        """``step(partial)`` run on a cursor once ``src`` has landed (``partial``: where its
+        Parquet goes, which depends on the file's size)."""
+        return on_cursor(step(land(src)))
 
     def copy_job(
         src: Path, select: str, partial: Path, sink: FileSink | None
@@ -998,6 +1115,11 @@ def _sampled_steps(
         info = detected[src]
         return lambda cur: _silently_converted(cur, [src], info.format, info.gzip, own)
 
+    def check_job(
+        src: Path, own: Mapping[str, schema.Type], partial: Path
+    ) -> Callable[[duckdb.DuckDBPyConnection], bool]:
+        return partial_check(src, own)  # reads the source, not its Parquet
+
     def guarded_reads(src: Path, own: Mapping[str, schema.Type]) -> tuple[str, str] | None:
         """The guarded read of ``src`` detecting its types over :data:`_SPECULATIVE_SAMPLE`
         records, then over DuckDB's default sample (for when the first binds other types)."""
@@ -1009,13 +1131,32 @@ def _sampled_steps(
         written = _chunk_files(partial) if src in chunked else [partial]
         return lambda cur: _mangled_times(cur, written, src, detected[src], per_file[src])
 
+    def land(src: Path) -> Path:
+        """Where ``src``'s Parquet is written, once ``src`` is on disk (waited for with
+        ``landing``, :class:`_NotAlike` when it is unlike the first)."""
+        with lock:
+            if src in partial_of:
+                return partial_of[src]
+        if landing is not None and not landing(src):
+            raise _NotAlike(f"{src.name} is not like the export's first file")
+        with lock:
+            if chunk_bytes is not None and src.stat().st_size >= chunk_bytes:
+                chunked.add(src)
+            stem = stem_of[src]
+            partial_of[src] = out_dir / (
+                f".{stem}.chunks" if src in chunked else f"{stem}.parquet.part"
+            )
+            return partial_of[src]
+
     taken: set[str] = set()
     stems = [_output_stem(src, taken) for src in sources]
-    partials = [
-        out_dir / (f".{stem}.chunks" if src in chunked else f"{stem}.parquet.part")
-        for src, stem in zip(sources, stems, strict=True)
-    ]
-    partial_of = dict(zip(sources, partials, strict=True))
+    stem_of = dict(zip(sources, stems, strict=True))
+    lock = threading.Lock()
+    chunked: set[Path] = set()
+    partial_of: dict[Path, Path] = {}
+    if landing is None:
+        for src in sources:  # all on disk already
+            land(src)
     witness_of = {
         s: out_dir / f".{stem}.witness" for s, stem in zip(sources, stems, strict=True) if guard
     }
@@ -1038,7 +1179,7 @@ def _sampled_steps(
                     reader = _json_reader(
                         sources[0], info.format, info.gzip, None, sample_size=_SPECULATIVE_SAMPLE
                     )
-                    spec, gate = speculative(sources[0], partials[0], reader)
+                    spec, gate = speculative(sources[0], partial_of[sources[0]], reader)
                     steps = [spec]
                     # The types the speculative COPY reads with: those of its smaller sample.
                     read_as = on_cursor(lambda cur: _described(cur, reader))
@@ -1053,12 +1194,11 @@ def _sampled_steps(
                         gate.admit()
                         copies = [spec]
                     else:
-                        retract(spec, gate, partials[0])
+                        retract(spec, gate, partial_of[sources[0]])
                         steps = []
                 else:
-                    per_file, predicted = _sampled_parts(
-                        sources, sample, pool, workers if predict and guard else None
-                    )
+                    ahead = (1 if landing is not None else workers) if predict and guard else None
+                    per_file, predicted = _sampled_parts(sources, sample, pool, ahead)
                     typed = _typed_union(per_file.values(), hints)
                 if typed is not None:
                     for src in witness_of:  # none: no guard
@@ -1068,19 +1208,27 @@ def _sampled_steps(
                         # A prediction only a guarded read can verify: sample every part.
                         raise _Replan({s: per_file[s] for s in sources if s not in predicted})
                     if not copies:
-                        # Predicted parts first: one whose own types differ shows it at once.
+                        # Predicted parts first, one whose own types differ shows it at once;
+                        # while they land, in their order.
                         submitted = {
                             src: pool.submit(
-                                on_cursor,
-                                predicted_copy(src, typed, partial_of[src])
+                                on_source,
+                                src,
+                                functools.partial(predicted_copy, src, typed)
                                 if src in predicted
-                                else partial_copy(src, per_file[src], typed, partial_of[src]),
+                                else functools.partial(partial_copy, src, per_file[src], typed),
                             )
-                            for src in sorted(sources, key=lambda src: src not in predicted)
+                            for src in (
+                                sources
+                                if landing is not None
+                                else sorted(sources, key=lambda src: src not in predicted)
+                            )
                         }
                         copies = [submitted[src] for src in sources]
                     checks = [
-                        pool.submit(on_cursor, partial_check(src, per_file[src]))
+                        pool.submit(
+                            on_source, src, functools.partial(check_job, src, per_file[src])
+                        )
                         for src in sources
                         if src not in guarded
                     ]
@@ -1088,10 +1236,7 @@ def _sampled_steps(
                     # A failed step or a value the sample would have converted stops the rest.
                     if not any(done.result() and done in checks for done in as_completed(steps)):
                         rows = [copy.result() for copy in copies]
-                        if any(
-                            on_cursor(mangled(src, partial))
-                            for src, partial in zip(sources, partials, strict=True)
-                        ):
+                        if any(on_cursor(mangled(src, partial_of[src])) for src in sources):
                             rows = None
             except (duckdb.Error, ValueError):
                 rows = None
@@ -1110,12 +1255,13 @@ def _sampled_steps(
             with contextlib.suppress(FileNotFoundError):
                 witness.unlink()
         if rows is None or not all(rows):
-            for partial in partials:
+            for partial in partial_of.values():  # only sources that landed have one
                 _remove(partial)
     if rows is None or not all(rows):
         return None
     targets: list[Path] = []
-    for src, stem, partial in zip(sources, stems, partials, strict=True):
+    for src, stem in zip(sources, stems, strict=True):
+        partial = partial_of[src]
         if src not in chunked:
             targets.append(out_dir / f"{stem}.parquet")
             os.replace(partial, targets[-1])

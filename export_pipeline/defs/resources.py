@@ -124,7 +124,11 @@ class SyncSettingsResource(dg.ConfigurableResource):
     poll_initial_seconds: float = 1.0
     poll_max_seconds: float = 30.0
     wait_timeout_seconds: float = Field(900.0, description="How long a run waits for an export.")
-    download_concurrency: int = Field(4, description="Parallel downloads of a multi-part export.")
+    download_concurrency: int = Field(
+        2,
+        description="Parts of a multi-part export downloaded at once (more than the parse has "
+        "cores: the parts land together at the end, and parsing while downloading gains nothing).",
+    )
     http_max_attempts: int = 5
     http_base_delay_seconds: float = 0.5
     duckdb_memory_limit: str = Field(
@@ -136,6 +140,11 @@ class SyncSettingsResource(dg.ConfigurableResource):
         description="DuckDB file on local storage: load each finished Parquet file while the "
         "next is parsed, in the load's transaction (the write lock is then held from the first "
         "finished file). Off: the load starts when normalise ends.",
+    )
+    parse_while_downloading: bool = Field(
+        True,
+        description="A multi-part export: parse each part as soon as it has landed, while the "
+        "later parts download. Off: the parse starts when the last part has landed.",
     )
     step_retry_seconds: float = Field(
         30.0,
@@ -199,6 +208,7 @@ class SyncSettingsResource(dg.ConfigurableResource):
             verify_row_count=self.verify_row_count,
             duckdb_memory_limit=self.duckdb_memory_limit,
             stage_while_parsing=self.stage_while_parsing,
+            parse_while_downloading=self.parse_while_downloading,
             retry=self.retry(),
             url_policy=self.url_policy(),
             download_limits=DownloadLimits(

@@ -73,6 +73,15 @@ def test_mews_multipart_benchmark_reports_json_last_line(
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     result = json.loads(lines[-1])
     assert (result["rows"], result["parts"]) == (2000, 4)
+    # Without the download is a run of its own on the downloaded parts (the sync overlaps
+    # its download with the parse), and the figures say so.
+    local = [line for line in lines if "ingest of the downloaded parts (no download)" in line]
+    assert len(local) == 1
+    local_seconds = float(local[0].split(": ", 1)[1].split("s,", 1)[0])
+    assert result["seconds_without_download"] == pytest.approx(local_seconds, abs=0.006)
+    assert result["ratio_without_download"] == pytest.approx(
+        result["seconds_without_download"] / result["baseline_seconds"], rel=0.01
+    )
     assert result["ratio_vs_duckdb"] == pytest.approx(
         result["seconds"] / result["baseline_seconds"], rel=0.01
     )

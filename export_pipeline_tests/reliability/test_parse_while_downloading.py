@@ -1,0 +1,177 @@
+"""A multi-part export is parsed part by part as the parts land, while the later ones are still
+downloading, over real loopback HTTP (the Mews simulator) into a real DuckDB file.
+
+Overlap is observed on disk, never on a clock: a gate in front of the simulator holds the last
+part's body until the first part's Parquet exists in the runner's work directory. A runner
+that parsed only after the whole download would never get there; the gate lets the body go
+after a deadline and records that it had to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode
+
+import pytest
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from export_pipeline.core.errors import LinkExpiredError
+from export_pipeline.core.ingest import ExportRunner, IngestSettings
+from export_pipeline.core.ledger import Ledger, Warehouse
+from export_pipeline.core.model import ExportRequest, ExportState
+from export_pipeline.core.storage import LocalStorage
+from export_pipeline.providers.mews import MewsProvider
+from export_pipeline.sandbox.mews import State, create_app
+from export_pipeline.sandbox.server import RunningServer
+from export_pipeline_tests.reliability.test_parallel_download import RETRY
+
+PARTS = 4
+ROWS = 800
+RESERVATION = next(k for k in MewsProvider.kinds if k.params["entity_type"] == "Reservation")
+
+
+@dataclass
+class HoldLastPart:
+    """ASGI wrapper over the simulator's file host: the last part's body waits until a Parquet
+    of part 0 is on disk under ``root`` (``parsed_first``), or ``deadline`` seconds. With
+    ``refuse``, the last part is refused every time instead (a signed link the host no longer
+    honours, fresh ones included)."""
+
+    app: ASGIApp
+    root: Path
+    deadline: float = 20.0
+    refuse: bool = False
+    parsed_first: list[bool] = field(default_factory=list)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith("/files/"):
+            part = int(path.rsplit("/", 1)[1].split(".")[0])
+            if part == PARTS - 1:
+                loop = asyncio.get_running_loop()
+                until = loop.time() + self.deadline
+                while not self._first_parsed() and loop.time() < until:
+                    await asyncio.sleep(0.01)
+                self.parsed_first.append(self._first_parsed())
+                if self.refuse:
+                    query = parse_qs(scope["query_string"].decode())
+                    query["signature"] = ["0" * 64]
+                    scope = dict(scope, query_string=urlencode(query, doseq=True).encode())
+        await self.app(scope, receive, send)
+
+    def _first_parsed(self) -> bool:
+        return any(self.root.glob("data/**/parquet/part-0000.parquet*"))
+
+
+@dataclass
+class Sandbox:
+    state: State
+    gate: HoldLastPart
+    base_url: str
+    root: Path
+
+    def runner(self, **settings: object) -> ExportRunner:
+        provider = MewsProvider.from_settings(
+            base_url=self.base_url,
+            body_credentials={
+                "ClientToken": self.state.client_token,
+                "AccessToken": self.state.access_token,
+            },
+            retry=RETRY,
+        )
+        base = IngestSettings(poll_initial_seconds=0.02, retry=RETRY)
+        return ExportRunner(
+            provider,
+            Ledger(Warehouse(self.root / "w.duckdb")),
+            LocalStorage(self.root / "data"),
+            replace(base, **settings),  # type: ignore[arg-type]
+        )
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
+    state = State(
+        counts={"Reservation": ROWS},
+        parts=PARTS,
+        data_dir=tmp_path / "mews",
+        pending_seconds=0.0,
+        processing_seconds=0.0,
+    )
+    gate = HoldLastPart(create_app(state), tmp_path)
+    with RunningServer(gate) as server:
+        yield Sandbox(state, gate, server.base_url, tmp_path)
+    state.close()
+
+
+def _table_rows(runner: ExportRunner) -> tuple[int, int] | None:
+    with runner.ledger.warehouse.connect(read_only=True) as con:
+        exists = con.execute(
+            "SELECT count(*) FROM information_schema.tables "
+            "WHERE table_schema = 'mews' AND table_name = 'reservation'"
+        ).fetchone()
+        if not exists or not exists[0]:
+            return None
+        row = con.execute("SELECT count(*), count(DISTINCT Id) FROM mews.reservation").fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def test_the_first_part_is_parsed_while_the_last_one_downloads(sandbox: Sandbox) -> None:
+    runner = sandbox.runner()
+    result = runner.sync(RESERVATION, ExportRequest())
+    runner.provider.close()
+    assert sandbox.gate.parsed_first == [True]
+    assert result.rows == ROWS
+    assert len(result.files) == PARTS
+    assert _table_rows(runner) == (ROWS, ROWS)
+    # The ledger holds every part's hash (taken as each landed) and the export is loaded.
+    with runner.ledger.warehouse.connect(read_only=True) as con:
+        hashed = con.execute(
+            "SELECT count(*) FROM pipeline.export_files WHERE export_id = ? AND sha256 <> ''",
+            [result.export_id],
+        ).fetchone()
+    assert hashed == (PARTS,)
+    record = runner.ledger.get(runner.name, result.export_id)
+    assert record is not None and record.state is ExportState.LOADED
+
+
+def test_without_it_the_parse_waits_for_every_part(sandbox: Sandbox) -> None:
+    """The setting off: the gate sees no Parquet before the last part (the check can fail)."""
+    sandbox.gate.deadline = 1.0
+    runner = sandbox.runner(parse_while_downloading=False)
+    result = runner.sync(RESERVATION, ExportRequest())
+    runner.provider.close()
+    assert sandbox.gate.parsed_first == [False]
+    assert _table_rows(runner) == (ROWS, ROWS)
+    assert result.rows == ROWS
+
+
+def test_a_part_that_never_downloads_fails_the_sync_with_the_downloads_error(
+    sandbox: Sandbox,
+) -> None:
+    """The last part's link is refused, fresh links too, while the first parts are parsed:
+    the sync fails with the download's error (not a parse error), nothing is loaded, and the
+    parts that did land stay in the raw tier for the next attempt."""
+    sandbox.gate.refuse = True
+    runner = sandbox.runner()
+    with pytest.raises(LinkExpiredError) as failed:
+        runner.sync(RESERVATION, ExportRequest())
+    runner.provider.close()
+    assert failed.value.file is not None and failed.value.file.startswith("part-")
+    assert all(sandbox.gate.parsed_first)  # the first part was parsed meanwhile
+    assert _table_rows(runner) is None
+    record = runner.ledger.get(runner.name, failed.value.export_id or "")
+    assert record is not None and record.state is not ExportState.LOADED
+    landed = sorted(p.name for p in (sandbox.root / "data").rglob("part-*.jsonl"))
+    assert landed == [f"part-{n:04d}.jsonl" for n in range(PARTS - 1)]
+
+
+def test_the_setting_is_resource_config() -> None:
+    from export_pipeline.defs.resources import SyncSettingsResource
+
+    assert SyncSettingsResource().ingest().parse_while_downloading is True
+    off = SyncSettingsResource(parse_while_downloading=False).ingest()
+    assert off.parse_while_downloading is False
