@@ -695,6 +695,13 @@ class ExportRunner:
                     self._fetch, kind, status, raw_dir, work_raw, flusher, landing
                 )
                 sources = landing.paths
+                self.log.info(
+                    "%s export %s: parsing each of %d parts as it lands (%d downloading at once)",
+                    kind.key,
+                    export_id,
+                    len(sources),
+                    min(self.settings.download_concurrency, len(sources)),
+                )
             try:
                 normalised = to_parquet(
                     sources,

@@ -10,6 +10,7 @@ after a deadline and records that it had to.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -119,11 +120,17 @@ def _table_rows(runner: ExportRunner) -> tuple[int, int] | None:
     return int(row[0]), int(row[1])
 
 
-def test_the_first_part_is_parsed_while_the_last_one_downloads(sandbox: Sandbox) -> None:
+def test_the_first_part_is_parsed_while_the_last_one_downloads(
+    sandbox: Sandbox, caplog: pytest.LogCaptureFixture
+) -> None:
     runner = sandbox.runner()
-    result = runner.sync(RESERVATION, ExportRequest())
+    with caplog.at_level(logging.INFO):
+        result = runner.sync(RESERVATION, ExportRequest())
     runner.provider.close()
     assert sandbox.gate.parsed_first == [True]
+    # The run log says how the parts are read (the Dagster UI shows it on the step).
+    said = f"parsing each of {PARTS} parts as it lands (2 downloading at once)"
+    assert any(said in r.getMessage() for r in caplog.records)
     assert result.rows == ROWS
     assert len(result.files) == PARTS
     assert _table_rows(runner) == (ROWS, ROWS)
