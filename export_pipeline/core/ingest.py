@@ -51,7 +51,12 @@ from export_pipeline.core.model import (
     ExportStatus,
 )
 from export_pipeline.core.netpolicy import UrlPolicy
-from export_pipeline.core.normalise import FileSink, detect_format, to_parquet
+from export_pipeline.core.normalise import (
+    FileSink,
+    NormaliseResult,
+    detect_format,
+    to_parquet,
+)
 from export_pipeline.core.redact import get_logger
 from export_pipeline.core.stage import StagedLoad
 from export_pipeline.core.storage import Flusher, LocalStorage, Storage
@@ -675,7 +680,7 @@ class ExportRunner:
         self._adopt_partials(work, work_raw)
 
         # A multi-part export is parsed part by part as the parts land (``arriving``), while
-        # the later ones download on a thread of their own; one file is downloaded first.
+        # the later ones download on a thread of their own; a lone file is parsed once there.
         landing = (
             _Landing([raw_dir / f.name for f in status.files], digests)
             if self.settings.parse_while_downloading and len(status.files) > 1
@@ -703,36 +708,19 @@ class ExportRunner:
                     min(self.settings.download_concurrency, len(sources)),
                 )
             try:
-                normalised = to_parquet(
-                    sources,
-                    parquet_dir,
-                    kind=kind,
-                    export_id=export_id,
-                    loaded_at=loaded_at,
-                    memory_limit=self.settings.duckdb_memory_limit,
-                    on_file=_told(staged, flusher),
-                    slots=staged.slots if staged is not None else None,
-                    arriving=landing.wait if landing is not None else None,
+                normalised = self._normalise(
+                    kind, export_id, sources, parquet_dir, loaded_at, staged, flusher, landing
                 )
             except _DownloadStopped as stopped:
                 assert fetching is not None
                 fetching.result()  # the download's own error, not the parse's
                 raise _files_changed(kind, export_id) from stopped
-            except (ExportPipelineError, OSError, MemoryError):
+            except BaseException:
+                if landing is not None:
+                    # Failed first, or interrupted (a run terminated): the download stops now,
+                    # not when it ends; landed parts stay, unfinished ones keep their .part.
+                    landing.halt.set()
                 raise
-            except Exception as exc:
-                # A file shape the reader does not handle: reading the same verified files
-                # again fails the same way, so it is a parse failure of this export (it counts
-                # against the poison budget) rather than an anonymous crash that keeps the
-                # export open.
-                raise ParseError(
-                    f"cannot read the export's files ({type(exc).__name__}: {exc})",
-                    provider=self.name,
-                    kind=kind.name,
-                    export_id=export_id,
-                    file=sources[0].name if len(sources) == 1 else None,
-                    hint="the files are kept in the raw tier for inspection; nothing was loaded",
-                ) from exc
             if fetching is not None:
                 downloaded, status, reused = fetching.result()
                 if [f.path for f in downloaded] != sources:
@@ -888,6 +876,44 @@ class ExportRunner:
             reused_files=tuple(reused),
         )
 
+    def _normalise(
+        self,
+        kind: ExportKind,
+        export_id: str,
+        sources: list[Path],
+        parquet_dir: Path,
+        loaded_at: datetime,
+        staged: StagedLoad | None,
+        flusher: Flusher | None,
+        landing: _Landing | None,
+    ) -> NormaliseResult:
+        try:
+            return to_parquet(
+                sources,
+                parquet_dir,
+                kind=kind,
+                export_id=export_id,
+                loaded_at=loaded_at,
+                memory_limit=self.settings.duckdb_memory_limit,
+                on_file=_told(staged, flusher),
+                slots=staged.slots if staged is not None else None,
+                arriving=landing.wait if landing is not None else None,
+            )
+        except (ExportPipelineError, OSError, MemoryError, _DownloadStopped):
+            raise
+        except Exception as exc:
+            # A file shape the reader does not handle: reading the same verified files again
+            # fails the same way, so it is a parse failure of this export (it counts against
+            # the poison budget) rather than an anonymous crash that keeps the export open.
+            raise ParseError(
+                f"cannot read the export's files ({type(exc).__name__}: {exc})",
+                provider=self.name,
+                kind=kind.name,
+                export_id=export_id,
+                file=sources[0].name if len(sources) == 1 else None,
+                hint="the files are kept in the raw tier for inspection; nothing was loaded",
+            ) from exc
+
     def _adopt_partials(self, work: Path, work_raw: Path) -> None:
         """Move the unfinished downloads of dead attempts at this export into this attempt, so
         the download resumes from the bytes on disk instead of byte 0. Only attempts whose
@@ -953,7 +979,12 @@ class ExportRunner:
         """:meth:`_download`, telling ``landing`` each file as it lands and when no more will."""
         try:
             fetched = self._download(
-                kind, status, raw_dir, work_raw, on_landed=landing and landing.landed
+                kind,
+                status,
+                raw_dir,
+                work_raw,
+                on_landed=landing and landing.landed,
+                stop=landing and landing.halt,
             )
         except BaseException as exc:
             if landing is not None:
@@ -976,6 +1007,7 @@ class ExportRunner:
         work_raw: Path,
         *,
         on_landed: Callable[[Path], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> tuple[list[DownloadedFile], ExportStatus, list[str]]:
         """Every file of the export in ``raw_dir``: files an earlier attempt verified are
         re-read, the rest downloaded into this attempt's ``work_raw`` (several at once) and
@@ -1028,6 +1060,7 @@ class ExportRunner:
                     resume=True,
                     on_finished=land,
                     digest=False,  # hashed beside the parse instead (BackgroundDigests)
+                    stop=stop,
                 )
                 break
             except LinkExpiredError:
@@ -1133,6 +1166,8 @@ class _Landing:
         self._stopped = False
         self._failed: BaseException | None = None
         self._changed = threading.Condition()
+        # Set when the parse has failed: the download stops (download_files's ``stop``).
+        self.halt = threading.Event()
 
     def landed(self, path: Path) -> None:
         self._digests.add(path)
@@ -1147,12 +1182,16 @@ class _Landing:
             self._failed = failure
             self._changed.notify_all()
 
-    def wait(self, path: Path) -> None:
+    def wait(self, path: Path, timeout: float) -> bool:
+        """Whether ``path`` has landed, waiting at most ``timeout`` seconds for it."""
         with self._changed:
-            while path not in self._landed:
-                if self._stopped:
-                    raise _DownloadStopped(f"{path.name} did not land") from self._failed
-                self._changed.wait()
+            if path not in self._landed and not self._stopped:
+                self._changed.wait(timeout)
+            if path in self._landed:
+                return True
+            if self._stopped:
+                raise _DownloadStopped(f"{path.name} did not land") from self._failed
+            return False
 
 
 def _told(staged: StagedLoad | None, flusher: Flusher | None) -> FileSink | None:

@@ -84,9 +84,12 @@ _T = TypeVar("_T")
 _Fail = Callable[..., ParseError]
 # Told each finished Parquet file of the export, from normalise's threads (see ``to_parquet``).
 FileSink = Callable[[Path], None]
-# Returns once the given source is on disk, complete and verified (it may still be downloading
-# when normalise begins); raises when it never will be (see ``to_parquet``).
-Arriving = Callable[[Path], None]
+# Whether the given source is on disk, complete and verified, waiting for it at most the given
+# seconds (it may still be downloading when normalise begins); raises when it never will be
+# (see ``to_parquet``).
+Arriving = Callable[[Path, float], bool]
+# How often a step waiting for its source looks whether the others have stopped.
+_LANDING_POLL_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -397,7 +400,7 @@ def to_parquet(
     With ``arriving``, the sources are the files of an export still being downloaded, in the
     order they land: each part is parsed as soon as ``arriving`` says it is there, while the
     later ones download (:func:`_while_landing`). Only the first source need be there at the
-    call; ``arriving`` is called for every source before the result is returned.
+    call; every source has landed when the result is returned.
     """
     if loaded_at.tzinfo is None:
         raise ValueError("loaded_at must be timezone-aware")
@@ -443,7 +446,7 @@ def to_parquet(
             if landed is not None:
                 return landed
             for src in sources:  # the usual way, once every part is there
-                arriving(src)
+                _wait_for(arriving, src)
         return _to_parquet(
             con,
             [_without_jsonl_bom(s, unbom_dir, fmt) for s in sources],
@@ -463,6 +466,14 @@ def to_parquet(
         if own:
             con.close()
             shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _wait_for(arriving: Arriving, src: Path, give_up: threading.Event | None = None) -> None:
+    """Until ``src`` has landed; :class:`_Refused` once ``give_up`` is set (the other steps
+    stopped: a step must not hold its thread for a download that may take minutes)."""
+    while not arriving(src, _LANDING_POLL_SECONDS):
+        if give_up is not None and give_up.is_set():
+            raise _Refused
 
 
 class _NotAlike(ValueError):
@@ -495,12 +506,12 @@ def _while_landing(
     part's types are predicted for the rest (their guarded reads verify that before a row is
     written), and the parts are copied in the order they land."""
     first = sources[0]
-    arriving(first)
+    _wait_for(arriving, first)
     found = detect_format(first)
     assumed = DetectedFormat(fmt or found.format, found.gzip)
 
-    def alike(src: Path) -> bool:
-        arriving(src)
+    def alike(src: Path, give_up: threading.Event | None = None) -> bool:
+        _wait_for(arriving, src, give_up)
         here = detect_format(src)
         return (
             DetectedFormat(fmt or here.format, here.gzip) == assumed
@@ -810,7 +821,7 @@ def _sampled_json_to_parquet(
     on_file: FileSink | None = None,
     chunk_bytes: int = CHUNK_BYTES,
     slots: CpuSlots | None = None,
-    landing: Callable[[Path], bool] | None = None,
+    landing: Callable[[Path, threading.Event], bool] | None = None,
 ) -> NormaliseResult | None:
     """JSON read in one parse, with types detected from DuckDB's default sample; ``None`` when
     the sample may not speak for the whole file (then the caller detects over every record).
@@ -921,7 +932,7 @@ def _sampled_steps(
     guard: bool = False,
     predict: bool = False,
     known: Mapping[Path, Mapping[str, schema.Type]] | None = None,
-    landing: Callable[[Path], bool] | None = None,
+    landing: Callable[[Path, threading.Event], bool] | None = None,
 ) -> NormaliseResult | None:
     """The steps of :func:`_sampled_json_to_parquet`, ``workers`` at a time, each on its own
     cursor; the first failure or lossy check stops the others. Each source's Parquet is
@@ -1137,7 +1148,7 @@ def _sampled_steps(
         with lock:
             if src in partial_of:
                 return partial_of[src]
-        if landing is not None and not landing(src):
+        if landing is not None and not landing(src, stopping):
             raise _NotAlike(f"{src.name} is not like the export's first file")
         with lock:
             if chunk_bytes is not None and src.stat().st_size >= chunk_bytes:

@@ -225,6 +225,11 @@ def _lowest_priority() -> None:
 _NOT_GZIP = object()  # meter marker: the body is not gzip, nothing to inflate
 
 
+class DownloadStoppedError(ExportPipelineError):
+    """The caller stopped the downloads (``download_files``'s ``stop``): finished files stay,
+    unfinished ones keep their ``.part`` for the next attempt."""
+
+
 class _Cancelled(Exception):
     """Raised inside a worker when a sibling download failed; never escapes download_files."""
 
@@ -312,6 +317,7 @@ def download_files(
     resume: bool = False,
     on_finished: Finished | None = None,
     digest: bool = True,
+    stop: threading.Event | None = None,
 ) -> list[DownloadedFile]:
     """Download several files with at most ``max_concurrency`` at a time, results in input order.
 
@@ -332,9 +338,21 @@ def download_files(
 
     ``digest=False`` leaves ``sha256`` None: a caller that hashes the files later
     (:class:`BackgroundDigests`) keeps the hash off the download's cores.
+
+    ``stop``: set by a caller whose own thread cannot interrupt this one (a download on a
+    thread of its own, beside the parse): the downloads then stop as on a first failure, and
+    :class:`DownloadStoppedError` is raised.
     """
     if max_concurrency < 1:
         raise ValueError("max_concurrency must be >= 1")
+
+    def stopped() -> DownloadStoppedError:
+        return DownloadStoppedError(
+            "download stopped: the sync failed meanwhile", provider=provider, export_id=export_id
+        )
+
+    if stop is not None and stop.is_set():
+        raise stopped()
     names = [f.name for f in files]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -400,7 +418,19 @@ def download_files(
                 wait(futures)
 
             try:
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                while True:
+                    done, pending = wait(
+                        futures,
+                        timeout=None if stop is None else 0.05,
+                        return_when=FIRST_EXCEPTION,
+                    )
+                    if not pending or any(fut.exception() is not None for fut in done):
+                        break
+                    if stop is not None and stop.is_set():
+                        stop_all()
+                        raise stopped()
+            except DownloadStoppedError:
+                raise
             except BaseException:
                 # Interrupted here (a run terminated, Ctrl-C): every download stops now, not
                 # when it ends or times out.

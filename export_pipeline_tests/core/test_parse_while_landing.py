@@ -69,12 +69,14 @@ class Lander:
             if path.name.startswith(src.name.split(".")[0] + "."):
                 self._parsed[n].set()
 
-    def arriving(self, path: Path) -> None:
+    def arriving(self, path: Path, timeout: float) -> bool:
         n = self.paths.index(path)
         self.waited.append(path.name)
-        while not self._landed[n].wait(0.01):
-            if self._failed.is_set():
-                raise _DownloadBroke(f"{path.name} did not land")
+        if self._landed[n].wait(timeout):
+            return True
+        if self._failed.is_set():
+            raise _DownloadBroke(f"{path.name} did not land")
+        return False
 
     def _land(self) -> None:
         for n, (src, dst) in enumerate(zip(self.prepared, self.paths, strict=True)):
@@ -144,7 +146,8 @@ def test_a_parse_that_waits_for_every_part_is_caught(
     parts = _parts(prepared)
     with Lander(parts, raw, deadline=0.2) as lander:
         for path in lander.paths:
-            lander.arriving(path)
+            while not lander.arriving(path, 0.05):
+                pass
         result = to_parquet(
             lander.paths,
             tmp_path / "out",

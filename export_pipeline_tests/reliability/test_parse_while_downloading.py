@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,6 +48,11 @@ class HoldLastPart:
     root: Path
     deadline: float = 20.0
     refuse: bool = False
+    # Once part 0 is parsed, send this process SIGUSR1 (what stops the run's main thread) and
+    # hold the last part until ``let_go`` (or the deadline).
+    terminate: bool = False
+    let_go: threading.Event = field(default_factory=threading.Event)
+    released: bool = False
     parsed_first: list[bool] = field(default_factory=list)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -57,6 +65,11 @@ class HoldLastPart:
                 while not self._first_parsed() and loop.time() < until:
                     await asyncio.sleep(0.01)
                 self.parsed_first.append(self._first_parsed())
+                if self.terminate:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                    while not self.let_go.is_set() and loop.time() < until:
+                        await asyncio.sleep(0.01)
+                self.released = True
                 if self.refuse:
                     query = parse_qs(scope["query_string"].decode())
                     query["signature"] = ["0" * 64]
@@ -182,3 +195,34 @@ def test_the_setting_is_resource_config() -> None:
     assert SyncSettingsResource().ingest().parse_while_downloading is True
     off = SyncSettingsResource(parse_while_downloading=False).ingest()
     assert off.parse_while_downloading is False
+
+
+class _Terminated(BaseException):
+    """What a terminated run's main thread meets (Dagster raises a BaseException too)."""
+
+
+def test_a_run_stopped_while_it_parses_stops_its_download_too(sandbox: Sandbox) -> None:
+    """The run is stopped (a signal in its main thread) once part 0 is parsed, while the last
+    part is held on the wire: the sync ends without waiting for that download, the parts
+    that landed stay in the raw tier, and nothing is loaded."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Terminated()
+
+    sandbox.gate.terminate = True
+    sandbox.gate.deadline = 60.0
+    previous = signal.signal(signal.SIGUSR1, stop)
+    runner = sandbox.runner()
+    try:
+        with pytest.raises(_Terminated):
+            runner.sync(RESERVATION, ExportRequest())
+        held = not sandbox.gate.released
+    finally:
+        sandbox.gate.let_go.set()
+        signal.signal(signal.SIGUSR1, previous)
+        runner.provider.close()
+    assert sandbox.gate.parsed_first == [True]
+    assert held  # the sync was over while the last part was still being held back
+    assert _table_rows(runner) is None
+    landed = sorted(p.name for p in (sandbox.root / "data").rglob("part-*.jsonl"))
+    assert landed == [f"part-{n:04d}.jsonl" for n in range(PARTS - 1)]
