@@ -688,6 +688,7 @@ class ExportRunner:
         )
         loaded_at = datetime.now(UTC)
         fetching: Future[tuple[list[DownloadedFile], ExportStatus, list[str]]] | None = None
+        refreshed: ExportStatus | None = None
         with ThreadPoolExecutor(1, thread_name_prefix="fetch") as pool:
             if landing is None:
                 downloaded, status, reused = self._fetch(kind, status, raw_dir, work_raw, flusher)
@@ -722,7 +723,9 @@ class ExportRunner:
                     landing.halt.set()
                 raise
             if fetching is not None:
+                asked = status
                 downloaded, status, reused = fetching.result()
+                refreshed = status if status is not asked else None
                 if [f.path for f in downloaded] != sources:
                     raise _files_changed(kind, export_id)
                 # (The lease is renewed next, in the staged transaction: one open since the
@@ -750,6 +753,9 @@ class ExportRunner:
         readback_dir = work / "published"
         # The staged transaction, when it holds exactly the export's files (else rolled back).
         staged_con = staged.take(normalised.parquet_paths) if staged is not None else None
+        if refreshed is not None:
+            # The fresh links' status the download asked for (not recorded on its thread).
+            self.ledger.apply_status(self.name, refreshed, con=staged_con)
         self._renew(kind, export_id, staged_con)
         raw_uri = self.storage.publish("raw", kind, export_id, raw_dir)
         parquet_uri = self.storage.publish("parquet", kind, export_id, parquet_dir)
@@ -985,6 +991,9 @@ class ExportRunner:
                 work_raw,
                 on_landed=landing and landing.landed,
                 stop=landing and landing.halt,
+                # The staged load's transaction may be open beside the download (it opens when
+                # the first part is parsed): a ledger write here would conflict with it.
+                record_refresh=landing is None,
             )
         except BaseException as exc:
             if landing is not None:
@@ -1008,6 +1017,7 @@ class ExportRunner:
         *,
         on_landed: Callable[[Path], None] | None = None,
         stop: threading.Event | None = None,
+        record_refresh: bool = True,
     ) -> tuple[list[DownloadedFile], ExportStatus, list[str]]:
         """Every file of the export in ``raw_dir``: files an earlier attempt verified are
         re-read, the rest downloaded into this attempt's ``work_raw`` (several at once) and
@@ -1016,7 +1026,8 @@ class ExportRunner:
         fetched then (a part stopped halfway resumes from its bytes), and a run killed
         mid-download leaves its finished files in ``raw_dir`` for the next one.
         ``on_landed`` is told each file's path in ``raw_dir`` as it is there (from the download
-        threads)."""
+        threads). ``record_refresh=False``: a fresh status is not written to the ledger here
+        (the caller records it in its load transaction, which may be open already)."""
         reused = self._verified(status, raw_dir)
         by_name = dict(reused)
         landing = threading.Lock()
@@ -1071,7 +1082,10 @@ class ExportRunner:
                     kind.key,
                     status.export_id,
                 )
-                status = self.status(status.export_id)
+                if record_refresh:
+                    status = self.status(status.export_id)
+                else:
+                    status = self.status_unrecorded(status.export_id)
                 self._raise_for_terminal(kind, status)
         if reused:
             self.log.info(

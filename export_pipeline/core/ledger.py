@@ -383,11 +383,17 @@ class Ledger:
             )
         self._apply_status(con, kind.provider, status, count_poll=False)
 
-    def apply_status(self, provider: str, status: ExportStatus) -> ExportRecord | None:
-        """Record what the provider said; illegal moves (e.g. out of LOADED) are ignored."""
-        with self.warehouse.transaction() as con:
+    def apply_status(
+        self, provider: str, status: ExportStatus, *, con: duckdb.DuckDBPyConnection | None = None
+    ) -> ExportRecord | None:
+        """Record what the provider said; illegal moves (e.g. out of LOADED) are ignored. With
+        ``con``, inside that open transaction (a write beside it would conflict with it)."""
+        if con is not None:
             self._apply_status(con, provider, status)
             return self._get(con, provider, status.export_id)
+        with self.warehouse.transaction() as own:
+            self._apply_status(own, provider, status)
+            return self._get(own, provider, status.export_id)
 
     def apply_statuses(self, provider: str, statuses: Sequence[ExportStatus]) -> None:
         if not statuses:

@@ -10,6 +10,7 @@ after a deadline and records that it had to.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -42,12 +43,12 @@ class HoldLastPart:
     """ASGI wrapper over the simulator's file host: the last part's body waits until a Parquet
     of part 0 is on disk under ``root`` (``parsed_first``), or ``deadline`` seconds. With
     ``refuse``, the last part is refused every time instead (a signed link the host no longer
-    honours, fresh ones included)."""
+    honours; fresh ones too while ``refuse`` lasts)."""
 
     app: ASGIApp
     root: Path
     deadline: float = 20.0
-    refuse: bool = False
+    refuse: int = 0  # how many of the last part's requests are refused
     # Once part 0 is parsed, send this process SIGUSR1 (what stops the run's main thread) and
     # hold the last part until ``let_go`` (or the deadline).
     terminate: bool = False
@@ -71,13 +72,19 @@ class HoldLastPart:
                         await asyncio.sleep(0.01)
                 self.released = True
                 if self.refuse:
+                    self.refuse -= 1
                     query = parse_qs(scope["query_string"].decode())
                     query["signature"] = ["0" * 64]
                     scope = dict(scope, query_string=urlencode(query, doseq=True).encode())
         await self.app(scope, receive, send)
 
     def _first_parsed(self) -> bool:
-        return any(self.root.glob("data/**/parquet/part-0000.parquet*"))
+        """Part 0's Parquet is written whole (its footer is there): it has been staged."""
+        for path in self.root.glob("data/**/parquet/part-0000.parquet*"):
+            with contextlib.suppress(OSError):
+                if path.read_bytes()[-4:] == b"PAR1":
+                    return True
+        return False
 
 
 @dataclass
@@ -175,7 +182,7 @@ def test_a_part_that_never_downloads_fails_the_sync_with_the_downloads_error(
     """The last part's link is refused, fresh links too, while the first parts are parsed:
     the sync fails with the download's error (not a parse error), nothing is loaded, and the
     parts that did land stay in the raw tier for the next attempt."""
-    sandbox.gate.refuse = True
+    sandbox.gate.refuse = 99
     runner = sandbox.runner()
     with pytest.raises(LinkExpiredError) as failed:
         runner.sync(RESERVATION, ExportRequest())
@@ -195,6 +202,22 @@ def test_the_setting_is_resource_config() -> None:
     assert SyncSettingsResource().ingest().parse_while_downloading is True
     off = SyncSettingsResource(parse_while_downloading=False).ingest()
     assert off.parse_while_downloading is False
+
+
+def test_a_fresh_link_asked_for_while_the_parts_are_parsed_is_recorded_by_the_load(
+    sandbox: Sandbox,
+) -> None:
+    """The last part's link is refused once, after part 0 was parsed and staged: the fresh
+    status is written in the load's own transaction (a write beside it, from the download's
+    thread, made that transaction fail with "Conflict on update")."""
+    sandbox.gate.refuse = 1
+    runner = sandbox.runner()
+    result = runner.sync(RESERVATION, ExportRequest())
+    runner.provider.close()
+    assert sandbox.gate.parsed_first == [True, True]  # refused, then asked for again
+    assert _table_rows(runner) == (ROWS, ROWS)
+    record = runner.ledger.get(runner.name, result.export_id)
+    assert record is not None and record.state is ExportState.LOADED
 
 
 class _Terminated(BaseException):
