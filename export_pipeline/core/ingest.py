@@ -1085,6 +1085,7 @@ class ExportRunner:
                 if record_refresh:
                     status = self.status(status.export_id)
                 else:
+                    # A terminal answer is recorded when the sync fails on it (_note_failure).
                     status = self.status_unrecorded(status.export_id)
                 self._raise_for_terminal(kind, status)
         if reused:

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode
@@ -53,6 +53,8 @@ class HoldLastPart:
     # hold the last part until ``let_go`` (or the deadline).
     terminate: bool = False
     let_go: threading.Event = field(default_factory=threading.Event)
+    # Called once, with the export's id, when the last part is first let through.
+    on_last: Callable[[str], None] | None = None
     released: bool = False
     parsed_first: list[bool] = field(default_factory=list)
 
@@ -71,6 +73,9 @@ class HoldLastPart:
                     while not self.let_go.is_set() and loop.time() < until:
                         await asyncio.sleep(0.01)
                 self.released = True
+                if self.on_last is not None:
+                    on_last, self.on_last = self.on_last, None
+                    on_last(path.rsplit("/", 2)[1])
                 if self.refuse:
                     self.refuse -= 1
                     query = parse_qs(scope["query_string"].decode())
@@ -218,6 +223,28 @@ def test_a_fresh_link_asked_for_while_the_parts_are_parsed_is_recorded_by_the_lo
     assert _table_rows(runner) == (ROWS, ROWS)
     record = runner.ledger.get(runner.name, result.export_id)
     assert record is not None and record.state is ExportState.LOADED
+
+
+def test_an_export_that_expires_while_its_parts_are_parsed_is_recorded_expired(
+    sandbox: Sandbox,
+) -> None:
+    """Mews expires the export once part 0 is parsed, before the last part is sent: the fresh
+    status says Expired, the ledger records it once the staged transaction is rolled back, and
+    the sync requests a new export and loads that one."""
+    expired: list[str] = []
+
+    def expire(export_id: str) -> None:
+        sandbox.state.expire(export_id)
+        expired.append(export_id)
+
+    sandbox.gate.on_last = expire
+    runner = sandbox.runner()
+    result = runner.sync(RESERVATION, ExportRequest())
+    runner.provider.close()
+    assert len(expired) == 1 and result.export_id != expired[0]
+    first = runner.ledger.get(runner.name, expired[0])
+    assert first is not None and first.state is ExportState.EXPIRED
+    assert _table_rows(runner) == (ROWS, ROWS)
 
 
 class _Terminated(BaseException):
