@@ -126,8 +126,9 @@ class SyncSettingsResource(dg.ConfigurableResource):
     wait_timeout_seconds: float = Field(900.0, description="How long a run waits for an export.")
     download_concurrency: int = Field(
         2,
-        description="Parts of a multi-part export downloaded at once (more than the parse has "
-        "cores: the parts land together at the end, and parsing while downloading gains nothing).",
+        description="Parts of a multi-part export downloaded at once. Fewer than the parts, the "
+        "first ones land early and are parsed while the rest download; as many as the parts, all "
+        "land together at the end.",
     )
     http_max_attempts: int = 5
     http_base_delay_seconds: float = 0.5
