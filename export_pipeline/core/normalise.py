@@ -129,7 +129,11 @@ def detect_format(path: Path, content_type: str | None = None) -> DetectedFormat
     leading whitespace are skipped; gzip is recognised by its magic bytes and peeked into.
     ``content_type`` only breaks the tie for an empty file.
     """
-    head, is_gzip = _peek(Path(path))
+    return _format_of(*_peek(Path(path)), content_type)
+
+
+def _format_of(head: bytes, is_gzip: bool, content_type: str | None = None) -> DetectedFormat:
+    """:func:`detect_format` of a file whose first bytes (decompressed) are ``head``."""
     text = head.removeprefix(_BOM).lstrip()
     if text.startswith(b"["):
         return DetectedFormat(FileFormat.JSON_ARRAY, is_gzip)
@@ -505,21 +509,29 @@ def _while_landing(
     first one's until each lands and is checked (:class:`_NotAlike` otherwise). The first
     part's types are predicted for the rest (their guarded reads verify that before a row is
     written), and the parts are copied in the order they land."""
+    if len(sources) < 2 or not own_threads:
+        return False, None
     first = sources[0]
     _wait_for(arriving, first)
-    found = detect_format(first)
+    head, gz = _peek(first)
+    found = _format_of(head, gz)
     assumed = DetectedFormat(fmt or found.format, found.gzip)
+    peeked = {first: (head, gz)}
+    verdicts: dict[Path, bool] = {}  # each part's head is read once
 
     def alike(src: Path, give_up: threading.Event | None = None) -> bool:
-        _wait_for(arriving, src, give_up)
-        here = detect_format(src)
-        return (
-            DetectedFormat(fmt or here.format, here.gzip) == assumed
-            and src.stat().st_size > 0
-            and not (assumed.format is FileFormat.JSONL and _peek(src)[0].startswith(_BOM))
-        )
+        if src not in verdicts:
+            _wait_for(arriving, src, give_up)
+            head, gz = peeked.pop(src, None) or _peek(src)
+            here = _format_of(head, gz)
+            verdicts[src] = (
+                DetectedFormat(fmt or here.format, here.gzip) == assumed
+                and src.stat().st_size > 0
+                and not (assumed.format is FileFormat.JSONL and head.startswith(_BOM))
+            )
+        return verdicts[src]
 
-    if len(sources) < 2 or not own_threads or not alike(first):
+    if not alike(first):
         return False, None
     return True, _sampled_json_to_parquet(
         con,

@@ -159,18 +159,10 @@ class MultipartSandbox:
     root: Path
 
     def runner(self) -> ExportRunner:
-        provider = MewsProvider.from_settings(
-            base_url=self.base_url,
-            body_credentials={
-                "ClientToken": self.state.client_token,
-                "AccessToken": self.state.access_token,
-            },
-            retry=RETRY,
-        )
-        return ExportRunner(
-            provider,
-            Ledger(Warehouse(self.root / "w.duckdb")),
-            LocalStorage(self.root / "data"),
+        return mews_runner(
+            self.state,
+            self.base_url,
+            self.root,
             IngestSettings(poll_initial_seconds=0.02, retry=RETRY, download_concurrency=PARTS),
         )
 
@@ -179,15 +171,35 @@ class MultipartSandbox:
         return [path.read_bytes() for path, _ in export.parts]
 
 
-@pytest.fixture
-def multipart(tmp_path: Path) -> Iterator[MultipartSandbox]:
-    state = State(
-        counts={"Reservation": ROWS},
+def mews_state(data_dir: Path, rows: int) -> State:
+    """A Mews simulator whose reservation exports come in PARTS parts, ready at once."""
+    return State(
+        counts={"Reservation": rows},
         parts=PARTS,
-        data_dir=tmp_path / "mews",
+        data_dir=data_dir,
         pending_seconds=0.0,
         processing_seconds=0.0,
     )
+
+
+def mews_runner(state: State, base_url: str, root: Path, settings: IngestSettings) -> ExportRunner:
+    """A runner against the simulator, its warehouse and storage under ``root``."""
+    provider = MewsProvider.from_settings(
+        base_url=base_url,
+        body_credentials={"ClientToken": state.client_token, "AccessToken": state.access_token},
+        retry=RETRY,
+    )
+    return ExportRunner(
+        provider,
+        Ledger(Warehouse(root / "w.duckdb")),
+        LocalStorage(root / "data"),
+        settings,
+    )
+
+
+@pytest.fixture
+def multipart(tmp_path: Path) -> Iterator[MultipartSandbox]:
+    state = mews_state(tmp_path / "mews", ROWS)
     gate = PartGate(create_app(state), want=PARTS)
     with RunningServer(gate) as server:
         yield MultipartSandbox(state, gate, server.base_url, tmp_path)

@@ -25,15 +25,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from export_pipeline.core.errors import LinkExpiredError
 from export_pipeline.core.ingest import ExportRunner, IngestSettings
-from export_pipeline.core.ledger import Ledger, Warehouse
 from export_pipeline.core.model import ExportRequest, ExportState
-from export_pipeline.core.storage import LocalStorage
 from export_pipeline.providers.mews import MewsProvider
 from export_pipeline.sandbox.mews import State, create_app
 from export_pipeline.sandbox.server import RunningServer
-from export_pipeline_tests.reliability.test_parallel_download import RETRY
+from export_pipeline_tests.reliability.test_parallel_download import (
+    PARTS,
+    RETRY,
+    mews_runner,
+    mews_state,
+)
 
-PARTS = 4
 ROWS = 800
 RESERVATION = next(k for k in MewsProvider.kinds if k.params["entity_type"] == "Reservation")
 
@@ -100,32 +102,18 @@ class Sandbox:
     root: Path
 
     def runner(self, **settings: object) -> ExportRunner:
-        provider = MewsProvider.from_settings(
-            base_url=self.base_url,
-            body_credentials={
-                "ClientToken": self.state.client_token,
-                "AccessToken": self.state.access_token,
-            },
-            retry=RETRY,
-        )
         base = IngestSettings(poll_initial_seconds=0.02, retry=RETRY)
-        return ExportRunner(
-            provider,
-            Ledger(Warehouse(self.root / "w.duckdb")),
-            LocalStorage(self.root / "data"),
+        return mews_runner(
+            self.state,
+            self.base_url,
+            self.root,
             replace(base, **settings),  # type: ignore[arg-type]
         )
 
 
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
-    state = State(
-        counts={"Reservation": ROWS},
-        parts=PARTS,
-        data_dir=tmp_path / "mews",
-        pending_seconds=0.0,
-        processing_seconds=0.0,
-    )
+    state = mews_state(tmp_path / "mews", ROWS)
     gate = HoldLastPart(create_app(state), tmp_path)
     with RunningServer(gate) as server:
         yield Sandbox(state, gate, server.base_url, tmp_path)
