@@ -19,20 +19,25 @@ What runs where:
   into DuckDB, ledger and cursor committed in one transaction.
 * The **download-floor child** fetches the same export's file from the same server with a
   plain streamed GET (bytes discarded): what any loader pays to get the bytes.
+* The **local child** (``--child local``) runs the pipeline without the download: it ingests
+  the same export from the file the ingest child downloaded, linked into a fresh storage's raw
+  tier, where the runner re-reads a verified file instead of downloading it.
 * The **baseline child** loads the very file the ingest downloaded with DuckDB's default
   ``CREATE TABLE locations AS SELECT * FROM read_json(file, format := 'array')`` into a fresh
   DuckDB file (``read_csv`` with auto-detection for ``--format csv``); it also times the same
   read with a full type scan (``sample_size := -1``) as context.
 
 ``ratio_end_to_end`` = ``seconds`` / (download floor + baseline); ``ratio_without_download`` =
-(``seconds`` - the pipeline's download) / baseline.
+the local child's ``seconds`` / baseline. (The pipeline will soon parse a lone file while it
+downloads, so the sync less its download phase would leave out work done meanwhile.)
 
 Each child reports its own peak RSS (``ru_maxrss``); the parent also polls it every 20 ms.
 The last line of output is one JSON object with the figures. ``seconds`` excludes only the
 wait for the provider to prepare the file (see ``_child_ingest``); ``seconds_without_download``
-also leaves out the download, whose pace is the sandbox server's (curl gets the same rate).
-Peak RSS is bounded by ``IngestSettings.duckdb_memory_limit`` (``--memory-limit``), not by the
-export's size: below the cap it still rises with rows, because DuckDB caches what it wrote.
+is the local child's, which leaves out the download, whose pace is the sandbox server's (curl
+gets the same rate). Peak RSS is bounded by ``IngestSettings.duckdb_memory_limit``
+(``--memory-limit``), not by the export's size: below the cap it still rises with rows, because
+DuckDB caches what it wrote; ``peak_rss_mb`` is the higher of the two ingests'.
 """
 
 from __future__ import annotations
@@ -87,7 +92,11 @@ REQUIRED_KEYS = (
 
 
 def _child_ingest(
-    base_url: str, workdir: Path, fmt: str, memory_limit: str | None
+    base_url: str,
+    workdir: Path,
+    fmt: str,
+    memory_limit: str | None,
+    local: tuple[str, Path] | None = None,
 ) -> dict[str, Any]:
     """One full export through the real code path, timed phase by phase from the outside.
 
@@ -97,6 +106,12 @@ def _child_ingest(
     The excluded wait is the provider preparing the file (in the sandbox: generating it in the
     parent's producer thread), which is not the pipeline's work and which the baseline, reading
     a finished file, does not pay either.
+
+    ``local`` (an export id and its downloaded file): the pipeline without the download. The
+    file is linked into a fresh storage's raw tier, where a run finds it verified and re-reads
+    it (``ExportRunner._verified``), and ``ingest`` loads that export: everything a sync does
+    after the download, by the same code. (Once the sync parses the file while it downloads,
+    its time less the download's is not this.)
     """
     import duckdb
 
@@ -136,8 +151,17 @@ def _child_ingest(
     ingest_module.load_parquet = phases.wrap("merge", ingest_module.load_parquet)  # type: ignore[assignment]
     time_closing_steps(phases)
 
+    if local is not None:
+        export_id, file = local
+        raw = runner.storage.local_dir("raw", LOCATIONS, export_id)
+        os.link(file, raw / file.name)
     with phases.time("sync"):
-        result = runner.sync(LOCATIONS, ExportRequest(params={"format": fmt}))
+        if local is not None:
+            result = runner.ingest(LOCATIONS, local[0], source="benchmark")
+        else:
+            result = runner.sync(LOCATIONS, ExportRequest(params={"format": fmt}))
+    if local is not None and len(result.reused_files) != 1:
+        raise RuntimeError(f"re-read {len(result.reused_files)} of 1 file")
     peak = self_peak_rss_mb()
     s = phases.seconds
 
@@ -263,7 +287,7 @@ class _Producer:
 def _run_size(
     rows: int, fmt: str, repeat: int, keep: Path | None, memory_limit: str | None
 ) -> dict[str, Any]:
-    """Sandbox of ``rows`` locations; ``repeat`` x (ingest child, baseline child); medians."""
+    """Sandbox of ``rows`` locations; ``repeat`` x (ingest, floor, local, baseline); medians."""
     from export_pipeline.providers.locations import TOKEN_ENV_VAR
     from export_pipeline.sandbox.locations import State, create_app
     from export_pipeline.sandbox.server import RunningServer
@@ -274,6 +298,7 @@ def _run_size(
     ingests: list[ChildRun] = []
     baselines: list[ChildRun] = []
     floors: list[ChildRun] = []
+    locals_: list[ChildRun] = []
     try:
         state = State(
             n_locations=rows, ready_after_seconds=86_400, directory=root / "sandbox", seed=1
@@ -284,6 +309,7 @@ def _run_size(
             for i in range(repeat):
                 work = root / f"run{i}"
                 label = f"[{i + 1}/{repeat}] " if repeat > 1 else ""
+                limit = ["--memory-limit", memory_limit] if memory_limit else []
                 ingest = run_child(
                     MODULE,
                     [
@@ -295,7 +321,7 @@ def _run_size(
                         str(work),
                         "--format",
                         fmt,
-                        *(["--memory-limit", memory_limit] if memory_limit else []),
+                        *limit,
                     ],
                     env={TOKEN_ENV_VAR: state.token},
                 )
@@ -323,6 +349,38 @@ def _run_size(
                         expected_bytes=r["bytes"],
                     )
                 )
+                local = run_child(
+                    MODULE,
+                    [
+                        "--child",
+                        "local",
+                        "--base-url",
+                        server.base_url,
+                        "--workdir",
+                        str(root / f"local{i}"),
+                        "--format",
+                        fmt,
+                        "--export-id",
+                        r["export_id"],
+                        "--file",
+                        r["raw_file"],
+                        *limit,
+                    ],
+                    env={TOKEN_ENV_VAR: state.token},
+                )
+                if local.result["rows"] != rows or local.result["table_rows"] != rows:
+                    raise RuntimeError(
+                        f"local ingest loaded {local.result['rows']}/"
+                        f"{local.result['table_rows']} of {rows}"
+                    )
+                print(
+                    f"{label}ingest of the downloaded file (no download): "
+                    f"{local.result['seconds']:.2f}s, peak RSS "
+                    f"{local.result['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
+                locals_.append(local)
+                shutil.rmtree(root / f"local{i}", ignore_errors=True)
                 baseline = run_child(
                     MODULE,
                     [
@@ -353,7 +411,7 @@ def _run_size(
     finally:
         if tmp_ctx is not None:
             tmp_ctx.cleanup()
-    return _summary(rows, fmt, ingests, baselines, floors)
+    return _summary(rows, fmt, ingests, baselines, floors, locals_)
 
 
 def _summary(
@@ -362,6 +420,7 @@ def _summary(
     ingests: list[ChildRun],
     baselines: list[ChildRun],
     floors: list[ChildRun],
+    locals_: list[ChildRun],
 ) -> dict[str, Any]:
     phases = (
         "request_seconds",
@@ -378,7 +437,7 @@ def _summary(
     summary = {
         "rows": rows,
         "format": fmt,
-        **compare_summary(ingests, baselines, phases, floors),
+        **compare_summary(ingests, baselines, phases, floors, without_download=locals_),
     }
     if fmt == "json":
         full_scan = median([run.result["full_scan_seconds"] for run in baselines])
@@ -423,7 +482,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     # Hidden: how the parent starts the measured children.
     parser.add_argument(
-        "--child", choices=("ingest", "baseline", "download"), help=argparse.SUPPRESS
+        "--child", choices=("ingest", "local", "baseline", "download"), help=argparse.SUPPRESS
     )
     parser.add_argument("--export-id", help=argparse.SUPPRESS)
     parser.add_argument("--base-url", help=argparse.SUPPRESS)
@@ -437,6 +496,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.child == "ingest":
         emit_json(_child_ingest(args.base_url, args.workdir, args.format, args.memory_limit))
+        return 0
+    if args.child == "local":
+        local = (args.export_id, args.file)
+        emit_json(_child_ingest(args.base_url, args.workdir, args.format, args.memory_limit, local))
         return 0
     if args.child == "baseline":
         emit_json(_child_baseline(args.file, args.db, args.format))
