@@ -64,7 +64,6 @@ from export_pipeline.core.transfer import (
     BackgroundDigests,
     DownloadedFile,
     DownloadLimits,
-    Written,
     download_files,
 )
 from export_pipeline.core.warehouse import DuckDBWarehouse
@@ -681,11 +680,10 @@ class ExportRunner:
         self._adopt_partials(work, work_raw)
 
         # A multi-part export is parsed part by part as the parts land (``arriving``), while
-        # the later ones download on a thread of their own; a lone file is parsed as its bytes
-        # reach the disk (``streaming``).
+        # the later ones download on a thread of their own; a lone file is parsed once there.
         landing = (
             _Landing([raw_dir / f.name for f in status.files], digests)
-            if self.settings.parse_while_downloading and status.files
+            if self.settings.parse_while_downloading and len(status.files) > 1
             else None
         )
         loaded_at = datetime.now(UTC)
@@ -703,17 +701,13 @@ class ExportRunner:
                     self._fetch, kind, status, raw_dir, work_raw, flusher, landing
                 )
                 sources = landing.paths
-                if len(sources) == 1:
-                    self.log.info("%s export %s: parsing it as it downloads", kind.key, export_id)
-                else:
-                    self.log.info(
-                        "%s export %s: parsing each of %d parts as it lands "
-                        "(%d downloading at once)",
-                        kind.key,
-                        export_id,
-                        len(sources),
-                        min(self.settings.download_concurrency, len(sources)),
-                    )
+                self.log.info(
+                    "%s export %s: parsing each of %d parts as it lands (%d downloading at once)",
+                    kind.key,
+                    export_id,
+                    len(sources),
+                    min(self.settings.download_concurrency, len(sources)),
+                )
             try:
                 normalised = self._normalise(
                     kind, export_id, sources, parquet_dir, loaded_at, staged, flusher, landing
@@ -910,7 +904,6 @@ class ExportRunner:
                 on_file=_told(staged, flusher),
                 slots=staged.slots if staged is not None else None,
                 arriving=landing.wait if landing is not None else None,
-                streaming=landing if landing is not None and len(sources) == 1 else None,
             )
         except (ExportPipelineError, OSError, MemoryError, _DownloadStopped):
             raise
@@ -997,7 +990,6 @@ class ExportRunner:
                 raw_dir,
                 work_raw,
                 on_landed=landing and landing.landed,
-                on_written=landing and landing.written,
                 stop=landing and landing.halt,
                 # The staged load's transaction may be open beside the download (it opens when
                 # the first part is parsed): a ledger write here would conflict with it.
@@ -1024,7 +1016,6 @@ class ExportRunner:
         work_raw: Path,
         *,
         on_landed: Callable[[Path], None] | None = None,
-        on_written: Written | None = None,
         stop: threading.Event | None = None,
         record_refresh: bool = True,
     ) -> tuple[list[DownloadedFile], ExportStatus, list[str]]:
@@ -1035,10 +1026,8 @@ class ExportRunner:
         fetched then (a part stopped halfway resumes from its bytes), and a run killed
         mid-download leaves its finished files in ``raw_dir`` for the next one.
         ``on_landed`` is told each file's path in ``raw_dir`` as it is there (from the download
-        threads); ``on_written``, the bytes of each file as they reach its ``.part``
-        (:data:`~export_pipeline.core.transfer.Written`). ``record_refresh=False``: a fresh
-        status is not written to the ledger here (the caller records it in its load
-        transaction, which may be open already)."""
+        threads). ``record_refresh=False``: a fresh status is not written to the ledger here
+        (the caller records it in its load transaction, which may be open already)."""
         reused = self._verified(status, raw_dir)
         by_name = dict(reused)
         landing = threading.Lock()
@@ -1083,7 +1072,6 @@ class ExportRunner:
                     on_finished=land,
                     digest=False,  # hashed beside the parse instead (BackgroundDigests)
                     stop=stop,
-                    on_written=on_written,
                 )
                 break
             except LinkExpiredError:
@@ -1182,29 +1170,14 @@ class _DownloadStopped(Exception):
     or its status no longer names the file."""
 
 
-# How often a parse waiting for a file's bytes looks whether the download has stopped.
-_POLL_SECONDS = 0.05
-
-
-class _DownloadRestarted(Exception):
-    """The download started a file over while it was parsed: the bytes read are void."""
-
-
 class _Landing:
     """The files of an export as they land, for a parse that began before the last one did
-    (``to_parquet``'s ``arriving``), and the bytes of each as they reach its ``.part``, for a
-    parse of a lone file while it downloads (``streaming``: :meth:`size`, :meth:`read`). Each
-    landed file is also handed to ``digests``."""
+    (``to_parquet``'s ``arriving``). Each landed file is also handed to ``digests``."""
 
     def __init__(self, paths: Sequence[Path], digests: BackgroundDigests) -> None:
         self.paths = list(paths)
-        self._by_name = {p.name: p for p in self.paths}
         self._digests = digests
         self._landed: set[Path] = set()
-        # From the download (:meth:`written`): file -> (its .part, bytes there, full size).
-        self._written: dict[Path, tuple[Path, int, int | None]] = {}
-        self._restarts: dict[Path, int] = {}  # how often a file's .part was started over
-        self._read_since: dict[Path, int] = {}  # its restarts when the parse first read it
         self._stopped = False
         self._failed: BaseException | None = None
         self._changed = threading.Condition()
@@ -1223,62 +1196,6 @@ class _Landing:
             self._stopped = True
             self._failed = failure
             self._changed.notify_all()
-
-    def written(self, name: str, part: Path, size: int, total: int | None) -> None:
-        """From the download threads (:data:`~export_pipeline.core.transfer.Written`)."""
-        path = self._by_name.get(name)
-        if path is None:
-            return
-        with self._changed:
-            before = self._written.get(path)
-            if before is not None and size < before[1]:
-                self._restarts[path] = self._restarts.get(path, 0) + 1
-            self._written[path] = (part, size, total)
-            self._changed.notify_all()
-
-    def size(self, path: Path) -> int | None:
-        """``path``'s full size once the host has said it (or the file landed)."""
-        with self._changed:
-            while True:
-                if path in self._landed:
-                    return path.stat().st_size
-                written = self._written.get(path)
-                if written is not None and written[2] is not None:
-                    return written[2]
-                if self._stopped:
-                    raise _DownloadStopped(f"{path.name} did not land") from self._failed
-                self._changed.wait(_POLL_SECONDS)
-
-    def read(self, path: Path, offset: int, size: int) -> bytes:
-        """``size`` bytes of ``path`` at ``offset``, from its .part once the download has
-        written them there (from the file once it landed; a rename keeps an open file's
-        bytes). Raises :class:`_DownloadRestarted` once the .part was started over after the
-        first read: the bytes read before may not be the file's."""
-        end = offset + size
-        while True:
-            with self._changed:
-                while True:
-                    if path in self._landed:
-                        where = path
-                        break
-                    part, there, _ = self._written.get(path, (path, 0, None))
-                    if there >= end:
-                        where = part
-                        break
-                    if self._stopped:
-                        raise _DownloadStopped(f"{path.name} did not land") from self._failed
-                    self._changed.wait(_POLL_SECONDS)
-                since = self._read_since.setdefault(path, self._restarts.get(path, 0))
-            try:
-                with open(where, "rb") as f:
-                    data = os.pread(f.fileno(), size, offset)
-            except FileNotFoundError:
-                time.sleep(0.005)  # verified and on its way into raw_dir: it lands next
-                continue
-            with self._changed:
-                if self._restarts.get(path, 0) != since:
-                    raise _DownloadRestarted(f"the download of {path.name} started over")
-            return data
 
     def wait(self, path: Path, timeout: float) -> bool:
         """Whether ``path`` has landed, waiting at most ``timeout`` seconds for it."""

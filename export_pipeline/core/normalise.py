@@ -28,26 +28,20 @@ import queue
 import re
 import shutil
 import threading
-import uuid
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TypeVar
 
 import duckdb
-from fsspec import AbstractFileSystem
 
 from export_pipeline.core import schema
 from export_pipeline.core.errors import ParseError
 from export_pipeline.core.model import ExportKind, FileFormat
-from export_pipeline.core.redact import get_logger
 from export_pipeline.core.slots import CpuSlots
 from export_pipeline.core.sql import quote_ident, sql_literal
-
-log = get_logger(__name__)  # redacts secrets from every message
 
 GZIP_MAGIC = b"\x1f\x8b"
 _PEEK_BYTES = 8192
@@ -96,39 +90,6 @@ FileSink = Callable[[Path], None]
 Arriving = Callable[[Path, float], bool]
 # How often a step waiting for its source looks whether the others have stopped.
 _LANDING_POLL_SECONDS = 0.05
-
-
-class Streaming(Protocol):
-    """A lone source still downloading, read as its bytes reach the disk (``to_parquet``'s
-    ``streaming``)."""
-
-    def size(self, path: Path) -> int | None:
-        """The file's full size, waiting until the host has said it; None when it does not.
-        Raises when the file will not land."""
-        ...
-
-    def read(self, path: Path, offset: int, size: int) -> bytes:
-        """``size`` bytes at ``offset`` (fewer only at the end), waiting until they are on
-        disk. Raises when they will not be, or when the download started the file over (the
-        bytes read before are void)."""
-        ...
-
-
-# Sources DuckDB reads through :class:`_StreamedFiles` while they download
-# (:func:`_while_streaming`): source -> (where DuckDB reads it, its full size). Every SQL reader
-# and size check of a source goes through :func:`_location` / :func:`_size_of`.
-_STREAMED: dict[Path, tuple[str, int]] = {}
-_STREAMED_PROTOCOL = "exportpipelinestream"
-
-
-def _location(path: Path) -> str:
-    streamed = _STREAMED.get(path)
-    return streamed[0] if streamed is not None else str(path)
-
-
-def _size_of(path: Path) -> int:
-    streamed = _STREAMED.get(path)
-    return streamed[1] if streamed is not None else path.stat().st_size
 
 
 @dataclass(frozen=True)
@@ -209,7 +170,7 @@ def _json_reader(
     record, or (``sampled``) over DuckDB's default sample of the first records (or over the
     first ``sample_size``)."""
     options = [
-        sql_literal(_location(path)),
+        sql_literal(str(path)),
         "format := " + ("'array'" if fmt is FileFormat.JSON_ARRAY else "'newline_delimited'"),
         "compression := " + ("'gzip'" if gz else "'uncompressed'"),
     ]
@@ -224,7 +185,7 @@ def _json_reader(
 
 def _json_reader_many(paths: Sequence[Path], fmt: FileFormat, gz: bool) -> str:
     """Auto-detecting reader over several files, unifying their columns by name."""
-    files = "[" + ", ".join(sql_literal(_location(p)) for p in paths) + "]"
+    files = "[" + ", ".join(sql_literal(str(p)) for p in paths) + "]"
     return (
         f"read_json({files}, format := "
         + ("'array'" if fmt is FileFormat.JSON_ARRAY else "'newline_delimited'")
@@ -414,7 +375,6 @@ def to_parquet(
     chunk_bytes: int = CHUNK_BYTES,
     slots: CpuSlots | None = None,
     arriving: Arriving | None = None,
-    streaming: Streaming | None = None,
 ) -> NormaliseResult:
     """Write one zstd Parquet per source (``out_dir/<stem>.parquet``) with lineage columns.
 
@@ -444,9 +404,7 @@ def to_parquet(
     With ``arriving``, the sources are the files of an export still being downloaded, in the
     order they land: each part is parsed as soon as ``arriving`` says it is there, while the
     later ones download (:func:`_while_landing`). Only the first source need be there at the
-    call; every source has landed when the result is returned. A lone source with
-    ``streaming`` as well is parsed while it downloads, its bytes read as they reach the disk
-    (:func:`_while_streaming`).
+    call; every source has landed when the result is returned.
     """
     if loaded_at.tzinfo is None:
         raise ValueError("loaded_at must be timezone-aware")
@@ -475,9 +433,7 @@ def to_parquet(
     tried = False
     try:
         if arriving is not None:
-            tried, landed = (
-                _while_streaming if streaming is not None and len(sources) == 1 else _while_landing
-            )(
+            tried, landed = _while_landing(
                 con,
                 sources,
                 arriving,
@@ -490,7 +446,6 @@ def to_parquet(
                 on_file=on_file,
                 chunk_bytes=chunk_bytes,
                 slots=slots,
-                streaming=streaming,
             )
             if landed is not None:
                 return landed
@@ -530,152 +485,6 @@ class _NotAlike(ValueError):
     mark): the export is read the usual way once every part is there."""
 
 
-class _StreamedFile:
-    """A streamed source as DuckDB reads it: positioned reads through :class:`Streaming`."""
-
-    def __init__(self, files: _StreamedFiles, src: Path, size: int) -> None:
-        self._files, self._src, self._size, self._pos = files, src, size, 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = self._size if n is None or n < 0 else min(self._size, self._pos + n)
-        if end <= self._pos:
-            return b""
-        try:
-            data = self._files.streaming.read(self._src, self._pos, end - self._pos)
-        except BaseException as exc:
-            self._files.failures.append(exc)  # DuckDB keeps only the message
-            raise
-        self._pos += len(data)
-        return data
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._size}[whence]
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> _StreamedFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class _StreamedFiles(AbstractFileSystem):  # type: ignore[misc]
-    """The sources being streamed, as a filesystem registered on the parse's connection:
-    ``<protocol>://<token>`` reads one through :class:`Streaming`. DuckDB asks for the size
-    first (the full one, from the host) and then reads in large blocks, each waiting for its
-    bytes."""
-
-    protocol = _STREAMED_PROTOCOL
-
-    def __init__(self, streaming: Streaming) -> None:
-        super().__init__(skip_instance_cache=True)
-        self.streaming = streaming
-        self.sources: dict[str, tuple[Path, int]] = {}
-        self.failures: list[BaseException] = []
-
-    def _source(self, path: str) -> tuple[Path, int]:
-        return self.sources[self._strip_protocol(path)]
-
-    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> _StreamedFile:
-        src, size = self._source(path)
-        return _StreamedFile(self, src, size)
-
-    def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
-        return {"name": path, "size": self._source(path)[1], "type": "file"}
-
-    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
-        return [self.info(path)] if detail else [path]
-
-
-def _streamed_head(streaming: Streaming, src: Path, size: int) -> tuple[bytes, bool]:
-    """:func:`_peek` of a source still downloading (a gzip one inflated as far as it goes)."""
-    head = streaming.read(src, 0, min(size, _PEEK_BYTES))
-    if not head.startswith(GZIP_MAGIC):
-        return head, False
-    packed = streaming.read(src, 0, min(size, 8 * _PEEK_BYTES))
-    try:
-        return zlib.decompressobj(wbits=31).decompress(packed, _PEEK_BYTES), True
-    except zlib.error:
-        return b"", True
-
-
-def _while_streaming(
-    con: duckdb.DuckDBPyConnection,
-    sources: list[Path],
-    arriving: Arriving,
-    out_dir: Path,
-    kind: ExportKind,
-    export_id: str,
-    loaded_at: datetime,
-    fmt: FileFormat | None,
-    *,
-    own_threads: bool,
-    on_file: FileSink | None,
-    chunk_bytes: int,
-    slots: CpuSlots | None,
-    streaming: Streaming | None = None,
-) -> tuple[bool, NormaliseResult | None]:
-    """A lone JSON source parsed while it downloads, as :func:`_sampled_json_to_parquet`
-    would parse it once landed: DuckDB reads it through :class:`_StreamedFiles`, each block
-    as soon as the download has written it, so the parse ends about when the download does
-    instead of starting then. (whether that was tried, its result), as :func:`_while_landing`.
-
-    Not tried (the usual way once the file has landed): a file there already, a host that
-    does not say the size, CSV, a JSON Lines file with a byte order mark, and any read the
-    download made void (it failed, or started the file over: its bytes read so far are not
-    the file's). A failed download is then reported by the caller's wait for the file."""
-    src = sources[0]
-    if streaming is None or not own_threads or arriving(src, 0):
-        return False, None
-    size = streaming.size(src)
-    if not size:
-        return False, None
-    head, gz = _streamed_head(streaming, src, size)
-    found = _format_of(head, gz)
-    info = DetectedFormat(fmt or found.format, gz)
-    if info.format is FileFormat.CSV or (info.format is FileFormat.JSONL and head.startswith(_BOM)):
-        return False, None
-    files = _StreamedFiles(streaming)
-    token = uuid.uuid4().hex
-    files.sources[token] = (src, size)
-    con.register_filesystem(files)
-    _STREAMED[src] = (f"{_STREAMED_PROTOCOL}://{token}", size)
-    try:
-        result = _sampled_json_to_parquet(
-            con,
-            [src],
-            {src: info},
-            out_dir,
-            kind,
-            export_id,
-            loaded_at,
-            own_threads,
-            on_file=on_file,
-            chunk_bytes=chunk_bytes,
-            slots=slots,
-        )
-    finally:
-        _STREAMED.pop(src, None)
-        con.unregister_filesystem(_STREAMED_PROTOCOL)
-    if files.failures:
-        for path in result.parquet_paths if result is not None else ():
-            path.unlink(missing_ok=True)
-        log.info(
-            "%s: read while it downloaded, but %s; parsed again once it landed",
-            src.name,
-            files.failures[0],
-        )
-        return False, None
-    return True, result
-
-
 def _while_landing(
     con: duckdb.DuckDBPyConnection,
     sources: list[Path],
@@ -690,7 +499,6 @@ def _while_landing(
     on_file: FileSink | None,
     chunk_bytes: int,
     slots: CpuSlots | None,
-    streaming: Streaming | None = None,
 ) -> tuple[bool, NormaliseResult | None]:
     """The parts of a multi-part JSON export parsed while the later ones download, as
     :func:`_sampled_json_to_parquet` would parse them once landed: (whether that was tried,
@@ -1065,7 +873,7 @@ def _sampled_json_to_parquet(
     (``detected`` holds the first one's format for all of them until then).
     """
     present = sources if landing is None else sources[:1]
-    if any(detected[s].format is FileFormat.CSV or _size_of(s) == 0 for s in present):
+    if any(detected[s].format is FileFormat.CSV or s.stat().st_size == 0 for s in present):
         return None
     hints = {n: schema.parse(t) for n, t in (kind.columns or {}).items()}
     threads = int(con.execute("SELECT current_setting('threads')").fetchone()[0])  # type: ignore[index]
@@ -1355,7 +1163,7 @@ def _sampled_steps(
         if landing is not None and not landing(src, stopping):
             raise _NotAlike(f"{src.name} is not like the export's first file")
         with lock:
-            if chunk_bytes is not None and _size_of(src) >= chunk_bytes:
+            if chunk_bytes is not None and src.stat().st_size >= chunk_bytes:
                 chunked.add(src)
             stem = stem_of[src]
             partial_of[src] = out_dir / (
@@ -1863,7 +1671,7 @@ def _silently_converted(
         checks.append(f"coalesce({bad}, false)")
     if not checks:
         return False
-    paths = "[" + ", ".join(sql_literal(_location(p)) for p in files) + "]"
+    paths = "[" + ", ".join(sql_literal(str(p)) for p in files) + "]"
     reader = (
         f"read_json({paths}, "
         + "format := "
@@ -2016,7 +1824,7 @@ def _guarded_reader(
     with gzip.open(witness, "wt") if info.gzip else open(witness, "w") as fh:
         fh.write(text)
     readers = [
-        f"read_json([{sql_literal(str(witness))}, {sql_literal(_location(src))}], format := "
+        f"read_json([{sql_literal(str(witness))}, {sql_literal(str(src))}], format := "
         + ("'array'" if info.format is FileFormat.JSON_ARRAY else "'newline_delimited'")
         + f", compression := {'gzip' if info.gzip else 'uncompressed'!r}, "
         f"sample_size := {sample + len(records)}, "

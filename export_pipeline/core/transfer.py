@@ -82,11 +82,6 @@ Progress = Callable[..., None]
 # Told once per file, on its download thread, as soon as the file is complete and checked; what
 # it returns (the file moved elsewhere, say) is what download_files returns for it.
 Finished = Callable[["DownloadedFile"], "DownloadedFile"]
-# Told on the download thread whenever the bytes in a file's ``<name>.part`` change, once they
-# are flushed there: (file name, the .part's path, bytes in it, the full size or None). Also
-# told when the answer's headers arrive (the full size known), and with 0 before the .part is
-# started over: a count smaller than the last one means bytes read from it meanwhile are void.
-Written = Callable[[str, Path, int, "int | None"], None]
 
 _GZIP_MAGIC = b"\x1f\x8b"
 # Largest piece of inflated output held at once while metering a gzip body.
@@ -323,7 +318,6 @@ def download_files(
     on_finished: Finished | None = None,
     digest: bool = True,
     stop: threading.Event | None = None,
-    on_written: Written | None = None,
 ) -> list[DownloadedFile]:
     """Download several files with at most ``max_concurrency`` at a time, results in input order.
 
@@ -348,9 +342,6 @@ def download_files(
     ``stop``: set by a caller whose own thread cannot interrupt this one (a download on a
     thread of its own, beside the parse): the downloads then stop as on a first failure, and
     :class:`DownloadStoppedError` is raised.
-
-    ``on_written`` (:data:`Written`): each file's bytes as they reach its ``.part``, for a
-    reader that parses a file while it downloads.
     """
     if max_concurrency < 1:
         raise ValueError("max_concurrency must be >= 1")
@@ -412,7 +403,6 @@ def download_files(
                     resume=resume,
                     on_finished=on_finished,
                     digest=digest,
-                    on_written=on_written,
                 )
                 for f in files
             ]
@@ -511,11 +501,9 @@ class _Downloader:
         resume: bool = False,
         on_finished: Finished | None = None,
         digest: bool = True,
-        on_written: Written | None = None,
     ) -> None:
         self.file = file
         self.digest = digest
-        self.on_written = on_written
         self.on_finished = on_finished
         self.progress = progress
         self.dest_dir = dest_dir
@@ -592,17 +580,12 @@ class _Downloader:
     def _new_hasher(self) -> _Hasher | None:
         return hashlib.sha256() if self.digest else None
 
-    def _written(self) -> None:
-        if self.on_written is not None:
-            self.on_written(self.file.name, self.part_path, self.offset, self.total)
-
     def _restart(self) -> None:
         self.offset = 0
         self.hasher = self._new_hasher()
         self.total = None
         self.meter = None
         self.head = b""
-        self._written()  # before the bytes go: a reader of them must know first
         with open(self.part_path, "wb"):
             pass
 
@@ -841,7 +824,6 @@ class _Downloader:
             self.validator = None  # weak ETags are not allowed in If-Range
         self.content_type = response.headers.get("content-type")
         self._save_meta()
-        self._written()  # the full size is known now
         with open(self.part_path, "ab") as out:
             # As the bytes arrive, not re-chunked: httpx would hold back up to chunk_size bytes
             # that a cut connection then loses, and the resume would start before them.
@@ -855,7 +837,6 @@ class _Downloader:
                     self.progress(self.file.name, self.offset, self.total)
                 self._meter(chunk)
                 out.flush()
-                self._written()
                 fault_point("download")
         if self.total is not None and self.offset < self.total:
             raise _Retry(f"body ended at byte {self.offset} of {self.total}")
