@@ -28,8 +28,9 @@ What runs where:
   read with a full type scan (``sample_size := -1``) as context.
 
 ``ratio_end_to_end`` = ``seconds`` / (download floor + baseline); ``ratio_without_download`` =
-the local child's ``seconds`` / baseline. (The pipeline will soon parse a lone file while it
-downloads, so the sync less its download phase would leave out work done meanwhile.)
+the local child's ``seconds`` / baseline: measured, not the sync less its download phase, as
+in ``benchmarks.mews_multipart`` (whose parts are parsed while the later ones download, so
+there the difference would leave out the work done meanwhile).
 
 Each child reports its own peak RSS (``ru_maxrss``); the parent also polls it every 20 ms.
 The last line of output is one JSON object with the figures. ``seconds`` excludes only the
@@ -110,8 +111,7 @@ def _child_ingest(
     ``local`` (an export id and its downloaded file): the pipeline without the download. The
     file is linked into a fresh storage's raw tier, where a run finds it verified and re-reads
     it (``ExportRunner._verified``), and ``ingest`` loads that export: everything a sync does
-    after the download, by the same code. (Once the sync parses the file while it downloads,
-    its time less the download's is not this.)
+    after the download, by the same code.
     """
     import duckdb
 
