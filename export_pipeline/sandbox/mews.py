@@ -17,6 +17,7 @@ no memory; updates and deletions are a small override (version per index, delete
 
 Switches on :class:`State`: ``fail_next`` (entity types whose next export fails),
 ``size_lie_next`` (next export announces a wrong ``SizeInBytes``), ``expire(export_id)``,
+``drop_last_part(export_id)``,
 ``link_ttl_seconds``, ``pending_seconds``/``processing_seconds``, ``parts`` or
 ``max_records_per_part``, ``mutate(...)``, ``seed_open_exports(n)``. Counters: ``add_calls``,
 ``getall_calls``, ``downloads``.
@@ -635,6 +636,13 @@ class State:
             export.status = "Expired"
             export.expires_at = min(export.expires_at or time.time(), time.time())
             self._drop_files(export)
+
+    def drop_last_part(self, export_id: str) -> None:
+        """Switch: the export's status lists one part fewer from now on (a file store that
+        re-split the export); the dropped part's links answer 404."""
+        with self._lock:
+            export = self._exports[export_id]
+            export.parts = export.parts[:-1]
 
     def status_of(self, export_id: str) -> str:
         """The Mews status word as the API would report it now (advances the clock logic)."""

@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlencode
 import pytest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from export_pipeline.core.errors import LinkExpiredError
+from export_pipeline.core.errors import ExportPipelineError, LinkExpiredError, ParseError
 from export_pipeline.core.ingest import ExportRunner, IngestSettings
 from export_pipeline.core.model import ExportRequest, ExportState
 from export_pipeline.providers.mews import MewsProvider
@@ -233,6 +233,31 @@ def test_an_export_that_expires_while_its_parts_are_parsed_is_recorded_expired(
     first = runner.ledger.get(runner.name, expired[0])
     assert first is not None and first.state is ExportState.EXPIRED
     assert _table_rows(runner) == (ROWS, ROWS)
+
+
+def test_a_status_that_lists_other_files_meanwhile_fails_the_attempt_and_the_next_loads_them(
+    sandbox: Sandbox,
+) -> None:
+    """Once part 0 is parsed, the last part's link is refused and the fresh status lists one
+    part fewer: the parse waited for a part that will not land, so the attempt fails with a
+    retryable error (not a parse error), nothing is loaded, and the next run loads the parts
+    the status lists now, re-read from the raw tier instead of downloaded again."""
+    sandbox.gate.refuse = 1
+    sandbox.gate.on_last = sandbox.state.drop_last_part
+    runner = sandbox.runner()
+    with pytest.raises(ExportPipelineError) as failed:
+        runner.sync(RESERVATION, ExportRequest())
+    assert "files changed while they downloaded" in str(failed.value)
+    assert failed.value.retryable is True and not isinstance(failed.value, ParseError)
+    assert _table_rows(runner) is None
+    export_id = failed.value.export_id or ""
+    record = runner.ledger.get(runner.name, export_id)
+    assert record is not None and record.state is not ExportState.LOADED
+    result = runner.ingest(RESERVATION, export_id)
+    runner.provider.close()
+    listed = ROWS * (PARTS - 1) // PARTS
+    assert result.rows == listed and _table_rows(runner) == (listed, listed)
+    assert sorted(result.reused_files) == [f"part-{n:04d}.jsonl" for n in range(PARTS - 1)]
 
 
 class _Terminated(BaseException):
