@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -240,6 +241,48 @@ def stream_export(provider: Any, export_id: str, *, parallel: int = 1) -> dict[s
         "cpu_seconds": time.process_time() - cpu,
         "bytes": total,
     }
+
+
+def measure_without_download(
+    module: str,
+    base_url: str,
+    workdir: Path,
+    export_id: str,
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    rows: int,
+    label: str,
+    what: str,
+) -> ChildRun:
+    """The pipeline without the download: a ``--child local`` run of ``module`` that ingests
+    ``export_id`` from the file(s) the sync downloaded (``args`` names them, with any other
+    option), re-read from a fresh storage's raw tier under ``workdir`` (removed afterwards)."""
+    local = run_child(
+        module,
+        [
+            "--child",
+            "local",
+            "--base-url",
+            base_url,
+            "--workdir",
+            str(workdir),
+            "--export-id",
+            export_id,
+            *args,
+        ],
+        env=env,
+    )
+    loaded = (local.result.get("rows", rows), local.result["table_rows"])
+    if loaded != (rows, rows):
+        raise RuntimeError(f"local ingest loaded {loaded[0]}/{loaded[1]} of {rows} rows")
+    print(
+        f"{label}ingest of the downloaded {what} (no download): "
+        f"{local.result['seconds']:.2f}s, peak RSS {local.result['peak_rss_mb']:.0f} MB",
+        flush=True,
+    )
+    shutil.rmtree(workdir, ignore_errors=True)
+    return local
 
 
 def measure_download_floor(

@@ -63,6 +63,7 @@ from benchmarks._common import (
     emit_json,
     load_like_a_run_worker,
     measure_download_floor,
+    measure_without_download,
     median,
     rounded,
     run_child,
@@ -349,38 +350,19 @@ def _run_size(
                         expected_bytes=r["bytes"],
                     )
                 )
-                local = run_child(
-                    MODULE,
-                    [
-                        "--child",
-                        "local",
-                        "--base-url",
+                locals_.append(
+                    measure_without_download(
+                        MODULE,
                         server.base_url,
-                        "--workdir",
-                        str(root / f"local{i}"),
-                        "--format",
-                        fmt,
-                        "--export-id",
+                        root / f"local{i}",
                         r["export_id"],
-                        "--file",
-                        r["raw_file"],
-                        *limit,
-                    ],
-                    env={TOKEN_ENV_VAR: state.token},
-                )
-                if local.result["rows"] != rows or local.result["table_rows"] != rows:
-                    raise RuntimeError(
-                        f"local ingest loaded {local.result['rows']}/"
-                        f"{local.result['table_rows']} of {rows}"
+                        ["--format", fmt, "--file", r["raw_file"], *limit],
+                        env={TOKEN_ENV_VAR: state.token},
+                        rows=rows,
+                        label=label,
+                        what="file",
                     )
-                print(
-                    f"{label}ingest of the downloaded file (no download): "
-                    f"{local.result['seconds']:.2f}s, peak RSS "
-                    f"{local.result['peak_rss_mb']:.0f} MB",
-                    flush=True,
                 )
-                locals_.append(local)
-                shutil.rmtree(root / f"local{i}", ignore_errors=True)
                 baseline = run_child(
                     MODULE,
                     [

@@ -60,6 +60,7 @@ from benchmarks._common import (
     emit_json,
     load_like_a_run_worker,
     measure_download_floor,
+    measure_without_download,
     median,
     rounded,
     run_child,
@@ -339,33 +340,19 @@ def _run(
                         expected_bytes=r["bytes"],
                     )
                 )
-                local = run_child(
-                    MODULE,
-                    [
-                        "--child",
-                        "local",
-                        "--base-url",
+                locals_.append(
+                    measure_without_download(
+                        MODULE,
                         server.base_url,
-                        "--workdir",
-                        str(root / f"local{i}"),
-                        "--export-id",
+                        root / f"local{i}",
                         r["export_id"],
-                        "--files",
-                        *r["raw_files"],
-                        *limit,
-                    ],
-                    env=env,
+                        ["--files", *r["raw_files"], *limit],
+                        env=env,
+                        rows=rows,
+                        label=label,
+                        what="parts",
+                    )
                 )
-                if local.result["table_rows"] != rows:
-                    raise RuntimeError(f"local ingest loaded {local.result['table_rows']} rows")
-                print(
-                    f"{label}ingest of the downloaded parts (no download): "
-                    f"{local.result['seconds']:.2f}s, peak RSS "
-                    f"{local.result['peak_rss_mb']:.0f} MB",
-                    flush=True,
-                )
-                locals_.append(local)
-                shutil.rmtree(root / f"local{i}", ignore_errors=True)
                 baseline = run_child(
                     MODULE,
                     [
