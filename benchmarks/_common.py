@@ -273,7 +273,7 @@ def measure_without_download(
         ],
         env=env,
     )
-    loaded = (local.result.get("rows", rows), local.result["table_rows"])
+    loaded = (local.result["rows"], local.result["table_rows"])
     if loaded != (rows, rows):
         raise RuntimeError(f"local ingest loaded {loaded[0]}/{loaded[1]} of {rows} rows")
     print(

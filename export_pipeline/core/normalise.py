@@ -513,25 +513,27 @@ def _while_landing(
         return False, None
     first = sources[0]
     _wait_for(arriving, first)
-    head, gz = _peek(first)
-    found = _format_of(head, gz)
-    assumed = DetectedFormat(fmt or found.format, found.gzip)
-    peeked = {first: (head, gz)}
     verdicts: dict[Path, bool] = {}  # each part's head is read once
+
+    def verdict(src: Path, head: bytes, gz: bool) -> bool:
+        here = _format_of(head, gz)
+        verdicts[src] = (
+            DetectedFormat(fmt or here.format, here.gzip) == assumed
+            and src.stat().st_size > 0
+            and not (assumed.format is FileFormat.JSONL and head.startswith(_BOM))
+        )
+        return verdicts[src]
 
     def alike(src: Path, give_up: threading.Event | None = None) -> bool:
         if src not in verdicts:
             _wait_for(arriving, src, give_up)
-            head, gz = peeked.pop(src, None) or _peek(src)
-            here = _format_of(head, gz)
-            verdicts[src] = (
-                DetectedFormat(fmt or here.format, here.gzip) == assumed
-                and src.stat().st_size > 0
-                and not (assumed.format is FileFormat.JSONL and head.startswith(_BOM))
-            )
+            verdict(src, *_peek(src))
         return verdicts[src]
 
-    if not alike(first):
+    head, gz = _peek(first)
+    found = _format_of(head, gz)
+    assumed = DetectedFormat(fmt or found.format, found.gzip)
+    if not verdict(first, head, gz):
         return False, None
     return True, _sampled_json_to_parquet(
         con,
