@@ -46,7 +46,14 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 def test_compose_services_and_the_files_they_reference() -> None:
     spec = compose()
     services = spec["services"]
-    assert set(services) == {"postgres", "code_server", "webserver", "daemon", "webhooks"}
+    assert set(services) == {
+        "postgres",
+        "instance_migrate",
+        "code_server",
+        "webserver",
+        "daemon",
+        "webhooks",
+    }
 
     build = services["code_server"]["build"]
     context = (COMPOSE.parent / build["context"]).resolve()
@@ -67,9 +74,16 @@ def test_compose_services_and_the_files_they_reference() -> None:
     init_sql = (DEPLOY / "postgres" / "init-ducklake.sql").read_text()
     assert re.search(r"CREATE DATABASE\s+ducklake", init_sql, re.I)
 
-    # Everything that talks to the instance waits for PostgreSQL to be healthy.
+    # Everything that talks to the instance waits for PostgreSQL to be healthy, and for its
+    # tables, created once by a one-shot migration (test_lake_on_postgres runs that command).
+    migrate = services["instance_migrate"]
+    assert migrate["command"] == ["dagster", "instance", "migrate"]
+    assert migrate["restart"] == "no"
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
     for name in ("code_server", "webserver", "daemon"):
-        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
+        depends_on = services[name]["depends_on"]
+        assert depends_on["postgres"]["condition"] == "service_healthy"
+        assert depends_on["instance_migrate"]["condition"] == "service_completed_successfully"
     assert "healthcheck" in services["postgres"] and "healthcheck" in services["code_server"]
     # The UI and PostgreSQL are published on loopback only.
     assert services["webserver"]["ports"] == ["127.0.0.1:3000:3000"]

@@ -21,6 +21,7 @@ from export_pipeline.core.warehouse import DuckLakeWarehouse, close_lakes, exten
 from export_pipeline.sandbox.bundle import Sandbox
 from export_pipeline.sandbox.s3 import S3Server
 from export_pipeline_tests.deploy.postgres import PostgresServer
+from export_pipeline_tests.deploy.test_deploy_files import compose
 from export_pipeline_tests.deploy.test_production_instance import (
     DEPLOY,
     LOG_BUCKET,
@@ -32,6 +33,7 @@ JOBS = ("locations_sync", "deliveries_sync")
 # Run by path: the worker imports only dagster and deploy/definitions.py (the tests package is
 # not installed, and the worker's working directory is its own scratch folder).
 WORKER = str(Path(__file__).with_name("lake_worker.py"))
+BIN = Path(sys.executable).parent  # the virtualenv's console scripts (`dagster`)
 
 
 def lake_env(postgres: PostgresServer, database: str, run_name: str) -> dict[str, str]:
@@ -133,6 +135,19 @@ def test_two_providers_load_into_the_lake_at_once_while_an_analyst_reads(
         con.execute("SELECT count(*) FROM pipeline.exports").fetchone()
     close_lakes()
 
+    # Dagster's tables created once, by the command of the compose file's one-shot service, as
+    # in production: two workers creating them at once on a fresh database can fail on each
+    # other's DDL.
+    migrate = compose()["services"]["instance_migrate"]["command"]
+    done = subprocess.run(
+        [str(BIN / migrate[0]), *migrate[1:]],
+        cwd=tmp_path,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
     reader = Reader(analyst_connection(lake, shared_s3))
     reader.read_once()  # before any load: the analyst is attached first
     go = tmp_path / "go"
@@ -164,7 +179,12 @@ def test_two_providers_load_into_the_lake_at_once_while_an_analyst_reads(
                 proc.kill()
                 proc.wait()
             log.close()
-    outputs = {job: (tmp_path / f"{job}.log").read_text()[-3000:] for job in JOBS}
+    # A string, so pytest shows the failing worker's traceback whole (it abridges a dict's repr).
+    outputs = "\n".join(
+        f"--- {job} exited {codes[job]}:\n{(tmp_path / f'{job}.log').read_text()[-6000:]}"
+        for job in JOBS
+        if codes[job] != 0
+    )
     assert codes == dict.fromkeys(JOBS, 0), outputs
     # The analyst never saw an error, and saw the lake move while the loads committed.
     assert reader.errors == []
