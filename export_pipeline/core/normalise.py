@@ -634,9 +634,15 @@ def _to_parquet(
     # Every key of every record, whatever the kind declares: the declared columns are type
     # hints, never a filter (docs/schema.md). One schema per format, so the Parquets agree.
     auto_schema: dict[FileFormat, list[tuple[str, str]]] = {}
+    # Formats whose records have keys that differ only in case: read key by key (_ExactKeys).
+    exact: dict[FileFormat, _ExactKeys] = {}
     for group_fmt in {d.format for d in detected.values()}:
         group = [s for s in sources if detected[s].format is group_fmt and s.stat().st_size]
-        auto_schema[group_fmt] = _auto_schema(con, group, group_fmt, detected, fail)
+        try:
+            auto_schema[group_fmt] = _auto_schema(con, group, group_fmt, detected, fail)
+        except _KeysDifferInCase:
+            exact[group_fmt] = _ExactKeys.of(con, group, group_fmt, detected, fail)
+            auto_schema[group_fmt] = exact[group_fmt].described()
     hints = {n: schema.parse(t) for n, t in (kind.columns or {}).items()}
 
     paths: list[Path] = []
@@ -657,6 +663,8 @@ def _to_parquet(
             plans = _csv_selects(
                 con, src, info.gzip, kind, hints, dict(auto_schema[info.format]), fail, missing
             )
+        elif info.format in exact:
+            plans = exact[info.format].selects(con, src, info, hints, missing)
         else:
             plans = _json_selects(con, src, info, hints, auto_schema[info.format], missing)
         one_thread = own_threads and info.format is FileFormat.JSON_ARRAY
@@ -1943,6 +1951,155 @@ def _ragged_csv_line(path: Path, gz: bool) -> int | None:
     return None
 
 
+# DuckDB's JSON detection refuses a struct with two keys that differ only in case, and renames
+# the second of two such top-level keys (``Name`` beside ``name`` becomes ``Name_1``); a read
+# with those columns given then matches keys without regard to case and drops the renamed one.
+_CASE_CLASH = re.compile(r"Duplicate name .* in struct auto-detected in JSON", re.I)
+_RENAMED = re.compile(r"^(.+)_(\d+)$", re.S)
+
+
+class _KeysDifferInCase(Exception):
+    """Records of the group have keys that DuckDB's JSON reader cannot read by name."""
+
+
+def _renamed_in_case(names: Iterable[str]) -> bool:
+    """Whether DuckDB renamed a key because another differs from it only in case."""
+    names = list(names)
+    lower = {n.lower() for n in names}
+    return any((m := _RENAMED.match(n)) and m.group(1).lower() in lower for n in names)
+
+
+def _top_keys_differ_in_case(
+    con: duckdb.DuckDBPyConnection, files: Sequence[Path], fmt: FileFormat, gz: bool
+) -> bool:
+    """Whether two top-level keys of the records differ only in case (a real ``name_1`` key
+    beside ``name`` looks the same to a DESCRIBE; one more pass, only then)."""
+    row = con.execute(
+        "SELECT count(DISTINCT k) <> count(DISTINCT lower(k)) FROM "
+        f"(SELECT unnest(json_keys(json)) AS k FROM {_objects_reader(files, fmt, gz)})"
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def _pointer(key: str) -> str:
+    """The JSON pointer of a top-level key (exact, case included)."""
+    return "/" + key.replace("~", "~0").replace("/", "~1")
+
+
+@dataclass(frozen=True)
+class _ExactKeys:
+    """The columns of records read key by key, for when DuckDB's reader cannot tell two keys
+    apart that differ only in case (rare; a slower read, two passes).
+
+    Every top-level key is a column; one that differs only in case from a key seen before is
+    named as DuckDB names it (``Name_1``); keys inside structs are read with ``json_transform``,
+    which keeps such keys apart the same way (``UID_1``). Types come from
+    ``json_group_structure`` over every record (strings stay VARCHAR: no date detection), the
+    declared columns apply as hints, as for a CSV's nested columns."""
+
+    keys: tuple[tuple[str, str, schema.Type], ...]  # (key, column, type)
+
+    @classmethod
+    def of(
+        cls,
+        con: duckdb.DuckDBPyConnection,
+        group: list[Path],
+        fmt: FileFormat,
+        detected: Mapping[Path, DetectedFormat],
+        fail: _Fail,
+    ) -> _ExactKeys:
+        found: dict[str, schema.Type] = {}
+        for gz in (False, True):
+            same = [src for src in group if detected[src].gzip is gz]
+            if not same:
+                continue
+            reader = _objects_reader(same, fmt, gz)
+            try:
+                row = con.execute(f"SELECT json_group_structure(json) FROM {reader}").fetchone()
+            except duckdb.Error as exc:
+                raise fail(exc, _failing_source(con, exc, same, fmt, detected)) from exc
+            structure = json.loads(row[0]) if row and row[0] is not None else {}
+            if not isinstance(structure, dict):
+                structure = {}
+            for key, value in structure.items():
+                t = schema.from_structure(value)
+                found[key] = t if key not in found else schema.widen(found[key], t)
+        keys: list[tuple[str, str, schema.Type]] = []
+        taken: set[str] = set()
+        for key, t in found.items():
+            column, n = key, 0
+            while column.lower() in taken:
+                n += 1
+                column = f"{key}_{n}"
+            taken.add(column.lower())
+            keys.append((key, column, t))
+        return cls(tuple(keys))
+
+    def described(self) -> list[tuple[str, str]]:
+        return [(column, schema.render(t)) for _, column, t in self.keys]
+
+    def selects(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        src: Path,
+        info: DetectedFormat,
+        hints: Mapping[str, schema.Type],
+        missing: set[str],
+    ) -> _Plans:
+        """SELECT over ``src``'s records: scalars cast from their text (a value that does not
+        fit its declared type sends the column to its own type, as for JSON and CSV), nested
+        values through ``json_transform`` with the structure merged with the declared type."""
+        values = ", ".join(
+            f"json -> {sql_literal(_pointer(key))} AS {quote_ident(column)}"
+            for key, column, _ in self.keys
+        )
+        reader = f"(SELECT {values} FROM {_objects_reader([src], info.format, info.gzip)})"
+        missing.update(n for n in hints if n not in {c for _, c, _ in self.keys})
+        exprs: dict[str, str] = {}
+        scalars: dict[str, str] = {}
+        plain: dict[str, str] = {}
+        for _, column, found in self.keys:
+            col = quote_ident(column)
+            hint = hints.get(column)
+            own = schema.no_null(found)
+            if schema.is_nested(own) or (hint is not None and schema.is_nested(hint)):
+                merged = own if hint is None else schema.apply_hint(hint, found)
+                if isinstance(merged, schema.Scalar) and merged.text == "JSON":
+                    exprs[column] = f"{col} AS {col}"
+                elif isinstance(merged, schema.Scalar):
+                    exprs[column] = f"CAST({col} ->> '$' AS {schema.render(merged)}) AS {col}"
+                else:
+                    structure = sql_literal(schema.structure(merged))
+                    exprs[column] = f"json_transform({col}, {structure}) AS {col}"
+                continue
+            duck_type = schema.render(hint if hint is not None else own)
+            exprs[column] = f"CAST({col} ->> '$' AS {duck_type}) AS {col}"
+            plain[column] = f"CAST({col} ->> '$' AS {schema.render(own)}) AS {col}"
+            if duck_type != "VARCHAR":
+                scalars[column] = duck_type
+        texts = ", ".join(f"{quote_ident(c)} ->> '$' AS {quote_ident(c)}" for c in scalars)
+
+        def on_drift() -> _Plan | None:
+            bad = _drifting(con, f"(SELECT {texts} FROM {reader})", scalars) if scalars else []
+            if not bad:
+                return None
+            kept = {**exprs, **{n: plain[n] for n in bad}}
+            own = {n: schema.render(schema.no_null(t)) for _, n, t in self.keys if n in bad}
+            return f"SELECT {', '.join(kept.values())} FROM {reader}", own
+
+        return f"SELECT {', '.join(exprs.values())} FROM {reader}", on_drift
+
+
+def _objects_reader(paths: Sequence[Path], fmt: FileFormat, gz: bool) -> str:
+    """Each record as one JSON value (its keys exactly as written)."""
+    files = "[" + ", ".join(sql_literal(str(p)) for p in paths) + "]"
+    return (
+        f"read_json_objects({files}, format := "
+        + ("'array'" if fmt is FileFormat.JSON_ARRAY else "'newline_delimited'")
+        + f", compression := {'gzip' if gz else 'uncompressed'!r})"
+    )
+
+
 def _auto_schema(
     con: duckdb.DuckDBPyConnection,
     group: list[Path],
@@ -1952,10 +2109,10 @@ def _auto_schema(
 ) -> list[tuple[str, str]]:
     """Types guessed per file and widened across the files of one format (union by name)."""
     found: dict[str, schema.Type] = {}
-    readers: list[tuple[Path, str]] = []
+    readers: list[tuple[list[Path], str]] = []
     if group_fmt is FileFormat.CSV:
         readers = [
-            (src, _csv_reader(src, gz=detected[src].gzip, all_varchar=False)) for src in group
+            ([src], _csv_reader(src, gz=detected[src].gzip, all_varchar=False)) for src in group
         ]
     else:
         # One DESCRIBE over all parts of the same compression: DuckDB scans them in parallel
@@ -1963,20 +2120,31 @@ def _auto_schema(
         for gz in (False, True):
             same = [src for src in group if detected[src].gzip is gz]
             if same:
-                readers.append((same[0], _json_reader_many(same, group_fmt, gz)))
-    for src, reader in readers:
+                readers.append((same, _json_reader_many(same, group_fmt, gz)))
+    for files, reader in readers:
+        src = files[0]
         try:
             described = _describe(con, f"SELECT * FROM {reader}")
         except duckdb.Error as exc:
+            if group_fmt is not FileFormat.CSV and _CASE_CLASH.search(str(exc)):
+                raise _KeysDifferInCase from exc
             bad = (
                 src
                 if group_fmt is FileFormat.CSV
                 else _failing_source(con, exc, group, group_fmt, detected)
             )
             raise fail(exc, bad) from exc
+        if (
+            group_fmt is not FileFormat.CSV
+            and _renamed_in_case(n for n, _ in described)
+            and _top_keys_differ_in_case(con, files, group_fmt, detected[src].gzip)
+        ):
+            raise _KeysDifferInCase
         for name, duck_type in described:
             t = schema.parse(duck_type)
             found[name] = t if name not in found else schema.widen(found[name], t)
+    if len({n.lower() for n in found}) < len(found):  # ``Name`` in gzipped parts only
+        raise _KeysDifferInCase
     return [(n, schema.render(t)) for n, t in found.items()]
 
 

@@ -506,3 +506,112 @@ def test_text_inside_structs_and_lists_widened_to_json_keeps_its_values(
         (2, '{"rich":true}', ['{"t":1}']),
         (3, '"again"', ['"c"']),
     ]
+
+
+@pytest.mark.parametrize(("fmt", "nested"), [("jsonl", True), ("json", True), ("jsonl", False)])
+def test_keys_that_differ_only_in_case_all_land(
+    tmp_path: Path, warehouse: Warehouse, fmt: str, nested: bool
+) -> None:
+    """``Name`` beside ``name`` (top level, after DuckDB's type sample) and ``UID`` beside
+    ``uid`` inside a list of structs: DuckDB's JSON reader refuses the nested pair and, told
+    the columns, drops the renamed top-level one (alone, silently). Every value lands, the
+    second key of each pair named as DuckDB names it (``Name_1``, ``UID_1``), the declared
+    types kept."""
+    evses = [{"uid": "e-low", "UID": "E-UPPER", "connectors": []}]
+    operator = {"name": "op-low", "Name": "OP-UPPER"}
+    if not nested:
+        evses = [{"uid": "e-low", "connectors": []}]
+        operator = {"name": "op-low"}
+    late = _location(30_000, Name="UPPER_TOP", evses=evses, operator=operator)
+    records = [_location(i) for i in range(25_000)] + [late]
+    src = tmp_path / f"export.{fmt}"
+    if fmt == "json":
+        src.write_text(json.dumps(records))
+    else:
+        src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result, normalised = _ingest(tmp_path, KIND, [src], "A", warehouse)
+    assert normalised.rows == result.rows_in_export == result.table_rows == 25_001
+    types = _types(warehouse)
+    assert types["capacity"] == "BIGINT"
+    assert types["last_updated"] == "TIMESTAMP WITH TIME ZONE"
+    assert types["Name_1"] == "VARCHAR"
+    assert _query(
+        warehouse,
+        'SELECT name, "Name_1", evses[1].uid, operator.name, capacity, last_updated '
+        "FROM locations.locations WHERE id = 'L30000'",
+    ) == [
+        (
+            "n30000",
+            "UPPER_TOP",
+            "e-low",
+            "op-low",
+            30_000,
+            datetime(2024, 4, 30, 10, 0, tzinfo=UTC),
+        )
+    ]
+    if nested:
+        assert "UID_1 VARCHAR" in types["evses"] and "Name_1 VARCHAR" in types["operator"]
+        assert _query(
+            warehouse,
+            'SELECT evses[1]."UID_1", operator."Name_1" FROM locations.locations '
+            "WHERE id = 'L30000'",
+        ) == [("E-UPPER", "OP-UPPER")]
+    # The other records kept their values too.
+    assert _query(
+        warehouse,
+        'SELECT count(*), count("Name_1"), sum(capacity), count(evses[1].connectors[1].id) '
+        "FROM locations.locations",
+    ) == [(25_001, 1, sum(range(25_000)) + 30_000, 25_000)]
+
+
+def test_csv_and_json_with_nested_keys_that_differ_only_in_case_give_one_table(
+    tmp_path: Path,
+) -> None:
+    records = [
+        _location(1, evses=[{"uid": "e1", "UID": "E1", "connectors": []}]),
+        _location(2),
+    ]
+    as_json = tmp_path / "json" / "export.jsonl"
+    as_json.parent.mkdir()
+    as_json.write_text("".join(json.dumps(r) + "\n" for r in records))
+    as_csv = tmp_path / "csv" / "export.csv"
+    as_csv.parent.mkdir()
+    header = ["id", "name", "capacity", "evses", "last_updated"]
+    with as_csv.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for r in records:
+            writer.writerow([json.dumps(r[c]) if c == "evses" else r[c] for c in header])
+    tables = []
+    for name, src in (("j", as_json), ("c", as_csv)):
+        out = to_parquet([src], tmp_path / name, kind=KIND, export_id="X", loaded_at=LOADED_AT)
+        rel = f"(SELECT * EXCLUDE (_source_file) FROM read_parquet('{out.parquet_paths[0]}'))"
+        with duckdb.connect() as con:
+            tables.append(
+                (
+                    con.execute(f"DESCRIBE {rel}").fetchall(),
+                    con.execute(f"SELECT * FROM {rel} ORDER BY id").fetchall(),
+                )
+            )
+    assert tables[0] == tables[1]
+    assert tables[0][1][0][3][0]["UID_1"] == "E1"
+
+
+def test_a_real_key_named_like_a_renamed_one_keeps_the_usual_read(tmp_path: Path) -> None:
+    """``address_1`` beside ``address`` is what DuckDB would call a renamed ``Address``; here
+    both are real keys, so the export keeps the usual read (types detected, dates included)."""
+    kind = ExportKind(provider="p", name="places", primary_key=("id",))
+    row = '{"id": %d, "address": "a", "address_1": "b", "seen": "2024-04-30T10:00:00Z"}\n'
+    src = tmp_path / "places.jsonl"
+    with src.open("w") as fh:
+        fh.writelines(row % i for i in range(25_000))
+        fh.write('{"id": 25000, "address": "a", "address_1": "b", "late": 1}\n')
+    out = to_parquet([src], tmp_path / "out", kind=kind, export_id="X", loaded_at=LOADED_AT)
+    types = dict(out.columns)
+    assert types["seen"].startswith("TIMESTAMP")  # the exact-key read would say VARCHAR
+    assert (types["address"], types["address_1"], types["late"]) == ("VARCHAR",) * 2 + ("BIGINT",)
+    with duckdb.connect() as con:
+        assert con.execute(
+            "SELECT count(*), count(address_1), sum(late) FROM read_parquet(?)",
+            [str(out.parquet_paths[0])],
+        ).fetchone() == (25_001, 25_001, 1)
