@@ -254,12 +254,18 @@ def _ensure_table(
         con.execute(f"CREATE TABLE {target} ({cols})")
         return [], []
     have = {n: schema.parse(t) for n, t in _columns(con, kind.schema, kind.name).items()}
+    # Column names are case-insensitive to DuckDB: a key whose case changed since the table was
+    # created (``Name`` for ``name``) is that column, not a new one (ADD COLUMN would fail).
+    table_name = {n.lower(): n for n in have}
     added: list[str] = []
     changed: list[str] = []
     drifted: list[str] = []  # changes away from the declaration (a guess taking it is not)
     final = dict(have)  # the table's columns after this load, in order (new ones at the end)
-    first = _first_types(con, stage, [(n, t) for n, t in staged if n not in have], declared)
-    for name, new in staged:
+    first = _first_types(
+        con, stage, [(n, t) for n, t in staged if n.lower() not in table_name], declared
+    )
+    for staged_name, new in staged:
+        name = table_name.get(staged_name.lower(), staged_name)
         old = have.get(name)
         if old is None:
             added.append(name)
@@ -560,12 +566,12 @@ def _insert_sql(
     """INSERT of the staged columns by name; a value going into a column (or struct field, or
     list element) widened to JSON is converted with to_json (a plain cast would parse a VARCHAR
     as JSON text and fail): schema.convert_sql. Also whether any column is converted."""
-    have = _columns(con, kind.schema, kind.name)
+    have = {n.lower(): t for n, t in _columns(con, kind.schema, kind.name).items()}
     names, exprs = [], []
     for name, duck_type, *_ in con.execute(f"DESCRIBE SELECT * FROM {stage}").fetchall():
         col = quote_ident(name)
         names.append(col)
-        table_type = have.get(name)
+        table_type = have.get(name.lower())  # DuckDB's names are case-insensitive
         if table_type and table_type != duck_type and "JSON" in table_type:
             exprs.append(schema.convert_sql(col, schema.parse(duck_type), schema.parse(table_type)))
         else:

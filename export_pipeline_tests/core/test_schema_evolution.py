@@ -615,3 +615,35 @@ def test_a_real_key_named_like_a_renamed_one_keeps_the_usual_read(tmp_path: Path
             "SELECT count(*), count(address_1), sum(late) FROM read_parquet(?)",
             [str(out.parquet_paths[0])],
         ).fetchone() == (25_001, 25_001, 1)
+
+
+def test_a_key_whose_case_changed_lands_in_its_column(tmp_path: Path, warehouse: Warehouse) -> None:
+    """A provider that starts sending ``Name`` for ``name`` (and ``Count`` with fractions for
+    ``count``): DuckDB's names are case-insensitive, so the values land in the table's columns,
+    widened where needed, instead of failing on ``ADD COLUMN "Name"``. An export with both keys
+    adds ``Name_1``."""
+    kind = ExportKind(provider="p", name="renamed", primary_key=("id",))
+    exports = {
+        "A": '{"id": 1, "name": "low", "count": 1}\n',
+        "B": '{"id": 2, "Name": "UP", "Count": 2.5}\n',
+        "C": '{"id": 3, "name": "x", "Name": "UP3", "count": 3}\n',
+    }
+    results = {}
+    for export_id, text in exports.items():
+        src = tmp_path / f"{export_id}.jsonl"
+        src.write_text(text)
+        results[export_id], _ = _ingest(tmp_path, kind, [src], export_id, warehouse)
+    assert results["B"].columns_added == ()
+    assert "count widened BIGINT -> DOUBLE" in results["B"].columns_changed
+    assert results["C"].columns_added == ("Name_1",)
+    assert [c for c in _types(warehouse, "p.renamed") if not c.startswith("_")] == [
+        "id",
+        "name",
+        "count",
+        "Name_1",
+    ]
+    assert _query(warehouse, 'SELECT id, name, count, "Name_1" FROM p.renamed ORDER BY id') == [
+        (1, "low", 1.0, None),
+        (2, "UP", 2.5, None),
+        (3, "x", 3.0, "UP3"),
+    ]
