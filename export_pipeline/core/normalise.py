@@ -634,13 +634,13 @@ def _to_parquet(
     # Every key of every record, whatever the kind declares: the declared columns are type
     # hints, never a filter (docs/schema.md). One schema per format, so the Parquets agree.
     auto_schema: dict[FileFormat, list[tuple[str, str]]] = {}
-    # Formats whose records have keys that differ only in case: read key by key (_ExactKeys).
+    # Formats whose records have keys DuckDB cannot read by name: read key by key (_ExactKeys).
     exact: dict[FileFormat, _ExactKeys] = {}
     for group_fmt in {d.format for d in detected.values()}:
         group = [s for s in sources if detected[s].format is group_fmt and s.stat().st_size]
         try:
             auto_schema[group_fmt] = _auto_schema(con, group, group_fmt, detected, fail)
-        except _KeysDifferInCase:
+        except _NotByName:
             exact[group_fmt] = _ExactKeys.of(con, group, group_fmt, detected, fail)
             auto_schema[group_fmt] = exact[group_fmt].described()
     hints = {n: schema.parse(t) for n, t in (kind.columns or {}).items()}
@@ -1951,31 +1951,37 @@ def _ragged_csv_line(path: Path, gz: bool) -> int | None:
     return None
 
 
-# DuckDB's JSON detection refuses a struct with two keys that differ only in case, and renames
-# the second of two such top-level keys (``Name`` beside ``name`` becomes ``Name_1``); a read
-# with those columns given then matches keys without regard to case and drops the renamed one.
+# Keys DuckDB's JSON reader cannot read by name. It refuses a struct with two keys that differ
+# only in case and renames the second of two such top-level keys (``Name`` beside ``name``
+# becomes ``Name_1``); it names a top-level key "" ``C<n>``, and writes a struct field whose key
+# is "" without a name (no type can be declared with it). A read with such columns given then
+# matches keys without regard to case, or looks for ``C1``, and leaves the column empty.
 _CASE_CLASH = re.compile(r"Duplicate name .* in struct auto-detected in JSON", re.I)
 _RENAMED = re.compile(r"^(.+)_(\d+)$", re.S)
+_UNNAMED = re.compile(r"^C\d+$")
 
 
-class _KeysDifferInCase(Exception):
+class _NotByName(Exception):
     """Records of the group have keys that DuckDB's JSON reader cannot read by name."""
 
 
-def _renamed_in_case(names: Iterable[str]) -> bool:
-    """Whether DuckDB renamed a key because another differs from it only in case."""
+def _renamed_by_duckdb(names: Iterable[str]) -> bool:
+    """Whether a column may be a key DuckDB renamed (see _CASE_CLASH)."""
     names = list(names)
     lower = {n.lower() for n in names}
-    return any((m := _RENAMED.match(n)) and m.group(1).lower() in lower for n in names)
+    return any(
+        _UNNAMED.match(n) or ((m := _RENAMED.match(n)) and m.group(1).lower() in lower)
+        for n in names
+    )
 
 
-def _top_keys_differ_in_case(
+def _top_keys_not_by_name(
     con: duckdb.DuckDBPyConnection, files: Sequence[Path], fmt: FileFormat, gz: bool
 ) -> bool:
-    """Whether two top-level keys of the records differ only in case (a real ``name_1`` key
-    beside ``name`` looks the same to a DESCRIBE; one more pass, only then)."""
+    """Whether two top-level keys of the records differ only in case, or one is "" (a real
+    ``name_1`` key beside ``name`` looks the same to a DESCRIBE; one more pass, only then)."""
     row = con.execute(
-        "SELECT count(DISTINCT k) <> count(DISTINCT lower(k)) FROM "
+        "SELECT count(DISTINCT k) <> count(DISTINCT lower(k)) OR bool_or(k = '') FROM "
         f"(SELECT unnest(json_keys(json)) AS k FROM {_objects_reader(files, fmt, gz)})"
     ).fetchone()
     return bool(row and row[0])
@@ -1988,12 +1994,13 @@ def _pointer(key: str) -> str:
 
 @dataclass(frozen=True)
 class _ExactKeys:
-    """The columns of records read key by key, for when DuckDB's reader cannot tell two keys
-    apart that differ only in case (rare; a slower read, two passes).
+    """The columns of records read key by key, for keys DuckDB's reader cannot read by name
+    (_CASE_CLASH; rare; a slower read, two passes).
 
     Every top-level key is a column; one that differs only in case from a key seen before is
-    named as DuckDB names it (``Name_1``); keys inside structs are read with ``json_transform``,
-    which keeps such keys apart the same way (``UID_1``). Types come from
+    named as DuckDB names it (``Name_1``), a key "" ``C<position>``; keys inside structs are
+    read with ``json_transform``, which keeps such keys apart the same way (``UID_1``), and an
+    object with a key "" is a ``MAP(VARCHAR, JSON)``. Types come from
     ``json_group_structure`` over every record (strings stay VARCHAR: no date detection), the
     declared columns apply as hints, as for a CSV's nested columns."""
 
@@ -2026,11 +2033,11 @@ class _ExactKeys:
                 found[key] = t if key not in found else schema.widen(found[key], t)
         keys: list[tuple[str, str, schema.Type]] = []
         taken: set[str] = set()
-        for key, t in found.items():
-            column, n = key, 0
+        for i, (key, t) in enumerate(found.items()):
+            column, n = key or f"C{i}", 0  # DuckDB's name for a key ""
             while column.lower() in taken:
                 n += 1
-                column = f"{key}_{n}"
+                column = f"{key or f'C{i}'}_{n}"
             taken.add(column.lower())
             keys.append((key, column, t))
         return cls(tuple(keys))
@@ -2066,7 +2073,7 @@ class _ExactKeys:
                 merged = own if hint is None else schema.apply_hint(hint, found)
                 if isinstance(merged, schema.Scalar) and merged.text == "JSON":
                     exprs[column] = f"{col} AS {col}"
-                elif isinstance(merged, schema.Scalar):
+                elif not schema.is_nested(merged):
                     exprs[column] = f"CAST({col} ->> '$' AS {schema.render(merged)}) AS {col}"
                 else:
                     structure = sql_literal(schema.structure(merged))
@@ -2127,7 +2134,7 @@ def _auto_schema(
             described = _describe(con, f"SELECT * FROM {reader}")
         except duckdb.Error as exc:
             if group_fmt is not FileFormat.CSV and _CASE_CLASH.search(str(exc)):
-                raise _KeysDifferInCase from exc
+                raise _NotByName from exc
             bad = (
                 src
                 if group_fmt is FileFormat.CSV
@@ -2136,15 +2143,20 @@ def _auto_schema(
             raise fail(exc, bad) from exc
         if (
             group_fmt is not FileFormat.CSV
-            and _renamed_in_case(n for n, _ in described)
-            and _top_keys_differ_in_case(con, files, group_fmt, detected[src].gzip)
+            and _renamed_by_duckdb(n for n, _ in described)
+            and _top_keys_not_by_name(con, files, group_fmt, detected[src].gzip)
         ):
-            raise _KeysDifferInCase
+            raise _NotByName
         for name, duck_type in described:
-            t = schema.parse(duck_type)
+            try:
+                t = schema.parse(duck_type)
+            except ValueError as exc:  # a key "" inside a struct
+                if group_fmt is FileFormat.CSV:
+                    raise fail(exc, src) from exc
+                raise _NotByName from exc
             found[name] = t if name not in found else schema.widen(found[name], t)
     if len({n.lower() for n in found}) < len(found):  # ``Name`` in gzipped parts only
-        raise _KeysDifferInCase
+        raise _NotByName
     return [(n, schema.render(t)) for n, t in found.items()]
 
 

@@ -139,6 +139,10 @@ class _Parser:
                 name = self.take()
                 if name.startswith('"'):
                     name = name[1:-1].replace('""', '"')
+                if self.peek() in (",", ")", "[", "(", None):
+                    # DuckDB writes a field whose key is "" without a name: STRUCT(BIGINT).
+                    # No type can be declared with such a field (read it as JSON instead).
+                    raise ValueError(f"a struct field without a name in {self.text!r}")
                 fields.append((name, self.type_()))
                 if self.peek() == ",":
                     self.take()
@@ -210,6 +214,10 @@ def from_structure(value: object) -> Type:
     """A type from ``json_group_structure`` output (objects, arrays, type names), spelled as
     DuckDB's JSON reader would type the same values (UBIGINT -> BIGINT)."""
     if isinstance(value, dict):
+        if "" in value:
+            # No struct field can be named "" (a DuckDB type cannot say it): a map keeps every
+            # key. (Not JSON, which stands for a position null throughout, where a hint wins.)
+            return Scalar("MAP(VARCHAR, JSON)")
         return Struct(tuple((k, from_structure(v)) for k, v in value.items()))
     if isinstance(value, list):
         return List(from_structure(value[0]) if value else Scalar("NULL"))

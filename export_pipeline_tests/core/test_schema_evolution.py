@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -647,3 +648,31 @@ def test_a_key_whose_case_changed_lands_in_its_column(tmp_path: Path, warehouse:
         (2, "UP", 2.5, None),
         (3, "x", 3.0, "UP3"),
     ]
+
+
+def test_a_key_that_is_empty_lands(tmp_path: Path, warehouse: Warehouse) -> None:
+    """A key "" at the top level (after DuckDB's type sample) and inside objects: DuckDB names
+    the column ``C<n>`` and cannot declare a struct field named "" (its detection used to end in
+    an IndexError). The column lands, an object with such a key as a ``MAP(VARCHAR, JSON)``
+    (every key kept), and as JSON text where a struct is declared (evses)."""
+    late = _location(30_000, evses=[{"uid": "u", "": "E"}], attrs={"": 6, "k": 1})
+    late[""] = "top"
+    records = [_location(i) for i in range(25_000)] + [late]
+    src = tmp_path / "export.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result, _ = _ingest(tmp_path, KIND, [src], "A", warehouse)
+    assert result.table_rows == 25_001
+    types = _types(warehouse)
+    empty = [c for c in types if re.fullmatch(r"C\d+", c)]
+    assert len(empty) == 1 and types[empty[0]] == "VARCHAR"
+    assert types["attrs"] == "MAP(VARCHAR, JSON)"
+    assert types["evses"] == "JSON[]"
+    assert _query(
+        warehouse,
+        f"SELECT \"{empty[0]}\", attrs[''], attrs['k'], evses[1]->>'$.uid', "
+        "json_keys(evses[1]), capacity FROM locations.locations WHERE id = 'L30000'",
+    ) == [("top", "6", "1", "u", ["uid", ""], 30_000)]
+    # An earlier record's evses, a declared struct before, kept its values as JSON text.
+    assert _query(
+        warehouse, "SELECT evses[1]->>'$.uid' FROM locations.locations WHERE id = 'L7'"
+    ) == [("E7",)]
