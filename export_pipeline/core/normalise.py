@@ -599,6 +599,8 @@ def _to_parquet(
         except (OSError, EOFError):
             line = None
         text = message or str(exc).split("\n\n")[0].strip()
+        # DuckDB's advice names its reader's options (ignore_errors would drop the record).
+        text = _DUCKDB_ADVICE.sub("", text)
         # One line number per message: ours (1-based, checked against the file), not DuckDB's.
         text = _DUCKDB_LINE.sub("", text).strip()
         return ParseError(
@@ -1544,6 +1546,7 @@ def _has_opaque(t: schema.Type) -> bool:
 
 
 _TIMESTAMPTZ = "TIMESTAMP WITH TIME ZONE"
+_DUCKDB_ADVICE = re.compile(r"\n\s*Try (?:setting|increasing) .*", re.S)
 _INTEGER_TYPES = frozenset(
     {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT"}
     | {"UINTEGER", "UBIGINT", "UHUGEINT"}
@@ -1873,6 +1876,10 @@ _CONVERSION = re.compile(
 )
 
 
+_DUCKDB_ADVICE = re.compile(r"\n\s*Try (?:setting|increasing) .*", re.S)
+_INTEGER_TYPES = frozenset({"TINYINT", "SMALLINT", "INTEGER", "BIGINT"})
+
+
 def _is_conversion_error(exc: BaseException) -> bool:
     text = str(exc)
     return bool(_CONVERSION.search(text)) and "Malformed JSON" not in text
@@ -1906,19 +1913,36 @@ def _json_selects(
     differ = [n for n in typed if typed[n] != plain[n]]
 
     def on_drift() -> _Plan | None:
-        if not differ:
+        # Integers past BIGINT first: DuckDB's detection types them BIGINT and then fails the
+        # read (2**63 .. 2**64-1), whatever was declared.
+        wide = _too_big_integers(con, src, info, plain)
+        own = {**plain, **wide}
+        wanted = {**typed, **wide}
+        candidates = {n: wanted[n] for n in differ if n not in wide}
+        reader = _json_reader(src, info.format, info.gzip, own)
+        bad = _drifting(con, reader, candidates) if candidates else []
+        if not bad and not wide:
             return None
-        reader = _json_reader(src, info.format, info.gzip, plain)
-        bad = _drifting(con, reader, {n: typed[n] for n in differ})
-        if not bad:
-            return None
-        columns = {n: (plain[n] if n in bad else t) for n, t in typed.items()}
+        columns = {n: (own[n] if n in bad else t) for n, t in wanted.items()}
         return (
             f"SELECT * FROM {_json_reader(src, info.format, info.gzip, columns)}",
-            {n: plain[n] for n in bad},
+            {n: own[n] for n in [*wide, *bad]},
         )
 
     return f"SELECT * FROM {_json_reader(src, info.format, info.gzip, typed)}", on_drift
+
+
+def _too_big_integers(
+    con: duckdb.DuckDBPyConnection, src: Path, info: DetectedFormat, plain: Mapping[str, str]
+) -> dict[str, str]:
+    """Top-level integer columns holding a number past their type, read as VARCHAR: the
+    number's text, every digit kept (DOUBLE would round it; a HUGEINT becomes a DOUBLE in
+    Parquet). Only on the error path: one more pass over the file."""
+    ints = [n for n, t in plain.items() if t in _INTEGER_TYPES]
+    if not ints:
+        return {}
+    reader = _json_reader(src, info.format, info.gzip, {**plain, **dict.fromkeys(ints, "JSON")})
+    return dict.fromkeys(_drifting(con, reader, {n: plain[n] for n in ints}), "VARCHAR")
 
 
 def _drifting(con: duckdb.DuckDBPyConnection, reader: str, wanted: Mapping[str, str]) -> list[str]:

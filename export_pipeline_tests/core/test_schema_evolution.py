@@ -676,3 +676,50 @@ def test_a_key_that_is_empty_lands(tmp_path: Path, warehouse: Warehouse) -> None
     assert _query(
         warehouse, "SELECT evses[1]->>'$.uid' FROM locations.locations WHERE id = 'L7'"
     ) == [("E7",)]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_an_integer_past_bigint_keeps_every_digit(
+    tmp_path: Path, warehouse: Warehouse, fmt: str
+) -> None:
+    """2**63 .. 2**64-1 (a uint64 id, say): DuckDB's JSON detection types it BIGINT and then
+    fails the read. The column is read as the numbers' text instead (every digit; DOUBLE would
+    round them), reported as drifted, and the table widens BIGINT -> VARCHAR."""
+    first = tmp_path / "first.jsonl"
+    first.write_text(json.dumps(_location(1)) + "\n")
+    _ingest(tmp_path, KIND, [first], "A", warehouse)
+    assert _types(warehouse)["capacity"] == "BIGINT"
+    records = [_location(i) for i in range(2, 25_000)]
+    records.append(_location(30_000, capacity=18446744073709551615))
+    records.append(_location(30_001, capacity=9223372036854775808))
+    src = tmp_path / f"second.{fmt}"
+    if fmt == "json":
+        src.write_text(json.dumps(records))
+    else:
+        src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result, normalised = _ingest(tmp_path, KIND, [src], "B", warehouse)
+    assert normalised.drifted_columns == {"capacity": "VARCHAR"}
+    assert "capacity widened BIGINT -> VARCHAR" in result.columns_changed
+    assert _query(
+        warehouse,
+        "SELECT id, capacity FROM locations.locations "
+        "WHERE id IN ('L1', 'L7', 'L30000', 'L30001') ORDER BY id",
+    ) == [
+        ("L1", "1"),
+        ("L30000", "18446744073709551615"),
+        ("L30001", "9223372036854775808"),
+        ("L7", "7"),
+    ]
+
+
+def test_a_nested_integer_past_bigint_fails_naming_file_and_line(tmp_path: Path) -> None:
+    """DuckDB's limit inside a struct (docs/schema.md, Numbers): a clear error, with our line
+    and without DuckDB's advice to set its reader's ignore_errors (it would drop the record)."""
+    src = tmp_path / "nested.jsonl"
+    src.write_text('{"id": "A", "s": {"n": 1}}\n{"id": "B", "s": {"n": 18446744073709551615}}\n')
+    with pytest.raises(ParseError) as caught:
+        to_parquet([src], tmp_path / "out", kind=KIND, export_id="X", loaded_at=LOADED_AT)
+    error = caught.value
+    assert (error.file, error.line) == ("nested.jsonl", 2)
+    assert "18446744073709551615" in str(error)
+    assert "ignore_errors" not in str(error) and "Try " not in str(error)
