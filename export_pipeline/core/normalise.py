@@ -1945,15 +1945,32 @@ def _too_big_integers(
     return dict.fromkeys(_drifting(con, reader, {n: plain[n] for n in ints}), "VARCHAR")
 
 
-def _drifting(con: duckdb.DuckDBPyConnection, reader: str, wanted: Mapping[str, str]) -> list[str]:
-    """Columns of ``reader`` holding a non-NULL value that does not cast to its wanted type."""
-    counts = ", ".join(
-        f"count(*) FILTER (WHERE {quote_ident(n)} IS NOT NULL "
-        f"AND TRY_CAST({quote_ident(n)} AS {t}) IS NULL)"
-        for n, t in wanted.items()
-    )
+def _drifting(
+    con: duckdb.DuckDBPyConnection,
+    reader: str,
+    wanted: Mapping[str, str],
+    *,
+    exact: bool = False,
+) -> list[str]:
+    """Columns of ``reader`` holding a non-NULL value that does not cast to its wanted type
+    (``exact``: text columns, where a long integer into a float counts too)."""
+
+    def bad(n: str, t: str) -> str:
+        col = quote_ident(n)
+        test = f"TRY_CAST({col} AS {t}) IS NULL"
+        if exact and t in _FLOAT_TYPES:
+            test = f"({test} OR {_long_integer(col)})"
+        return f"count(*) FILTER (WHERE {col} IS NOT NULL AND {test})"
+
+    counts = ", ".join(bad(n, t) for n, t in wanted.items())
     row = con.execute(f"SELECT {counts} FROM {reader}").fetchone() or ()
     return [n for n, bad in zip(wanted, row, strict=False) if bad]
+
+
+def _long_integer(col: str) -> str:
+    """SQL: the text ``col`` is an integer of 16 or more digits, more than a double holds
+    exactly (2**53 has 16)."""
+    return f"(length({col}) > 15 AND regexp_full_match({col}, '[-+]?[0-9]{{16,}}'))"
 
 
 def _ragged_csv_line(path: Path, gz: bool) -> int | None:
@@ -2252,11 +2269,18 @@ def _csv_selects(
         )
         # A plain CAST is pushed into the CSV scan. Empty cells are already NULL there.
         exprs[name] = f"CAST({col} AS {duck_type}) AS {col}"
+        if duck_type in _FLOAT_TYPES:
+            # An integer of 16+ digits (a long id the sniffer called DOUBLE) would be rounded:
+            # the column drifts to its text instead.
+            exprs[name] = (
+                f"CASE WHEN {_long_integer(col)} THEN error('Could not convert ' || {col} || "
+                f"' to {duck_type} exactly') ELSE CAST({col} AS {duck_type}) END AS {col}"
+            )
         if duck_type != "VARCHAR":
             scalars[name] = duck_type
 
     def on_drift() -> _Plan | None:
-        bad = _drifting(con, reader, scalars) if scalars else []
+        bad = _drifting(con, reader, scalars, exact=True) if scalars else []
         if not bad:
             return None
         kept = {**exprs, **{n: quote_ident(n) for n in bad}}

@@ -723,3 +723,27 @@ def test_a_nested_integer_past_bigint_fails_naming_file_and_line(tmp_path: Path)
     assert (error.file, error.line) == ("nested.jsonl", 2)
     assert "18446744073709551615" in str(error)
     assert "ignore_errors" not in str(error) and "Try " not in str(error)
+
+
+def test_a_csv_integer_longer_than_a_double_holds_keeps_every_digit(tmp_path: Path) -> None:
+    """DuckDB's sniffer calls 18446744073709551615 (or a 43-digit reference) DOUBLE, which would
+    round it: such a column lands as its text instead, reported as drifted; a column of plain
+    decimals stays DOUBLE."""
+    kind = ExportKind(provider="p", name="refs", primary_key=("id",))
+    src = tmp_path / "refs.csv"
+    src.write_text(
+        "id,ref,big,price\n"
+        "A,18446744073709551615,1234567890123456789012345678901234567890123,1.5\n"
+        "B,5,7,22\n"
+    )
+    out = to_parquet([src], tmp_path / "out", kind=kind, export_id="X", loaded_at=LOADED_AT)
+    assert out.drifted_columns == {"ref": "VARCHAR", "big": "VARCHAR"}
+    assert dict(out.columns)["price"] == "DOUBLE"
+    with duckdb.connect() as con:
+        assert con.execute(
+            "SELECT id, ref, big, price FROM read_parquet(?) ORDER BY id",
+            [str(out.parquet_paths[0])],
+        ).fetchall() == [
+            ("A", "18446744073709551615", "1234567890123456789012345678901234567890123", 1.5),
+            ("B", "5", "7", 22.0),
+        ]
