@@ -1876,10 +1876,6 @@ _CONVERSION = re.compile(
 )
 
 
-_DUCKDB_ADVICE = re.compile(r"\n\s*Try (?:setting|increasing) .*", re.S)
-_INTEGER_TYPES = frozenset({"TINYINT", "SMALLINT", "INTEGER", "BIGINT"})
-
-
 def _is_conversion_error(exc: BaseException) -> bool:
     text = str(exc)
     return bool(_CONVERSION.search(text)) and "Malformed JSON" not in text
