@@ -141,7 +141,7 @@ class _Parser:
                     name = name[1:-1].replace('""', '"')
                 if self.peek() in (",", ")", "[", "(", None):
                     # DuckDB writes a field whose key is "" without a name: STRUCT(BIGINT).
-                    # No type can be declared with such a field (read it as JSON instead).
+                    # No type can be declared with such a field (the export is read key by key).
                     raise ValueError(f"a struct field without a name in {self.text!r}")
                 fields.append((name, self.type_()))
                 if self.peek() == ",":
