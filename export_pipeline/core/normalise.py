@@ -448,10 +448,10 @@ def to_parquet(
                 slots=slots,
             )
             if landed is not None:
-                return landed
+                return _records_are_objects(landed, sources, fmt, kind, export_id)
             for src in sources:  # the usual way, once every part is there
                 _wait_for(arriving, src)
-        return _to_parquet(
+        result = _to_parquet(
             con,
             [_without_jsonl_bom(s, unbom_dir, fmt) for s in sources],
             out_dir,
@@ -465,11 +465,90 @@ def to_parquet(
             slots=slots,
             sampled=not tried,
         )
+        return _records_are_objects(result, sources, fmt, kind, export_id)
     finally:
         shutil.rmtree(unbom_dir, ignore_errors=True)
         if own:
             con.close()
             shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _records_are_objects(
+    result: NormaliseResult,
+    sources: Sequence[Path],
+    fmt: FileFormat | None,
+    kind: ExportKind,
+    export_id: str,
+) -> NormaliseResult:
+    """``result``, unless DuckDB read JSON records of which some are not objects: it then reads
+    every record as one column ``json`` (no key lands as a column, and the load would say the
+    primary key is missing). Fails naming the first such record instead. Costs nothing unless
+    the result is that one column."""
+    own = [(n, t) for n, t in result.columns if (n, t) not in LINEAGE_COLUMNS]
+    if own != [("json", "JSON")]:
+        return result
+    for src in sources:
+        info = detect_format(src)
+        src_fmt = fmt or info.format
+        if src_fmt is FileFormat.CSV:
+            continue
+        found = _first_non_object(src, src_fmt, info.gzip)
+        if found is not None:
+            where, what = found
+            raise ParseError(
+                # One number per message: a line goes in ``line``.
+                f"{'a record' if isinstance(where, int) else where} is {what}, not a JSON "
+                "object like the other records",
+                provider=kind.provider,
+                kind=kind.name,
+                export_id=export_id,
+                file=src.name,
+                line=where if isinstance(where, int) else None,
+            )
+    return result
+
+
+def _first_non_object(path: Path, fmt: FileFormat, gz: bool) -> tuple[int | str, str] | None:
+    """(line, or "record N" of an array; what it is) of the first record that is not an object
+    where some are, else None (error path only; one record in memory at a time for JSONL)."""
+    first: tuple[int | str, str] | None = None
+    objects = False
+    if fmt is FileFormat.JSONL:
+        for number, raw in enumerate(_lines(path, gz), start=1):
+            text = raw.strip().removeprefix(_BOM)
+            if not text:
+                continue
+            try:
+                value = json.loads(text)
+            except ValueError:
+                return None  # a malformed line is another error, reported as such
+            objects = objects or isinstance(value, dict)
+            if first is None and not isinstance(value, dict):
+                first = (number, _json_kind(value))
+            if objects and first is not None:
+                return first
+        return None
+    with duckdb.connect() as con:
+        reader = _objects_reader([path], fmt, gz)
+        row = con.execute(
+            "SELECT bool_or(t = 'OBJECT'), min(n) FILTER (WHERE t <> 'OBJECT'), "
+            "arg_min(t, n) FILTER (WHERE t <> 'OBJECT') FROM (SELECT row_number() OVER () AS n, "
+            f"json_type(json) AS t FROM {reader})"
+        ).fetchone()
+    if row and row[0] and row[1] is not None:
+        kind = {"ARRAY": "an array", "NULL": "null", "BOOLEAN": "a boolean", "VARCHAR": "a string"}
+        return f"record {row[1]} of the array", kind.get(str(row[2]), "a number")
+    return None
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, list):
+        return "an array"
+    return "a string" if isinstance(value, str) else "a number"
 
 
 def _wait_for(arriving: Arriving, src: Path, give_up: threading.Event | None = None) -> None:

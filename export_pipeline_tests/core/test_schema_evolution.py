@@ -747,3 +747,24 @@ def test_a_csv_integer_longer_than_a_double_holds_keeps_every_digit(tmp_path: Pa
             ("A", "18446744073709551615", "1234567890123456789012345678901234567890123", 1.5),
             ("B", "5", "7", 22.0),
         ]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "text", "line", "message"),
+    [
+        ("jsonl", '{"id": "A"}\n\n7\n{"id": "B"}\n', 3, "a record is a number"),
+        ("jsonl", '{"id": "A"}\n["B"]\n', 2, "a record is an array"),
+        ("json", '[{"id": "A"},\n {"id": "B"},\n "C"]', None, "record 3 of the array is a string"),
+    ],
+)
+def test_a_record_that_is_not_an_object_is_named(
+    tmp_path: Path, fmt: str, text: str, line: int | None, message: str
+) -> None:
+    """DuckDB reads records of which some are not objects as one column ``json`` (the load then
+    said the primary key column was missing): the error names the record instead."""
+    src = tmp_path / f"mixed.{fmt}"
+    src.write_text(text)
+    with pytest.raises(ParseError) as caught:
+        to_parquet([src], tmp_path / "out", kind=KIND, export_id="X", loaded_at=LOADED_AT)
+    assert (caught.value.file, caught.value.line) == ("mixed." + fmt, line)
+    assert message in str(caught.value) and "not a JSON object" in str(caught.value)
