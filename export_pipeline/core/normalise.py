@@ -183,13 +183,17 @@ def _json_reader(
     return f"read_json({', '.join(options)})"
 
 
+def _json_files(paths: Sequence[Path], fmt: FileFormat, gz: bool) -> str:
+    """The files, format and compression arguments of a JSON reader over ``paths``."""
+    files = "[" + ", ".join(sql_literal(str(p)) for p in paths) + "]"
+    layout = "'array'" if fmt is FileFormat.JSON_ARRAY else "'newline_delimited'"
+    return f"{files}, format := {layout}, compression := {'gzip' if gz else 'uncompressed'!r}"
+
+
 def _json_reader_many(paths: Sequence[Path], fmt: FileFormat, gz: bool) -> str:
     """Auto-detecting reader over several files, unifying their columns by name."""
-    files = "[" + ", ".join(sql_literal(str(p)) for p in paths) + "]"
     return (
-        f"read_json({files}, format := "
-        + ("'array'" if fmt is FileFormat.JSON_ARRAY else "'newline_delimited'")
-        + f", compression := {'gzip' if gz else 'uncompressed'!r}, union_by_name := true, "
+        f"read_json({_json_files(paths, fmt, gz)}, union_by_name := true, "
         f"sample_size := {_AUTO_SAMPLE_SIZE})"
     )
 
@@ -2215,12 +2219,7 @@ class _ExactKeys:
 
 def _objects_reader(paths: Sequence[Path], fmt: FileFormat, gz: bool) -> str:
     """Each record as one JSON value (its keys exactly as written)."""
-    files = "[" + ", ".join(sql_literal(str(p)) for p in paths) + "]"
-    return (
-        f"read_json_objects({files}, format := "
-        + ("'array'" if fmt is FileFormat.JSON_ARRAY else "'newline_delimited'")
-        + f", compression := {'gzip' if gz else 'uncompressed'!r})"
-    )
+    return f"read_json_objects({_json_files(paths, fmt, gz)})"
 
 
 def _auto_schema(

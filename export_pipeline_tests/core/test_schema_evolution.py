@@ -103,6 +103,15 @@ def test_keys_first_seen_after_200000_records_land_top_level_and_nested(
     assert types["last_updated"] == "TIMESTAMP WITH TIME ZONE"
 
 
+def _write_records(path: Path, records: list[dict[str, Any]]) -> Path:
+    """``records`` as a JSON array (``.json``) or JSON Lines (``.jsonl``)."""
+    if path.suffix == ".json":
+        path.write_text(json.dumps(records))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
 def _location(i: int, **extra: Any) -> dict[str, Any]:
     return {
         "id": f"L{i}",
@@ -525,11 +534,7 @@ def test_keys_that_differ_only_in_case_all_land(
         operator = {"name": "op-low"}
     late = _location(30_000, Name="UPPER_TOP", evses=evses, operator=operator)
     records = [_location(i) for i in range(25_000)] + [late]
-    src = tmp_path / f"export.{fmt}"
-    if fmt == "json":
-        src.write_text(json.dumps(records))
-    else:
-        src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    src = _write_records(tmp_path / f"export.{fmt}", records)
     result, normalised = _ingest(tmp_path, KIND, [src], "A", warehouse)
     assert normalised.rows == result.rows_in_export == result.table_rows == 25_001
     types = _types(warehouse)
@@ -572,9 +577,8 @@ def test_csv_and_json_with_nested_keys_that_differ_only_in_case_give_one_table(
         _location(1, evses=[{"uid": "e1", "UID": "E1", "connectors": []}]),
         _location(2),
     ]
-    as_json = tmp_path / "json" / "export.jsonl"
-    as_json.parent.mkdir()
-    as_json.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "json").mkdir()
+    as_json = _write_records(tmp_path / "json" / "export.jsonl", records)
     as_csv = tmp_path / "csv" / "export.csv"
     as_csv.parent.mkdir()
     header = ["id", "name", "capacity", "evses", "last_updated"]
@@ -658,8 +662,7 @@ def test_a_key_that_is_empty_lands(tmp_path: Path, warehouse: Warehouse) -> None
     late = _location(30_000, evses=[{"uid": "u", "": "E"}], attrs={"": 6, "k": 1})
     late[""] = "top"
     records = [_location(i) for i in range(25_000)] + [late]
-    src = tmp_path / "export.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    src = _write_records(tmp_path / "export.jsonl", records)
     result, _ = _ingest(tmp_path, KIND, [src], "A", warehouse)
     assert result.table_rows == 25_001
     types = _types(warehouse)
@@ -692,11 +695,7 @@ def test_an_integer_past_bigint_keeps_every_digit(
     records = [_location(i) for i in range(2, 25_000)]
     records.append(_location(30_000, capacity=18446744073709551615))
     records.append(_location(30_001, capacity=9223372036854775808))
-    src = tmp_path / f"second.{fmt}"
-    if fmt == "json":
-        src.write_text(json.dumps(records))
-    else:
-        src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    src = _write_records(tmp_path / f"second.{fmt}", records)
     result, normalised = _ingest(tmp_path, KIND, [src], "B", warehouse)
     assert normalised.drifted_columns == {"capacity": "VARCHAR"}
     assert "capacity widened BIGINT -> VARCHAR" in result.columns_changed
