@@ -2001,6 +2001,15 @@ def _json_selects(
         reader = _json_reader(src, info.format, info.gzip, own)
         bad = _drifting(con, reader, candidates) if candidates else []
         if not bad and not wide:
+            # TRY_CAST nulls a field inside a struct or list that does not fit (a string where
+            # a list of structs is declared) instead of the value: find the nested columns the
+            # declared type cannot read, one read each (error path only).
+            bad = [
+                n
+                for n, t in candidates.items()
+                if _is_nested(t) and not _reads(con, src, info, {**own, n: t}, n)
+            ]
+        if not bad and not wide:
             return None
         columns = {n: (own[n] if n in bad else t) for n, t in wanted.items()}
         return (
@@ -2009,6 +2018,24 @@ def _json_selects(
         )
 
     return f"SELECT * FROM {_json_reader(src, info.format, info.gzip, typed)}", on_drift
+
+
+def _reads(
+    con: duckdb.DuckDBPyConnection,
+    src: Path,
+    info: DetectedFormat,
+    columns: Mapping[str, str],
+    name: str,
+) -> bool:
+    """Whether ``src`` reads with ``columns``, converting column ``name`` in every record."""
+    reader = _json_reader(src, info.format, info.gzip, columns)
+    try:
+        con.execute(f"SELECT count({quote_ident(name)}) FROM {reader}").fetchone()
+    except duckdb.Error as exc:
+        if _is_conversion_error(exc):
+            return False
+        raise
+    return True
 
 
 def _too_big_integers(

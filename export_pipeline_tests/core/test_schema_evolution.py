@@ -767,3 +767,28 @@ def test_a_record_that_is_not_an_object_is_named(
         to_parquet([src], tmp_path / "out", kind=KIND, export_id="X", loaded_at=LOADED_AT)
     assert (caught.value.file, caught.value.line) == ("mixed." + fmt, line)
     assert message in str(caught.value) and "not a JSON object" in str(caught.value)
+
+
+def test_a_nested_value_that_does_not_fit_its_declared_struct_keeps_its_value(
+    tmp_path: Path, warehouse: Warehouse
+) -> None:
+    """``connectors`` is declared a list of structs; one record after the type sample sends the
+    string "none" (and a number for ``uid``). DuckDB's full scan types both JSON, which reads as
+    "null throughout" and so took the declared type, and the read failed on the string: the
+    export failed. Now the column drifts to the data's own type and every value lands."""
+    _ingest(tmp_path, KIND, [_write_records(tmp_path / "a.jsonl", [_location(1)])], "A", warehouse)
+    late = _location(30_000, evses=[{"uid": 5, "connectors": "none"}])
+    records = [_location(i) for i in range(2, 25_000)] + [late]
+    result, normalised = _ingest(
+        tmp_path, KIND, [_write_records(tmp_path / "b.jsonl", records)], "B", warehouse
+    )
+    assert set(normalised.drifted_columns) == {"evses"}
+    assert result.table_rows == 25_000
+    assert _query(
+        warehouse,
+        "SELECT id, evses[1].uid::VARCHAR, evses[1].connectors::VARCHAR FROM locations.locations "
+        "WHERE id IN ('L1', 'L30000') ORDER BY id",
+    ) == [
+        ("L1", '"E1"', '[{"id":"C1","max_power":7.5}]'),  # VARCHAR widened to JSON
+        ("L30000", "5", '"none"'),
+    ]
