@@ -2055,17 +2055,16 @@ def _drifting(
     con: duckdb.DuckDBPyConnection,
     reader: str,
     wanted: Mapping[str, str],
-    *,
-    exact: bool = False,
+    inexact: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Columns of ``reader`` holding a non-NULL value that does not cast to its wanted type
-    (``exact``: text columns, where a long integer into a float counts too)."""
+    (or, ``inexact``: column -> SQL, would be rounded by it)."""
 
     def bad(n: str, t: str) -> str:
         col = quote_ident(n)
         test = f"TRY_CAST({col} AS {t}) IS NULL"
-        if exact and t in _FLOAT_TYPES:
-            test = f"({test} OR {_long_integer(col)})"
+        if inexact and n in inexact:
+            test = f"({test} OR {inexact[n]})"
         return f"count(*) FILTER (WHERE {col} IS NOT NULL AND {test})"
 
     counts = ", ".join(bad(n, t) for n, t in wanted.items())
@@ -2073,10 +2072,17 @@ def _drifting(
     return [n for n, bad in zip(wanted, row, strict=False) if bad]
 
 
-def _long_integer(col: str) -> str:
-    """SQL: the text ``col`` is an integer of 16 or more digits, more than a double holds
-    exactly (2**53 has 16)."""
-    return f"(length({col}) > 15 AND regexp_full_match({col}, '[-+]?[0-9]{{16,}}'))"
+def _inexact(col: str, duck_type: str, *, declared: bool) -> str | None:
+    """SQL: the text ``col`` would lose digits as ``duck_type`` (None: it cannot). An integer
+    of 16 or more digits as a float (2**53 has 16: a long id the sniffer called DOUBLE);
+    sub-microsecond digits as a timestamp or time the sniffer detected (DuckDB keeps
+    microseconds; the JSON reader keeps such text as VARCHAR, so CSV and JSON agree). A
+    declared timestamp takes microseconds, as declared."""
+    if duck_type in _FLOAT_TYPES:
+        return f"(length({col}) > 15 AND regexp_full_match({col}, '[-+]?[0-9]{{16,}}'))"
+    if not declared and duck_type in (*_TIME_TYPES, "TIMESTAMP", _TIMESTAMPTZ):
+        return f"regexp_matches({col}, '[.,][0-9]{{7,}}')"
+    return None
 
 
 def _ragged_csv_line(path: Path, gz: bool) -> int | None:
@@ -2354,6 +2360,7 @@ def _csv_selects(
                 structures[name] = schema.from_structure(json.loads(found))
     exprs: dict[str, str] = {}
     scalars: dict[str, str] = {}
+    inexact: dict[str, str] = {}  # column -> SQL: its text would be rounded by its type
     for name in header:
         col = quote_ident(name)
         hint = hints.get(name)
@@ -2370,18 +2377,18 @@ def _csv_selects(
         )
         # A plain CAST is pushed into the CSV scan. Empty cells are already NULL there.
         exprs[name] = f"CAST({col} AS {duck_type}) AS {col}"
-        if duck_type in _FLOAT_TYPES:
-            # An integer of 16+ digits (a long id the sniffer called DOUBLE) would be rounded:
-            # the column drifts to its text instead.
+        if (lossy := _inexact(col, duck_type, declared=hint is not None)) is not None:
+            # A text the type would round (below): the column drifts to its text instead.
+            inexact[name] = lossy
             exprs[name] = (
-                f"CASE WHEN {_long_integer(col)} THEN error('Could not convert ' || {col} || "
+                f"CASE WHEN {lossy} THEN error('Could not convert ' || {col} || "
                 f"' to {duck_type} exactly') ELSE CAST({col} AS {duck_type}) END AS {col}"
             )
         if duck_type != "VARCHAR":
             scalars[name] = duck_type
 
     def on_drift() -> _Plan | None:
-        bad = _drifting(con, reader, scalars, exact=True) if scalars else []
+        bad = _drifting(con, reader, scalars, inexact) if scalars else []
         if not bad:
             return None
         kept = {**exprs, **{n: quote_ident(n) for n in bad}}

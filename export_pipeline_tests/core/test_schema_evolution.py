@@ -792,3 +792,34 @@ def test_a_nested_value_that_does_not_fit_its_declared_struct_keeps_its_value(
         ("L1", '"E1"', '[{"id":"C1","max_power":7.5}]'),  # VARCHAR widened to JSON
         ("L30000", "5", '"none"'),
     ]
+
+
+def test_a_csv_timestamp_with_nanoseconds_keeps_them_as_the_json_reader_does(
+    tmp_path: Path,
+) -> None:
+    """DuckDB keeps microseconds: a CSV column the sniffer calls a timestamp, with nanosecond
+    digits, lands as its text (the JSON reader keeps such strings as VARCHAR, so the formats
+    agree); microseconds stay a timestamp, and a declared TIMESTAMPTZ takes its microseconds."""
+    kind = ExportKind(
+        provider="p", name="events", primary_key=("id",), columns={"at": "TIMESTAMPTZ"}
+    )
+    src = tmp_path / "events.csv"
+    src.write_text(
+        "id,ns,us,at\n"
+        "A,2024-01-01T00:00:00.123456789Z,2024-01-01T00:00:00.123456Z,2024-01-01T00:00:00.5Z\n"
+    )
+    as_json = _write_records(
+        tmp_path / "events.jsonl",
+        [{"id": "A", "ns": "2024-01-01T00:00:00.123456789Z", "us": "x", "at": None}],
+    )
+    out = to_parquet([src], tmp_path / "csv", kind=kind, export_id="X", loaded_at=LOADED_AT)
+    types = dict(out.columns)
+    assert out.drifted_columns == {"ns": "VARCHAR"}
+    assert (types["ns"], types["at"]) == ("VARCHAR", "TIMESTAMP WITH TIME ZONE")
+    assert types["us"].startswith("TIMESTAMP")
+    json_out = to_parquet([as_json], tmp_path / "j", kind=kind, export_id="X", loaded_at=LOADED_AT)
+    assert dict(json_out.columns)["ns"] == "VARCHAR"
+    with duckdb.connect() as con:
+        assert con.execute(
+            "SELECT ns FROM read_parquet(?)", [str(out.parquet_paths[0])]
+        ).fetchall() == [("2024-01-01T00:00:00.123456789Z",)]
