@@ -498,26 +498,30 @@ def _records_are_objects(
             continue
         found = _first_non_object(src, src_fmt, info.gzip)
         if found is not None:
-            where, what = found
+            line, where, json_type = found
             raise ParseError(
                 # One number per message: a line goes in ``line``.
-                f"{'a record' if isinstance(where, int) else where} is {what}, not a JSON "
-                "object like the other records",
+                f"{where} is {_JSON_KINDS.get(json_type, 'a number')}, not a JSON object like "
+                "the other records",
                 provider=kind.provider,
                 kind=kind.name,
                 export_id=export_id,
                 file=src.name,
-                line=where if isinstance(where, int) else None,
+                line=line,
             )
     return result
 
 
-def _first_non_object(path: Path, fmt: FileFormat, gz: bool) -> tuple[int | str, str] | None:
-    """(line, or "record N" of an array; what it is) of the first record that is not an object
-    where some are, else None (error path only; one record in memory at a time for JSONL)."""
-    first: tuple[int | str, str] | None = None
-    objects = False
+# What a record is, by DuckDB's json_type (the numeric types: "a number").
+_JSON_KINDS = {"ARRAY": "an array", "NULL": "null", "BOOLEAN": "a boolean", "VARCHAR": "a string"}
+
+
+def _first_non_object(path: Path, fmt: FileFormat, gz: bool) -> tuple[int | None, str, str] | None:
+    """(its line, how to name it, its json_type) for the first record that is not an object
+    where some are, else None. Error path only; JSON Lines one line at a time (for the line)."""
     if fmt is FileFormat.JSONL:
+        first: tuple[int | None, str, str] | None = None
+        objects = False
         for number, raw in enumerate(_lines(path, gz), start=1):
             text = raw.strip().removeprefix(_BOM)
             if not text:
@@ -528,31 +532,20 @@ def _first_non_object(path: Path, fmt: FileFormat, gz: bool) -> tuple[int | str,
                 return None  # a malformed line is another error, reported as such
             objects = objects or isinstance(value, dict)
             if first is None and not isinstance(value, dict):
-                first = (number, _json_kind(value))
+                json_type = {type(None): "NULL", bool: "BOOLEAN", list: "ARRAY", str: "VARCHAR"}
+                first = (number, "a record", json_type.get(type(value), "DOUBLE"))
             if objects and first is not None:
                 return first
         return None
     with duckdb.connect() as con:
-        reader = _objects_reader([path], fmt, gz)
         row = con.execute(
             "SELECT bool_or(t = 'OBJECT'), min(n) FILTER (WHERE t <> 'OBJECT'), "
             "arg_min(t, n) FILTER (WHERE t <> 'OBJECT') FROM (SELECT row_number() OVER () AS n, "
-            f"json_type(json) AS t FROM {reader})"
+            f"json_type(json) AS t FROM {_objects_reader([path], fmt, gz)})"
         ).fetchone()
     if row and row[0] and row[1] is not None:
-        kind = {"ARRAY": "an array", "NULL": "null", "BOOLEAN": "a boolean", "VARCHAR": "a string"}
-        return f"record {row[1]} of the array", kind.get(str(row[2]), "a number")
+        return None, f"record {row[1]} of the array", str(row[2])
     return None
-
-
-def _json_kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, list):
-        return "an array"
-    return "a string" if isinstance(value, str) else "a number"
 
 
 def _wait_for(arriving: Arriving, src: Path, give_up: threading.Event | None = None) -> None:
