@@ -2147,7 +2147,7 @@ class _ExactKeys:
     named as DuckDB names it (``Name_1``), a key "" ``C<position>``; keys inside structs are
     read with ``json_transform``, which keeps such keys apart the same way (``UID_1``), and an
     object with a key "" is a ``MAP(VARCHAR, JSON)``. Types come from
-    ``json_group_structure`` over every record (strings stay VARCHAR: no date detection), the
+    the structure of every record (``_structures``; strings stay VARCHAR: no date detection), the
     declared columns apply as hints, as for a CSV's nested columns."""
 
     keys: tuple[tuple[str, str, schema.Type], ...]  # (key, column, type)
@@ -2168,10 +2168,9 @@ class _ExactKeys:
                 continue
             reader = _objects_reader(same, fmt, gz)
             try:
-                row = con.execute(f"SELECT json_group_structure(json) FROM {reader}").fetchone()
+                (structure,) = _structures(con, reader, ["json"])
             except duckdb.Error as exc:
                 raise fail(exc, _failing_source(con, exc, same, fmt, detected)) from exc
-            structure = json.loads(row[0]) if row and row[0] is not None else {}
             if not isinstance(structure, dict):
                 structure = {}
             for key, value in structure.items():
@@ -2321,7 +2320,7 @@ def _csv_selects(
 
     Reading as VARCHAR first means an empty cell is NULL whatever the type. A nested column
     (JSON text in the cell) is read leniently, like the JSON reader reads it: its structure is
-    taken from every cell (``json_group_structure``), merged with the declared type, and applied
+    taken from every cell (``_structures``), merged with the declared type, and applied
     with ``json_transform`` (a missing key is NULL, an extra key is a new struct field). A
     second plan reads scalar columns whose values do not fit the declared type as VARCHAR.
     """
@@ -2341,16 +2340,14 @@ def _csv_selects(
     nested = [n for n in header if n in hints and schema.is_nested(hints[n])]
     structures: dict[str, schema.Type] = {}
     if nested:
-        aggs = ", ".join(
-            f"json_group_structure(CAST(NULLIF({quote_ident(n)}, '') AS JSON))" for n in nested
-        )
+        cells = [f"CAST(NULLIF({quote_ident(n)}, '') AS JSON)" for n in nested]
         try:
-            row = con.execute(f"SELECT {aggs} FROM {reader}").fetchone()
+            found = _structures(con, reader, cells)
         except duckdb.Error as exc:
             raise fail(exc, src, _first_bad_json_cell(con, reader, nested)) from exc
-        for name, found in zip(nested, row or (), strict=False):
-            if found is not None:
-                structures[name] = schema.from_structure(json.loads(found))
+        for name, structure in zip(nested, found, strict=True):
+            if structure is not None:
+                structures[name] = schema.from_structure(structure)
     exprs: dict[str, str] = {}
     scalars: dict[str, str] = {}
     inexact: dict[str, str] = {}  # column -> SQL: its text would be rounded by its type
@@ -2388,6 +2385,26 @@ def _csv_selects(
         return f"SELECT {', '.join(kept.values())} FROM {reader}", dict.fromkeys(bad, "VARCHAR")
 
     return f"SELECT {', '.join(exprs.values())} FROM {reader}", on_drift
+
+
+def _structures(
+    con: duckdb.DuckDBPyConnection, reader: str, values: list[str]
+) -> list[object | None]:
+    """What ``json_group_structure`` of each JSON expression over every row would say (None:
+    null throughout), in one scan that holds only the distinct shapes: ``histogram`` of each
+    value's ``json_structure``, merged in Python, the commonest shape first (its key order
+    leads; ties by text, so the result does not depend on the scan's order)."""
+    shapes = ", ".join(f"json_structure({v}) AS s{i}" for i, v in enumerate(values))
+    counts = ", ".join(f"histogram(s{i})" for i in range(len(values)))
+    row = con.execute(f"SELECT {counts} FROM (SELECT {shapes} FROM {reader})").fetchone()
+    merged: list[object | None] = []
+    for histogram in row or [None] * len(values):
+        out: object | None = None
+        for text, _ in sorted((histogram or {}).items(), key=lambda kv: (-kv[1], kv[0])):
+            shape = json.loads(text)
+            out = shape if out is None else schema.merge_structure(out, shape)
+        merged.append(out)
+    return merged
 
 
 def _first_bad_json_cell(

@@ -225,6 +225,31 @@ def from_structure(value: object) -> Type:
     return Scalar("BIGINT" if text == "UBIGINT" else text)
 
 
+_STRUCTURE_NUMBERS = ("UBIGINT", "BIGINT", "DOUBLE")  # widening order of json_structure's
+
+
+def merge_structure(a: object, b: object) -> object:
+    """Two ``json_structure`` values merged as ``json_group_structure`` merges them: "NULL"
+    gives way, objects merge their keys (``a``'s first), arrays their elements, numbers widen
+    (UBIGINT < BIGINT < DOUBLE), and any other mix is "JSON". (The aggregate itself holds
+    every row's parsed document: it ran out of memory on 50,000 CSV cells; distinct structures
+    merged here hold only the few shapes there are.)"""
+    if a == "NULL":
+        return b
+    if b == "NULL" or a == b:
+        return a
+    if isinstance(a, dict) and isinstance(b, dict):
+        merged = dict(a)
+        for key, value in b.items():
+            merged[key] = merge_structure(a[key], value) if key in a else value
+        return merged
+    if isinstance(a, list) and isinstance(b, list) and a and b:
+        return [merge_structure(a[0], b[0])]
+    if a in _STRUCTURE_NUMBERS and b in _STRUCTURE_NUMBERS:
+        return max(a, b, key=_STRUCTURE_NUMBERS.index)
+    return "JSON"
+
+
 def is_nested(t: Type) -> bool:
     if isinstance(t, (Struct, List)):
         return True

@@ -936,3 +936,42 @@ def test_special_timestamp_strings_land_as_their_values(
     )
     assert full_scans == []
     assert result.rows == 25_000
+
+
+@pytest.mark.parametrize(
+    "docs",
+    [
+        ['{"a":1}', '{"a":1.5}'],
+        ['{"a":1}', '{"a":"x"}'],
+        ['{"a":1}', '{"a":{"b":1}}'],
+        ['{"a":[1]}', '{"a":{"b":1}}'],
+        ['{"a":null}', '{"a":{"b":null}}'],
+        ['{"a":[]}', '{"a":[{"b":1}]}', '{"a":[{"c":true}]}'],
+        ['{"a":true}', '{"a":1}'],
+        ["1", '{"a":1}'],
+        ['{"a":{"b":1}}', '{"a":{"c":"x"}}', '{"a":null}'],
+        ['{"a":-1}', '{"a":18446744073709551615}', '{"a":2}'],
+        ['{"a":1}', '{"a":18446744073709551616}'],
+        ['{"Name":1,"name":"x"}', '{"name":"y"}'],
+    ],
+)
+def test_merged_shapes_agree_with_json_group_structure(docs: list[str]) -> None:
+    """The CSV cells' and key-by-key records' types come from distinct json_structure shapes
+    merged in Python (schema.merge_structure), in place of DuckDB's json_group_structure,
+    which holds every row: both must say the same, in either order of the shapes."""
+    from export_pipeline.core import schema
+
+    with duckdb.connect() as con:
+        values = ", ".join(f"('{d}')" for d in docs)
+        (grouped,) = con.execute(
+            f"SELECT json_group_structure(j::JSON) FROM (VALUES {values}) t(j)"
+        ).fetchone()
+        shapes = [
+            json.loads(con.execute(f"SELECT json_structure('{d}'::JSON)").fetchone()[0])
+            for d in docs
+        ]
+    for ordered in (shapes, shapes[::-1]):
+        merged = ordered[0]
+        for shape in ordered[1:]:
+            merged = schema.merge_structure(merged, shape)
+        assert json.dumps(merged, sort_keys=True) == json.dumps(json.loads(grouped), sort_keys=True)
