@@ -5,6 +5,7 @@ Nothing here imports Dagster, DuckDB or HTTP; every other layer speaks these typ
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -105,6 +106,10 @@ class ExportKind:
     # and JSON give the same table. See docs/schema.md.
     columns: Mapping[str, str] | None = field(default=None, hash=False)
     schema_contract: SchemaContract = SchemaContract.EVOLVE
+    # The files' text encoding when it is not UTF-8 (a Python codec name, e.g. "cp1252"): such
+    # files are transcoded before DuckDB reads them. UTF-16 and UTF-32 are told by their bytes
+    # and need no setting; a UTF-8 byte-order mark outranks it. See docs/schema.md.
+    encoding: str | None = None
     # Columns that must not be NULL (the primary key always is); range checks count a NULL as
     # a failure only for these.
     not_null: tuple[str, ...] = ()
@@ -116,6 +121,16 @@ class ExportKind:
     partitions: str | None = None
     # Column checked for >0 rows / value ranges by asset checks: name -> (min, max).
     value_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.encoding is not None:
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError:
+                raise ValueError(
+                    f"kind {self.key}: unknown encoding {self.encoding!r} (a Python codec name, "
+                    "e.g. 'cp1252', 'latin-1', 'shift_jis')"
+                ) from None
 
     @property
     def schema(self) -> str:

@@ -17,6 +17,7 @@ the file and the 1-based line.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import functools
@@ -134,6 +135,8 @@ def detect_format(path: Path, content_type: str | None = None) -> DetectedFormat
 
 def _format_of(head: bytes, is_gzip: bool, content_type: str | None = None) -> DetectedFormat:
     """:func:`detect_format` of a file whose first bytes (decompressed) are ``head``."""
+    if (codec := _text_encoding(head, None)) is not None:
+        head = head.decode(codec, errors="ignore").encode()  # UTF-16/32: its characters
     text = head.removeprefix(_BOM).lstrip()
     if text.startswith(b"["):
         return DetectedFormat(FileFormat.JSON_ARRAY, is_gzip)
@@ -146,6 +149,44 @@ def _format_of(head: bytes, is_gzip: bool, content_type: str | None = None) -> D
         if "json" in lowered:
             return DetectedFormat(FileFormat.JSON_ARRAY, is_gzip)
     return DetectedFormat(FileFormat.CSV, is_gzip)
+
+
+_ORIGINAL_LINE = re.compile(r"Original Line: [^\n]*\n")
+_NOT_UTF8 = re.compile(r"not utf-8 encoded|invalid utf-8", re.I)  # DuckDB's CSV / JSON readers
+
+# Byte-order marks of encodings DuckDB's readers cannot read (they read UTF-8): such a file is
+# transcoded first (:func:`_as_utf8`). UTF-32's before UTF-16's, which they begin with.
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+
+
+def _text_encoding(head: bytes, declared: str | None) -> str | None:
+    """The codec a file whose first bytes are ``head`` is transcoded from, None for UTF-8.
+
+    What the bytes say outranks ``declared`` (the kind's ``encoding``): a byte-order mark
+    (UTF-8's included), or, without one, the NUL byte beside every ASCII character that UTF-16
+    and UTF-32 have and UTF-8 text never has."""
+    if head.startswith(_BOM):
+        return None
+    for bom, codec in _WIDE_BOMS:
+        if head.startswith(bom):
+            return codec
+    if len(head) >= 4 and head.count(0) * 4 >= len(head):
+        if head[0] and not any(head[1:4]):
+            return "utf-32-le"
+        if head[3] and not any(head[:3]):
+            return "utf-32-be"
+        if head[0] and head[2] and not head[1] and not head[3]:
+            return "utf-16-le"
+        if head[1] and head[3] and not head[0] and not head[2]:
+            return "utf-16-be"
+    if declared is None or codecs.lookup(declared).name in ("utf-8", "utf-8-sig"):
+        return None
+    return declared
 
 
 def _is_nested(duck_type: str) -> bool:
@@ -432,7 +473,7 @@ def to_parquet(
     # TIMESTAMPTZ interprets it in the session's time zone, which defaults to the machine's:
     # on a machine in New York every such value would move by five hours.
     con.execute("SET TimeZone = 'UTC'")
-    unbom_dir = out_dir / ".unbom"
+    utf8_dir = out_dir / ".utf8"
     sources = [Path(s) for s in sources]
     tried = False
     try:
@@ -455,9 +496,10 @@ def to_parquet(
                 return _records_are_objects(landed, sources, fmt, kind, export_id)
             for src in sources:  # the usual way, once every part is there
                 _wait_for(arriving, src)
+        readable = [_as_utf8(s, utf8_dir, fmt, kind, export_id) for s in sources]
         result = _to_parquet(
             con,
-            [_without_jsonl_bom(s, unbom_dir, fmt) for s in sources],
+            readable,
             out_dir,
             kind,
             export_id,
@@ -469,9 +511,9 @@ def to_parquet(
             slots=slots,
             sampled=not tried,
         )
-        return _records_are_objects(result, sources, fmt, kind, export_id)
+        return _records_are_objects(result, readable, fmt, kind, export_id)
     finally:
-        shutil.rmtree(unbom_dir, ignore_errors=True)
+        shutil.rmtree(utf8_dir, ignore_errors=True)
         if own:
             con.close()
             shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -597,6 +639,7 @@ def _while_landing(
             DetectedFormat(fmt or here.format, here.gzip) == assumed
             and src.stat().st_size > 0
             and not (assumed.format is FileFormat.JSONL and head.startswith(_BOM))
+            and _text_encoding(head, kind.encoding) is None
         )
         return verdicts[src]
 
@@ -627,23 +670,62 @@ def _while_landing(
     )
 
 
-def _without_jsonl_bom(src: Path, scratch: Path, fmt: FileFormat | None) -> Path:
-    """``src``, or a copy of it without its UTF-8 byte-order mark when it is JSON Lines.
+def _as_utf8(
+    src: Path, scratch: Path, fmt: FileFormat | None, kind: ExportKind, export_id: str
+) -> Path:
+    """``src``, or a UTF-8 copy of it that DuckDB's readers can read: a file in another
+    encoding (UTF-16 or UTF-32, told by its bytes, or the kind's declared ``encoding``)
+    transcoded, and JSON Lines without a UTF-8 byte-order mark (DuckDB 1.4's JSON Lines reader
+    refuses one; its CSV and JSON array readers skip it).
 
-    DuckDB 1.4's JSON Lines reader refuses a BOM (its CSV and JSON array readers skip it). The
-    raw file stays as downloaded (its size is verified and resumed against); the copy keeps the
-    name, so errors and ``_source_file`` still name the provider's file, and the lines, so line
-    numbers stay right. A BOM is rare, and then costs one streamed copy of that file.
+    The raw file stays as downloaded (its size is verified and resumed against); the copy keeps
+    the name, so errors and ``_source_file`` still name the provider's file, and the lines, so
+    line numbers stay right. Either is rare, and then costs one streamed copy of that file.
     """
     head, is_gzip = _peek(src)
-    if not head.startswith(_BOM) or (fmt or detect_format(src).format) is not FileFormat.JSONL:
-        return src
+    codec = _text_encoding(head, kind.encoding)
+    if codec is None:
+        if not head.startswith(_BOM) or (fmt or detect_format(src).format) is not FileFormat.JSONL:
+            return src
+        scratch.mkdir(parents=True, exist_ok=True)
+        copy = scratch / src.name
+        with _open_text(src, is_gzip) as stream, open(copy, "wb") as out:
+            stream.read(len(_BOM))
+            shutil.copyfileobj(stream, out, 1 << 20)
+        return copy
     scratch.mkdir(parents=True, exist_ok=True)
     copy = scratch / src.name
+    decoder = codecs.getincrementaldecoder(codec)(errors="strict")
+    lines = 0  # newlines written: where a bad byte is
     with _open_text(src, is_gzip) as stream, open(copy, "wb") as out:
-        stream.read(len(_BOM))
-        shutil.copyfileobj(stream, out, 1 << 20)
-    return copy
+        first = True
+        while True:
+            chunk = stream.read(1 << 20)
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                before = exc.object[: exc.start].decode(codec, errors="replace")
+                declared = codec == kind.encoding
+                raise ParseError(
+                    f"cannot read the file as {codec} "
+                    f"({'the kind declares it' if declared else 'its bytes say so'}): "
+                    f"{exc.reason} (byte {exc.object[exc.start : exc.start + 1]!r})",
+                    provider=kind.provider,
+                    kind=kind.name,
+                    export_id=export_id,
+                    file=src.name,
+                    line=lines + before.count("\n") + 1,
+                    hint="check the kind's `encoding` against the provider's files"
+                    if declared
+                    else None,
+                ) from exc
+            if first:
+                text = text.removeprefix("\ufeff")  # the byte-order mark is no character
+                first = False
+            lines += text.count("\n")
+            out.write(text.encode())
+            if not chunk:
+                return copy
 
 
 def _to_parquet(
@@ -675,6 +757,9 @@ def _to_parquet(
         except (OSError, EOFError):
             line = None
         text = message or str(exc).split("\n\n")[0].strip()
+        if _NOT_UTF8.search(text):
+            # DuckDB quotes the first line of its buffer as the "Original Line", not the bad one.
+            text = _ORIGINAL_LINE.sub("", text)
         # DuckDB's advice names its reader's options (ignore_errors would drop the record).
         text = _DUCKDB_ADVICE.sub("", text)
         # One line number per message: ours (1-based, checked against the file), not DuckDB's.
@@ -686,6 +771,9 @@ def _to_parquet(
             export_id=export_id,
             file=src.name,
             line=line,
+            hint="set the kind's `encoding` to the one the provider writes (e.g. 'cp1252')"
+            if _NOT_UTF8.search(text)
+            else None,
         )
 
     # (``sampled`` False: that path was tried already, while the parts landed.)

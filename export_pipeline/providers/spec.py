@@ -36,6 +36,7 @@ word ("queued") does not break a pipeline; a new failure word is visible, never 
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -298,6 +299,11 @@ class KindSpec(_Spec):
         "set of partition keys (a Dagster dynamic partitions definition). None: unpartitioned.",
     )
     views: dict[str, View] = Field(default_factory=dict, description="Name -> analyst view.")
+    encoding: str | None = Field(
+        None,
+        description="The files' text encoding when not UTF-8 (a Python codec name, e.g. "
+        "'cp1252'); UTF-16 and UTF-32 are recognised without it.",
+    )
 
     @model_validator(mode="after")
     def _named(self) -> KindSpec:
@@ -306,6 +312,11 @@ class KindSpec(_Spec):
             raise ValueError(f"kind {self.name}: replace_partition goes with partition_column")
         if not self.primary_key:
             raise ValueError(f"kind {self.name}: primary_key needs at least one column")
+        if self.encoding is not None:
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError:
+                raise ValueError(f"kind {self.name}: unknown encoding {self.encoding!r}") from None
         return self
 
 
@@ -444,6 +455,7 @@ class ExportApiSpec(_Spec):
                 partitions=k.partitions,
                 views={name: view.sql for name, view in k.views.items()},
                 value_ranges={c: col.range for c, col in k.columns.items() if col.range},
+                encoding=k.encoding,
             )
             for k in self.kinds
         )

@@ -160,12 +160,13 @@ def test_a_parse_that_waits_for_every_part_is_caught(
     assert result.rows == PARTS * len(_CHECKED)
 
 
-@pytest.mark.parametrize("unlike", ["gzip", "empty", "bom", "array"])
+@pytest.mark.parametrize("unlike", ["gzip", "empty", "bom", "array", "utf16"])
 def test_a_part_that_lands_unlike_the_first_is_read_the_usual_way(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, landing_dirs: tuple[Path, Path], unlike: str
 ) -> None:
-    """A later part in another format or compression, empty, or with a byte-order mark: the
-    parts are read once all are there, as if they had been downloaded first. Same table."""
+    """A later part in another format, compression or text encoding, empty, or with a
+    byte-order mark: the parts are read once all are there, as if they had been downloaded
+    first. Same table."""
     prepared, raw = landing_dirs
     parts = _parts(prepared)
     last = parts[-1]
@@ -176,6 +177,8 @@ def test_a_part_that_lands_unlike_the_first_is_read_the_usual_way(
         last.write_bytes(b"")
     elif unlike == "bom":
         last.write_bytes(b"\xef\xbb\xbf" + body)
+    elif unlike == "utf16":
+        last.write_bytes(body.decode().encode("utf-16"))
     else:
         rows = [line for line in body.decode().splitlines() if line]
         last.write_text("[" + ",\n".join(rows) + "]")
