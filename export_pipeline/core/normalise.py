@@ -824,7 +824,7 @@ def _to_parquet(
         if empty:
             if kind.columns is None:
                 continue
-            plans = (_empty_select(kind.columns)[0], None)
+            plans = (_empty_select(kind.columns)[0], None, {})
         elif info.format is FileFormat.CSV:
             plans = _csv_selects(
                 con, src, info.gzip, kind, hints, dict(auto_schema[info.format]), fail, missing
@@ -835,8 +835,7 @@ def _to_parquet(
             plans = _json_selects(con, src, info, hints, auto_schema[info.format], missing)
         one_thread = own_threads and info.format is FileFormat.JSON_ARRAY
         rows = 0
-        select, on_drift = plans
-        fallback: dict[str, str] = {}
+        select, on_drift, fallback = plans
         for attempt in range(2):
             try:
                 if one_thread:
@@ -1813,7 +1812,9 @@ def _bad_values(
     if text in _INTEGER_TYPES:
         return f"NOT regexp_full_match(CAST({expr} AS VARCHAR), '-?[0-9]+')"
     if text in _FLOAT_TYPES:
-        return f"left(CAST({expr} AS VARCHAR), 1) IN ('\"', 't', 'f')"
+        # a string or boolean, or an integer the float would round (_exact_numbers)
+        value = f"CAST({expr} AS VARCHAR)"
+        return f"(left({value}, 1) IN ('\"', 't', 'f') OR {_long_integer(value)})"
     if text in _TIME_TYPES:
         return (
             f"NOT regexp_full_match(CAST({expr} AS VARCHAR), "
@@ -1945,7 +1946,7 @@ def _checked_leaf(expr: str, sampled: schema.Scalar) -> str | None:
         good = f"{number} AND NOT ({fraction})"
         value = f"CAST({text} AS {kind})"
     elif kind in _FLOAT_TYPES:
-        good, value = number, f"CAST({text} AS {kind})"
+        good, value = f"{number} AND NOT ({_long_integer(text)})", f"CAST({text} AS {kind})"
     elif kind == "BOOLEAN":
         good, value = f"{text} IN ('true', 'false')", f"{text} = 'true'"
     elif kind in _TIME_TYPES:
@@ -2048,7 +2049,8 @@ def _is_conversion_error(exc: BaseException) -> bool:
 # (SELECT, {column: type it was read as instead of the declared one})
 _Plan = tuple[str, dict[str, str]]
 # The SELECT, and what to read instead when a value does not fit its declared type.
-_Plans = tuple[str, Callable[[], _Plan | None] | None]
+# (And the columns the SELECT reads as another type than detected, as the drift report has it.)
+_Plans = tuple[str, Callable[[], _Plan | None] | None, dict[str, str]]
 
 
 def _json_selects(
@@ -2072,12 +2074,24 @@ def _json_selects(
     missing.update(n for n in hints if n not in typed)
     differ = [n for n in typed if typed[n] != plain[n]]
 
+    # Integers DOUBLE would round (past 2**64 DuckDB's detection calls them DOUBLE and the
+    # read succeeds): those positions are read as their text. One pass, only where the
+    # detected types have a float.
+    def as_json(columns: list[str]) -> str:
+        return _json_reader(src, info.format, info.gzip, dict.fromkeys(columns, "JSON"))
+
+    inexact = _exact_numbers(con, as_json, plain, floats_only=True)
+    plain.update(_as_text(plain, inexact))
+    typed.update(_as_text(typed, inexact))
+    exact = {n: plain[n] for n in inexact}
+
     def on_drift() -> _Plan | None:
-        # Integers past BIGINT first: DuckDB's detection types them BIGINT and then fails the
-        # read (2**63 .. 2**64-1), whatever was declared.
-        wide = _too_big_integers(con, src, info, plain)
+        # Integers past their type first: DuckDB's detection types them BIGINT and then fails
+        # the read (2**63 .. 2**64-1, at any depth), whatever was declared.
+        too_big = _exact_numbers(con, as_json, plain)
+        wide = _as_text(plain, too_big)
         own = {**plain, **wide}
-        wanted = {**typed, **wide}
+        wanted = {**typed, **_as_text(typed, too_big)}
         candidates = {n: wanted[n] for n in differ if n not in wide}
         reader = _json_reader(src, info.format, info.gzip, own)
         bad = _drifting(con, reader, candidates) if candidates else []
@@ -2095,10 +2109,10 @@ def _json_selects(
         columns = {n: (own[n] if n in bad else t) for n, t in wanted.items()}
         return (
             f"SELECT * FROM {_json_reader(src, info.format, info.gzip, columns)}",
-            {n: own[n] for n in [*wide, *bad]},
+            {**exact, **{n: columns[n] for n in [*wide, *bad]}},
         )
 
-    return f"SELECT * FROM {_json_reader(src, info.format, info.gzip, typed)}", on_drift
+    return f"SELECT * FROM {_json_reader(src, info.format, info.gzip, typed)}", on_drift, exact
 
 
 def _reads(
@@ -2119,17 +2133,113 @@ def _reads(
     return True
 
 
-def _too_big_integers(
-    con: duckdb.DuckDBPyConnection, src: Path, info: DetectedFormat, plain: Mapping[str, str]
-) -> dict[str, str]:
-    """Top-level integer columns holding a number past their type, read as VARCHAR: the
-    number's text, every digit kept (DOUBLE would round it; a HUGEINT becomes a DOUBLE in
-    Parquet). Only on the error path: one more pass over the file."""
-    ints = [n for n, t in plain.items() if t in _INTEGER_TYPES]
-    if not ints:
+def _exact_numbers(
+    con: duckdb.DuckDBPyConnection,
+    as_json: Callable[[list[str]], str],
+    plain: Mapping[str, str],
+    *,
+    floats_only: bool = False,
+) -> dict[str, list[tuple[str, ...]]]:
+    """Where numbers are that their detected type cannot hold exactly (column -> paths, for
+    :func:`_as_text` to retype so that the number's text lands, every digit kept): an integer
+    past an integer position's type (DuckDB types integers BIGINT and fails on 2**63 and
+    more), or an integer of 16 or more digits at a float position (past 2**64 DuckDB's
+    detection calls integers DOUBLE and rounds them silently). Top level, the column becomes
+    VARCHAR; inside structs and lists only that leaf (``evses[].id``), the rest keeps its
+    types. ``floats_only``: float positions alone.
+    One pass over ``as_json(columns)`` (a relation with those columns as JSON), only where they
+    have such a leaf."""
+    tests: list[tuple[str, tuple[str, ...], str]] = []  # (column, path, SQL: a bad value)
+    for name, text in plain.items():
+        for path, leaf in _number_leaves(schema.parse(text)):
+            if floats_only and leaf not in _FLOAT_TYPES:
+                continue
+            values = _json_values(quote_ident(name), path)
+            if values is None:
+                continue  # a key a JSON path cannot name: left as it is
+            x = "CAST(x AS VARCHAR)"
+            if leaf in _FLOAT_TYPES:
+                bad = _long_integer(x)
+            else:
+                bad = f"regexp_full_match({x}, '-?[0-9]+') AND TRY_CAST({x} AS {leaf}) IS NULL"
+            tests.append((name, path, f"len(list_filter({values}, lambda x: {bad})) > 0"))
+    if not tests:
         return {}
-    reader = _json_reader(src, info.format, info.gzip, {**plain, **dict.fromkeys(ints, "JSON")})
-    return dict.fromkeys(_drifting(con, reader, {n: plain[n] for n in ints}), "VARCHAR")
+    reader = as_json(list(dict.fromkeys(name for name, _, _ in tests)))
+    counts = ", ".join(f"count(*) FILTER (WHERE coalesce({bad}, false))" for _, _, bad in tests)
+    row = con.execute(f"SELECT {counts} FROM {reader}").fetchone() or ()
+    found: dict[str, list[tuple[str, ...]]] = {}
+    for (name, path, _), n in zip(tests, row, strict=True):
+        if n:
+            found.setdefault(name, []).append(path)
+    return found
+
+
+def _as_text(
+    types: Mapping[str, str], leaves: Mapping[str, list[tuple[str, ...]]]
+) -> dict[str, str]:
+    """The columns of ``leaves`` (from :func:`_exact_numbers`) with those positions VARCHAR."""
+    out: dict[str, str] = {}
+    for name, paths in leaves.items():
+        t = schema.parse(types[name])
+        for path in paths:
+            t = _with_leaf(t, path, schema.Scalar("VARCHAR"))
+        out[name] = schema.render(t)
+    return out
+
+
+def _long_integer(text: str) -> str:
+    """SQL: the JSON text ``text`` is an integer of 16 or more digits, which a float would
+    round (2**53 has 16; CSV cells follow the same rule, :func:`_inexact`). The length test
+    first: it spares the regex every shorter number."""
+    return f"(length({text}) > 15 AND regexp_full_match({text}, '-?[0-9]{{16,}}'))"
+
+
+def _number_leaves(
+    t: schema.Type, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], str]]:
+    """(path, type) of each integer or float scalar in ``t``; a path holds struct field names
+    and ``"[]"`` for a list's elements."""
+    if isinstance(t, schema.Struct):
+        for name, field_type in t.fields:
+            yield from _number_leaves(field_type, (*path, name))
+    elif isinstance(t, schema.List):
+        yield from _number_leaves(t.element, (*path, "[]"))
+    elif t.text in _INTEGER_TYPES or t.text in _FLOAT_TYPES:
+        yield path, t.text
+
+
+def _json_values(expr: str, path: tuple[str, ...]) -> str | None:
+    """SQL: the list of JSON values at ``path`` inside the JSON ``expr`` (every element of
+    every list on the way), or None when a key cannot be spelled in a JSON path."""
+    if not path:
+        return f"[{expr}]"
+    steps = ["$"]
+    for step in path:
+        if step == "[]":
+            steps.append("[*]")
+        elif '"' in step or "\\" in step:
+            return None
+        else:
+            steps.append(f'."{step}"')
+    json_path = sql_literal("".join(steps))
+    if "[]" in path:
+        return f"json_extract({expr}, {json_path})"
+    return f"[json_extract({expr}, {json_path})]"
+
+
+def _with_leaf(t: schema.Type, path: tuple[str, ...], leaf: schema.Type) -> schema.Type:
+    """``t`` with the scalar at ``path`` (as :func:`_number_leaves` spells it) replaced."""
+    if not path:
+        return leaf
+    head, rest = path[0], path[1:]
+    if isinstance(t, schema.List) and head == "[]":
+        return schema.List(_with_leaf(t.element, rest, leaf))
+    if isinstance(t, schema.Struct):
+        return schema.Struct(
+            tuple((n, _with_leaf(f, rest, leaf) if n == head else f) for n, f in t.fields)
+        )
+    return t
 
 
 def _drifting(
@@ -2256,7 +2366,7 @@ class _ExactKeys:
                 continue
             reader = _objects_reader(same, fmt, gz)
             try:
-                (structure,) = _structures(con, reader, ["json"])
+                ((structure, _),) = _structures(con, reader, ["json"])
             except duckdb.Error as exc:
                 raise fail(exc, _failing_source(con, exc, same, fmt, detected)) from exc
             if not isinstance(structure, dict):
@@ -2327,7 +2437,7 @@ class _ExactKeys:
             own = {n: schema.render(schema.no_null(t)) for _, n, t in self.keys if n in bad}
             return f"SELECT {', '.join(kept.values())} FROM {reader}", own
 
-        return f"SELECT {', '.join(exprs.values())} FROM {reader}", on_drift
+        return f"SELECT {', '.join(exprs.values())} FROM {reader}", on_drift, {}
 
 
 def _objects_reader(paths: Sequence[Path], fmt: FileFormat, gz: bool) -> str:
@@ -2427,15 +2537,41 @@ def _csv_selects(
     missing.update(n for n in hints if n not in header)
     nested = [n for n in header if n in hints and schema.is_nested(hints[n])]
     structures: dict[str, schema.Type] = {}
+    long_digits: list[str] = []  # nested columns where a number may not fit its leaf's type
     if nested:
         cells = [f"CAST(NULLIF({quote_ident(n)}, '') AS JSON)" for n in nested]
         try:
             found = _structures(con, reader, cells)
         except duckdb.Error as exc:
             raise fail(exc, src, _first_bad_json_cell(con, reader, nested)) from exc
-        for name, structure in zip(nested, found, strict=True):
+        for name, (structure, digits) in zip(nested, found, strict=True):
             if structure is not None:
                 structures[name] = schema.from_structure(structure)
+            if digits:
+                long_digits.append(name)
+    merged_types = {
+        name: schema.render(
+            hints[name]
+            if name not in structures
+            else schema.apply_hint(hints[name], structures[name])
+        )
+        for name in nested
+    }
+    # A number its leaf cannot hold (json_transform would null an integer past BIGINT and round
+    # one past 2**64 into its DOUBLE): that leaf is read as the number's text, as for JSON.
+    # One more pass, only over columns where a cell has a run of 16 digits.
+    at_risk = {n: merged_types[n] for n in long_digits if _is_nested(merged_types[n])}
+    exact: dict[str, str] = {}
+    if at_risk:
+
+        def as_json(columns: list[str]) -> str:
+            cells = ", ".join(
+                f"CAST(NULLIF({quote_ident(c)}, '') AS JSON) AS {quote_ident(c)}" for c in columns
+            )
+            return f"(SELECT {cells} FROM {reader})"
+
+        exact = _as_text(at_risk, _exact_numbers(con, as_json, at_risk))
+        merged_types.update(exact)
     exprs: dict[str, str] = {}
     scalars: dict[str, str] = {}
     inexact: dict[str, str] = {}  # column -> SQL: its text would be rounded by its type
@@ -2443,7 +2579,7 @@ def _csv_selects(
         col = quote_ident(name)
         hint = hints.get(name)
         if hint is not None and name in nested:
-            merged = hint if name not in structures else schema.apply_hint(hint, structures[name])
+            merged = schema.parse(merged_types[name])
             if isinstance(merged, schema.Scalar):
                 expr = f"CAST(NULLIF({col}, '') AS {schema.render(merged)})"
             else:
@@ -2470,28 +2606,36 @@ def _csv_selects(
         if not bad:
             return None
         kept = {**exprs, **{n: quote_ident(n) for n in bad}}
-        return f"SELECT {', '.join(kept.values())} FROM {reader}", dict.fromkeys(bad, "VARCHAR")
+        select = f"SELECT {', '.join(kept.values())} FROM {reader}"
+        return select, {**exact, **dict.fromkeys(bad, "VARCHAR")}
 
-    return f"SELECT {', '.join(exprs.values())} FROM {reader}", on_drift
+    return f"SELECT {', '.join(exprs.values())} FROM {reader}", on_drift, exact
 
 
 def _structures(
     con: duckdb.DuckDBPyConnection, reader: str, values: list[str]
-) -> list[object | None]:
+) -> list[tuple[object | None, bool]]:
     """What ``json_group_structure`` of each JSON expression over every row would say (None:
     null throughout), in one scan that holds only the distinct shapes: ``histogram`` of each
     value's ``json_structure``, merged in Python, the commonest shape first (its key order
-    leads; ties by text, so the result does not depend on the scan's order)."""
-    shapes = ", ".join(f"json_structure({v}) AS s{i}" for i, v in enumerate(values))
-    counts = ", ".join(f"histogram(s{i})" for i in range(len(values)))
+    leads; ties by text, so the result does not depend on the scan's order). Beside each,
+    whether a value has a run of 16 or more digits: a number its structure may not hold
+    exactly (it says UBIGINT for 1 and for 2**64-1, DOUBLE for 1.5 and for 10**23)."""
+    shapes = ", ".join(
+        f"json_structure({v}) AS s{i}, CAST({v} AS VARCHAR) AS t{i}" for i, v in enumerate(values)
+    )
+    counts = ", ".join(
+        f"histogram(s{i}), bool_or(regexp_matches(t{i}, '[0-9]{{16}}'))" for i in range(len(values))
+    )
     row = con.execute(f"SELECT {counts} FROM (SELECT {shapes} FROM {reader})").fetchone()
-    merged: list[object | None] = []
-    for histogram in row or [None] * len(values):
+    merged: list[tuple[object | None, bool]] = []
+    for i in range(len(values)):
+        histogram, digits = (row[2 * i], row[2 * i + 1]) if row else (None, None)
         out: object | None = None
         for text, _ in sorted((histogram or {}).items(), key=lambda kv: (-kv[1], kv[0])):
             shape = json.loads(text)
             out = shape if out is None else schema.merge_structure(out, shape)
-        merged.append(out)
+        merged.append((out, bool(digits)))
     return merged
 
 

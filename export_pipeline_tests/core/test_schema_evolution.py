@@ -711,17 +711,81 @@ def test_an_integer_past_bigint_keeps_every_digit(
     ]
 
 
-def test_a_nested_integer_past_bigint_fails_naming_file_and_line(tmp_path: Path) -> None:
-    """DuckDB's limit inside a struct (docs/schema.md, Numbers): a clear error, with our line
-    and without DuckDB's advice to set its reader's ignore_errors (it would drop the record)."""
-    src = tmp_path / "nested.jsonl"
-    src.write_text('{"id": "A", "s": {"n": 1}}\n{"id": "B", "s": {"n": 18446744073709551615}}\n')
-    with pytest.raises(ParseError) as caught:
-        to_parquet([src], tmp_path / "out", kind=KIND, export_id="X", loaded_at=LOADED_AT)
-    error = caught.value
-    assert (error.file, error.line) == ("nested.jsonl", 2)
-    assert "18446744073709551615" in str(error)
-    assert "ignore_errors" not in str(error) and "Try " not in str(error)
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_numbers_no_type_holds_land_as_their_text_at_any_depth(
+    tmp_path: Path, warehouse: Warehouse, fmt: str
+) -> None:
+    """Integers past BIGINT inside structs and lists (2**64-1 fails DuckDB's read), and integers
+    past 2**64, which its detection calls DOUBLE and rounds silently (10**23 -> 1e+23), top
+    level too, all after the type sample: each such leaf lands as the number's text, every
+    digit; the other leaves of the same struct keep their types; reported as drifted."""
+    first = tmp_path / "first.jsonl"
+    first.write_text(json.dumps({**_location(1), "meter": {"reading": 5, "ratio": 0.5}}) + "\n")
+    _ingest(tmp_path, KIND, [first], "A", warehouse)
+    records = [
+        {**_location(i), "meter": {"reading": i, "ratio": 0.5}, "total": 1.5}
+        for i in range(2, 25_000)
+    ]
+    records.append(
+        {
+            **_location(30_000, capacity=3),
+            "evses": [{"uid": "E", "connectors": [{"id": "C", "max_power": 10**23}]}],
+            "meter": {"reading": 18446744073709551615, "ratio": 0.25},
+            "total": 123456789012345678901234567890,
+        }
+    )
+    src = _write_records(tmp_path / f"second.{fmt}", records)
+    result, normalised = _ingest(tmp_path, KIND, [src], "B", warehouse)
+    assert set(normalised.drifted_columns) == {"evses", "meter", "total"}
+    types = _types(warehouse)
+    assert types["meter"] == "STRUCT(reading VARCHAR, ratio DOUBLE)"
+    assert types["total"] == "VARCHAR"
+    assert "max_power VARCHAR" in types["evses"] and "uid VARCHAR" in types["evses"]
+    assert types["capacity"] == "BIGINT"  # untouched
+    assert _query(
+        warehouse,
+        "SELECT meter.reading, meter.ratio, total, evses[1].connectors[1].max_power "
+        "FROM locations.locations WHERE id = 'L30000'",
+    ) == [("18446744073709551615", 0.25, "123456789012345678901234567890", "1" + "0" * 23)]
+    assert _query(
+        warehouse,
+        "SELECT meter.reading, total, evses[1].connectors[1].max_power "
+        "FROM locations.locations WHERE id = 'L7'",
+    ) == [("7", "1.5", "7.5")]
+    assert any("meter.reading widened" in c for c in result.columns_changed)
+
+
+def test_a_csv_nested_number_no_type_holds_gives_the_json_table(tmp_path: Path) -> None:
+    """The same numbers in a CSV's nested cells: json_transform would null 2**64-1 at a
+    BIGINT leaf and round 10**23 at a DOUBLE one; they land as text, as the JSON's do."""
+    records = [
+        {"id": "A", "meter": {"reading": 1, "ratio": 1.5}},
+        {"id": "B", "meter": {"reading": 18446744073709551615, "ratio": 10**23}},
+        {"id": "C", "meter": {"reading": 2, "ratio": 0.5}, "ref": "12345678901234567890"},
+    ]
+    kind = replace(KIND, columns={"id": "VARCHAR", "meter": "STRUCT(reading BIGINT)"})
+    as_json = tmp_path / "export.jsonl"
+    as_json.write_text("".join(json.dumps(r) + "\n" for r in records))
+    as_csv = tmp_path / "export.csv"
+    with as_csv.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "meter", "ref"])
+        for r in records:
+            writer.writerow([r["id"], json.dumps(r["meter"]), r.get("ref", "")])
+    tables = []
+    for name, src in (("j", as_json), ("c", as_csv)):
+        out = to_parquet([src], tmp_path / name, kind=kind, export_id="X", loaded_at=LOADED_AT)
+        with duckdb.connect() as con:
+            rel = f"read_parquet('{out.parquet_paths[0]}')"
+            tables.append(
+                (
+                    con.execute(f"SELECT typeof(meter) FROM {rel} LIMIT 1").fetchone(),
+                    con.execute(f"SELECT id, meter FROM {rel} ORDER BY id").fetchall(),
+                    out.drifted_columns["meter"],
+                )
+            )
+    assert tables[0] == tables[1]
+    assert tables[0][1][1] == ("B", {"reading": "18446744073709551615", "ratio": "1" + "0" * 23})
 
 
 def test_a_csv_integer_longer_than_a_double_holds_keeps_every_digit(tmp_path: Path) -> None:
@@ -848,3 +912,28 @@ def test_a_csv_with_many_nested_cells_types_them_in_bounded_memory(tmp_path: Pat
             f"SELECT count(*), count(*) FILTER (evses[1].floor_level IS NOT NULL), "
             f"sum(evses[1].connectors[1].max_power) FROM {pq}"
         ).fetchone() == (300_000, 3, 22.0 * 300_000)
+
+
+@pytest.mark.parametrize("parts", [1, 3], ids=["lone-file", "parts"])
+def test_an_integer_a_float_would_round_is_caught_by_the_one_parse_check(
+    tmp_path: Path, parts: int
+) -> None:
+    """Only a float position holds the long integer (nothing fails DuckDB's read): the check
+    beside a lone file's COPY, and the test inside each part's guarded read, must see it."""
+    files = []
+    for n in range(parts):
+        rows = [{"id": f"{n}-{i}", "ratio": 0.5, "m": {"r": 1.5}} for i in range(3000)]
+        if n == parts - 1:
+            rows[-1] = {"id": f"{n}-big", "ratio": 10**23, "m": {"r": 12345678901234567}}
+        path = tmp_path / f"part-{n}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files.append(path)
+    kind = ExportKind(provider="p", name="k", primary_key=("id",))
+    out = to_parquet(files, tmp_path / "pq", kind=kind, export_id="X", loaded_at=LOADED_AT)
+    assert out.drifted_columns == {"ratio": "VARCHAR", "m": 'STRUCT("r" VARCHAR)'}
+    with duckdb.connect() as con:
+        got = con.execute(
+            "SELECT ratio, m.r FROM read_parquet(?, union_by_name := true) WHERE id LIKE '%big'",
+            [[str(p) for p in out.parquet_paths]],
+        ).fetchall()
+    assert got == [("1" + "0" * 23, "12345678901234567")]
