@@ -2190,9 +2190,12 @@ def _as_text(
 
 def _long_integer(text: str) -> str:
     """SQL: the JSON text ``text`` is an integer of 16 or more digits, which a float would
-    round (2**53 has 16; CSV cells follow the same rule, :func:`_inexact`). The length test
-    first: it spares the regex every shorter number."""
-    return f"(length({text}) > 15 AND regexp_full_match({text}, '-?[0-9]{{16,}}'))"
+    round (2**53 has 16; CSV cells follow the same rule, :func:`_inexact`). A CASE, so that
+    the regex runs only on texts of 16 bytes or more: DuckDB evaluates both sides of an AND
+    in a projection (10,000,000 float texts, one thread: 2.5x the unchecked test's CPU with
+    ``length(t) > 15 AND regexp...``, +2% with this CASE)."""
+    digits = f"regexp_full_match({text}, '-?[0-9]{{16,}}')"
+    return f"(CASE WHEN strlen({text}) < 16 THEN false ELSE {digits} END)"
 
 
 def _number_leaves(
