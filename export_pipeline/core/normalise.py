@@ -2408,6 +2408,19 @@ class _ExactKeys:
         )
         reader = f"(SELECT {values} FROM {_objects_reader([src], info.format, info.gzip)})"
         missing.update(n for n in hints if n not in {c for _, c, _ in self.keys})
+        chosen: dict[str, schema.Type] = {}  # each column's type, as read below
+        for _, column, found in self.keys:
+            hint = hints.get(column)
+            own = schema.no_null(found)
+            if schema.is_nested(own) or (hint is not None and schema.is_nested(hint)):
+                chosen[column] = own if hint is None else schema.apply_hint(hint, found)
+            else:
+                chosen[column] = hint if hint is not None else own
+        # Numbers their type cannot hold (json_transform would null or round them): that
+        # leaf, or the column, as the number's text, as for the usual read (_exact_numbers).
+        rendered = {n: schema.render(t) for n, t in chosen.items()}
+        exact = _as_text(rendered, _exact_numbers(con, lambda _: reader, rendered))
+        chosen.update({n: schema.parse(t) for n, t in exact.items()})
         exprs: dict[str, str] = {}
         scalars: dict[str, str] = {}
         plain: dict[str, str] = {}
@@ -2415,8 +2428,11 @@ class _ExactKeys:
             col = quote_ident(column)
             hint = hints.get(column)
             own = schema.no_null(found)
+            if column in exact and not schema.is_nested(chosen[column]):
+                exprs[column] = f"{col} ->> '$' AS {col}"  # its text, every digit
+                continue
             if schema.is_nested(own) or (hint is not None and schema.is_nested(hint)):
-                merged = own if hint is None else schema.apply_hint(hint, found)
+                merged = chosen[column]
                 if isinstance(merged, schema.Scalar) and merged.text == "JSON":
                     exprs[column] = f"{col} AS {col}"
                 elif not schema.is_nested(merged):
@@ -2438,9 +2454,9 @@ class _ExactKeys:
                 return None
             kept = {**exprs, **{n: plain[n] for n in bad}}
             own = {n: schema.render(schema.no_null(t)) for _, n, t in self.keys if n in bad}
-            return f"SELECT {', '.join(kept.values())} FROM {reader}", own
+            return f"SELECT {', '.join(kept.values())} FROM {reader}", {**exact, **own}
 
-        return f"SELECT {', '.join(exprs.values())} FROM {reader}", on_drift, {}
+        return f"SELECT {', '.join(exprs.values())} FROM {reader}", on_drift, exact
 
 
 def _objects_reader(paths: Sequence[Path], fmt: FileFormat, gz: bool) -> str:
