@@ -188,7 +188,9 @@ def test_a_part_that_lands_unlike_the_first_is_read_the_usual_way(
     expected = to_parquet(
         copies, tmp_path / "expected", kind=AUTO_KIND, export_id="e", loaded_at=LOADED_AT
     )
-    with Lander(parts, raw) as lander:
+    # No on_file here, so each part lands after the deadline: a short one (the default kept
+    # each case waiting 3 x 15 s).
+    with Lander(parts, raw, deadline=0.5) as lander:
         result = to_parquet(
             lander.paths,
             tmp_path / "out",
