@@ -2369,7 +2369,7 @@ class _ExactKeys:
                 continue
             reader = _objects_reader(same, fmt, gz)
             try:
-                ((structure, _),) = _structures(con, reader, ["json"])
+                ((structure, _),) = _structures(con, reader, ["json"], digits=False)
             except duckdb.Error as exc:
                 raise fail(exc, _failing_source(con, exc, same, fmt, detected)) from exc
             if not isinstance(structure, dict):
@@ -2632,19 +2632,22 @@ def _csv_selects(
 
 
 def _structures(
-    con: duckdb.DuckDBPyConnection, reader: str, values: list[str]
+    con: duckdb.DuckDBPyConnection, reader: str, values: list[str], *, digits: bool = True
 ) -> list[tuple[object | None, bool]]:
     """What ``json_group_structure`` of each JSON expression over every row would say (None:
     null throughout), in one scan that holds only the distinct shapes: ``histogram`` of each
     value's ``json_structure``, merged in Python, the commonest shape first (its key order
     leads; ties by text, so the result does not depend on the scan's order). Beside each,
     whether a value has a run of 16 or more digits: a number its structure may not hold
-    exactly (it says UBIGINT for 1 and for 2**64-1, DOUBLE for 1.5 and for 10**23)."""
+    exactly (it says UBIGINT for 1 and for 2**64-1, DOUBLE for 1.5 and for 10**23); not
+    scanned for (False) without ``digits``."""
     shapes = ", ".join(
         f"json_structure({v}) AS s{i}, CAST({v} AS VARCHAR) AS t{i}" for i, v in enumerate(values)
     )
     counts = ", ".join(
-        f"histogram(s{i}), bool_or(regexp_matches(t{i}, '[0-9]{{16}}'))" for i in range(len(values))
+        f"histogram(s{i}), "
+        + (f"bool_or(regexp_matches(t{i}, '[0-9]{{16}}'))" if digits else "false")
+        for i in range(len(values))
     )
     row = con.execute(f"SELECT {counts} FROM (SELECT {shapes} FROM {reader})").fetchone()
     merged: list[tuple[object | None, bool]] = []
