@@ -424,9 +424,12 @@ class DuckDBWarehouse(Warehouse):
         with _ANCHORS_LOCK:
             entry = _ANCHORS.get(key)
             if entry is None:
-                entry = _ANCHORS[key] = [duckdb.connect(str(self.path)), 0]
-            entry[1] += 1
-            return entry[0].cursor()
+                entry = _ANCHORS[key] = [*_attach(self.path), 0]
+            entry[2] += 1
+            cursor = entry[0].cursor()
+            if entry[1] is not None:
+                cursor.execute(f"USE {quote_ident(entry[1])}")  # a cursor starts in "memory"
+            return cursor
 
     def _close(self, con: duckdb.DuckDBPyConnection, read_only: bool) -> None:
         con.close()
@@ -437,15 +440,46 @@ class DuckDBWarehouse(Warehouse):
             entry = _ANCHORS.get(key)
             if entry is None:
                 return
-            entry[1] -= 1
-            if entry[1] == 0:
+            entry[2] -= 1
+            if entry[2] == 0:
                 del _ANCHORS[key]
                 entry[0].close()  # the last user: the file is closed (and checkpointed) now
 
 
-# One read-write anchor connection per DuckDB file and process: [connection, users].
+# One read-write anchor connection per DuckDB file and process: [connection, alias, users].
 _ANCHORS: dict[str, list[Any]] = {}
 _ANCHORS_LOCK = threading.Lock()
+
+# Rows per row group of tables this process writes (DuckDB's default: 122,880). A load's
+# inserts write a row group to disk only once a later one has filled, so the export's last one
+# or two were compressed by its COMMIT, on the critical path after the parse: locations, 200,000
+# rows, COMMIT 0.9-1.1 s. With half-size row groups the staging inserts write them beside the
+# parse and the COMMIT takes 0.26 s (docs/benchmarks.md); the file grows ~3%, and scans get
+# finer-grained parallelism. Files written with other sizes read as before.
+ROW_GROUP_SIZE = 61_440
+# Names DuckDB will not attach a database under (or "memory", the in-memory one's).
+_RESERVED_ALIASES = {"memory", "system", "temp", "main"}
+
+
+def _attach(path: Path) -> tuple[duckdb.DuckDBPyConnection, str | None]:
+    """A read-write connection to ``path`` whose writes use :data:`ROW_GROUP_SIZE`: the file
+    attached to an in-memory connection under its stem, the name ``duckdb.connect(path)`` gives
+    it, and made the default (the alias, to ``USE`` on each cursor). A stem DuckDB reserves
+    opens the plain way, with DuckDB's row groups (alias None)."""
+    alias = path.stem
+    if alias.lower() in _RESERVED_ALIASES:
+        return duckdb.connect(str(path)), None
+    con = duckdb.connect()
+    try:
+        con.execute(
+            f"ATTACH {sql_literal(str(path))} AS {quote_ident(alias)} "
+            f"(ROW_GROUP_SIZE {ROW_GROUP_SIZE})"
+        )
+        con.execute(f"USE {quote_ident(alias)}")
+    except BaseException:
+        con.close()  # a lock held elsewhere: the caller waits and tries again
+        raise
+    return con, alias
 
 
 def extension_directory() -> Path:

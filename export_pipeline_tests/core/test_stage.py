@@ -21,7 +21,7 @@ from export_pipeline.core.model import ExportKind, LoadMode
 from export_pipeline.core.normalise import NormaliseResult, to_parquet
 from export_pipeline.core.slots import CpuSlots
 from export_pipeline.core.stage import StagedLoad
-from export_pipeline.core.warehouse import DuckDBWarehouse
+from export_pipeline.core.warehouse import ROW_GROUP_SIZE, DuckDBWarehouse
 from export_pipeline_tests.core.conftest import duckdb_threads
 
 LOADED_AT = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -594,3 +594,23 @@ def test_a_refused_speculative_copy_is_interrupted_not_run_to_its_end(
     assert told == [p.stat().st_ino for p in result.parquet_paths]
     assert result.rows == rows
     assert dict(result.columns)["meta"] == "STRUCT(a BIGINT, b VARCHAR)"
+
+
+@pytest.mark.parametrize("stem", ["wh", "main"])
+def test_loads_write_row_groups_of_the_warehouse_size(tmp_path: Path, stem: str) -> None:
+    """The warehouse writes row groups of ROW_GROUP_SIZE rows (half DuckDB's): staged inserts
+    write the full ones to disk beside the parse, leaving less for the COMMIT to compress. A
+    file whose stem DuckDB reserves ("main") opens the plain way, with DuckDB's size."""
+    warehouse = DuckDBWarehouse(tmp_path / f"{stem}.duckdb", publish_reads=False)
+    sources = write_parts(tmp_path / "raw", parts=3, rows=45_000)
+    load, _, staged = staged_ingest(warehouse, SNAPSHOT, sources, tmp_path / "w")
+    assert staged and load.renamed and load.table_rows == 135_000
+    with warehouse.connect() as con:
+        groups = con.execute(
+            "SELECT count(DISTINCT row_group_id) FROM pragma_storage_info('shop.orders')"
+        ).fetchone()[0]
+        database = con.execute("SELECT current_database()").fetchone()[0]
+    # 135,000 rows: 61,440 + 61,440 + 12,120, or DuckDB's 122,880 + 12,120.
+    assert groups == (3 if stem == "wh" else 2), groups
+    assert database == {"wh": "wh", "main": "main_db"}[stem]  # as duckdb.connect(path) names it
+    assert ROW_GROUP_SIZE == 61_440
